@@ -1,0 +1,166 @@
+"""The one interface the control plane uses to drive any execution backend.
+
+Adapters translate between this interface and an engine's wire protocol; they never schedule.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Role = Literal["prefill", "decode", "colocated"]
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 16
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    # Benchmarks force exact output lengths (vLLM/SGLang's ignore_eos extension).
+    ignore_eos: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GenRequest:
+    """A tokenized request as the control plane hands it to a backend."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    prompt_text: str | None = None
+    # Predicted output-length bucket's lower end (tokens); None when no predictor ran yet.
+    predicted_output_lo: int | None = None
+    heavy_decode: bool | None = None
+
+
+@dataclass
+class TokenEvent:
+    """New output of one request: token ids, their text and, on the last event, the finish reason."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+    # Which side produced it: lets the control plane mark first-token and decode-start times.
+    phase: Literal["prefill", "decode", "generate"] = "generate"
+    error: str | None = None
+
+
+@dataclass
+class LoadReport:
+    role: Role
+    running: int = 0
+    queued: int = 0
+    free_kv_tokens: int = 0
+    total_kv_tokens: int = 0
+    queued_prompt_tokens: int = 0
+    running_prompt_tokens: int = 0
+    heavy_decodes: int = 0
+    light_decodes: int = 0
+    # Predicted remaining output tokens (lower end) of each running decode: reserve-dynamic input.
+    decode_remaining: list[int] = field(default_factory=list)
+    leased_kv_tokens: int = 0
+    active_leases: int = 0
+    chunk_size: int = 0
+    backend: str = "native"
+    model: str = ""
+    accepting: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoadReport:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class KVHandle:
+    """Where a prefilled request's KV cache now waits for its decode instance to claim it."""
+
+    request_id: str
+    num_tokens: int
+    first_token_id: int
+    lease_id: str = ""
+    lease_deadline: float = 0.0
+    nbytes: int = 0
+    transfer_s: float = 0.0
+    # Backend-specific handoff facts (SGLang bootstrap room, TRT-LLM disaggregated_params).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Handoff:
+    """The decode target chosen for a prefill: the prefill side pushes KV straight to it."""
+
+    decode_url: str
+    decode_instance_id: str
+    lease_s: float = 30.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PrefillResult:
+    first: TokenEvent
+    kv: KVHandle | None  # None when the prefill already finished the request (e.g. max_tokens=1, EOS)
+
+
+class BackendError(Exception):
+    """An engine refused or failed a call. `status` mirrors HTTP semantics for the API layer."""
+
+    def __init__(self, message: str, status: int = 502, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+class Backend(ABC):
+    """One engine instance. Implementations: native, sim (same HTTP API), sglang, tensorrt-llm."""
+
+    kind: str = "abstract"
+
+    def __init__(self, url: str, instance_id: str, role: Role, model: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.instance_id = instance_id
+        self.role: Role = role
+        self.model = model
+
+    @abstractmethod
+    async def health(self) -> bool: ...
+
+    @abstractmethod
+    async def load(self) -> LoadReport: ...
+
+    async def info(self) -> dict[str, Any]:
+        """Static facts read once at registration (capacity, page size, model)."""
+        return {}
+
+    @abstractmethod
+    async def prefill(self, request: GenRequest, handoff: Handoff) -> PrefillResult: ...
+
+    @abstractmethod
+    def decode(self, request: GenRequest, kv: KVHandle) -> AsyncIterator[TokenEvent]: ...
+
+    @abstractmethod
+    def generate(self, request: GenRequest) -> AsyncIterator[TokenEvent]: ...
+
+    @abstractmethod
+    async def abort(self, request_id: str) -> None: ...
+
+    async def set_role(self, role: Role) -> dict[str, Any]:
+        raise BackendError(f"{self.kind} backend cannot change role in place", status=409)
+
+    async def drain(self, accepting: bool = False) -> dict[str, Any]:
+        raise BackendError(f"{self.kind} backend cannot drain", status=409)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,85 @@
+"""The contract between a stepped engine core (native PyTorch or sim) and the worker process.
+
+The worker runs the core in one thread (`backends.runner.EngineRunner`) and exposes it over HTTP
+(`backends.worker_server`). Cores are synchronous and single-threaded: every call below is made
+from the runner's thread only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from backends.base import LoadReport, Role, SamplingParams
+
+Mode = Literal["full", "prefill_only", "decode_only"]
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    # full: prefill + decode here. prefill_only: prefill, sample the first token, keep the KV
+    # blocks until exported/released. decode_only: the KV of prompt_ids was imported under
+    # request_id (import_kv) and `first_token` was sampled by the prefill side.
+    mode: Mode = "full"
+    first_token: int | None = None
+    predicted_output_lo: int | None = None
+    heavy_decode: bool | None = None
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    token_id: int | None  # None when the request ends without a new token (abort, error)
+    text: str  # detokenized delta, with stop strings already cut
+    # "stop" | "length" | "abort" | "error" | "prefilled" (prefill_only: KV ready to export)
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class KVPayload:
+    """One request's KV cache: `data` is a torch tensor [layers, 2, tokens, kv_heads, head_dim]."""
+
+    request_id: str
+    num_tokens: int
+    data: Any
+    model: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class EngineCore(Protocol):
+    role: Role
+    model_name: str
+    chunk_size: int
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request. Raises ValueError on a request the engine can never serve."""
+
+    def step(self) -> list[StepOutput]:
+        """Run one iteration (one forward pass); return what each request produced."""
+
+    def has_work(self) -> bool: ...
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request anywhere in its life and free its KV; emits no further output."""
+
+    def export_kv(self, request_id: str) -> KVPayload: ...
+
+    def import_kv(self, payload: KVPayload) -> None:
+        """Allocate blocks for `payload` and copy it in. Raises MemoryError when the pool is full."""
+
+    def release_kv(self, request_id: str) -> None:
+        """Free KV held for a request that is not running (exported, or imported but unclaimed)."""
+
+    def set_role(self, role: Role) -> None:
+        """Change role; only called when the engine has no work."""
+
+    def load(self) -> LoadReport: ...
+
+    def detokenize(self, token_ids: list[int]) -> str: ...
+
+    def info(self) -> dict[str, Any]:
+        """Static facts: model, block_size, total KV tokens, dtype, layers, kv heads, head dim."""

@@ -1,0 +1,93 @@
+"""Every tunable of tetri, from `TETRI_<NAME>` environment variables or a YAML file.
+
+Defaults are the TetriInfer paper's where it gives one (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Role = Literal["prefill", "decode", "colocated"]
+BackendKind = Literal["native", "sglang", "tensorrt-llm", "sim"]
+
+
+def cache_dir() -> Path:
+    """Where converted weights, profiles and datasets are cached (TETRI_CACHE_DIR)."""
+    path = Path(os.environ.get("TETRI_CACHE_DIR", Path.home() / ".cache" / "tetri"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class InstanceSpec(BaseModel):
+    """An engine instance the orchestrator drives (from YAML or POST /admin/instances)."""
+
+    url: str
+    backend: BackendKind = "native"
+    role: Role = "colocated"
+    model: str | None = None
+    id: str | None = None
+    # Backend-specific extras (e.g. SGLang bootstrap port), passed to the adapter untouched.
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TETRI_", extra="ignore")
+
+    # --- serving ---
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = "smollm2-135m-instruct"
+    served_model_name: str | None = None
+    mode: Literal["auto", "colocated", "disaggregated"] = "auto"
+    database_url: str = f"sqlite:///{cache_dir() / 'tetri.db'}"
+    admin_token: str | None = None
+    max_queued_requests: int = 1024
+    request_timeout_s: float = 600.0
+    instances: list[InstanceSpec] = Field(default_factory=list)
+    ab_split: dict[str, float] = Field(default_factory=dict)
+
+    # --- engine ---
+    chunk_size: int | Literal["auto"] = "auto"
+    kv_lease_s: float = 30.0
+
+    # --- TetriInfer scheduling ---
+    prefill_policy: Literal["fcfs", "sjf", "ljf"] = "fcfs"
+    prefill_sched_batch: int = 16
+    prefill_engine_backlog: int = 2
+    dispatch_policy: Literal["power_of_two", "random", "round_robin", "least_loaded", "imbalanced"] = (
+        "power_of_two"
+    )
+    power_of_d: int = 2
+    decode_admission: Literal["greedy", "reserve_static", "reserve_dynamic"] = "reserve_dynamic"
+    heavy_decode_threshold: int = 128
+    heavy_prefill_threshold: int = 512
+    predictor: Literal["learned", "oracle", "constant"] = "constant"
+    predictor_granularity: int = 200
+    monitor_interval_ms: int = 100
+    monitor_failures_unhealthy: int = 3
+    flip_policy: Literal["none", "idle"] = "none"
+    flip_idle_s: float = 60.0
+    flip_min_per_role: int = 1
+
+    @classmethod
+    def load(cls, yaml_path: str | Path | None = None, **overrides: Any) -> Settings:
+        """Environment wins over the YAML file; explicit overrides win over both."""
+        data: dict[str, Any] = {}
+        path = yaml_path or os.environ.get("TETRI_CONFIG")
+        if path:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"config file {path} must hold a mapping")
+            data.update({k: v for k, v in loaded.items() if f"TETRI_{k.upper()}" not in os.environ})
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+    @property
+    def public_model_name(self) -> str:
+        return self.served_model_name or self.model
