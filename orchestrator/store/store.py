@@ -1,0 +1,716 @@
+"""The SQL store: write-behind writes, synchronous reads, Alembic migrations.
+
+``save_instance``, ``save_request`` and ``add_event`` only put a tuple on a ``queue.SimpleQueue``;
+they never touch the database and never block the caller. One background writer thread drains the
+queue in batches, coalesces several upserts of the same id into one (later values win, field by
+field), writes each batch in one transaction with dialect-native upserts (``INSERT … ON CONFLICT DO
+UPDATE`` on SQLite and PostgreSQL) and retries transient errors (a locked SQLite file, a dropped
+PostgreSQL connection) with backoff, keeping the batch. ``flush()`` waits until everything
+enqueued before the call is committed. Reads run synchronously on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, Table, create_engine, event, func, insert, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.pool import StaticPool
+
+from orchestrator.store.models import (
+    EVENT_COLUMNS,
+    INSTANCE_COLUMNS,
+    REQUEST_COLUMNS,
+    REQUEST_STATES,
+    EventRow,
+    InstanceRow,
+    RequestRow,
+)
+
+log = logging.getLogger("tetri.store")
+
+_INSTANCES: Table = InstanceRow.__table__  # type: ignore[assignment]
+_REQUESTS: Table = RequestRow.__table__  # type: ignore[assignment]
+_EVENTS: Table = EventRow.__table__  # type: ignore[assignment]
+
+# Columns a caller may set through save_instance (id is the key; created_at/updated_at are ours).
+_INSTANCE_FIELDS = INSTANCE_COLUMNS - {"id", "created_at", "updated_at"}
+_REQUEST_FIELDS = REQUEST_COLUMNS - {"id"}
+_EVENT_FIELDS = EVENT_COLUMNS - {"id"}
+
+
+# --------------------------------------------------------------------------- URLs and migrations
+
+
+def default_url() -> str:
+    """``TETRI_DATABASE_URL``, else the configured default (a SQLite file in the cache dir)."""
+    url = os.environ.get("TETRI_DATABASE_URL")
+    if url:
+        return url
+    from orchestrator.config import Settings
+
+    return Settings.load().database_url
+
+
+def normalize_url(url: str) -> str:
+    """Pick the driver we ship for bare PostgreSQL URLs (``postgres://``, ``postgresql://``)."""
+    u = make_url(url)
+    if u.drivername in ("postgres", "postgresql"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u.render_as_string(hide_password=False)
+
+
+def _is_memory_sqlite(url: str) -> bool:
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite":
+        return False
+    db = u.database or ""
+    return db in ("", ":memory:") or "mode=memory" in db or u.query.get("mode") == "memory"
+
+
+def prepare_sqlite_path(url: str) -> None:
+    """Create the parent directory of a SQLite file if needed (no-op for other databases)."""
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or _is_memory_sqlite(url):
+        return
+    db = u.database or ""
+    if db.startswith("file:"):
+        db = db[len("file:") :].split("?", 1)[0]
+    Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def migrations_dir() -> Path:
+    """The ``migrations/`` directory, in a source checkout or next to the installed package."""
+    candidates = [Path(__file__).resolve().parents[2] / "migrations"]
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("migrations")
+        if spec is not None and spec.submodule_search_locations:
+            candidates += [Path(p) for p in spec.submodule_search_locations]
+    except (ImportError, ValueError):
+        pass
+    for path in candidates:
+        if (path / "env.py").is_file() and (path / "versions").is_dir():
+            return path
+    raise FileNotFoundError(f"tetri migrations not found (looked in {', '.join(map(str, candidates))})")
+
+
+def alembic_config(url: str):
+    """An Alembic ``Config`` built in code: works from any cwd and from an installed wheel."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.set_main_option("path_separator", "os")
+    cfg.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def db_upgrade_command(url: str | None = None) -> str:
+    """``tetri db upgrade``: bring the database at ``url`` (default: configured) to the head
+    revision. Returns a one-line summary for the CLI to print."""
+    store = Store(url)
+    try:
+        store.upgrade()
+        rev = store.current_revision()
+    finally:
+        store.close()
+    shown = make_url(store.url).render_as_string(hide_password=True)
+    return f"database {shown} is at revision {rev}"
+
+
+# --------------------------------------------------------------------------- value handling
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "model_dump"):
+        return o.model_dump()
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    if hasattr(o, "item"):  # numpy scalars
+        return o.item()
+    if hasattr(o, "tolist"):  # numpy arrays
+        return o.tolist()
+    return str(o)
+
+
+def _json_dumps(o: Any) -> str:
+    return json.dumps(o, default=_json_default)
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _clean(v: Any) -> Any:
+    """Cheap, shallow normalisation at enqueue time: copy dicts (so that a caller mutating its
+    load report afterwards does not change what we write) and unwrap numpy/pydantic values."""
+    if isinstance(v, _PLAIN):
+        return v
+    if isinstance(v, dict):
+        return dict(v)
+    if hasattr(v, "model_dump"):
+        return v.model_dump()
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return dataclasses.asdict(v)
+    if isinstance(v, (list, tuple)):
+        return list(v)
+    if hasattr(v, "item"):
+        return v.item()
+    return v
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Worth retrying with the same batch: lock contention, lost connections, serialization."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, InterfaceError):
+        return True
+    if isinstance(exc, OperationalError):
+        orig = exc.orig if exc.orig is not None else exc
+        if "sqlite" in type(orig).__module__:
+            # SQLite reports "no such table" and syntax errors as OperationalError too.
+            msg = str(orig).lower()
+            return any(s in msg for s in ("locked", "busy", "disk i/o", "unable to open"))
+        return True  # PostgreSQL: connection failures, deadlocks, serialization failures
+    return False
+
+
+# --------------------------------------------------------------------------- the writer
+
+
+class _Flush:
+    __slots__ = ("done", "ok")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok = True
+
+
+_STOP = object()
+
+
+class _Pending:
+    """What the writer holds but has not committed yet, already coalesced."""
+
+    __slots__ = ("instances", "requests", "events")
+
+    def __init__(self) -> None:
+        self.instances: dict[str, dict[str, Any]] = {}
+        self.requests: dict[str, dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+
+    def __len__(self) -> int:
+        return len(self.instances) + len(self.requests) + len(self.events)
+
+    def add(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "e":
+            self.events.append(item[1])
+            return
+        target = self.instances if kind == "i" else self.requests
+        cur = target.get(item[1])
+        if cur is None:
+            target[item[1]] = item[2]
+        else:
+            created = cur.get("created_at")
+            cur.update(item[2])
+            if created is not None:  # first sighting wins for created_at
+                cur["created_at"] = created
+
+    def clear(self) -> None:
+        self.instances = {}
+        self.requests = {}
+        self.events = []
+
+
+class Store:
+    """SQL store of instances, requests and events (see docs/contracts.md, "Store").
+
+    ``Store(url)`` with ``sqlite:///path.db`` or ``postgresql+psycopg://…`` (default: configured).
+    The writer thread starts on ``start()`` or on the first write, whichever comes first.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        batch_max: int = 2000,
+        busy_timeout_ms: int = 5000,
+        retry_max_backoff_s: float = 2.0,
+        echo: bool = False,
+    ) -> None:
+        self.url = normalize_url(url or default_url())
+        self.batch_max = batch_max
+        self.retry_max_backoff_s = retry_max_backoff_s
+        self.dialect = make_url(self.url).get_backend_name()
+        self._memory = _is_memory_sqlite(self.url)
+        prepare_sqlite_path(self.url)
+
+        kwargs: dict[str, Any] = {"echo": echo, "json_serializer": _json_dumps}
+        if self.dialect == "sqlite":
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout_ms / 1000}
+            if self._memory:
+                kwargs["poolclass"] = StaticPool  # one shared in-memory database
+        else:
+            kwargs["pool_pre_ping"] = True
+        self.engine: Engine = create_engine(self.url, **kwargs)
+        if self.dialect == "sqlite":
+            memory = self._memory
+
+            @event.listens_for(self.engine, "connect")
+            def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
+                cur = dbapi_conn.cursor()
+                if not memory:
+                    cur.execute("PRAGMA journal_mode=WAL")
+                    cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+                cur.close()
+
+        # A shared in-memory SQLite connection must not be used by two threads at once.
+        self._db_lock: threading.RLock | None = threading.RLock() if self._memory else None
+        self._insert = self._insert_factory()
+
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._saw_stop = False
+        self._thread: threading.Thread | None = None
+        self._state_lock = threading.Lock()
+        self._closed = False
+        self._stop_deadline: float | None = None
+        self._stats = {"enqueued": 0, "written": 0, "commits": 0, "retries": 0, "dropped": 0}
+        self.last_error: str | None = None
+        ref = weakref.ref(self)
+        self._atexit = lambda: (s := ref()) is not None and s.close(timeout=5.0)
+        atexit.register(self._atexit)
+
+    def __repr__(self) -> str:
+        return f"Store({make_url(self.url).render_as_string(hide_password=True)!r})"
+
+    def __enter__(self) -> Store:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _db(self) -> Iterator[None]:
+        with self._db_lock if self._db_lock is not None else nullcontext():
+            yield
+
+    # ----------------------------------------------------------------------- schema
+
+    def upgrade(self, revision: str = "head") -> None:
+        """``alembic upgrade head`` on this store's database, configured in code."""
+        from alembic import command
+
+        cfg = alembic_config(self.url)
+        with self._db(), self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+
+    def current_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        with self._db(), self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    # ----------------------------------------------------------------------- lifecycle
+
+    def start(self) -> Store:
+        """Start the background writer (idempotent)."""
+        with self._state_lock:
+            if self._closed:
+                raise RuntimeError("store is closed")
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="tetri-store-writer", daemon=True)
+                self._thread.start()
+        return self
+
+    def flush(self, timeout: float | None = 5.0) -> bool:
+        """Wait until everything enqueued before this call is committed. True when it was."""
+        if self._closed:
+            return True
+        if self._thread is None:
+            if self._queue.empty():
+                return True
+            self.start()
+        marker = _Flush()
+        self._queue.put(marker)
+        return marker.done.wait(timeout) and marker.ok
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Flush, stop the writer and release connections (idempotent). True when all was written."""
+        with self._state_lock:
+            if self._closed:
+                return True
+            self._closed = True
+            thread = self._thread
+        atexit.unregister(self._atexit)
+        ok = True
+        if thread is not None and thread.is_alive():
+            self._stop_deadline = time.monotonic() + timeout
+            marker = _Flush()
+            self._queue.put(marker)
+            self._queue.put(_STOP)
+            thread.join(timeout + 1.0)
+            ok = marker.done.is_set() and marker.ok and not thread.is_alive()
+        # Anything that raced in after the stop marker (or with no writer ever started).
+        leftovers = _Pending()
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, tuple):
+                leftovers.add(item)
+            elif isinstance(item, _Flush):
+                item.done.set()
+        if len(leftovers):
+            ok = self._write_now(leftovers) and ok
+        self.engine.dispose()
+        return ok
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def stats(self) -> dict[str, Any]:
+        """Writer counters: enqueued, written (rows after coalescing), commits, retries, dropped,
+        queued (approximate backlog) and the last error seen."""
+        return {**self._stats, "queued": self._queue.qsize(), "last_error": self.last_error}
+
+    # ----------------------------------------------------------------------- writes (non-blocking)
+
+    def save_instance(self, id: str, **fields: Any) -> None:
+        """Upsert an instance: backend, role, state, url, model, capacity_kv_tokens, last_load
+        (dict), last_seen. Only the given fields change."""
+        bad = fields.keys() - _INSTANCE_FIELDS
+        if bad:
+            raise ValueError(f"unknown instance fields: {sorted(bad)}")
+        row = {k: _clean(v) for k, v in fields.items()}
+        row["updated_at"] = time.time()
+        self._put(("i", str(id), row))
+
+    def save_request(self, id: str, **fields: Any) -> None:
+        """Upsert a request row with any of its columns (docs/contracts.md). Only the given fields
+        change; a field passed as None is written as NULL."""
+        bad = fields.keys() - _REQUEST_FIELDS
+        if bad:
+            raise ValueError(f"unknown request fields: {sorted(bad)}")
+        self._put(("r", str(id), {k: _clean(v) for k, v in fields.items()}))
+
+    def add_event(
+        self,
+        kind: str,
+        instance_id: str | None = None,
+        request_id: str | None = None,
+        detail: dict[str, Any] | None = None,
+        duration_s: float | None = None,
+        *,
+        at: float | None = None,
+    ) -> None:
+        """Record an event (flip, drain, register, deregister, unhealthy, scale, …). ``at`` defaults
+        to now; ``duration_s`` is how long the action took."""
+        row = {
+            "at": time.time() if at is None else float(at),
+            "kind": str(kind),
+            "instance_id": None if instance_id is None else str(instance_id),
+            "request_id": None if request_id is None else str(request_id),
+            "detail": _clean(detail),
+            "duration_s": None if duration_s is None else float(duration_s),
+        }
+        self._put(("e", row))
+
+    def _put(self, item: tuple) -> None:
+        self._stats["enqueued"] += 1
+        if self._closed:
+            # Late writes during shutdown: write them through rather than lose them.
+            pending = _Pending()
+            pending.add(item)
+            self._write_now(pending)
+            return
+        self._queue.put(item)
+        if self._thread is None:
+            try:
+                self.start()
+            except RuntimeError:  # closed meanwhile: close() drains the queue
+                pass
+
+    # ----------------------------------------------------------------------- writer thread
+
+    def _run(self) -> None:
+        pending = _Pending()
+        markers: list[_Flush] = []
+        stop = False
+        backoff = 0.0
+        while True:
+            if not len(pending) and not markers and not stop:
+                self._absorb(self._queue.get(), pending, markers)  # block while idle
+                stop = stop or self._saw_stop
+            n = 0
+            while n < self.batch_max:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                self._absorb(item, pending, markers)
+                n += 1
+            stop = stop or self._saw_stop
+            if len(pending):
+                try:
+                    self._write(pending)
+                    pending.clear()
+                    backoff = 0.0
+                except Exception as exc:  # noqa: BLE001
+                    self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                    if _is_transient(exc):
+                        give_up = (
+                            stop
+                            and self._stop_deadline is not None
+                            and (time.monotonic() > self._stop_deadline)
+                        )
+                        if not give_up:
+                            self._stats["retries"] += 1
+                            backoff = min(self.retry_max_backoff_s, max(0.02, backoff * 2))
+                            log.warning("store write failed, retrying in %.2fs: %s", backoff, exc)
+                            time.sleep(backoff)
+                            continue  # keep the batch; absorb more and retry
+                        log.error("store closing: dropping %d unwritten rows: %s", len(pending), exc)
+                        self._stats["dropped"] += len(pending)
+                        for m in markers:
+                            m.ok = False
+                        pending.clear()
+                    else:
+                        log.error("store write failed (%s); writing rows one by one", exc)
+                        pending = self._write_isolated(pending, markers)
+                        if len(pending):  # transient trouble while isolating: retry later
+                            self._stats["retries"] += 1
+                            time.sleep(min(self.retry_max_backoff_s, 0.1))
+                            continue
+            for m in markers:
+                m.done.set()
+            markers.clear()
+            if stop:
+                return
+
+    def _absorb(self, item: Any, pending: _Pending, markers: list[_Flush]) -> None:
+        if isinstance(item, tuple):
+            pending.add(item)
+        elif isinstance(item, _Flush):
+            markers.append(item)
+        elif item is _STOP:
+            self._saw_stop = True
+
+    def _write_now(self, pending: _Pending) -> bool:
+        try:
+            self._write(pending)
+            return True
+        except Exception as exc:  # noqa: BLE001
+            self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            log.error("store write after close failed; %d rows lost: %s", len(pending), exc)
+            self._stats["dropped"] += len(pending)
+            return False
+
+    def _write_isolated(self, pending: _Pending, markers: list[_Flush]) -> _Pending:
+        """After a non-transient failure: write each row alone, drop (and log) the bad ones,
+        return the rows that met a transient error."""
+        retry = _Pending()
+        singles: list[tuple] = [("i", k, v) for k, v in pending.instances.items()]
+        singles += [("r", k, v) for k, v in pending.requests.items()]
+        singles += [("e", v) for v in pending.events]
+        for item in singles:
+            one = _Pending()
+            one.add(item)
+            try:
+                self._write(one)
+            except Exception as exc:  # noqa: BLE001
+                if _is_transient(exc):
+                    retry.add(item)
+                else:
+                    self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                    log.error("store dropped a bad row %r: %s", item[:2], exc)
+                    self._stats["dropped"] += 1
+                    for m in markers:
+                        m.ok = False
+        return retry
+
+    def _insert_factory(self) -> Callable[[Table], Any] | None:
+        if self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            return sqlite_insert
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert
+        return None  # generic fallback: UPDATE, then INSERT when nothing matched
+
+    def _write(self, pending: _Pending) -> None:
+        now = time.time()
+        instances = []
+        for id_, fields in pending.instances.items():
+            row = {"id": id_, **fields}
+            row.setdefault("updated_at", now)
+            row.setdefault("created_at", row["updated_at"])
+            instances.append(row)
+        requests = [{"id": id_, **fields} for id_, fields in pending.requests.items()]
+        with self._db(), self.engine.begin() as conn:
+            self._upsert(conn, _INSTANCES, instances, keep_on_update=("id", "created_at"))
+            self._upsert(conn, _REQUESTS, requests, keep_on_update=("id",))
+            if pending.events:
+                conn.execute(insert(_EVENTS), pending.events)
+        self._stats["written"] += len(pending)
+        self._stats["commits"] += 1
+
+    def _upsert(self, conn: Any, table: Table, rows: list[dict[str, Any]], keep_on_update: tuple) -> None:
+        if not rows:
+            return
+        # Rows with the same column set share one executemany; sorted ids keep lock order stable.
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+        for row in sorted(rows, key=lambda r: r["id"]):
+            groups[tuple(sorted(row))].append(row)
+        for cols, group in groups.items():
+            update_cols = [c for c in cols if c not in keep_on_update]
+            if self._insert is None:
+                self._upsert_generic(conn, table, group, update_cols)
+                continue
+            stmt = self._insert(table)
+            if update_cols:
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=[table.c.id], set_={c: stmt.excluded[c] for c in update_cols}
+                )
+            else:
+                stmt = stmt.on_conflict_do_nothing(index_elements=[table.c.id])
+            conn.execute(stmt, group)
+
+    @staticmethod
+    def _upsert_generic(conn: Any, table: Table, group: list[dict[str, Any]], update_cols: list[str]) -> None:
+        for row in group:
+            matched = 0
+            if update_cols:
+                res = conn.execute(
+                    update(table).where(table.c.id == row["id"]).values({c: row[c] for c in update_cols})
+                )
+                matched = res.rowcount
+            else:
+                matched = conn.execute(select(func.count()).where(table.c.id == row["id"])).scalar_one()
+            if not matched:
+                conn.execute(insert(table).values(row))
+
+    # ----------------------------------------------------------------------- reads (synchronous)
+
+    def get_request(self, id: str) -> dict[str, Any] | None:
+        """The committed row of one request (call ``flush()`` first to see the latest writes)."""
+        with self._db(), self.engine.connect() as conn:
+            row = conn.execute(select(_REQUESTS).where(_REQUESTS.c.id == str(id))).mappings().first()
+        return dict(row) if row is not None else None
+
+    def list_requests(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Requests, latest arrival first, optionally of one state."""
+        q = select(_REQUESTS)
+        if state is not None:
+            q = q.where(_REQUESTS.c.state == state)
+        q = q.order_by(_REQUESTS.c.arrival.desc(), _REQUESTS.c.id).limit(limit)
+        with self._db(), self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def get_instance(self, id: str) -> dict[str, Any] | None:
+        with self._db(), self.engine.connect() as conn:
+            row = conn.execute(select(_INSTANCES).where(_INSTANCES.c.id == str(id))).mappings().first()
+        return dict(row) if row is not None else None
+
+    def list_instances(self) -> list[dict[str, Any]]:
+        """All instances, by id."""
+        with self._db(), self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(_INSTANCES).order_by(_INSTANCES.c.id)).mappings()]
+
+    def list_events(
+        self,
+        kind: str | None = None,
+        limit: int = 100,
+        *,
+        instance_id: str | None = None,
+        request_id: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Events, newest first, optionally of one kind / instance / request."""
+        q = select(_EVENTS)
+        if kind is not None:
+            q = q.where(_EVENTS.c.kind == kind)
+        if instance_id is not None:
+            q = q.where(_EVENTS.c.instance_id == instance_id)
+        if request_id is not None:
+            q = q.where(_EVENTS.c.request_id == request_id)
+        q = q.order_by(_EVENTS.c.id.desc()).limit(limit)
+        with self._db(), self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def request_stats(self) -> dict[str, int]:
+        """Number of requests per state (every known state present, zero when none)."""
+        q = select(_REQUESTS.c.state, func.count()).group_by(_REQUESTS.c.state)
+        with self._db(), self.engine.connect() as conn:
+            counts = {state: n for state, n in conn.execute(q)}
+        out = {s: 0 for s in REQUEST_STATES}
+        for state, n in counts.items():
+            out[state if state is not None else "unknown"] = int(n)
+        return out
+
+    def predictor_accuracy(self, granularity: int, num_buckets: int | None = None) -> dict[str, Any]:
+        """Live accuracy of the length predictor at bucket width ``granularity``.
+
+        Over finished requests that have both ``predicted_bucket`` and ``completion_tokens`` and
+        were predicted at this granularity (or recorded no granularity). The true bucket is
+        ``completion_tokens // granularity``, capped at ``num_buckets - 1`` when the classifier has
+        a last open-ended bucket. Returns ``{granularity, n, accuracy, within_one_bucket}``;
+        accuracy and within_one_bucket are None when n == 0.
+        """
+        g = int(granularity)
+        if g <= 0:
+            raise ValueError("granularity must be positive")
+        r = _REQUESTS.c
+        q = (
+            select(r.predicted_bucket, r.completion_tokens, func.count())
+            .where(
+                r.state == "finished",
+                r.predicted_bucket.is_not(None),
+                r.completion_tokens.is_not(None),
+                (r.predictor_granularity == g) | r.predictor_granularity.is_(None),
+            )
+            .group_by(r.predicted_bucket, r.completion_tokens)
+        )
+        n = exact = near = 0
+        with self._db(), self.engine.connect() as conn:
+            for pred, tokens, count in conn.execute(q):
+                true = int(tokens) // g
+                if num_buckets is not None:
+                    true = min(true, num_buckets - 1)
+                n += count
+                if int(pred) == true:
+                    exact += count
+                if abs(int(pred) - true) <= 1:
+                    near += count
+        return {
+            "granularity": g,
+            "n": n,
+            "accuracy": exact / n if n else None,
+            "within_one_bucket": near / n if n else None,
+        }
