@@ -1,0 +1,132 @@
+"""Runs a synchronous EngineCore in its own thread and bridges it to asyncio.
+
+The engine thread owns the core: every call into it (add, abort, KV import/export, role change)
+is queued as a command and executed between two steps, so the core never needs locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from backends.engine_api import EngineCore, EngineRequest, StepOutput
+
+T = TypeVar("T")
+_IDLE_WAIT_S = 0.05
+
+
+class EngineRunner:
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self._commands: queue.SimpleQueue[tuple[Callable[[EngineCore], Any], asyncio.Future[Any]]] = (
+            queue.SimpleQueue()
+        )
+        self._wake = threading.Event()
+        self._streams: dict[str, asyncio.Queue[StepOutput]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # ---- async API -------------------------------------------------------------------------
+    async def call(self, fn: Callable[[EngineCore], T]) -> T:
+        """Run `fn(core)` on the engine thread between two steps and return its result."""
+        assert self._loop is not None, "runner not started"
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._commands.put((fn, future))
+        self._wake.set()
+        return await future
+
+    async def submit(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
+        """Add a request and yield its outputs until it finishes; closing early aborts it."""
+        stream: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self._streams[request.request_id] = stream
+        finished = False
+        try:
+            await self.call(lambda core: core.add_request(request))
+            while True:
+                out = await stream.get()
+                yield out
+                if out.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:
+                rid = request.request_id
+                # Fire and forget: the caller may be a cancelled task that can't await.
+                self._commands.put((lambda core: core.abort(rid), self._loop.create_future()))  # type: ignore[union-attr]
+                self._wake.set()
+
+    def is_streaming(self, request_id: str) -> bool:
+        return request_id in self._streams
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain_commands()
+            if self.core.has_work():
+                try:
+                    outputs = self.core.step()
+                except Exception as exc:  # an engine bug must not hang every client
+                    outputs = self._fail_all(exc)
+                self.steps += 1
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs)  # type: ignore[union-attr]
+            else:
+                self._wake.wait(_IDLE_WAIT_S)
+                self._wake.clear()
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = fn(self.core)
+            except BaseException as exc:  # noqa: BLE001 - handed back to the awaiting caller
+                self._loop.call_soon_threadsafe(_set_exception, future, exc)  # type: ignore[union-attr]
+            else:
+                self._loop.call_soon_threadsafe(_set_result, future, result)  # type: ignore[union-attr]
+
+    def _fail_all(self, exc: Exception) -> list[StepOutput]:
+        outputs = []
+        for rid in list(self._streams):
+            try:
+                self.core.abort(rid)
+            except Exception:  # noqa: BLE001
+                pass
+            outputs.append(StepOutput(rid, None, "", "error", error=f"engine failure: {exc!r}"))
+        return outputs
+
+    def _dispatch(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
+
+
+def _set_result(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

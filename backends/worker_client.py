@@ -1,0 +1,120 @@
+"""Adapter for tetri's own worker processes (`tetri worker --backend native|sim`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+import httpx
+
+from backends.base import (
+    Backend,
+    BackendError,
+    GenRequest,
+    Handoff,
+    KVHandle,
+    LoadReport,
+    PrefillResult,
+    Role,
+    TokenEvent,
+)
+
+_TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=10.0)
+
+
+def _body(request: GenRequest, **extra: Any) -> dict[str, Any]:
+    return {
+        "request_id": request.request_id,
+        "prompt_ids": request.prompt_ids,
+        "sampling": request.sampling.to_dict(),
+        "predicted_output_lo": request.predicted_output_lo,
+        "heavy_decode": request.heavy_decode,
+        **extra,
+    }
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json()["error"]["message"])
+    except Exception:  # noqa: BLE001
+        return resp.text[:500] or f"HTTP {resp.status_code}"
+
+
+class WorkerBackend(Backend):
+    kind = "native"
+
+    def __init__(self, url: str, instance_id: str, role: Role, model: str | None = None, kind: str = "native"):
+        super().__init__(url, instance_id, role, model)
+        self.kind = kind
+        self._client = httpx.AsyncClient(base_url=self.url, timeout=_TIMEOUT)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _post(self, path: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        try:
+            resp = await self._client.post(path, json=body, timeout=timeout or _TIMEOUT)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"{self.instance_id}: {exc!r}", status=503, retryable=True) from exc
+        if resp.status_code >= 400:
+            raise BackendError(_error_message(resp), status=resp.status_code, retryable=resp.status_code >= 500)
+        return resp.json()
+
+    async def health(self) -> bool:
+        try:
+            resp = await self._client.get("/health", timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
+
+    async def load(self) -> LoadReport:
+        try:
+            resp = await self._client.get("/load", timeout=2.0)
+            resp.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise BackendError(f"{self.instance_id}: load failed: {exc!r}", status=503) from exc
+        return LoadReport.from_dict(resp.json())
+
+    async def info(self) -> dict[str, Any]:
+        resp = await self._client.get("/info", timeout=5.0)
+        resp.raise_for_status()
+        return resp.json()
+
+    async def prefill(self, request: GenRequest, handoff: Handoff) -> PrefillResult:
+        data = await self._post("/prefill", _body(request, handoff=asdict(handoff)))
+        kv = KVHandle(**data["kv"]) if data.get("kv") else None
+        return PrefillResult(first=TokenEvent(**data["first"]), kv=kv)
+
+    def decode(self, request: GenRequest, kv: KVHandle) -> AsyncIterator[TokenEvent]:
+        body = _body(request, first_token=kv.first_token_id, lease_id=kv.lease_id)
+        return self._stream("/decode", body)
+
+    def generate(self, request: GenRequest) -> AsyncIterator[TokenEvent]:
+        return self._stream("/generate", _body(request))
+
+    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[TokenEvent]:
+        try:
+            async with self._client.stream("POST", path, json=body) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise BackendError(
+                        _error_message(resp), status=resp.status_code, retryable=resp.status_code >= 500
+                    )
+                async for line in resp.aiter_lines():
+                    if line.strip():
+                        yield TokenEvent(**json.loads(line))
+        except httpx.HTTPError as exc:
+            raise BackendError(f"{self.instance_id}: stream broke: {exc!r}", status=503) from exc
+
+    async def abort(self, request_id: str) -> None:
+        await self._post("/abort", {"request_id": request_id}, timeout=5.0)
+
+    async def drain(self, accepting: bool = False) -> dict[str, Any]:
+        return await self._post("/drain", {"accepting": accepting})
+
+    async def set_role(self, role: Role) -> dict[str, Any]:
+        data = await self._post("/role", {"role": role})
+        self.role = role
+        return data

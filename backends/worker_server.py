@@ -1,0 +1,316 @@
+"""The worker process's HTTP API (docs/contracts.md) over any EngineCore (native or sim)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from backends.base import LoadReport, Role, SamplingParams, TokenEvent
+from backends.engine_api import EngineCore, EngineRequest, Mode, StepOutput
+from backends.runner import EngineRunner
+from kvbridge.native import decode_kv, encode_kv
+
+_LEASE_REAP_INTERVAL_S = 0.5
+_PUSH_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=120.0, pool=10.0)
+
+
+class SamplingBody(BaseModel):
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(16, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+class HandoffBody(BaseModel):
+    decode_url: str
+    decode_instance_id: str = ""
+    lease_s: float = 30.0
+
+
+class WorkBody(BaseModel):
+    request_id: str
+    prompt_ids: list[int] = Field(min_length=1)
+    sampling: SamplingBody = Field(default_factory=SamplingBody)
+    predicted_output_lo: int | None = None
+    heavy_decode: bool | None = None
+    handoff: HandoffBody | None = None
+    first_token: int | None = None
+    lease_id: str | None = None
+
+    def engine_request(self, mode: Mode) -> EngineRequest:
+        return EngineRequest(
+            request_id=self.request_id,
+            prompt_ids=self.prompt_ids,
+            sampling=SamplingParams(**self.sampling.model_dump()),
+            mode=mode,
+            first_token=self.first_token,
+            predicted_output_lo=self.predicted_output_lo,
+            heavy_decode=self.heavy_decode,
+        )
+
+
+class AbortBody(BaseModel):
+    request_id: str
+
+
+class DrainBody(BaseModel):
+    accepting: bool = False
+
+
+class RoleBody(BaseModel):
+    role: Role
+
+
+@dataclass
+class KVLease:
+    """Imported KV that waits for its decode request; freed by the reaper after `deadline`."""
+
+    lease_id: str
+    request_id: str
+    num_tokens: int
+    nbytes: int
+    deadline: float
+
+
+def _error(status: int, message: str, code: str = "invalid_request", retry_after: float | None = None):
+    headers = {"Retry-After": str(int(max(1, retry_after)))} if retry_after else None
+    body = {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
+                      "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _event(out: StepOutput, phase: str) -> TokenEvent:
+    reason = out.finish_reason
+    return TokenEvent(
+        token_ids=[out.token_id] if out.token_id is not None else [],
+        text=out.text,
+        finish_reason=None if reason == "prefilled" else reason,  # type: ignore[arg-type]
+        phase=phase,  # type: ignore[arg-type]
+        error=out.error,
+    )
+
+
+class WorkerState:
+    def __init__(self, core: EngineCore, backend: str) -> None:
+        self.core = core
+        self.backend = backend
+        self.runner = EngineRunner(core)
+        self.accepting = True
+        self.leases: dict[str, KVLease] = {}
+        self.http = httpx.AsyncClient(timeout=_PUSH_TIMEOUT)
+        self.ready = False
+
+    async def load(self) -> LoadReport:
+        report: LoadReport = await self.runner.call(lambda core: core.load())
+        report.leased_kv_tokens = sum(lease.num_tokens for lease in self.leases.values())
+        report.active_leases = len(self.leases)
+        report.accepting = self.accepting
+        report.backend = self.backend
+        return report
+
+    async def release_lease(self, request_id: str) -> bool:
+        lease = self.leases.pop(request_id, None)
+        if lease is None:
+            return False
+        await self.runner.call(lambda core: core.release_kv(request_id))
+        return True
+
+    async def reap_leases(self) -> None:
+        while True:
+            await asyncio.sleep(_LEASE_REAP_INTERVAL_S)
+            now = time.time()
+            for rid in [rid for rid, lease in self.leases.items() if lease.deadline <= now]:
+                with contextlib.suppress(Exception):
+                    await self.release_lease(rid)
+
+
+def create_worker_app(core: EngineCore, backend: str = "native") -> FastAPI:
+    state = WorkerState(core, backend)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.runner.start()
+        reaper = asyncio.create_task(state.reap_leases())
+        state.ready = True
+        yield
+        reaper.cancel()
+        state.runner.stop()
+        await state.http.aclose()
+
+    app = FastAPI(title="tetri worker", lifespan=lifespan)
+    app.state.worker = state
+
+    def refuse_if_draining() -> JSONResponse | None:
+        if not state.accepting:
+            return _error(503, "worker is draining", code="draining", retry_after=1)
+        return None
+
+    async def stream(req: EngineRequest, phase: str) -> StreamingResponse | JSONResponse:
+        # Validate and enqueue before answering 200, so bad input gets a proper 4xx.
+        outputs = state.runner.submit(req)
+        try:
+            first = await outputs.__anext__()
+        except ValueError as exc:
+            return _error(400, str(exc))
+        except MemoryError as exc:
+            return _error(503, str(exc), code="kv_full", retry_after=1)
+
+        async def lines() -> AsyncIterator[bytes]:
+            try:
+                yield (json.dumps(asdict(_event(first, phase))) + "\n").encode()
+                if first.finish_reason is not None:
+                    return
+                async for out in outputs:
+                    yield (json.dumps(asdict(_event(out, phase))) + "\n").encode()
+            finally:
+                await outputs.aclose()  # aborts the request if the client went away
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        status = 200 if state.ready else 503
+        return JSONResponse(
+            {"status": "ok" if state.ready else "loading", "role": core.role, "model": core.model_name,
+             "backend": backend, "accepting": state.accepting},
+            status_code=status,
+        )
+
+    @app.get("/load")
+    async def load() -> dict[str, Any]:
+        return (await state.load()).to_dict()
+
+    @app.get("/info")
+    async def info() -> dict[str, Any]:
+        return {**core.info(), "role": core.role, "backend": backend, "chunk_size": core.chunk_size}
+
+    @app.post("/generate")
+    async def generate(body: WorkBody):
+        return refuse_if_draining() or await stream(body.engine_request("full"), "generate")
+
+    @app.post("/prefill")
+    async def prefill(body: WorkBody):
+        if (refused := refuse_if_draining()) is not None:
+            return refused
+        if body.handoff is None:
+            return _error(400, "prefill needs a handoff (decode_url)")
+        outputs = state.runner.submit(body.engine_request("prefill_only"))
+        try:
+            first = await outputs.__anext__()
+        except ValueError as exc:
+            return _error(400, str(exc))
+        finally:
+            await outputs.aclose()
+        event = _event(first, "prefill")
+        if first.finish_reason != "prefilled":
+            # Finished at the first token (EOS, stop, max_tokens=1, error): nothing to hand off.
+            if event.finish_reason is None:
+                event.finish_reason = "stop"
+            return {"first": asdict(event), "kv": None}
+        return await push_kv(body, event)
+
+    async def push_kv(body: WorkBody, event: TokenEvent) -> Any:
+        rid = body.request_id
+        assert body.handoff is not None
+        try:
+            payload = await state.runner.call(lambda core: core.export_kv(rid))
+        finally:
+            await state.runner.call(lambda core: core.release_kv(rid))
+        blob = await asyncio.to_thread(encode_kv, payload)
+        url = f"{body.handoff.decode_url.rstrip('/')}/kv/{rid}"
+        started = time.perf_counter()
+        try:
+            resp = await state.http.put(url, content=blob, params={"lease_s": body.handoff.lease_s})
+        except httpx.HTTPError as exc:
+            return _error(502, f"KV push to {url} failed: {exc!r}", code="kv_push_failed")
+        transfer_s = time.perf_counter() - started
+        if resp.status_code >= 400:
+            retry = resp.headers.get("Retry-After")
+            return _error(resp.status_code if resp.status_code in (503, 507) else 502,
+                          f"decode worker refused KV: {resp.text[:300]}", code="kv_push_refused",
+                          retry_after=float(retry) if retry else None)
+        lease = resp.json()
+        kv = {"request_id": rid, "num_tokens": payload.num_tokens, "first_token_id": event.token_ids[0],
+              "lease_id": lease["lease_id"], "lease_deadline": lease["deadline"], "nbytes": len(blob),
+              "transfer_s": transfer_s, "extra": {}}
+        return {"first": asdict(event), "kv": kv}
+
+    @app.put("/kv/{request_id}")
+    async def receive_kv(request_id: str, request: Request, lease_s: float = 30.0):
+        if (refused := refuse_if_draining()) is not None:
+            return refused
+        blob = await request.body()
+        try:
+            payload = await asyncio.to_thread(decode_kv, blob)
+        except (ValueError, KeyError) as exc:
+            return _error(400, f"bad KV payload: {exc}")
+        if payload.request_id != request_id:
+            return _error(400, "KV payload is for another request")
+        if payload.model != core.model_name:
+            return _error(409, f"KV from model {payload.model!r}, this worker serves {core.model_name!r}")
+        await state.release_lease(request_id)  # a retried push replaces the earlier one
+        try:
+            await state.runner.call(lambda c: c.import_kv(payload))
+        except MemoryError as exc:
+            return _error(507, f"KV pool full: {exc}", code="kv_full", retry_after=1)
+        lease = KVLease(uuid.uuid4().hex, request_id, payload.num_tokens, len(blob), time.time() + lease_s)
+        state.leases[request_id] = lease
+        return {"lease_id": lease.lease_id, "deadline": lease.deadline, "num_tokens": lease.num_tokens,
+                "nbytes": lease.nbytes}
+
+    @app.delete("/kv/{request_id}")
+    async def drop_kv(request_id: str):
+        return {"released": await state.release_lease(request_id)}
+
+    @app.post("/decode")
+    async def decode(body: WorkBody):
+        lease = state.leases.get(body.request_id)
+        if lease is None or (body.lease_id and lease.lease_id != body.lease_id):
+            return _error(404, f"no KV lease for request {body.request_id} (expired or never pushed)",
+                          code="kv_lease_missing")
+        if body.first_token is None:
+            return _error(400, "decode needs first_token")
+        state.leases.pop(body.request_id)  # claimed: the running request now owns the blocks
+        return await stream(body.engine_request("decode_only"), "decode")
+
+    @app.post("/abort")
+    async def abort(body: AbortBody):
+        released = await state.release_lease(body.request_id)
+        await state.runner.call(lambda c: c.abort(body.request_id))
+        return {"aborted": True, "lease_released": released}
+
+    @app.post("/drain")
+    async def drain(body: DrainBody):
+        state.accepting = body.accepting
+        return {"accepting": state.accepting}
+
+    @app.post("/role")
+    async def set_role(body: RoleBody):
+        """Stop new work, wait for running work (and leases) to end, flip in place."""
+        state.accepting = False
+        started = time.perf_counter()
+        while True:
+            report = await state.load()
+            if report.running == 0 and report.queued == 0 and not state.leases:
+                break
+            await asyncio.sleep(0.02)
+        drained = time.perf_counter()
+        await state.runner.call(lambda c: c.set_role(body.role))
+        flipped = time.perf_counter()
+        state.accepting = True
+        return {"role": body.role, "drain_s": drained - started, "flip_s": flipped - drained}
+
+    return app

@@ -1,0 +1,169 @@
+"""The `tetri` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="tetri: TetriInfer-style LLM inference orchestration.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+db_app = typer.Typer(help="The SQL store.", no_args_is_help=True)
+config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(config_app, name="config")
+
+
+def _mount(module: str, name: str, help_text: str) -> None:
+    """Sub-apps owned by other packages; a broken one must not take the whole CLI down."""
+    try:
+        sub = __import__(module, fromlist=["app"]).app
+    except Exception as exc:  # noqa: BLE001
+        sub = typer.Typer(help=f"{help_text} (unavailable: {exc})")
+    app.add_typer(sub, name=name, help=help_text)
+
+
+_mount("predictor.cli", "predictor", "Output-length predictor: train, eval, label.")
+_mount("bench.cli", "bench", "Workloads, live runs, simulator comparisons.")
+
+
+def _logging(level: str = "WARNING") -> None:
+    logging.basicConfig(level=os.environ.get("TETRI_LOG_LEVEL", level),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="Orchestrator port.")] = 8000,
+    prefill: Annotated[int, typer.Option(help="Prefill workers.")] = 1,
+    decode: Annotated[int, typer.Option(help="Decode workers.")] = 1,
+    colocated: Annotated[int, typer.Option(help="Co-located workers.")] = 0,
+    model: Annotated[str, typer.Option(help="Model spec for the built-in engine.")] = "smollm2-135m-instruct",
+    backend: Annotated[str, typer.Option(help="Worker backend: native or sim.")] = "native",
+    chunk_size: Annotated[str, typer.Option(help="Tokens per prefill pass, or 'auto' (profiled knee).")] = "auto",
+    batching: Annotated[str, typer.Option(help="Co-located batching style: sarathi or vllm.")] = "sarathi",
+    kv_tokens: Annotated[int | None, typer.Option(help="KV pool size per worker, tokens.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML configuration file.")] = None,
+) -> None:
+    """Start the orchestrator with its workers as child processes; Ctrl-C stops everything."""
+    import uvicorn
+
+    from orchestrator.app import create_app
+    from orchestrator.config import InstanceSpec, Settings
+    from orchestrator.launcher import Fleet
+
+    _logging()
+    settings = Settings.load(config, port=port, model=model)
+    fleet = Fleet()
+    try:
+        roles = ["prefill"] * prefill + ["decode"] * decode + ["colocated"] * colocated
+        if not roles:
+            raise typer.BadParameter("start at least one worker")
+        for role in roles:
+            fleet.start_worker(role, model, backend=backend, chunk_size=chunk_size, batching=batching,  # type: ignore[arg-type]
+                               kv_tokens=kv_tokens)
+        typer.echo(f"starting {len(roles)} worker(s): {', '.join(roles)} ...")
+        fleet.wait_healthy()
+        settings.instances = [
+            InstanceSpec(url=w.url, backend=backend, role=w.role, model=settings.public_model_name,  # type: ignore[arg-type]
+                         id=f"{w.role}-{i}")
+            for i, w in enumerate(fleet.workers)
+        ]
+        url = f"http://{settings.host}:{settings.port}"
+        server = uvicorn.Server(uvicorn.Config(create_app(settings, on_ready=lambda: typer.echo(
+            f"tetri ready at {url}  (OpenAI API: {url}/v1, model {settings.public_model_name!r})"
+        )), host=settings.host, port=settings.port, log_level="warning"))
+        server.run()
+    finally:
+        fleet.stop()
+        typer.echo("stopped.")
+
+
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(help="Orchestrator port.")] = 8000,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    config: Annotated[Path | None, typer.Option(help="YAML file with instances and knobs.")] = None,
+) -> None:
+    """Run the orchestrator alone; instances come from the config or POST /admin/instances."""
+    import uvicorn
+
+    from orchestrator.app import create_app
+    from orchestrator.config import Settings
+
+    _logging()
+    settings = Settings.load(config, port=port, host=host)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+
+
+@app.command()
+def worker(
+    role: Annotated[str, typer.Option(help="prefill, decode or colocated.")] = "colocated",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 9000,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    backend: Annotated[str, typer.Option(help="native (PyTorch engine) or sim (timing model).")] = "native",
+    model: Annotated[str, typer.Option(help="Model spec.")] = "smollm2-135m-instruct",
+    chunk_size: Annotated[str, typer.Option(help="Tokens per prefill pass or 'auto'.")] = "auto",
+    batching: Annotated[str, typer.Option(help="Co-located style: sarathi or vllm.")] = "sarathi",
+    kv_tokens: Annotated[int | None, typer.Option(help="KV pool size in tokens.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    profile: Annotated[str, typer.Option(help="Sim backend: timing profile.")] = "cpu-smollm2",
+) -> None:
+    """Run one engine worker process (the HTTP API of docs/contracts.md)."""
+    import uvicorn
+
+    from backends.worker_server import create_worker_app
+
+    _logging()
+    chunk: int | str = int(chunk_size) if chunk_size.isdigit() else chunk_size
+    if role not in ("prefill", "decode", "colocated"):
+        raise typer.BadParameter(f"unknown role {role!r}")
+    if backend == "native":
+        from backends.native.engine import NativeEngine
+
+        core = NativeEngine(model=model, role=role, batching=batching, chunk_size=chunk,  # type: ignore[arg-type]
+                            kv_tokens=kv_tokens, device=device)
+    elif backend == "sim":
+        from backends.sim.engine import SimEngine
+
+        core = SimEngine(profile=profile, role=role, batching=batching, chunk_size=chunk,  # type: ignore[arg-type]
+                         kv_tokens=kv_tokens)
+    else:
+        raise typer.BadParameter(f"unknown backend {backend!r}")
+    uvicorn.run(create_worker_app(core, backend), host=host, port=port, log_level="warning")
+
+
+@app.command()
+def profile(
+    model: Annotated[str, typer.Option(help="Model spec.")] = "smollm2-135m-instruct",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Sweep tokens per prefill pass; print the curve and the saturation knee (cached)."""
+    from backends.native.profile import profile_command
+
+    profile_command(model, device, json_out)
+
+
+@db_app.command("upgrade")
+def db_upgrade(url: Annotated[str | None, typer.Option(help="SQLAlchemy URL.")] = None) -> None:
+    """Apply the Alembic migrations (SQLite file by default, TETRI_DATABASE_URL otherwise)."""
+    from orchestrator.store import db_upgrade_command
+
+    db_upgrade_command(url)
+
+
+@config_app.command("show")
+def config_show(config: Annotated[Path | None, typer.Option(help="YAML file.")] = None) -> None:
+    """Print the effective configuration as JSON."""
+    from orchestrator.config import Settings
+
+    typer.echo(json.dumps(Settings.load(config).model_dump(mode="json"), indent=2))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,123 @@
+"""The orchestrator's registry of engine instances and their latest load."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+from backends.base import Backend, LoadReport, Role
+from orchestrator.config import InstanceSpec
+from orchestrator.policies.types import InstanceView
+
+InstanceState = Literal["starting", "healthy", "unhealthy", "draining", "flipping", "removed"]
+
+
+def make_backend(spec: InstanceSpec, instance_id: str) -> Backend:
+    """The adapter for an instance spec; adapters for GPU engines are imported lazily."""
+    if spec.backend in ("native", "sim"):
+        from backends.worker_client import WorkerBackend
+
+        return WorkerBackend(spec.url, instance_id, spec.role, spec.model, kind=spec.backend)
+    if spec.backend == "sglang":
+        from backends.sglang import SGLangBackend
+
+        return SGLangBackend(spec.url, instance_id, spec.role, spec.model, **spec.options)
+    if spec.backend == "tensorrt-llm":
+        from backends.tensorrt_llm import TensorRTLLMBackend
+
+        return TensorRTLLMBackend(spec.url, instance_id, spec.role, spec.model, **spec.options)
+    raise ValueError(f"unknown backend {spec.backend!r}")
+
+
+@dataclass
+class Instance:
+    id: str
+    spec: InstanceSpec
+    backend: Backend
+    state: InstanceState = "starting"
+    load: LoadReport | None = None
+    last_seen: float = 0.0
+    failures: int = 0
+    # Requests routed here whose KV the engine's load report may not show yet.
+    reserved_kv_tokens: int = 0
+    # Requests released to this prefill instance and not yet back (our view of its backlog).
+    inflight_prefills: int = 0
+    model: str = ""
+    info: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def role(self) -> Role:
+        return self.backend.role
+
+    @property
+    def usable(self) -> bool:
+        return self.state == "healthy"
+
+    def view(self) -> InstanceView:
+        load = self.load or LoadReport(role=self.role)
+        return InstanceView(
+            id=self.id,
+            role=self.role,
+            total_kv_tokens=load.total_kv_tokens,
+            free_kv_tokens=load.free_kv_tokens,
+            healthy=self.state == "healthy",
+            accepting=load.accepting and self.state == "healthy",
+            queued_prompt_tokens=load.queued_prompt_tokens,
+            running_prompt_tokens=load.running_prompt_tokens,
+            running=load.running,
+            queued=load.queued,
+            heavy_decodes=load.heavy_decodes,
+            light_decodes=load.light_decodes,
+            decode_remaining=tuple(load.decode_remaining),
+            reserved_kv_tokens=self.reserved_kv_tokens,
+        )
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "role": self.role,
+            "backend": self.spec.backend,
+            "url": self.spec.url,
+            "model": self.model or self.spec.model,
+            "state": self.state,
+            "last_seen": self.last_seen,
+            "last_load": self.load.to_dict() if self.load else None,
+        }
+
+
+class Cluster:
+    def __init__(self) -> None:
+        self.instances: dict[str, Instance] = {}
+
+    def add(self, spec: InstanceSpec) -> Instance:
+        instance_id = spec.id or f"{spec.role}-{uuid.uuid4().hex[:6]}"
+        if instance_id in self.instances:
+            raise ValueError(f"instance {instance_id!r} already registered")
+        inst = Instance(instance_id, spec, make_backend(spec, instance_id), model=spec.model or "")
+        self.instances[instance_id] = inst
+        return inst
+
+    def get(self, instance_id: str) -> Instance | None:
+        return self.instances.get(instance_id)
+
+    def remove(self, instance_id: str) -> Instance | None:
+        inst = self.instances.pop(instance_id, None)
+        if inst is not None:
+            inst.state = "removed"
+        return inst
+
+    def usable(self, role: Role, model: str | None = None) -> list[Instance]:
+        return [
+            i for i in self.instances.values()
+            if i.usable and i.role == role and (model is None or not i.model or i.model == model)
+        ]
+
+    def models(self) -> list[str]:
+        return sorted({i.model for i in self.instances.values() if i.model})
+
+    def mark_seen(self, inst: Instance, load: LoadReport) -> None:
+        inst.load = load
+        inst.last_seen = time.time()
+        inst.failures = 0

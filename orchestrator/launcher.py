@@ -1,0 +1,106 @@
+"""`tetri up`: the orchestrator and its workers as child processes on this machine.
+
+Workers start in their own process groups so that one Ctrl-C or SIGTERM reaches us first and we
+stop them in order: no orphan processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from backends.base import Role
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class WorkerProcess:
+    role: Role
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class Fleet:
+    """Worker processes started by us; `stop()` ends every one of them."""
+
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def start_worker(
+        self, role: Role, model: str, backend: str = "native", chunk_size: str = "auto",
+        batching: str = "sarathi", kv_tokens: int | None = None, log_dir: Path | None = None,
+        extra_args: list[str] | None = None,
+    ) -> WorkerProcess:
+        port = free_port()
+        cmd = [sys.executable, "-m", "orchestrator.cli", "worker", "--backend", backend, "--role", role,
+               "--port", str(port), "--model", model, "--chunk-size", chunk_size, "--batching", batching]
+        if kv_tokens:
+            cmd += ["--kv-tokens", str(kv_tokens)]
+        cmd += extra_args or []
+        log_dir = log_dir or Path(os.environ.get("TETRI_LOG_DIR", "/tmp/tetri-logs"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"worker-{role}-{port}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = WorkerProcess(role, port, proc, log_path)
+        self.workers.append(worker)
+        return worker
+
+    def wait_healthy(self, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        pending = list(self.workers)
+        while pending:
+            for worker in list(pending):
+                if worker.proc.poll() is not None:
+                    tail = worker.log_path.read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"{worker.role} worker on port {worker.port} exited:\n{tail}")
+                try:
+                    if httpx.get(f"{worker.url}/health", timeout=1.0).status_code == 200:
+                        pending.remove(worker)
+                except httpx.HTTPError:
+                    pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers not healthy after {timeout_s:.0f}s: {[w.url for w in pending]}")
+            if pending:
+                time.sleep(0.2)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for worker in self.workers:
+            if worker.proc.poll() is None:
+                with _suppress():
+                    os.killpg(worker.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for worker in self.workers:
+            try:
+                worker.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with _suppress():
+                    os.killpg(worker.proc.pid, signal.SIGKILL)
+                worker.proc.wait()
+        self.workers.clear()
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return exc[0] is not None and issubclass(exc[0], ProcessLookupError | PermissionError)  # type: ignore[arg-type]

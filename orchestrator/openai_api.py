@@ -1,0 +1,212 @@
+"""OpenAI-compatible endpoints: /v1/chat/completions, /v1/completions, /v1/models."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from backends.base import BackendError, SamplingParams, TokenEvent
+from orchestrator import metrics
+from orchestrator.errors import APIError
+from orchestrator.placement import Overloaded
+from orchestrator.serving import Job
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Extension (as vLLM and SGLang): ignore EOS up to max_tokens, so benchmarks do fixed work.
+    ignore_eos: bool = False
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[int]
+
+
+def _text_content(message: ChatMessage) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    parts = []
+    for part in message.content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise APIError(400, "only text content parts are supported", param="messages", code="unsupported_content")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def build_router(app_state: Any) -> APIRouter:
+    """`app_state` carries: settings, server, prompt_builder, cluster (see orchestrator.app)."""
+    router = APIRouter()
+
+    def check_model(model: str) -> None:
+        served = app_state.served_models()
+        if model not in served:
+            raise APIError(404, f"model {model!r} does not exist; served: {', '.join(served)}",
+                           param="model", code="model_not_found")
+
+    def sampling_of(body: SamplingFields, prompt_len: int) -> SamplingParams:
+        context = app_state.max_context
+        if prompt_len >= context:
+            raise APIError(400, f"prompt has {prompt_len} tokens; this model's context is {context}",
+                           param="messages", code="context_length_exceeded")
+        requested = body.max_completion_tokens or body.max_tokens
+        if requested is not None and prompt_len + requested > context:
+            raise APIError(400, f"prompt ({prompt_len}) + max_tokens ({requested}) exceeds the context "
+                           f"length {context}", param="max_tokens", code="context_length_exceeded")
+        max_tokens = requested or min(app_state.settings_default_max_tokens, context - prompt_len)
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        return SamplingParams(temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens,
+                              stop=stop, seed=body.seed, ignore_eos=body.ignore_eos)
+
+    @router.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        now = int(time.time())
+        return {"object": "list", "data": [
+            {"id": m, "object": "model", "created": now, "owned_by": "tetri"} for m in app_state.served_models()
+        ]}
+
+    @router.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        messages = [{"role": m.role, "content": _text_content(m)} for m in body.messages]
+        builder = app_state.prompt_builder(body.model)
+        try:
+            prompt_ids = builder.chat_ids(messages)
+            prompt_text = builder.chat_text(messages)
+        except Exception as exc:  # noqa: BLE001 - template errors are the caller's input
+            raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
+        job = Job(body.model, prompt_ids, sampling_of(body, len(prompt_ids)), prompt_text)
+        return await respond(job, body, chat=True)
+
+    @router.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        check_model(body.model)
+        builder = app_state.prompt_builder(body.model)
+        if isinstance(body.prompt, str):
+            if not body.prompt:
+                raise APIError(400, "prompt must not be empty", param="prompt")
+            prompt_ids, prompt_text = builder.text_ids(body.prompt), body.prompt
+        else:
+            vocab = len(builder.tokenizer)
+            if not body.prompt or any(t < 0 or t >= vocab for t in body.prompt):
+                raise APIError(400, f"prompt token ids must be non-empty and within [0, {vocab})", param="prompt")
+            prompt_ids, prompt_text = list(body.prompt), builder.tokenizer.decode(body.prompt)
+        job = Job(body.model, prompt_ids, sampling_of(body, len(prompt_ids)), prompt_text)
+        return await respond(job, body, chat=False)
+
+    async def respond(job: Job, body: SamplingFields, chat: bool):
+        events = app_state.server.run(job)
+        # Wait for the first event before answering, so that "no capacity" is a real 503
+        # and a request that cannot run is a 4xx, not a broken stream.
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            first = TokenEvent([], "", finish_reason="stop")
+        except Overloaded as exc:
+            raise APIError(503, str(exc), "server_error", code="overloaded", retry_after=exc.retry_after) from exc
+        except BackendError as exc:
+            status = exc.status if 400 <= exc.status < 500 else 503
+            raise APIError(status, str(exc), "invalid_request_error" if status < 500 else "server_error",
+                           code="backend_error", retry_after=None if status < 500 else 1.0) from exc
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(sse(job, first, events, chat, include_usage), media_type="text/event-stream")
+        return await collect(job, first, events, chat)
+
+    def usage(job: Job) -> dict[str, int]:
+        prompt = len(job.prompt_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": job.completion_tokens,
+                "total_tokens": prompt + job.completion_tokens}
+
+    async def collect(job: Job, first: TokenEvent, events: AsyncIterator[TokenEvent], chat: bool) -> dict[str, Any]:
+        texts = [first.text]
+        error = first.error
+        async with contextlib.aclosing(events):
+            async for event in events:
+                texts.append(event.text)
+                error = error or event.error
+        metrics.COMPLETION_TOKENS.inc(job.completion_tokens)
+        if job.finish_reason == "error" and job.completion_tokens == 0:
+            raise APIError(502, error or "the engine failed", "server_error", code="backend_error")
+        text = "".join(texts)
+        finish = _finish(job.finish_reason)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {"id": job.id, "object": "chat.completion" if chat else "text_completion",
+                "created": int(job.arrival), "model": job.model, "choices": [choice], "usage": usage(job)}
+
+    async def sse(job: Job, first: TokenEvent, events: AsyncIterator[TokenEvent], chat: bool,
+                  include_usage: bool) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        created = int(job.arrival)
+
+        def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant"} if role else {}
+                if text:
+                    delta["content"] = text
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            payload: dict[str, Any] = {"id": job.id, "object": obj, "created": created, "model": job.model,
+                                       "choices": [choice]}
+            if include_usage:
+                payload["usage"] = None
+            return f"data: {json.dumps(payload)}\n\n"
+
+        async with contextlib.aclosing(events):
+            yield chunk(first.text, _finish(first.finish_reason), role=True)
+            async for event in events:
+                if event.error:
+                    err = {"error": {"message": event.error, "type": "server_error", "code": "backend_error"}}
+                    yield f"data: {json.dumps(err)}\n\n"
+                yield chunk(event.text, _finish(event.finish_reason))
+        metrics.COMPLETION_TOKENS.inc(job.completion_tokens)
+        if include_usage:
+            payload = {"id": job.id, "object": obj, "created": created, "model": job.model, "choices": [],
+                       "usage": usage(job)}
+            yield f"data: {json.dumps(payload)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return router
+
+
+def _finish(reason: str | None) -> str | None:
+    if reason is None:
+        return None
+    return {"stop": "stop", "length": "length", "abort": "abort", "error": "error"}.get(reason, reason)

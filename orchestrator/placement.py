@@ -1,0 +1,161 @@
+"""Live placement: the policy objects of orchestrator/policies applied to real instances.
+
+Level 1: the global scheduler picks a prefill (or co-located) instance; that instance's
+PrefillQueue holds the request and releases it in policy order while keeping the engine's own
+backlog shallow. The dispatcher then picks a decode instance, gated by decode admission (the same
+capacity test as the dispatcher's α).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import replace
+
+from backends.base import Role
+from orchestrator.cluster import Cluster, Instance
+from orchestrator.config import Settings
+from orchestrator.policies.admission import make_admission
+from orchestrator.policies.dispatch import make_dispatcher
+from orchestrator.policies.global_scheduler import make_global_scheduler
+from orchestrator.policies.prefill_queue import PrefillQueue, make_prefill_queue
+from orchestrator.policies.types import InstanceView, RequestView
+
+_ADMISSION_POLL_S = 0.02
+
+
+class Overloaded(Exception):
+    """No instance can take the request now: answered 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Placement:
+    def __init__(self, settings: Settings, cluster: Cluster, seed: int | None = None) -> None:
+        self.settings = settings
+        self.cluster = cluster
+        self.rng = random.Random(seed)
+        self.global_scheduler = make_global_scheduler("least_loaded")
+        self.dispatcher = make_dispatcher(settings.dispatch_policy, power_of_d=settings.power_of_d)
+        self.admission = make_admission(settings.decode_admission)
+        self.queues: dict[str, PrefillQueue] = {}
+        self.waiters: dict[str, asyncio.Future[Instance]] = {}
+        self.queued_at: dict[str, str] = {}  # request id -> instance id whose queue holds it
+
+    # ---- level 1: prefill (or co-located) instance -------------------------------------------
+    def queue_of(self, inst: Instance) -> PrefillQueue:
+        if inst.id not in self.queues:
+            self.queues[inst.id] = make_prefill_queue(
+                self.settings.prefill_policy, sched_batch=self.settings.prefill_sched_batch
+            )
+        return self.queues[inst.id]
+
+    def _prefill_view(self, inst: Instance) -> InstanceView:
+        view = inst.view()
+        queued = sum(r.prompt_tokens for r in self._queued_requests(inst.id))
+        return replace(view, queued_prompt_tokens=view.queued_prompt_tokens + queued)
+
+    def _queued_requests(self, instance_id: str) -> list[RequestView]:
+        queue = self.queues.get(instance_id)
+        return list(getattr(queue, "items", lambda: [])()) if queue is not None else []
+
+    def pick_prefill(self, req: RequestView, role: Role, model: str | None, exclude: set[str]) -> Instance:
+        candidates = [i for i in self.cluster.usable(role, model) if i.id not in exclude]
+        if not candidates:
+            raise Overloaded(f"no healthy {role} instance for model {model!r}")
+        chosen = self.global_scheduler.pick([self._prefill_view(i) for i in candidates], req)
+        if chosen is None:
+            raise Overloaded(f"no {role} instance can take the request")
+        return self.cluster.instances[chosen]
+
+    async def acquire_prefill(
+        self, req: RequestView, role: Role, model: str | None, exclude: set[str] = frozenset()  # type: ignore[assignment]
+    ) -> Instance:
+        """Queue the request at the least-loaded instance; return that instance when released."""
+        inst = self.pick_prefill(req, role, model, set(exclude))
+        future: asyncio.Future[Instance] = asyncio.get_running_loop().create_future()
+        self.waiters[req.id] = future
+        self._enqueue(inst, req)
+        try:
+            return await future
+        finally:
+            self.waiters.pop(req.id, None)
+            held_by = self.queued_at.pop(req.id, None)
+            if held_by is not None and not future.done():
+                # Cancelled while still queued: leave no trace in the queue.
+                self.queues[held_by].remove(req.id)
+
+    def _enqueue(self, inst: Instance, req: RequestView) -> None:
+        self.queue_of(inst).push(req, time.monotonic())
+        self.queued_at[req.id] = inst.id
+        self.pump(inst)
+
+    def pump(self, inst: Instance) -> None:
+        queue = self.queues.get(inst.id)
+        if queue is None or not len(queue) or not inst.usable:
+            return
+        # A co-located engine batches decodes too: let it hold a few more prompts.
+        backlog = self.settings.prefill_engine_backlog
+        max_backlog = backlog if inst.role == "prefill" else 4 * backlog
+        for req in queue.pop_ready(time.monotonic(), inst.inflight_prefills, max_backlog):
+            self.queued_at.pop(req.id, None)
+            future = self.waiters.get(req.id)
+            if future is None or future.done():
+                continue
+            inst.inflight_prefills += 1
+            future.set_result(inst)
+
+    def release_prefill(self, inst: Instance) -> None:
+        """The engine finished this instance's part of a prefill: let the next one in."""
+        inst.inflight_prefills = max(0, inst.inflight_prefills - 1)
+        self.pump(inst)
+
+    def pump_all(self) -> None:
+        for inst in list(self.cluster.instances.values()):
+            if inst.state in ("unhealthy", "removed") and inst.id in self.queues:
+                self.replace_queued(inst)
+            else:
+                self.pump(inst)
+
+    def replace_queued(self, inst: Instance) -> None:
+        """Move the requests still queued at an unhealthy or removed instance elsewhere."""
+        queue = self.queues.pop(inst.id, None)
+        if queue is None:
+            return
+        for req in list(getattr(queue, "items", lambda: [])()):
+            self.queued_at.pop(req.id, None)
+            future = self.waiters.get(req.id)
+            if future is None or future.done():
+                continue
+            try:
+                target = self.pick_prefill(req, inst.role, inst.model or None, {inst.id})
+            except Overloaded as exc:
+                future.set_exception(exc)
+                continue
+            self._enqueue(target, req)
+
+    # ---- decode instance ---------------------------------------------------------------------
+    async def acquire_decode(self, req: RequestView, model: str | None, timeout_s: float) -> Instance:
+        """Dispatcher pick, gated by admission; waits (bounded) while no decode instance admits."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            decodes = self.cluster.usable("decode", model)
+            if not decodes:
+                raise Overloaded(f"no healthy decode instance for model {model!r}")
+            views = [d.view() for d in decodes]
+            chosen = self.dispatcher.pick(views, req, self.rng)
+            if chosen is not None:
+                view = next(v for v in views if v.id == chosen)
+                if self.admission.admits(view, req):
+                    inst = self.cluster.instances[chosen]
+                    inst.reserved_kv_tokens += req.kv_need
+                    return inst
+            if time.monotonic() >= deadline:
+                raise Overloaded("no decode instance has room for the request", retry_after=2.0)
+            await asyncio.sleep(_ADMISSION_POLL_S)
+
+    def release_decode_reservation(self, inst: Instance, req: RequestView) -> None:
+        inst.reserved_kv_tokens = max(0, inst.reserved_kv_tokens - req.kv_need)

@@ -1,0 +1,256 @@
+"""A request's life in the orchestrator: record, predict (beside queueing), place, run
+co-located or disaggregated, relay tokens, and write the outcome off the hot path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from backends.base import BackendError, GenRequest, SamplingParams, TokenEvent
+from kvbridge.base import HandoffStats, strategy_for
+from orchestrator import metrics
+from orchestrator.cluster import Cluster, Instance
+from orchestrator.config import Settings
+from orchestrator.placement import Overloaded, Placement
+from orchestrator.policies.types import RequestView
+
+log = logging.getLogger("tetri.serving")
+_MAX_ATTEMPTS = 3
+
+
+@dataclass
+class Job:
+    """One accepted request, tokenized, as the API layer hands it to the server."""
+
+    model: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    prompt_text: str = ""
+    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    arrival: float = field(default_factory=time.time)
+    # Observed by the API layer for usage and by the store for the record.
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    predicted_bucket: int | None = None
+    prefill_instance: str | None = None
+    decode_instance: str | None = None
+    backend: str | None = None
+    first_token_at: float | None = None
+
+
+class Server:
+    def __init__(
+        self,
+        settings: Settings,
+        cluster: Cluster,
+        placement: Placement,
+        store: Any,
+        predictor: Any,
+        on_finished: Callable[[Job], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cluster = cluster
+        self.placement = placement
+        self.store = store
+        self.predictor = predictor
+        self.on_finished = on_finished
+        self.active = 0
+
+    # ---- entry point ---------------------------------------------------------------------------
+    async def run(self, job: Job) -> AsyncIterator[TokenEvent]:
+        """Yield the request's token events. Raises Overloaded / BackendError before the first
+        token when it cannot be served; afterwards failures arrive as an error event."""
+        if self.active >= self.settings.max_queued_requests:
+            raise Overloaded(f"{self.active} requests in flight; try again shortly", retry_after=1.0)
+        self.active += 1
+        self._save(job, state="queued", arrival=job.arrival, model=job.model, prompt_tokens=len(job.prompt_ids))
+        prediction = asyncio.create_task(self._predict(job))
+        state = "failed"
+        error: str | None = None
+        try:
+            async for event in self._attempts(job, prediction):
+                yield event
+            state = "finished" if job.finish_reason not in ("error", "abort") else "failed"
+        except (asyncio.CancelledError, GeneratorExit):
+            state = "cancelled"
+            raise
+        except (Overloaded, BackendError) as exc:
+            error = str(exc)
+            raise
+        finally:
+            self.active -= 1
+            if job.predicted_bucket is None and prediction.done() and not prediction.cancelled():
+                job.predicted_bucket = prediction.result()
+            prediction.cancel()
+            self._save(
+                job, state=state, finished_at=time.time(), completion_tokens=job.completion_tokens,
+                finish_reason=job.finish_reason, error=error, backend=job.backend,
+                predicted_bucket=job.predicted_bucket, predictor_granularity=self.settings.predictor_granularity,
+            )
+            metrics.REQUESTS.labels(outcome=state).inc()
+            if self.on_finished is not None:
+                self.on_finished(job)
+
+    async def _attempts(self, job: Job, prediction: asyncio.Task[int | None]) -> AsyncIterator[TokenEvent]:
+        """Try up to _MAX_ATTEMPTS instances while nothing has reached the client yet."""
+        failed: set[str] = set()
+        for attempt in range(_MAX_ATTEMPTS):
+            try:
+                async for event in self._one_attempt(job, prediction, failed):
+                    yield event
+                return
+            except BackendError as exc:
+                if job.completion_tokens > 0 or not exc.retryable or attempt == _MAX_ATTEMPTS - 1:
+                    if job.completion_tokens == 0:
+                        raise
+                    job.finish_reason = "error"
+                    yield TokenEvent([], "", finish_reason="error", error=str(exc))
+                    return
+                log.warning("request %s: attempt %d failed (%s); re-placing", job.id, attempt + 1, exc)
+
+    def _mode(self, model: str) -> str:
+        mode = self.settings.mode
+        if mode != "auto":
+            return mode
+        if self.cluster.usable("prefill", model) and self.cluster.usable("decode", model):
+            return "disaggregated"
+        return "colocated"
+
+    async def _one_attempt(
+        self, job: Job, prediction: asyncio.Task[int | None], failed: set[str]
+    ) -> AsyncIterator[TokenEvent]:
+        view = self._view(job, None)
+        if self._mode(job.model) == "colocated":
+            inst = await self.placement.acquire_prefill(view, "colocated", job.model, failed)
+            async for event in self._colocated(job, inst, failed):
+                yield event
+            return
+        prefill = await self.placement.acquire_prefill(view, "prefill", job.model, failed)
+        try:
+            # The predictor has run beside the queue wait; give it a moment if it is still going.
+            job.predicted_bucket = await _result_or_none(prediction, timeout_s=0.05)
+            view = self._view(job, job.predicted_bucket)
+            decode = await self.placement.acquire_decode(view, job.model, self.settings.request_timeout_s)
+        except BaseException:
+            self.placement.release_prefill(prefill)
+            raise
+        async for event in self._disaggregated(job, view, prefill, decode, failed):
+            yield event
+
+    async def _colocated(self, job: Job, inst: Instance, failed: set[str]) -> AsyncIterator[TokenEvent]:
+        job.prefill_instance = job.decode_instance = inst.id
+        job.backend = inst.spec.backend
+        self._save(job, state="prefilling", prefill_instance=inst.id, decode_instance=inst.id,
+                   prefill_started_at=time.time(), backend=job.backend)
+        released = False
+        try:
+            async with contextlib.aclosing(inst.backend.generate(self._gen_request(job))) as events:
+                async for event in events:
+                    if not released:
+                        released = True
+                        self.placement.release_prefill(inst)
+                        self._first_token(job)
+                    self._count(job, event)
+                    yield event
+        except BackendError:
+            failed.add(inst.id)
+            raise
+        finally:
+            if not released:
+                self.placement.release_prefill(inst)
+
+    async def _disaggregated(
+        self, job: Job, view: RequestView, prefill: Instance, decode: Instance, failed: set[str]
+    ) -> AsyncIterator[TokenEvent]:
+        job.prefill_instance, job.decode_instance = prefill.id, decode.id
+        job.backend = prefill.spec.backend
+        self._save(job, state="prefilling", prefill_instance=prefill.id, decode_instance=decode.id,
+                   prefill_started_at=time.time(), backend=job.backend,
+                   predicted_bucket=job.predicted_bucket,
+                   predictor_granularity=self.settings.predictor_granularity)
+        stats = HandoffStats()
+        strategy = strategy_for(prefill.spec.backend, self.settings.kv_lease_s)
+        prefill_done = decode_started = False
+        try:
+            async with contextlib.aclosing(
+                strategy.run(self._gen_request(job, view), prefill.backend, decode.backend, stats)
+            ) as events:
+                async for event in events:
+                    if event.phase == "prefill" and not prefill_done:
+                        prefill_done = True
+                        self.placement.release_prefill(prefill)
+                        self._first_token(job)
+                        self._save(job, state="transferring")
+                    elif event.phase == "decode" and not decode_started:
+                        decode_started = True
+                        self.placement.release_decode_reservation(decode, view)
+                        self._save(job, state="decoding", decode_started_at=time.time(),
+                                   kv_bytes=stats.kv_bytes, kv_transfer_s=stats.transfer_s)
+                        if stats.kv_bytes:
+                            metrics.KV_BYTES.inc(stats.kv_bytes)
+                    self._count(job, event)
+                    yield event
+        except BackendError:
+            failed.add(decode.id if prefill_done else prefill.id)
+            raise
+        finally:
+            if not prefill_done:
+                self.placement.release_prefill(prefill)
+            if not decode_started:
+                self.placement.release_decode_reservation(decode, view)
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _view(self, job: Job, bucket: int | None) -> RequestView:
+        return RequestView(
+            id=job.id, arrival=job.arrival, prompt_tokens=len(job.prompt_ids),
+            max_tokens=job.sampling.max_tokens, predicted_bucket=bucket,
+            granularity=self.settings.predictor_granularity,
+            heavy_decode_threshold=self.settings.heavy_decode_threshold,
+        )
+
+    def _gen_request(self, job: Job, view: RequestView | None = None) -> GenRequest:
+        return GenRequest(
+            request_id=job.id, prompt_ids=job.prompt_ids, sampling=job.sampling, prompt_text=job.prompt_text,
+            predicted_output_lo=view.predicted_output_lo if view and view.predicted_bucket is not None else None,
+            heavy_decode=view.heavy_decode if view and view.predicted_bucket is not None else None,
+        )
+
+    async def _predict(self, job: Job) -> int | None:
+        if self.predictor is None:
+            return None
+        meta = {"output_len": job.sampling.max_tokens} if job.sampling.ignore_eos else {}
+        try:
+            return await asyncio.to_thread(
+                self.predictor.predict_bucket, job.prompt_text, len(job.prompt_ids), meta
+            )
+        except Exception as exc:  # noqa: BLE001 - a predictor failure must not fail the request
+            log.debug("predictor failed for %s: %s", job.id, exc)
+            return None
+
+    def _first_token(self, job: Job) -> None:
+        job.first_token_at = time.time()
+        metrics.TTFT.observe(job.first_token_at - job.arrival)
+        self._save(job, first_token_at=job.first_token_at)
+
+    @staticmethod
+    def _count(job: Job, event: TokenEvent) -> None:
+        job.completion_tokens += len(event.token_ids)
+        if event.finish_reason is not None:
+            job.finish_reason = event.finish_reason
+
+    def _save(self, job: Job, **fields: Any) -> None:
+        if self.store is not None:
+            self.store.save_request(job.id, **fields)
+
+
+async def _result_or_none(task: asyncio.Task[int | None], timeout_s: float) -> int | None:
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), timeout_s)
+    except (TimeoutError, asyncio.CancelledError):
+        return None
