@@ -186,8 +186,9 @@ def _is_transient(exc: BaseException) -> bool:
     """Worth retrying with the same batch: lock contention, lost connections, serialization."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    if isinstance(exc, InterfaceError):
-        return True
+    orig = getattr(exc, "orig", None)
+    if isinstance(exc, InterfaceError) and "sqlite" not in type(orig).__module__:
+        return True  # psycopg: the connection went away
     if isinstance(exc, OperationalError):
         orig = exc.orig if exc.orig is not None else exc
         if "sqlite" in type(orig).__module__:
@@ -250,7 +251,8 @@ class Store:
     """SQL store of instances, requests and events (see docs/contracts.md, "Store").
 
     ``Store(url)`` with ``sqlite:///path.db`` or ``postgresql+psycopg://…`` (default: configured).
-    The writer thread starts on ``start()`` or on the first write, whichever comes first.
+    The writer thread starts on ``start()`` or on the first write, whichever comes first
+    (``autostart=False``: only on ``start()``/``flush()``, so that writes pile up and coalesce).
     """
 
     def __init__(
@@ -260,11 +262,13 @@ class Store:
         batch_max: int = 2000,
         busy_timeout_ms: int = 5000,
         retry_max_backoff_s: float = 2.0,
+        autostart: bool = True,
         echo: bool = False,
     ) -> None:
         self.url = normalize_url(url or default_url())
         self.batch_max = batch_max
         self.retry_max_backoff_s = retry_max_backoff_s
+        self.autostart = autostart
         self.dialect = make_url(self.url).get_backend_name()
         self._memory = _is_memory_sqlite(self.url)
         prepare_sqlite_path(self.url)
@@ -295,6 +299,7 @@ class Store:
 
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._saw_stop = False
+        self._lost_since_flush = False  # a row was dropped since the last flush marker was answered
         self._thread: threading.Thread | None = None
         self._state_lock = threading.Lock()
         self._closed = False
@@ -350,7 +355,8 @@ class Store:
         return self
 
     def flush(self, timeout: float | None = 5.0) -> bool:
-        """Wait until everything enqueued before this call is committed. True when it was."""
+        """Wait until everything enqueued before this call is committed. False on timeout, or when
+        the writer had to drop a row (one no retry can write) since the previous flush."""
         if self._closed:
             return True
         if self._thread is None:
@@ -450,7 +456,7 @@ class Store:
             self._write_now(pending)
             return
         self._queue.put(item)
-        if self._thread is None:
+        if self._thread is None and self.autostart:
             try:
                 self.start()
             except RuntimeError:  # closed meanwhile: close() drains the queue
@@ -484,11 +490,7 @@ class Store:
                 except Exception as exc:  # noqa: BLE001
                     self.last_error = f"{type(exc).__name__}: {exc}"[:500]
                     if _is_transient(exc):
-                        give_up = (
-                            stop
-                            and self._stop_deadline is not None
-                            and (time.monotonic() > self._stop_deadline)
-                        )
+                        give_up = stop and self._stop_deadline is not None and (time.monotonic() > self._stop_deadline)
                         if not give_up:
                             self._stats["retries"] += 1
                             backoff = min(self.retry_max_backoff_s, max(0.02, backoff * 2))
@@ -497,18 +499,20 @@ class Store:
                             continue  # keep the batch; absorb more and retry
                         log.error("store closing: dropping %d unwritten rows: %s", len(pending), exc)
                         self._stats["dropped"] += len(pending)
-                        for m in markers:
-                            m.ok = False
+                        self._lost_since_flush = True
                         pending.clear()
                     else:
                         log.error("store write failed (%s); writing rows one by one", exc)
-                        pending = self._write_isolated(pending, markers)
+                        pending = self._write_isolated(pending)
                         if len(pending):  # transient trouble while isolating: retry later
                             self._stats["retries"] += 1
                             time.sleep(min(self.retry_max_backoff_s, 0.1))
                             continue
-            for m in markers:
-                m.done.set()
+            if markers:
+                lost, self._lost_since_flush = self._lost_since_flush, False
+                for m in markers:
+                    m.ok = not lost
+                    m.done.set()
             markers.clear()
             if stop:
                 return
@@ -531,7 +535,7 @@ class Store:
             self._stats["dropped"] += len(pending)
             return False
 
-    def _write_isolated(self, pending: _Pending, markers: list[_Flush]) -> _Pending:
+    def _write_isolated(self, pending: _Pending) -> _Pending:
         """After a non-transient failure: write each row alone, drop (and log) the bad ones,
         return the rows that met a transient error."""
         retry = _Pending()
@@ -550,8 +554,7 @@ class Store:
                     self.last_error = f"{type(exc).__name__}: {exc}"[:500]
                     log.error("store dropped a bad row %r: %s", item[:2], exc)
                     self._stats["dropped"] += 1
-                    for m in markers:
-                        m.ok = False
+                    self._lost_since_flush = True
         return retry
 
     def _insert_factory(self) -> Callable[[Table], Any] | None:
