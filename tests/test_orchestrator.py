@@ -1,0 +1,198 @@
+"""The orchestrator end to end over real worker processes (tiny random Llama): disaggregated
+greedy equivalence, bad input, disconnects, concurrency, leases, the store record."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from backends.base import SamplingParams
+from tests.conftest import ADMIN_TOKEN, TINY, pd_specs, wait_pools_empty
+
+pytestmark = pytest.mark.slow
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture
+def pd_orchestrator(tiny_pd_fleet, orchestrator_for):
+    return orchestrator_for(pd_specs(tiny_pd_fleet))
+
+
+def hf_greedy(prompt_ids: list[int], n: int) -> list[int]:
+    import torch
+
+    from backends.native.model_source import load_model
+
+    model, _tok, _name = load_model(TINY, dtype=torch.float32, device="cpu")
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def test_disaggregated_greedy_matches_transformers_across_two_processes(tiny_pd_fleet):
+    """Prefill in one process, KV pushed over HTTP to another, decode there: same tokens as HF."""
+    prefill, decode = tiny_pd_fleet.workers
+    prompts = [list(range(5, 5 + n)) for n in (3, 17, 40, 70)]  # up to > 4 chunks of 16
+    for i, prompt in enumerate(prompts):
+        rid = f"eq-{i}"
+        body = {"request_id": rid, "prompt_ids": prompt,
+                "sampling": {"temperature": 0, "max_tokens": 32, "ignore_eos": True}}
+        pre = httpx.post(f"{prefill.url}/prefill", json={**body, "handoff": {"decode_url": decode.url}},
+                         timeout=60).json()
+        assert pre["kv"]["num_tokens"] == len(prompt)
+        assert pre["kv"]["nbytes"] > 0
+        tokens = pre["first"]["token_ids"]
+        with httpx.stream("POST", f"{decode.url}/decode", timeout=60,
+                          json={**body, "first_token": tokens[0], "lease_id": pre["kv"]["lease_id"]}) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if line:
+                    tokens += json.loads(line)["token_ids"]
+        assert tokens == hf_greedy(prompt, 32), f"prompt {i} diverged"
+    wait_pools_empty([prefill.url, decode.url])
+
+
+def test_chat_through_orchestrator_records_both_instances(pd_orchestrator):
+    url, state = pd_orchestrator
+    body = {"model": TINY, "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 12,
+            "temperature": 0, "ignore_eos": True}
+    resp = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    assert data["usage"]["completion_tokens"] == 12
+    assert data["choices"][0]["finish_reason"] == "length"
+    record = httpx.get(f"{url}/admin/requests/{data['id']}", headers=AUTH, timeout=10).json()
+    assert record["state"] == "finished"
+    assert record["prefill_instance"].startswith("prefill") and record["decode_instance"].startswith("decode")
+    assert record["completion_tokens"] == 12 and record["prompt_tokens"] == data["usage"]["prompt_tokens"]
+    assert record["arrival"] <= record["first_token_at"] <= record["finished_at"]
+    assert record["kv_bytes"] > 0
+
+
+def test_streaming_first_token_then_usage(pd_orchestrator):
+    url, _ = pd_orchestrator
+    body = {"model": TINY, "messages": [{"role": "user", "content": "Count"}], "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    chunks = []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                chunks.append(line[6:])
+    assert chunks[-1] == "[DONE]"
+    parsed = [json.loads(c) for c in chunks[:-1]]
+    assert parsed[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert parsed[-1]["usage"]["completion_tokens"] == 8 and parsed[-1]["choices"] == []
+    assert [c["choices"][0]["finish_reason"] for c in parsed[:-1]][-1] == "length"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"model": TINY, "messages": []}, 400, None),
+        ({"model": TINY}, 400, None),
+        ({"model": TINY, "messages": "hi"}, 400, None),
+        ({"model": TINY, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, None),
+        ({"model": TINY, "messages": [{"role": "user", "content": "x"}], "max_tokens": -3}, 400, None),
+        ({"model": TINY, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**7}, 400,
+         "context_length_exceeded"),
+        ({"model": TINY, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, None),
+        ({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found"),
+        ({"model": TINY, "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
+        ({"model": TINY, "messages": [{"role": "user", "content": "word " * 10000}]}, 400,
+         "context_length_exceeded"),
+    ],
+)
+def test_bad_input_gets_openai_error_and_server_keeps_serving(pd_orchestrator, body, status, code):
+    url, _ = pd_orchestrator
+    resp = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["message"] and err["type"]
+    if code:
+        assert err["code"] == code
+    ok = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                    json={"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_malformed_json_and_admin_auth(pd_orchestrator):
+    url, _ = pd_orchestrator
+    resp = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", timeout=10,
+                      headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_json"
+    assert httpx.get(f"{url}/admin/instances", timeout=10).status_code == 401
+    assert httpx.get(f"{url}/admin/instances", headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
+    listed = httpx.get(f"{url}/admin/instances", headers=AUTH, timeout=10).json()["instances"]
+    assert {i["role"] for i in listed} == {"prefill", "decode"}
+    assert all(i["state"] == "healthy" and i["last_load"] for i in listed)
+    assert httpx.get(f"{url}/admin/requests/cmpl-nope", headers=AUTH, timeout=10).status_code == 404
+
+
+def test_client_disconnect_mid_stream_frees_kv_on_both_workers(pd_orchestrator, tiny_pd_fleet):
+    url, _ = pd_orchestrator
+    body = {"model": TINY, "messages": [{"role": "user", "content": "go on forever"}], "max_tokens": 2000,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    decode_url = tiny_pd_fleet.workers[1].url
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as resp:
+        seen = 0
+        for line in resp.iter_lines():
+            seen += line.startswith("data: ")
+            if seen >= 5:
+                break
+        busy = httpx.get(f"{decode_url}/load", timeout=5).json()
+        assert busy["running"] == 1 and busy["free_kv_tokens"] < busy["total_kv_tokens"]
+    loads = wait_pools_empty([w.url for w in tiny_pd_fleet.workers])
+    assert all(ld["free_kv_tokens"] == ld["total_kv_tokens"] and ld["running"] == 0 for ld in loads), loads
+
+
+def test_fifty_concurrent_requests_then_pools_empty(pd_orchestrator, tiny_pd_fleet):
+    url, _ = pd_orchestrator
+
+    async def one(client: httpx.AsyncClient, i: int) -> dict:
+        body = {"model": TINY, "messages": [{"role": "user", "content": f"request number {i} " * (1 + i % 7)}],
+                "max_tokens": 4 + i % 9, "temperature": 0.7, "seed": i, "ignore_eos": True, "stream": i % 2 == 0}
+        if body["stream"]:
+            text = ""
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+                assert resp.status_code == 200
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        choice = json.loads(line[6:])["choices"][0]
+                        text += choice["delta"].get("content") or ""
+            return {"ok": True}
+        resp = await client.post(f"{url}/v1/chat/completions", json=body)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["usage"]["completion_tokens"] == body["max_tokens"]
+        return {"ok": True}
+
+    async def main() -> list[dict]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(50)))
+
+    results = asyncio.run(main())
+    assert len(results) == 50
+    loads = wait_pools_empty([w.url for w in tiny_pd_fleet.workers])
+    assert all(ld["free_kv_tokens"] == ld["total_kv_tokens"] for ld in loads), loads
+
+
+def test_unclaimed_kv_push_is_freed_when_its_lease_ends(tiny_pd_fleet):
+    prefill, decode = tiny_pd_fleet.workers
+    body = {"request_id": "orphan-1", "prompt_ids": list(range(10, 60)),
+            "sampling": SamplingParams(temperature=0, max_tokens=8).to_dict(),
+            "handoff": {"decode_url": decode.url, "lease_s": 1.0}}
+    pre = httpx.post(f"{prefill.url}/prefill", json=body, timeout=60).json()
+    held = httpx.get(f"{decode.url}/load", timeout=5).json()
+    assert held["active_leases"] == 1 and held["leased_kv_tokens"] == 50
+    assert held["free_kv_tokens"] < held["total_kv_tokens"]
+    time.sleep(2.0)
+    loads = wait_pools_empty([prefill.url, decode.url])
+    assert all(ld["free_kv_tokens"] == ld["total_kv_tokens"] and ld["active_leases"] == 0 for ld in loads)
+    late = httpx.post(f"{decode.url}/decode", timeout=10, json={
+        "request_id": "orphan-1", "prompt_ids": body["prompt_ids"], "sampling": body["sampling"],
+        "first_token": pre["first"]["token_ids"][0], "lease_id": pre["kv"]["lease_id"]})
+    assert late.status_code == 404 and late.json()["error"]["code"] == "kv_lease_missing"
