@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from typing import Any
@@ -87,17 +88,17 @@ def build_admin_router(app_state: Any) -> APIRouter:
 
     @router.get("/requests/{request_id}")
     async def get_request(request_id: str) -> dict[str, Any]:
-        row = app_state.request_record(request_id)
+        row = await asyncio.to_thread(app_state.request_record, request_id)
         if row is None:
             raise APIError(404, f"no request {request_id!r}", code="request_not_found")
         return row
 
     @router.get("/events")
     async def events(kind: str | None = None, limit: int = 100) -> dict[str, Any]:
-        return {"events": app_state.store.list_events(kind=kind, limit=limit)}
+        return {"events": await asyncio.to_thread(app_state.store.list_events, kind=kind, limit=limit)}
 
     @router.get("/stats")
     async def stats() -> dict[str, Any]:
-        return app_state.stats()
+        return await asyncio.to_thread(app_state.stats)
 
     return router

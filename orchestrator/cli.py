@@ -154,7 +154,7 @@ def db_upgrade(url: Annotated[str | None, typer.Option(help="SQLAlchemy URL.")] 
     """Apply the Alembic migrations (SQLite file by default, TETRI_DATABASE_URL otherwise)."""
     from orchestrator.store import db_upgrade_command
 
-    db_upgrade_command(url)
+    typer.echo(db_upgrade_command(url))
 
 
 @config_app.command("show")
