@@ -195,7 +195,8 @@ def create_worker_app(core: EngineCore, backend: str = "native") -> FastAPI:
 
     @app.get("/info")
     async def info() -> dict[str, Any]:
-        return {**core.info(), "role": core.role, "backend": backend, "chunk_size": core.chunk_size}
+        return {"max_context": getattr(core, "max_context", None), **core.info(), "role": core.role,
+                "backend": backend, "chunk_size": core.chunk_size}
 
     @app.post("/generate")
     async def generate(body: WorkBody):
