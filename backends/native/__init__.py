@@ -1,0 +1,27 @@
+"""The built-in PyTorch engine: paged KV pool, chunked prefill, continuous batching.
+
+`NativeEngine` (backends.native.engine) implements `backends.engine_api.EngineCore`. Imported
+lazily so that `import backends.native` stays cheap (no torch import).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["NativeEngine", "load_model", "profile_knee", "resolve_chunk_size"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NativeEngine":
+        from backends.native.engine import NativeEngine
+
+        return NativeEngine
+    if name == "load_model":
+        from backends.native.model_source import load_model
+
+        return load_model
+    if name in ("profile_knee", "resolve_chunk_size"):
+        from backends.native import profile
+
+        return getattr(profile, name)
+    raise AttributeError(name)

@@ -1,0 +1,281 @@
+"""The saturation knee, measured: prefill tokens/s against tokens per forward pass.
+
+TetriInfer chunks prefill at the accelerator's saturation point: the smallest number of tokens
+per forward pass that reaches (within 5%) the peak prefill throughput. `profile_knee` sweeps
+that size, `resolve_chunk_size("auto", ...)` returns the knee cached per (device, model) under
+`cache_dir()/profiles/`, profiling once when there is none. Also here: decode tokens/s against
+batch size (for docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import torch
+
+from backends.native.model_source import DEFAULT_MODEL
+from orchestrator.config import cache_dir
+
+if TYPE_CHECKING:
+    from backends.native.engine import NativeEngine
+
+DEFAULT_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
+KNEE_TOLERANCE = 0.05
+# Prompts in one profiled pass are at most this long: a big chunk packs several prompts, as the
+# engine does under load (and attention over one 2048-token prompt is not what a chunk costs).
+PACK_PROMPT_TOKENS = 512
+# Per size: repeat the pass until this much time has gone by (at least once).
+MIN_SECONDS = {"cpu": 0.25, "cuda": 0.2}
+
+
+@dataclass
+class ProfileResult:
+    model: str
+    device: str
+    curve: list[tuple[int, float]]  # (tokens per forward pass, prefill tokens/s)
+    knee: int
+    peak_tokens_per_s: float = 0.0
+    created: float = field(default_factory=time.time)
+    pack_prompt_tokens: int = PACK_PROMPT_TOKENS
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProfileResult:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["curve"] = [(int(a), float(b)) for a, b in known.get("curve", [])]
+        return cls(**known)
+
+
+def find_knee(curve: list[tuple[int, float]], tolerance: float = KNEE_TOLERANCE) -> int:
+    """Smallest size whose throughput is within `tolerance` of the peak."""
+    peak = max(tps for _n, tps in curve)
+    return min(n for n, tps in curve if tps >= (1.0 - tolerance) * peak)
+
+
+def device_name(device: str | torch.device = "cpu") -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} x{torch.get_num_threads()} threads"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:120]
+
+
+def profile_path(model: str, device: str | torch.device = "cpu") -> Path:
+    return cache_dir() / "profiles" / f"{_slug(device_name(device))}__{_slug(model)}.json"
+
+
+def load_cached(model: str, device: str | torch.device = "cpu") -> ProfileResult | None:
+    path = profile_path(model, device)
+    if not path.exists():
+        return None
+    try:
+        return ProfileResult.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def save_cached(result: ProfileResult, device: str | torch.device = "cpu") -> Path:
+    path = profile_path(result.model, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result.to_dict(), indent=2))
+    tmp.replace(path)
+    return path
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _prefill_pass_seconds(engine: NativeEngine, tokens: int, generator: torch.Generator) -> float:
+    """Time one forward pass that prefills `tokens` fresh tokens (packed prompts)."""
+    from backends.native.kv_cache import BlockTable, blocks_for
+    from backends.native.llama import ForwardBatch, PrefillSeq
+
+    pool, dev = engine.pool, engine.device
+    vocab = engine.model.vocab_size
+    lengths = [PACK_PROMPT_TOKENS] * (tokens // PACK_PROMPT_TOKENS)
+    if tokens % PACK_PROMPT_TOKENS:
+        lengths.append(tokens % PACK_PROMPT_TOKENS)
+    tables = [BlockTable(pool.allocate(blocks_for(n))) for n in lengths]
+    try:
+        ids, pos, slots, seqs = [], [], [], []
+        for n, table in zip(lengths, tables, strict=True):
+            seqs.append(PrefillSeq(q_start=len(ids), q_len=n, ctx_len=n))
+            ids.append(torch.randint(3, vocab, (n,), generator=generator))
+            pos.append(torch.arange(n))
+            slots.append(pool.slots(table, 0, n).cpu())
+        batch = ForwardBatch(
+            input_ids=torch.cat(ids).to(dev),
+            positions=torch.cat(pos).to(dev),
+            write_slots=torch.cat(slots).to(dev),
+            prefill=seqs,
+            sample_idx=torch.tensor([s.q_start + s.q_len - 1 for s in seqs], device=dev),
+        )
+        _sync(dev)
+        t0 = time.perf_counter()
+        engine.model.forward(batch, pool)
+        _sync(dev)
+        return time.perf_counter() - t0
+    finally:
+        for table in tables:
+            pool.release(table)
+
+
+def profile_knee(
+    model: str = DEFAULT_MODEL,
+    device: str = "cpu",
+    sizes: list[int] | tuple[int, ...] | None = None,
+    engine: NativeEngine | None = None,
+    save: bool = True,
+) -> ProfileResult:
+    """Sweep tokens per prefill forward pass; return the curve and the knee (and cache it)."""
+    if engine is None:
+        from backends.native.engine import NativeEngine
+
+        engine = NativeEngine(model, chunk_size=max(sizes or DEFAULT_SIZES), device=device)
+    sizes = sorted(set(sizes or DEFAULT_SIZES))
+    sizes = [n for n in sizes if n <= min(engine.pool.total_tokens, engine.max_context * 64)]
+    if not sizes:
+        raise ValueError("no profile size fits this engine's KV pool")
+    gen = torch.Generator().manual_seed(0)
+    min_s = MIN_SECONDS.get(engine.device.type, 0.25)
+    # Warm up (allocator, kernels, thread pools) on a mid-size pass.
+    _prefill_pass_seconds(engine, min(sizes[len(sizes) // 2], 256), gen)
+    curve: list[tuple[int, float]] = []
+    for n in sizes:
+        spent, reps, best = 0.0, 0, float("inf")
+        while reps < 1 or (spent < min_s and reps < 20):
+            dt = _prefill_pass_seconds(engine, n, gen)
+            best = min(best, dt)
+            spent += dt
+            reps += 1
+        curve.append((n, n / best))
+    knee = find_knee(curve)
+    result = ProfileResult(
+        model=engine.model_name,
+        device=device_name(engine.device),
+        curve=curve,
+        knee=knee,
+        peak_tokens_per_s=max(t for _n, t in curve),
+    )
+    if save:
+        save_cached(result, engine.device)
+    return result
+
+
+def resolve_chunk_size(
+    chunk_size: int | str,
+    model: str = DEFAULT_MODEL,
+    device: str = "cpu",
+    engine: NativeEngine | None = None,
+) -> int:
+    """An explicit size is returned as is; "auto" gives the cached knee, profiling once."""
+    if chunk_size != "auto":
+        return int(chunk_size)
+    name = engine.model_name if engine is not None else model
+    cached = load_cached(name, device)
+    if cached is not None:
+        return cached.knee
+    return profile_knee(name, device, engine=engine).knee
+
+
+def decode_throughput(
+    engine: NativeEngine,
+    batch_sizes: list[int] | tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
+    context: int = 128,
+    steps: int = 8,
+) -> list[tuple[int, float, float]]:
+    """[(batch size, decode tokens/s, ms per step)] with every request `context` tokens deep."""
+    from backends.base import SamplingParams
+    from backends.engine_api import EngineRequest
+
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for b in batch_sizes:
+        if b > engine.max_batch:
+            break
+        params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
+        for i in range(b):
+            ids = torch.randint(3, engine.model.vocab_size, (context,), generator=gen).tolist()
+            engine.add_request(EngineRequest(f"bench-{b}-{i}", ids, params))
+        # Prefill everything (and take one decode step), then time pure decode steps.
+        while any(not s.in_decode for s in engine.scheduler.running) or engine.scheduler.waiting:
+            engine.step()
+        engine.step()
+        _sync(engine.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        _sync(engine.device)
+        dt = (time.perf_counter() - t0) / steps
+        rows.append((b, b / dt, dt * 1000.0))
+        while engine.has_work():
+            engine.step()
+    return rows
+
+
+# ---- CLI (mounted as `tetri profile`) --------------------------------------------------------
+try:
+    import typer
+
+    _Model = Annotated[str, typer.Option("--model", help="model spec (name, HF dir, .gguf, random:<shape>)")]
+    _Device = Annotated[str, typer.Option("--device", help="cpu or cuda")]
+    _Json = Annotated[Path | None, typer.Option("--json", "--json-out", help="also write the result as JSON here")]
+    _Sizes = Annotated[str | None, typer.Option("--sizes", help="comma-separated tokens per pass")]
+except ImportError:  # pragma: no cover - typer is a dependency
+    _Model = str  # type: ignore[misc]
+    _Device = str  # type: ignore[misc]
+    _Json = Path | None  # type: ignore[misc]
+    _Sizes = str | None  # type: ignore[misc]
+
+
+def profile_command(
+    model: _Model = DEFAULT_MODEL,
+    device: _Device = "cpu",
+    json_out: _Json = None,
+    sizes: _Sizes = None,
+) -> None:
+    """Sweep tokens per prefill forward pass, print the curve and the knee, cache the knee."""
+    from rich.console import Console
+    from rich.table import Table
+
+    size_list = [int(s) for s in sizes.split(",")] if sizes else None
+    console = Console()
+    console.print(f"profiling prefill of [bold]{model}[/] on {device_name(device)} ...")
+    result = profile_knee(model, device, sizes=size_list)
+    peak = result.peak_tokens_per_s
+    table = Table(title=f"prefill throughput vs tokens per forward pass ({result.model})")
+    table.add_column("tokens/pass", justify="right")
+    table.add_column("tokens/s", justify="right")
+    table.add_column("% of peak", justify="right")
+    table.add_column("")
+    for n, tps in result.curve:
+        table.add_row(str(n), f"{tps:,.0f}", f"{100 * tps / peak:.0f}%", "knee" if n == result.knee else "")
+    console.print(table)
+    console.print(
+        f"knee: [bold]{result.knee}[/] tokens per forward pass (smallest within "
+        f"{KNEE_TOLERANCE:.0%} of peak {peak:,.0f} tokens/s); cached at {profile_path(result.model, device)}"
+    )
+    if json_out:
+        Path(json_out).write_text(json.dumps(result.to_dict(), indent=2))

@@ -1,0 +1,170 @@
+"""Which tokens of which requests go into the next forward pass.
+
+- Chunked (Sarathi-style, also the prefill and decode roles): every running decode gets its one
+  token first, then prefill chunks fill what is left of the `chunk_size` token budget: first the
+  prompts already started (oldest first), then new prompts admitted from the queue. Several
+  prompts can share one chunk and a long prompt spreads over several.
+- Whole prompts (vLLM-style, co-located only): if a waiting prompt can be admitted, the step
+  prefills waiting prompts whole (no chunking, up to `max_batched_tokens`); otherwise it runs the
+  decode batch.
+
+Admission reserves blocks for the whole prompt, so a started prefill never stalls for memory; a
+prompt that does not fit stays queued (FCFS, no skipping). A running decode that needs a new
+block and finds none preempts the newest running request (its blocks are freed and it is
+recomputed later from its prompt plus the tokens it already produced).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Literal
+
+from backends.native.kv_cache import KVPool, blocks_for
+from backends.native.sequence import Sequence, Status
+
+Batching = Literal["vllm", "sarathi"]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        pool: KVPool,
+        chunk_size: int,
+        max_batch: int,
+        batching: Batching = "sarathi",
+        max_batched_tokens: int | None = None,
+    ) -> None:
+        if batching not in ("vllm", "sarathi"):
+            raise ValueError(f"batching must be 'vllm' or 'sarathi', not {batching!r}")
+        self.pool = pool
+        self.chunk_size = chunk_size
+        self.max_batch = max_batch
+        self.batching: Batching = batching
+        self.max_batched_tokens = max_batched_tokens or chunk_size
+        self.whole_prompts = False  # set by the engine: vLLM style in the co-located role
+        self.waiting: deque[Sequence] = deque()  # need prefill
+        self.ready: deque[Sequence] = deque()  # decode_only, KV imported
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+        # A small reserve of blocks so admitted requests can grow a little before preempting.
+        self.watermark = int(0.01 * pool.num_blocks)
+
+    # ---- queue management ---------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if seq.status is Status.READY:
+            self.ready.append(seq)
+        else:
+            seq.status = Status.WAITING
+            self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        for q in (self.waiting, self.ready):
+            try:
+                q.remove(seq)
+            except ValueError:
+                pass
+        if seq in self.running:
+            self.running.remove(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.ready or self.running)
+
+    # ---- the step plan ------------------------------------------------------------------
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """[(sequence, tokens to feed)], single-token entries first."""
+        self._admit_ready()
+        if self.whole_prompts:
+            plan = self._whole_prompts()
+            if plan:
+                return plan
+            return self._decodes()
+        plan = self._decodes()
+        budget = self.chunk_size - len(plan)
+        if budget > 0:
+            plan += self._chunks(budget)
+        # Keep single-token entries first (the model batches them together).
+        plan.sort(key=lambda e: e[1] != 1)
+        return plan
+
+    def _admit_ready(self) -> None:
+        while self.ready and len(self.running) < self.max_batch:
+            seq = self.ready.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+
+    def _can_admit(self, seq: Sequence) -> bool:
+        if len(self.running) >= self.max_batch:
+            return False
+        need = blocks_for(len(seq.tokens), self.pool.block_size)
+        return self.pool.free_blocks - need >= (self.watermark if self.running else 0)
+
+    def _admit(self, seq: Sequence) -> None:
+        ok = self.pool.ensure(seq.table, len(seq.tokens))
+        assert ok, "admission checked the pool"
+        self.waiting.popleft()
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    def _decodes(self) -> list[tuple[Sequence, int]]:
+        plan: list[tuple[Sequence, int]] = []
+        planned: set[int] = set()
+        for seq in sorted(self.running, key=lambda s: s.order):
+            if seq.remaining != 1 or seq.status is not Status.RUNNING:
+                continue
+            while not self.pool.ensure(seq.table, len(seq.tokens)):
+                victim = self._newest_running(exclude=planned)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                plan.append((seq, 1))
+                planned.add(id(seq))
+        return plan
+
+    def _newest_running(self, exclude: set[int]) -> Sequence:
+        candidates = [s for s in self.running if id(s) not in exclude]
+        return max(candidates, key=lambda s: s.order)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free the sequence's blocks; it goes back to the front of the queue for recompute."""
+        self.pool.release(seq.table)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def _chunks(self, budget: int) -> list[tuple[Sequence, int]]:
+        plan: list[tuple[Sequence, int]] = []
+        for seq in sorted(self.running, key=lambda s: s.order):
+            if budget <= 0:
+                return plan
+            if seq.remaining > 1:
+                n = min(seq.remaining, budget)
+                plan.append((seq, n))
+                budget -= n
+        while budget > 0 and self.waiting and self._can_admit(self.waiting[0]):
+            seq = self.waiting[0]
+            self._admit(seq)
+            n = min(seq.remaining, budget)
+            plan.append((seq, n))
+            budget -= n
+        return plan
+
+    def _whole_prompts(self) -> list[tuple[Sequence, int]]:
+        plan: list[tuple[Sequence, int]] = []
+        budget = self.max_batched_tokens
+        for seq in sorted(self.running, key=lambda s: s.order):  # only after a style change
+            if seq.remaining > 1:
+                plan.append((seq, seq.remaining))
+                budget -= seq.remaining
+        while self.waiting and self._can_admit(self.waiting[0]):
+            seq = self.waiting[0]
+            if plan and seq.remaining > budget:
+                break
+            self._admit(seq)
+            plan.append((seq, seq.remaining))
+            budget -= seq.remaining
+        plan.sort(key=lambda e: e[1] != 1)
+        return plan
