@@ -1,0 +1,84 @@
+"""Decode admission (TetriInfer §3.4, "working-set-aware local scheduling"): may this decode instance
+take this request now?
+
+All policies are admission gates only: once admitted, a request's KV still grows one token per step.
+``available`` below is ``free_kv_tokens - reserved_kv_tokens`` (see capacity.py).
+
+* ``greedy`` (vLLM-like): the prompt's KV plus one generated token fits now:
+  ``available >= prompt_tokens + 1``. Future growth is ignored.
+* ``reserve_static``: :func:`fits`: ``available >= prompt_tokens + predicted_output_lo``.
+* ``reserve_dynamic``: :func:`fits` *and* a look-ahead to the moment the shortest running decode is
+  predicted to finish. With ``r_1..r_n`` the predicted remaining tokens of the running decodes
+  (``decode_remaining``, lower end of their buckets), horizon ``m = max(1, min r_i)``; decodes the
+  view counts as running but reports no prediction for (``running - len(decode_remaining)`` of them)
+  are assumed to keep growing for the whole horizon. Admit iff
+  ``prompt_tokens + min(predicted_output_lo, m) + m * n_running <= available``
+  (each running decode grows by ``min(r_i, m) = m`` tokens until then; the new one by at most ``m``
+  of its own predicted tokens). With no running decode, or when the view carries no predictions at
+  all (an engine that does not report ``decode_remaining``), there is no horizon and the rule is
+  ``fits``, i.e. ``reserve_static``. Because ``fits`` is required too, it never admits a request whose predicted working set
+  exceeds what is available, and it is never looser than ``reserve_static``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from orchestrator.policies.capacity import available_kv, fits
+from orchestrator.policies.types import InstanceView, RequestView
+
+ADMISSION_POLICY_NAMES: tuple[str, ...] = ("greedy", "reserve_static", "reserve_dynamic")
+
+
+class DecodeAdmission(Protocol):
+    name: str
+
+    def admits(self, inst: InstanceView, req: RequestView) -> bool: ...
+
+
+class Greedy:
+    name = "greedy"
+
+    def admits(self, inst: InstanceView, req: RequestView) -> bool:
+        return available_kv(inst) >= req.prompt_tokens + 1
+
+
+class ReserveStatic:
+    name = "reserve_static"
+
+    def admits(self, inst: InstanceView, req: RequestView) -> bool:
+        return fits(inst, req)
+
+
+def lookahead_need(inst: InstanceView, req: RequestView) -> int:
+    """KV tokens needed from now until the shortest running decode is predicted to finish, counting
+    the new request's prompt and growth and every running decode's growth (see module docstring)."""
+    remaining = inst.decode_remaining
+    n_running = max(inst.running, len(remaining))
+    if n_running == 0:
+        return req.kv_need
+    if remaining:
+        horizon = max(1, min(remaining))
+    else:
+        # Running decodes but no predictions at all: no horizon to look ahead to.
+        return req.kv_need
+    return req.prompt_tokens + min(req.predicted_output_lo, horizon) + horizon * n_running
+
+
+class ReserveDynamic:
+    name = "reserve_dynamic"
+
+    def admits(self, inst: InstanceView, req: RequestView) -> bool:
+        if not fits(inst, req):
+            return False
+        return lookahead_need(inst, req) <= available_kv(inst)
+
+
+def make_admission(name: str) -> DecodeAdmission:
+    if name == "greedy":
+        return Greedy()
+    if name == "reserve_static":
+        return ReserveStatic()
+    if name == "reserve_dynamic":
+        return ReserveDynamic()
+    raise ValueError(f"unknown decode admission {name!r}; choose one of {', '.join(ADMISSION_POLICY_NAMES)}")

@@ -1,0 +1,173 @@
+"""Decode placement (TetriInfer §3.3.4, "inter-decode load balancing"), run per request once it
+has been prefilled.
+
+Every dispatcher first splits the usable decode instances it is given into
+
+* **α**: instances where :func:`~orchestrator.policies.capacity.fits` holds (room for the prompt plus
+  the lower end of the predicted output bucket, after what is already reserved there), and
+* **β**: the rest,
+
+and picks from α whenever α is non-empty. They differ only in how they choose within α:
+
+* ``power_of_two``: sample ``power_of_d`` instances of α uniformly at random (``rng``; all of α when
+  it has at most ``power_of_d``), keep the one whose heavy:light decode ratio *after adding this
+  request* is lowest, ratio = (heavy + 1) / (light + 1) (smoothed so no light decode is not a
+  division by zero); ties: more available KV, then fewer running, then id.
+* ``random``: uniform over α.
+* ``round_robin``: the next instance of α (by id) after the one picked last (a stateful cursor).
+* ``least_loaded``: most available KV (free − reserved); ties: fewer running, then id.
+* ``imbalanced``: the first instance of α in id order (piles everything onto one instance until it
+  is full: an ablation baseline).
+
+**β fallback** (when α is empty), the ``fallback`` knob: ``"most_free"`` (default) returns the β
+instance with the most available KV, leaving the final say to decode admission (``greedy`` may
+still admit; the ``reserve_*`` policies refuse, and the caller waits and retries); ``"none"``
+returns ``None`` (the caller waits and retries).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from fractions import Fraction
+from typing import Literal, Protocol
+
+from orchestrator.policies.capacity import available_kv, fits
+from orchestrator.policies.types import InstanceView, RequestView
+
+DISPATCH_POLICY_NAMES: tuple[str, ...] = ("power_of_two", "random", "round_robin", "least_loaded", "imbalanced")
+DISPATCH_FALLBACK_NAMES: tuple[str, ...] = ("most_free", "none")
+Fallback = Literal["most_free", "none"]
+
+
+class Dispatcher(Protocol):
+    name: str
+
+    def pick(self, decodes: Sequence[InstanceView], req: RequestView, rng: random.Random) -> str | None: ...
+
+
+def split_alpha_beta(
+    decodes: Sequence[InstanceView], req: RequestView
+) -> tuple[list[InstanceView], list[InstanceView]]:
+    """(α, β) over the usable instances, each sorted by id (so sampling is reproducible)."""
+    usable = sorted((d for d in decodes if d.usable), key=lambda d: d.id)
+    alpha = [d for d in usable if fits(d, req)]
+    beta = [d for d in usable if not fits(d, req)]
+    return alpha, beta
+
+
+def heavy_light_ratio_after(inst: InstanceView, heavy: bool) -> Fraction:
+    """(heavy + 1) / (light + 1) on ``inst`` once this request (heavy or light) is added."""
+    h = inst.heavy_decodes + (1 if heavy else 0)
+    light = inst.light_decodes + (0 if heavy else 1)
+    return Fraction(h + 1, light + 1)
+
+
+def _most_free(instances: Sequence[InstanceView]) -> InstanceView:
+    return min(instances, key=lambda d: (-available_kv(d), d.running, d.id))
+
+
+class _Base:
+    name = "base"
+
+    def __init__(self, fallback: Fallback | str = "most_free", heavy_decode_threshold: int | None = None) -> None:
+        if fallback not in DISPATCH_FALLBACK_NAMES:
+            raise ValueError(f"unknown dispatch fallback {fallback!r}; choose one of {', '.join(DISPATCH_FALLBACK_NAMES)}")
+        self.fallback = fallback
+        self.heavy_decode_threshold = heavy_decode_threshold
+
+    def is_heavy(self, req: RequestView) -> bool:
+        """Heavy decode: the lower end of the predicted bucket exceeds the threshold (the
+        dispatcher's own when configured, else the one the request carries)."""
+        if self.heavy_decode_threshold is None:
+            return req.heavy_decode
+        return req.predicted_output_lo > self.heavy_decode_threshold
+
+    def pick(self, decodes: Sequence[InstanceView], req: RequestView, rng: random.Random) -> str | None:
+        alpha, beta = split_alpha_beta(decodes, req)
+        if alpha:
+            return self.choose(alpha, req, rng).id
+        if beta and self.fallback == "most_free":
+            return _most_free(beta).id
+        return None
+
+    def choose(self, alpha: list[InstanceView], req: RequestView, rng: random.Random) -> InstanceView:
+        raise NotImplementedError
+
+
+class PowerOfTwo(_Base):
+    name = "power_of_two"
+
+    def __init__(self, power_of_d: int = 2, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        if power_of_d < 1:
+            raise ValueError(f"power_of_d must be >= 1, got {power_of_d}")
+        self.power_of_d = int(power_of_d)
+
+    def candidates(self, alpha: list[InstanceView], rng: random.Random) -> list[InstanceView]:
+        if len(alpha) <= self.power_of_d:
+            return list(alpha)
+        return rng.sample(alpha, self.power_of_d)
+
+    def choose(self, alpha: list[InstanceView], req: RequestView, rng: random.Random) -> InstanceView:
+        heavy = self.is_heavy(req)
+        cands = self.candidates(alpha, rng)
+        return min(cands, key=lambda d: (heavy_light_ratio_after(d, heavy), -available_kv(d), d.running, d.id))
+
+
+class RandomDispatch(_Base):
+    name = "random"
+
+    def choose(self, alpha: list[InstanceView], req: RequestView, rng: random.Random) -> InstanceView:
+        return alpha[rng.randrange(len(alpha))]
+
+
+class RoundRobin(_Base):
+    """Stateful: remembers the id it picked last and takes the next id of α after it (wrapping)."""
+
+    name = "round_robin"
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.last_id: str | None = None
+
+    def choose(self, alpha: list[InstanceView], req: RequestView, rng: random.Random) -> InstanceView:
+        chosen = alpha[0]
+        if self.last_id is not None:
+            chosen = next((d for d in alpha if d.id > self.last_id), alpha[0])
+        self.last_id = chosen.id
+        return chosen
+
+
+class LeastLoadedDecode(_Base):
+    name = "least_loaded"
+
+    def choose(self, alpha: list[InstanceView], req: RequestView, rng: random.Random) -> InstanceView:
+        return _most_free(alpha)
+
+
+class Imbalanced(_Base):
+    name = "imbalanced"
+
+    def choose(self, alpha: list[InstanceView], req: RequestView, rng: random.Random) -> InstanceView:
+        return alpha[0]
+
+
+def make_dispatcher(
+    name: str,
+    power_of_d: int = 2,
+    heavy_decode_threshold: int | None = None,
+    fallback: Fallback | str = "most_free",
+) -> Dispatcher:
+    kw = {"fallback": fallback, "heavy_decode_threshold": heavy_decode_threshold}
+    if name == "power_of_two":
+        return PowerOfTwo(power_of_d=power_of_d, **kw)
+    if name == "random":
+        return RandomDispatch(**kw)
+    if name == "round_robin":
+        return RoundRobin(**kw)
+    if name == "least_loaded":
+        return LeastLoadedDecode(**kw)
+    if name == "imbalanced":
+        return Imbalanced(**kw)
+    raise ValueError(f"unknown dispatch policy {name!r}; choose one of {', '.join(DISPATCH_POLICY_NAMES)}")
