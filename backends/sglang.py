@@ -1,0 +1,753 @@
+"""Adapter for SGLang servers (native `/generate` API), co-located or PD-disaggregated.
+
+Wire protocol: ../shared/reference/sglang.md (read from sglang 0.5.20-0.5.23 and sglang-router 0.3.2).
+Targets sglang >= 0.5.21 (`/v1/loads`, `/pd_role_switch`); 0.5.20 and older work through the
+`/get_load` and `/metrics` fallbacks, without in-place role flips.
+
+A disaggregated request is one body (`rid`, `input_ids`, `sampling_params`, `stream` and the
+bootstrap triple `bootstrap_host`/`bootstrap_port`/`bootstrap_room`) POSTed to the prefill and the
+decode server at the same time; `kvbridge.sglang.BootstrapRoomStrategy` does that. `prefill()` and
+`decode()` below are the two halves, usable only when a caller runs them concurrently.
+
+Error rule shared with the TensorRT-LLM adapter: an HTTP error status (or a refused connection)
+raises `BackendError`; once a stream has started, engine-side failures arrive as a last
+`TokenEvent` with `finish_reason` "error" (or "abort" for a plain abort) and `error` set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from backends.base import (
+    Backend,
+    BackendError,
+    GenRequest,
+    Handoff,
+    KVHandle,
+    LoadReport,
+    PrefillResult,
+    Role,
+    SamplingParams,
+    TokenEvent,
+)
+
+log = logging.getLogger("tetri.backends.sglang")
+
+_TIMEOUT = httpx.Timeout(connect=5.0, read=900.0, write=60.0, pool=30.0)
+_SHORT = 5.0
+DEFAULT_BOOTSTRAP_PORT = 8998
+MAX_ROOM = 2**63 - 1
+
+
+class RestartRequired(BackendError):
+    """The engine cannot take the new role in place: it is drained, restart it in the new role."""
+
+    restart_required = True
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message, status=status, retryable=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared with backends/tensorrt_llm.py
+# ---------------------------------------------------------------------------------------------
+
+
+def error_message(resp: httpx.Response) -> str:
+    """The message of any engine error body: `{"error": {...}}`, `{"error": "..."}`,
+    `{"object": "error", "message": ...}`, FastAPI's `{"detail": ...}` or plain text."""
+    try:
+        data = resp.json()
+    except Exception:  # noqa: BLE001
+        return resp.text[:500] or f"HTTP {resp.status_code}"
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        if data.get("message"):
+            return str(data["message"])
+        if data.get("detail"):
+            return str(data["detail"])
+    return json.dumps(data)[:500]
+
+
+def http_error(instance_id: str, resp: httpx.Response, message: str | None = None) -> BackendError:
+    status = resp.status_code
+    msg = message if message is not None else error_message(resp)
+    return BackendError(f"{instance_id}: HTTP {status}: {msg}", status=status, retryable=status in (429, 502, 503, 504))
+
+
+async def iter_sse(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """JSON objects of a `data: ...` event stream, up to `data: [DONE]`.
+
+    Tolerates a space before the blank line (TensorRT-LLM chat) and ignores comments and blank lines.
+    """
+    async for line in resp.aiter_lines():
+        line = line.strip()
+        if not line or not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return
+        try:
+            data = json.loads(payload)
+        except json.JSONDecodeError:
+            log.warning("unparseable stream line: %.200s", payload)
+            continue
+        if isinstance(data, list):  # a batch answer; we never send batches
+            data = data[0] if data else {}
+        yield data
+
+
+def host_of(url: str) -> str:
+    host = urlsplit(url if "://" in url else f"http://{url}").hostname or "127.0.0.1"
+    return host
+
+
+@dataclass
+class _Flight:
+    prompt_tokens: int
+    predicted_lo: int
+    heavy: bool
+    max_tokens: int
+    produced: int = 0
+    phase: str = "queued"
+
+
+@dataclass
+class InflightLedger:
+    """What this adapter has in flight on its instance. Engines do not know our heavy/light
+    classes or predicted lengths, so the adapter reports them in its LoadReport from here."""
+
+    heavy_threshold: int = 128
+    flights: dict[str, _Flight] = field(default_factory=dict)
+
+    def start(self, request: GenRequest) -> None:
+        lo = request.predicted_output_lo or 0
+        heavy = request.heavy_decode if request.heavy_decode is not None else lo > self.heavy_threshold
+        self.flights[request.request_id] = _Flight(
+            prompt_tokens=len(request.prompt_ids), predicted_lo=lo, heavy=bool(heavy),
+            max_tokens=request.sampling.max_tokens,
+        )
+
+    def progress(self, request_id: str, tokens: int, phase: str = "decode") -> None:
+        flight = self.flights.get(request_id)
+        if flight is not None:
+            flight.produced += tokens
+            flight.phase = phase
+
+    def finish(self, request_id: str) -> None:
+        self.flights.pop(request_id, None)
+
+    def __len__(self) -> int:
+        return len(self.flights)
+
+    def fill(self, report: LoadReport) -> LoadReport:
+        decoding = list(self.flights.values())
+        report.heavy_decodes = sum(1 for f in decoding if f.heavy)
+        report.light_decodes = sum(1 for f in decoding if not f.heavy)
+        report.decode_remaining = [max(0, f.predicted_lo - f.produced) for f in decoding]
+        prompt_tokens = sum(f.prompt_tokens for f in decoding if f.phase in ("queued", "prefill"))
+        report.running_prompt_tokens = max(0, prompt_tokens - report.queued_prompt_tokens)
+        return report
+
+
+def parse_prometheus(text: str, prefixes: Iterable[str]) -> dict[str, float]:
+    """Sum each gauge over its label sets: {"num_running_reqs": 3.0, ...} (prefix stripped)."""
+    out: dict[str, float] = {}
+    pattern = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN|[-+]?Inf)")
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = pattern.match(line)
+        if not match:
+            continue
+        name = match.group(1)
+        for prefix in prefixes:
+            if name.startswith(prefix):
+                key = name[len(prefix):]
+                try:
+                    value = float(match.group(3))
+                except ValueError:
+                    continue
+                out[key] = out.get(key, 0.0) + value
+                break
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SGLang stream parsing
+# ---------------------------------------------------------------------------------------------
+
+
+def map_finish(reason: Any) -> tuple[str | None, str | None]:
+    """SGLang's `meta_info.finish_reason` → (our finish reason, error message)."""
+    if reason is None:
+        return None, None
+    if isinstance(reason, str):  # defensive: some builds/routes send a plain string
+        kind, reason = reason, {}
+    else:
+        kind = reason.get("type")
+    if kind in ("stop", "length"):
+        return kind, None
+    if kind == "abort":
+        message = reason.get("message") or "aborted"
+        status = reason.get("status_code")
+        if status is None:
+            return "abort", str(message)
+        retry = " (retryable)" if status == 503 else ""
+        return "error", f"{message} [status {status}]{retry}"
+    return "error", f"unknown finish reason {reason!r}"
+
+
+@dataclass
+class ChunkState:
+    """Reassembles one SGLang output from stream chunks, in cumulative mode (the default) or
+    with `--incremental-streaming-output` (detected: cumulative chunks carry as many
+    `output_ids` as `meta_info.completion_tokens`)."""
+
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish: str | None = None
+    error: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def feed(self, chunk: dict[str, Any]) -> None:
+        if "error" in chunk and "meta_info" not in chunk:
+            err = chunk["error"]
+            msg = err.get("message") if isinstance(err, dict) else str(err)
+            code = err.get("code") if isinstance(err, dict) else None
+            self.finish, self.error = "error", f"{msg} [status {code}]" if code else str(msg)
+            return
+        meta = chunk.get("meta_info") or {}
+        self.meta.update(meta)
+        out_ids = chunk.get("output_ids")
+        text = chunk.get("text") or ""
+        completion = meta.get("completion_tokens")
+        if out_ids is not None:
+            cumulative = (completion is None or len(out_ids) == completion) and \
+                out_ids[: len(self.ids)] == self.ids
+            if cumulative:
+                self.ids, self.text = list(out_ids), text
+            else:
+                self.ids.extend(out_ids)
+                self.text += text
+        elif text.startswith(self.text):  # no ids (not seen on /generate): cumulative text
+            self.text = text
+        else:
+            self.text += text
+        finish, error = map_finish(meta.get("finish_reason"))
+        if finish is not None:
+            self.finish, self.error = finish, error
+
+
+def sampling_params(sp: SamplingParams, seed_field: str | None = "sampling_seed") -> dict[str, Any]:
+    """Our SamplingParams → SGLang `sampling_params` (unknown keys are rejected from 0.5.22 on,
+    so only known keys, and optional ones only when set)."""
+    out: dict[str, Any] = {
+        "max_new_tokens": sp.max_tokens,
+        "temperature": sp.temperature,
+        "top_p": sp.top_p,
+        "ignore_eos": sp.ignore_eos,
+    }
+    if sp.stop:
+        out["stop"] = list(sp.stop)
+    if sp.seed is not None and seed_field:
+        out[seed_field] = sp.seed
+    return out
+
+
+def new_rid() -> str:
+    """Fixed-length unique rid: SGLang aborts by rid prefix, so no rid may prefix another."""
+    return uuid.uuid4().hex
+
+
+def new_room() -> int:
+    return random.SystemRandom().randint(0, MAX_ROOM)
+
+
+def check_pd_pair(prefill_info: dict[str, Any], decode_info: dict[str, Any]) -> None:
+    """Refuse a prefill/decode pair SGLang would fail at bootstrap (page size, KV dtype)."""
+    for key in ("page_size", "kv_cache_dtype"):
+        p, d = prefill_info.get(key), decode_info.get(key)
+        if p is not None and d is not None and p != d:
+            raise BackendError(
+                f"SGLang prefill {prefill_info.get('instance_id')} and decode {decode_info.get('instance_id')} "
+                f"differ in {key} ({p!r} vs {d!r}); KV cannot move between them",
+                status=409,
+            )
+    pb = prefill_info.get("transfer_backend")
+    db = decode_info.get("transfer_backend")
+    if pb and db and pb != db:
+        raise BackendError(f"SGLang prefill and decode use different transfer backends ({pb} vs {db})", status=409)
+
+
+# ---------------------------------------------------------------------------------------------
+# the adapter
+# ---------------------------------------------------------------------------------------------
+
+
+class SGLangBackend(Backend):
+    """One SGLang server (`python -m sglang.launch_server` / `sglang serve`).
+
+    Options (InstanceSpec.options): `bootstrap_host` (address of this prefill as the decode servers
+    reach it; default the URL's host), `bootstrap_port` (default: /server_info's
+    `disaggregation_bootstrap_port`, else 8998), `seed_field` (sampling-params key for seeds,
+    default "sampling_seed"; null to never send seeds), `admin_key` (Bearer token for servers
+    started with `--admin-api-key`/`--api-key`), `decode_cuda_graph_memory_gb` and
+    `decode_cuda_graph_bs` (for flips to decode), `drain_timeout_s` (default 300),
+    `heavy_decode_threshold` (128).
+    """
+
+    kind = "sglang"
+
+    def __init__(
+        self,
+        url: str,
+        instance_id: str,
+        role: Role,
+        model: str | None = None,
+        *,
+        bootstrap_host: str | None = None,
+        bootstrap_port: int | None = None,
+        seed_field: str | None = "sampling_seed",
+        admin_key: str | None = None,
+        api_key: str | None = None,
+        decode_cuda_graph_memory_gb: float | None = None,
+        decode_cuda_graph_bs: list[int] | None = None,
+        drain_timeout_s: float = 300.0,
+        heavy_decode_threshold: int = 128,
+        timeout_s: float | None = None,
+        **unknown: Any,
+    ) -> None:
+        super().__init__(url, instance_id, role, model)
+        if unknown:
+            log.warning("sglang instance %s: ignoring unknown options %s", instance_id, sorted(unknown))
+        self.bootstrap_host = bootstrap_host or host_of(self.url)
+        self._bootstrap_port = bootstrap_port
+        self.seed_field = seed_field
+        self.decode_cuda_graph_memory_gb = decode_cuda_graph_memory_gb
+        self.decode_cuda_graph_bs = decode_cuda_graph_bs
+        self.drain_timeout_s = drain_timeout_s
+        headers = {}
+        key = admin_key or api_key
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        timeout = httpx.Timeout(connect=5.0, read=timeout_s, write=60.0, pool=30.0) if timeout_s else _TIMEOUT
+        self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=headers)
+        self._info: dict[str, Any] | None = None
+        self._load_path: str | None = None
+        self.accepting = True
+        self.ledger = InflightLedger(heavy_decode_threshold)
+        self._rids: dict[str, set[str]] = {}
+
+    # ---- registration facts --------------------------------------------------------------
+    @property
+    def bootstrap_port(self) -> int:
+        if self._bootstrap_port is not None:
+            return int(self._bootstrap_port)
+        if self._info and self._info.get("bootstrap_port") is not None:
+            return int(self._info["bootstrap_port"])
+        return DEFAULT_BOOTSTRAP_PORT
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def health(self) -> bool:
+        try:
+            resp = await self._client.get("/health", timeout=30.0)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
+
+    async def _get_json(self, *paths: str, timeout: float = _SHORT) -> tuple[str, Any]:
+        """The first of `paths` that answers 200 with JSON; 404/405 fall through to the next."""
+        last: BackendError | None = None
+        for path in paths:
+            try:
+                resp = await self._client.get(path, timeout=timeout)
+            except httpx.HTTPError as exc:
+                raise BackendError(f"{self.instance_id}: GET {path} failed: {exc!r}", status=503, retryable=True) from exc
+            if resp.status_code in (404, 405):
+                last = http_error(self.instance_id, resp)
+                continue
+            if resp.status_code >= 400:
+                raise http_error(self.instance_id, resp)
+            try:
+                return path, resp.json()
+            except json.JSONDecodeError:
+                return path, resp.text
+        raise last or BackendError(f"{self.instance_id}: none of {paths} answered", status=502)
+
+    async def info(self, refresh: bool = False) -> dict[str, Any]:
+        """`/server_info` (or the deprecated `/get_server_info`), normalised: model, page_size,
+        kv_cache_dtype, total_kv_tokens, chunk_size, disaggregation_mode, bootstrap_port,
+        role_switch, version; the raw answer under "raw"."""
+        if self._info is not None and not refresh:
+            return self._info
+        _, raw = await self._get_json("/server_info", "/get_server_info")
+        raw = raw if isinstance(raw, dict) else {}
+        states = raw.get("internal_states") or [{}]
+        state0 = states[0] if isinstance(states, list) and states else {}
+        total = raw.get("max_total_num_tokens")
+        if total is None:
+            total = ((state0.get("memory_usage") or {}).get("token_capacity"))
+        page = raw.get("page_size")
+        mode = raw.get("disaggregation_mode") or state0.get("disaggregation_mode")
+        info = {
+            "instance_id": self.instance_id,
+            "backend": self.kind,
+            "model": raw.get("served_model_name") or raw.get("model_path") or self.model,
+            "version": raw.get("version"),
+            "page_size": page,
+            "block_size": page,
+            "kv_cache_dtype": raw.get("kv_cache_dtype"),
+            "dtype": raw.get("kv_cache_dtype"),
+            "total_kv_tokens": int(total) if total is not None else None,
+            "max_running_requests": raw.get("max_running_requests"),
+            "chunk_size": raw.get("chunked_prefill_size"),
+            "disaggregation_mode": mode,
+            "transfer_backend": raw.get("disaggregation_transfer_backend"),
+            "bootstrap_port": raw.get("disaggregation_bootstrap_port"),
+            "role_switch": bool(raw.get("enable_pd_role_switch")),
+            "raw": raw,
+        }
+        self._info = info
+        if self.model is None and info["model"]:
+            self.model = str(info["model"])
+        return info
+
+    # ---- load ------------------------------------------------------------------------------
+    async def load(self) -> LoadReport:
+        paths = [self._load_path] if self._load_path else [
+            "/v1/loads?include=core,disagg,queues,memory", "/get_load", "/metrics"]
+        last_exc: BackendError | None = None
+        for path in paths:
+            try:
+                resp = await self._client.get(path, timeout=_SHORT)
+            except httpx.HTTPError as exc:
+                raise BackendError(f"{self.instance_id}: load failed: {exc!r}", status=503, retryable=True) from exc
+            if resp.status_code in (404, 405) and not self._load_path:
+                last_exc = http_error(self.instance_id, resp)
+                continue
+            if resp.status_code >= 400:
+                raise http_error(self.instance_id, resp)
+            self._load_path = path
+            if path.startswith("/v1/loads"):
+                report = self._from_loads(resp.json())
+            elif path == "/get_load":
+                report = await self._from_get_load(resp.json())
+            else:
+                report = await self._from_metrics(resp.text)
+            report.backend, report.model, report.accepting = self.kind, self.model or "", self.accepting
+            if self._info and self._info.get("chunk_size"):
+                report.chunk_size = int(self._info["chunk_size"] or 0)
+            return self.ledger.fill(report)
+        raise last_exc or BackendError(f"{self.instance_id}: no load endpoint", status=502)
+
+    def _server_role(self, mode: str | None) -> Role:
+        if mode in ("prefill", "decode"):
+            return mode  # type: ignore[return-value]
+        if mode in (None, "null", "") and self.role != "colocated" and self._info is not None:
+            # the server says it is not disaggregated: trust it over our registration
+            if self._info.get("disaggregation_mode") in (None, "null"):
+                return "colocated"
+        return self.role
+
+    def _from_loads(self, data: dict[str, Any]) -> LoadReport:
+        loads = data.get("loads") or []
+        running = queued = used_total = capacity = waiting_tokens = 0
+        mode = None
+        extra: dict[str, Any] = {"version": data.get("version"), "endpoint": "/v1/loads"}
+        prealloc = transfer = 0
+        for item in loads:
+            running += int(item.get("num_running_reqs") or 0)
+            queued += int(item.get("num_waiting_reqs") or 0)
+            cap = int(item.get("max_total_num_tokens") or 0)
+            capacity += cap
+            used_total += int(item.get("num_total_tokens") or item.get("num_used_tokens") or 0)
+            waiting_tokens += int(item.get("num_waiting_uncached_tokens") or 0)
+            dis = item.get("disaggregation") or {}
+            mode = dis.get("mode") or mode
+            prealloc += int(dis.get("decode_prealloc_queue_reqs") or 0)
+            transfer += int(dis.get("decode_transfer_queue_reqs") or 0)
+            extra.setdefault("gen_throughput", 0.0)
+            extra["gen_throughput"] += float(item.get("gen_throughput") or 0.0)
+        if capacity == 0 and self._info and self._info.get("total_kv_tokens"):
+            capacity = int(self._info["total_kv_tokens"])
+        extra.update(decode_prealloc_queue_reqs=prealloc, decode_transfer_queue_reqs=transfer, dp_ranks=len(loads))
+        return LoadReport(
+            role=self._server_role(mode),
+            running=running,
+            queued=queued,
+            free_kv_tokens=max(0, capacity - used_total),
+            total_kv_tokens=capacity,
+            queued_prompt_tokens=waiting_tokens,
+            extra=extra,
+        )
+
+    async def _from_get_load(self, data: Any) -> LoadReport:
+        info = self._info or await self.info()
+        items = data if isinstance(data, list) else [data]
+        reqs = sum(int(i.get("num_reqs") or 0) for i in items)
+        waiting = sum(int(i.get("num_waiting_reqs") or 0) for i in items)
+        tokens = sum(int(i.get("num_tokens") or 0) for i in items)
+        capacity = int(info.get("total_kv_tokens") or 0)
+        return LoadReport(
+            role=self._server_role(info.get("disaggregation_mode")),
+            running=max(0, reqs - waiting), queued=waiting,
+            free_kv_tokens=max(0, capacity - tokens), total_kv_tokens=capacity,
+            extra={"endpoint": "/get_load"},
+        )
+
+    async def _from_metrics(self, text: str) -> LoadReport:
+        info = self._info or await self.info()
+        m = parse_prometheus(text, ("sglang:", "sglang_"))
+        if not m:
+            raise BackendError(f"{self.instance_id}: no sglang metrics (start it with --enable-metrics)", status=502)
+        capacity = int(m.get("max_total_num_tokens") or info.get("total_kv_tokens") or 0)
+        if "kv_available_tokens" in m:
+            free = int(m["kv_available_tokens"] + m.get("kv_evictable_tokens", 0.0))
+        else:
+            free = capacity - int(m.get("num_used_tokens", 0.0))
+        queued = int(m.get("num_queue_reqs", 0.0) + m.get("num_decode_prealloc_queue_reqs", 0.0)
+                     + m.get("num_decode_transfer_queue_reqs", 0.0) + m.get("num_prefill_bootstrap_queue_reqs", 0.0))
+        return LoadReport(
+            role=self._server_role(info.get("disaggregation_mode")),
+            running=int(m.get("num_running_reqs", 0.0)), queued=queued,
+            free_kv_tokens=max(0, free), total_kv_tokens=capacity,
+            extra={"endpoint": "/metrics"},
+        )
+
+    # ---- requests --------------------------------------------------------------------------
+    def build_body(
+        self, request: GenRequest, rid: str, stream: bool = True, room: int | None = None,
+        bootstrap_host: str | None = None, bootstrap_port: int | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "rid": rid,
+            "input_ids": list(request.prompt_ids),
+            "sampling_params": sampling_params(request.sampling, self.seed_field),
+            "stream": stream,
+        }
+        if room is not None:
+            body["bootstrap_host"] = bootstrap_host
+            body["bootstrap_port"] = bootstrap_port
+            body["bootstrap_room"] = room
+        return body
+
+    def track(self, request_id: str, rid: str) -> None:
+        self._rids.setdefault(request_id, set()).add(rid)
+
+    def untrack(self, request_id: str, rid: str) -> None:
+        rids = self._rids.get(request_id)
+        if rids is not None:
+            rids.discard(rid)
+            if not rids:
+                self._rids.pop(request_id, None)
+
+    async def stream_chunks(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Raw chunks of one `/generate` call (SSE when body["stream"], else the one JSON body)."""
+        try:
+            if body.get("stream"):
+                async with self._client.stream("POST", "/generate", json=body) as resp:
+                    if resp.status_code >= 400:
+                        await resp.aread()
+                        raise http_error(self.instance_id, resp)
+                    async for chunk in iter_sse(resp):
+                        yield chunk
+            else:
+                resp = await self._client.post("/generate", json=body)
+                if resp.status_code >= 400:
+                    raise http_error(self.instance_id, resp)
+                data = resp.json()
+                yield data[0] if isinstance(data, list) else data
+        except httpx.HTTPError as exc:
+            raise BackendError(f"{self.instance_id}: /generate failed: {exc!r}", status=503, retryable=True) from exc
+
+    async def _events(self, request: GenRequest, body: dict[str, Any], phase: str,
+                      skip_tokens: int = 0, skip_text: str = "") -> AsyncIterator[TokenEvent]:
+        """TokenEvents (deltas) of one `/generate` call, leaving out its first `skip_tokens`
+        tokens (and their text, `skip_text` until the engine's own text for them is seen)."""
+        state = ChunkState()
+        sent_ids, sent_text = skip_tokens, skip_text
+        started = False
+        try:
+            async for chunk in self.stream_chunks(body):
+                started = True
+                state.feed(chunk)
+                if len(state.ids) <= skip_tokens and state.finish is None:
+                    sent_text = state.text or sent_text
+                    continue
+                new_ids = state.ids[sent_ids:]
+                new_text = state.text[len(sent_text):]
+                if new_ids or new_text or state.finish:
+                    sent_ids += len(new_ids)
+                    sent_text = state.text if len(state.text) >= len(sent_text) else sent_text
+                    self.ledger.progress(request.request_id, len(new_ids), phase)
+                    yield TokenEvent(list(new_ids), new_text, state.finish, phase, state.error)  # type: ignore[arg-type]
+                if state.finish is not None:
+                    return
+        except BackendError as exc:
+            if not started:
+                raise
+            yield TokenEvent([], "", "error", phase, str(exc))  # type: ignore[arg-type]
+            return
+        if state.finish is None:
+            yield TokenEvent([], "", "error", phase,  # type: ignore[arg-type]
+                             f"{self.instance_id}: stream ended without a finish reason")
+
+    async def generate(self, request: GenRequest) -> AsyncIterator[TokenEvent]:
+        """Co-located: one streamed `/generate`."""
+        rid = new_rid()
+        self.track(request.request_id, rid)
+        self.ledger.start(request)
+        finished = False
+        try:
+            async for event in self._events(request, self.build_body(request, rid), "generate"):
+                finished = event.finish_reason is not None
+                yield event
+        finally:
+            self.ledger.finish(request.request_id)
+            self.untrack(request.request_id, rid)
+            if not finished:
+                await self.abort_rids([rid])
+
+    async def prefill(self, request: GenRequest, handoff: Handoff) -> PrefillResult:
+        """Prefill half of a PD request. SGLang's prefill waits until the decode server has
+        registered the same bootstrap room, so this only returns if `decode()` runs concurrently
+        with the same `handoff.extra` (rid, bootstrap_room); kvbridge.sglang does both."""
+        rid = handoff.extra.setdefault("rid", new_rid())
+        room = handoff.extra.setdefault("bootstrap_room", new_room())
+        body = self.build_body(request, rid, stream=False, room=room, bootstrap_host=self.bootstrap_host,
+                               bootstrap_port=self.bootstrap_port)
+        self.track(request.request_id, rid)
+        state = ChunkState()
+        try:
+            async for chunk in self.stream_chunks(body):
+                state.feed(chunk)
+        finally:
+            self.untrack(request.request_id, rid)
+        if state.finish in ("error", "abort"):
+            raise BackendError(f"{self.instance_id}: prefill failed: {state.error}", status=502)
+        first = TokenEvent(state.ids[:1], state.text, None, "prefill")
+        kv = KVHandle(request.request_id, len(request.prompt_ids), state.ids[0] if state.ids else -1,
+                      extra={"rid": rid, "bootstrap_room": room, "bootstrap_host": self.bootstrap_host,
+                             "bootstrap_port": self.bootstrap_port, "first_text": state.text,
+                             "meta_info": state.meta})
+        return PrefillResult(first=first, kv=kv)
+
+    async def decode(self, request: GenRequest, kv: KVHandle) -> AsyncIterator[TokenEvent]:
+        """Decode half: the tokens after the handoff token (which the prefill already gave)."""
+        rid = kv.extra["rid"]
+        body = self.build_body(request, rid, room=kv.extra["bootstrap_room"],
+                               bootstrap_host=kv.extra.get("bootstrap_host"),
+                               bootstrap_port=kv.extra.get("bootstrap_port"))
+        self.track(request.request_id, rid)
+        self.ledger.start(request)
+        finished = False
+        try:
+            async for event in self._events(request, body, "decode", skip_tokens=1,
+                                            skip_text=kv.extra.get("first_text", "")):
+                finished = event.finish_reason is not None
+                yield event
+        finally:
+            self.ledger.finish(request.request_id)
+            self.untrack(request.request_id, rid)
+            if not finished:
+                await self.abort_rids([rid])
+
+    async def abort_rids(self, rids: Iterable[str]) -> None:
+        for rid in rids:
+            try:
+                await self._client.post("/abort_request", json={"rid": rid}, timeout=_SHORT)
+            except httpx.HTTPError as exc:
+                log.info("%s: abort %s failed: %r", self.instance_id, rid, exc)
+
+    async def abort(self, request_id: str) -> None:
+        """`POST /abort_request {"rid"}` for every rid this adapter used for the request."""
+        rids = list(self._rids.get(request_id, ())) or [request_id]
+        await self.abort_rids(rids)
+
+    # ---- drain and role flips --------------------------------------------------------------
+    async def drain(self, accepting: bool = False) -> dict[str, Any]:
+        """SGLang has no drain endpoint: we stop routing here (accepting=False in our load
+        report) and the control plane stops sending; in-flight requests run to completion."""
+        self.accepting = accepting
+        return {"accepting": accepting, "inflight": len(self.ledger)}
+
+    async def wait_idle(self, timeout_s: float) -> float:
+        start = time.monotonic()
+        while True:
+            report = await self.load()
+            extra = report.extra
+            busy = report.running + report.queued + int(extra.get("decode_prealloc_queue_reqs", 0)) \
+                + int(extra.get("decode_transfer_queue_reqs", 0)) + len(self.ledger)
+            if busy == 0:
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout_s:
+                raise BackendError(f"{self.instance_id}: still busy after {timeout_s:.0f}s of draining", status=409)
+            await asyncio.sleep(0.2)
+
+    async def set_role(self, role: Role) -> dict[str, Any]:
+        """Flip prefill<->decode in place through `POST /pd_role_switch` (sglang >= 0.5.21,
+        `--enable-pd-role-switch`, mooncake or mori transfer). Anything else: the instance is
+        left drained and RestartRequired is raised (restart it with the new
+        `--disaggregation-mode`)."""
+        if role == self.role:
+            return {"role": role, "drain_s": 0.0, "flip_s": 0.0, "message": "already in target role"}
+        old_accepting = self.accepting
+        self.accepting = False
+        info = await self.info(refresh=True)
+        if role == "colocated" or self.role == "colocated" or info.get("disaggregation_mode") in (None, "null"):
+            raise RestartRequired(
+                f"{self.instance_id}: SGLang cannot switch between co-located and disaggregated serving "
+                f"at runtime; drained, restart it with the new --disaggregation-mode")
+        drain_s = await self.wait_idle(self.drain_timeout_s)
+        body: dict[str, Any] = {"new_role": role}
+        if role == "decode":
+            body["decode_cuda_graph_memory_gb"] = self.decode_cuda_graph_memory_gb
+            body["decode_cuda_graph_bs"] = self.decode_cuda_graph_bs
+        started = time.monotonic()
+        try:
+            resp = await self._client.post("/pd_role_switch", json=body, timeout=600.0)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"{self.instance_id}: role switch failed: {exc!r}", status=503) from exc
+        flip_s = time.monotonic() - started
+        if resp.status_code in (404, 405):
+            raise RestartRequired(
+                f"{self.instance_id}: this SGLang server has no /pd_role_switch (needs sglang >= 0.5.21); "
+                f"drained, restart it with --disaggregation-mode {role}")
+        try:
+            data = resp.json()
+        except json.JSONDecodeError:
+            data = {"success": False, "message": resp.text[:300]}
+        if resp.status_code == 200 and data.get("success", True):
+            self.role = role
+            self.accepting = old_accepting
+            self._info = None
+            return {"role": role, "old_role": data.get("old_role"), "drain_s": drain_s, "flip_s": flip_s,
+                    "message": data.get("message", "")}
+        message = str(data.get("message") or error_message(resp))
+        if data.get("safe_to_restore"):
+            self.accepting = old_accepting
+            if "not enabled" in message or "not support" in message or "does not support" in message:
+                raise RestartRequired(f"{self.instance_id}: in-place role switch unavailable ({message}); "
+                                      f"restart it with --disaggregation-mode {role}")
+            raise BackendError(f"{self.instance_id}: role switch refused: {message}", status=409)
+        raise RestartRequired(f"{self.instance_id}: role switch failed and left the server unusable: {message}",
+                              status=503)
