@@ -61,9 +61,10 @@ class EngineRunner:
             await self.call(lambda core: core.add_request(request))
             while True:
                 out = await stream.get()
+                # Set before yielding: a caller that stops at the final output must not abort.
+                finished = out.finish_reason is not None
                 yield out
-                if out.finish_reason is not None:
-                    finished = True
+                if finished:
                     return
         finally:
             self._streams.pop(request.request_id, None)

@@ -4,6 +4,7 @@ greedy equivalence, bad input, disconnects, concurrency, leases, the store recor
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 
@@ -22,12 +23,19 @@ def pd_orchestrator(tiny_pd_fleet, orchestrator_for):
     return orchestrator_for(pd_specs(tiny_pd_fleet))
 
 
-def hf_greedy(prompt_ids: list[int], n: int) -> list[int]:
+@functools.lru_cache(maxsize=1)
+def _hf_tiny():
     import torch
 
     from backends.native.model_source import load_model
 
-    model, _tok, _name = load_model(TINY, dtype=torch.float32, device="cpu")
+    return load_model(TINY, dtype=torch.float32, device="cpu")[0]
+
+
+def hf_greedy(prompt_ids: list[int], n: int) -> list[int]:
+    import torch
+
+    model = _hf_tiny()
     with torch.inference_mode():
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
     return out[0, len(prompt_ids):].tolist()
