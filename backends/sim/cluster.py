@@ -1,0 +1,910 @@
+"""Discrete-event simulator of a serving cluster, driven by the live orchestrator's policy objects.
+
+Every instance runs an engine scheduler whose forward passes take the time of a calibrated
+``TimingModel`` (backends/sim/timing.py). The cluster-level decisions are made by the very objects the
+live control plane uses (``orchestrator/policies``): the global scheduler (``LeastLoadedPrefill``), one
+``PrefillQueue`` per prefill instance, the decode ``Dispatcher``, ``DecodeAdmission`` and the
+``FlipPolicy``. They see ``InstanceView``/``RequestView`` snapshots built the way the live cluster
+monitor builds them (decode loads refreshed every ``monitor_interval_s``, plus the reservations the
+control plane made since).
+
+Systems (``SYSTEMS``):
+
+* ``colocated-vllm``: every instance prefills and decodes; vLLM-v0 style local scheduling:
+  prefill-first whole prompts (≤ ``max_batched_tokens`` per pass, decodes stall meanwhile), greedy KV
+  admission with a 1% watermark, preemption by recompute (newest first), ``max_num_seqs`` = 256.
+* ``colocated-sarathi``: Sarathi-Serve stall-free batching: running decodes first, then partial
+  prefills, then new prompts, within a token budget (= the profile's prefill knee).
+* ``disagg-simple``: prefill/decode instances; least-loaded prefill instance, FCFS, whole chunks at the
+  knee, least-loaded decode instance, greedy admission, no length prediction.
+* ``tetri``: TetriInfer: chunked prefill at the knee, SJF prefill queue (PrefillSchedBatch 16), length
+  predictor (oracle or noisy with the paper's 74.9% bucket accuracy), power-of-two dispatch balancing
+  heavy/light decodes, reserve-dynamic admission, idle flip, and a co-located fallback: requests with
+  a heavy prefill *and* a predicted heavy decode are prefilled on their decode instance in stall-free
+  hybrid batches (no KV transfer, no prefill-instance time), where disaggregation cannot pay.
+
+Fast bookkeeping: a decode batch is never iterated per token. Each instance keeps a step counter,
+the running KV sum and a heap of finish steps, so an iteration costs O(log n) in the batch size.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from backends.sim.timing import TimingModel
+from orchestrator.policies.types import InstanceView, RequestView
+
+_ARR, _END, _XFER, _TICK, _FLIP = 0, 1, 2, 3, 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class SystemConfig:
+    name: str
+    layout: str = "colocated"  # colocated | disaggregated
+    batching: str = "vllm"  # co-located local scheduler: vllm | sarathi
+    chunk_size: int | None = None  # None: the timing model's prefill knee
+    max_num_seqs: int = 256
+    max_batched_tokens: int = 4096  # vLLM whole-prompt batches
+    watermark: float = 0.01
+    prefill_policy: str = "fcfs"
+    prefill_sched_batch: int = 16
+    dispatch_policy: str = "least_loaded"
+    power_of_d: int = 2
+    admission: str = "greedy"
+    flip_policy: str = "none"
+    flip_idle_s: float = 60.0
+    flip_cost_s: float = 0.006
+    predictor: str = "none"  # none | oracle | noisy
+    predictor_accuracy: float = 0.749
+    granularity: int = 200
+    heavy_decode_threshold: int = 128
+    heavy_prefill_threshold: int = 512
+    fallback: str = "none"  # none | hphd
+    pd_ratio: str = "auto"  # auto (work-share planner) | "P:D"
+    monitor_interval_s: float = 0.1
+    retry_interval_s: float = 0.02
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SYSTEMS: dict[str, SystemConfig] = {
+    "colocated-vllm": SystemConfig("colocated-vllm", layout="colocated", batching="vllm"),
+    "colocated-sarathi": SystemConfig("colocated-sarathi", layout="colocated", batching="sarathi"),
+    "disagg-simple": SystemConfig(
+        "disagg-simple",
+        layout="disaggregated",
+        prefill_policy="fcfs",
+        dispatch_policy="least_loaded",
+        admission="greedy",
+        predictor="none",
+    ),
+    "tetri": SystemConfig(
+        "tetri",
+        layout="disaggregated",
+        prefill_policy="sjf",
+        dispatch_policy="power_of_two",
+        admission="reserve_dynamic",
+        flip_policy="idle",
+        flip_idle_s=60.0,
+        predictor="noisy",
+        fallback="hphd",
+    ),
+}
+
+
+def system_config(name: str, **overrides: Any) -> SystemConfig:
+    """A standard system by name, or ``base+key=value,key=value`` (e.g. ``tetri+predictor=oracle``)."""
+    base, _, opts = name.partition("+")
+    if base not in SYSTEMS:
+        raise ValueError(f"unknown system {base!r}; known: {', '.join(SYSTEMS)}")
+    cfg = replace(SYSTEMS[base], name=name)
+    kv: dict[str, Any] = {}
+    for item in filter(None, opts.split(",")):
+        k, _, v = item.partition("=")
+        k = k.strip().replace("-", "_")
+        if not hasattr(cfg, k):
+            raise ValueError(f"unknown system option {k!r}")
+        cur = getattr(cfg, k)
+        kv[k] = type(cur)(v) if cur is not None and not isinstance(cur, bool) else _auto(v)
+    kv.update(overrides)
+    return replace(cfg, **kv)
+
+
+def _auto(v: str) -> Any:
+    for t in (int, float):
+        try:
+            return t(v)
+        except ValueError:
+            pass
+    return v
+
+
+# ---------------------------------------------------------------------------------------------------
+# policy objects (the live orchestrator's)
+# ---------------------------------------------------------------------------------------------------
+class _Policies:
+    def __init__(self, cfg: SystemConfig) -> None:
+        from orchestrator.policies.admission import make_admission
+        from orchestrator.policies.dispatch import make_dispatcher
+        from orchestrator.policies.flip import make_flip_policy
+        from orchestrator.policies.global_scheduler import make_global_scheduler
+        from orchestrator.policies.prefill_queue import make_prefill_queue
+
+        self.global_scheduler = make_global_scheduler("least_loaded")
+        self.dispatcher = make_dispatcher(
+            cfg.dispatch_policy, power_of_d=cfg.power_of_d, heavy_decode_threshold=cfg.heavy_decode_threshold
+        )
+        self.admission = make_admission(cfg.admission)
+        self.flip = (
+            make_flip_policy(cfg.flip_policy, idle_s=cfg.flip_idle_s, min_per_role=1)
+            if cfg.flip_policy != "none"
+            else None
+        )
+        self._mkq = lambda: make_prefill_queue(cfg.prefill_policy, sched_batch=cfg.prefill_sched_batch)
+
+    def new_queue(self):
+        return self._mkq()
+
+
+# ---------------------------------------------------------------------------------------------------
+# state
+# ---------------------------------------------------------------------------------------------------
+class Req:
+    __slots__ = (
+        "idx", "id", "arrival", "prompt", "output", "cls", "view", "pred_lo", "heavy", "eff", "done",
+        "gen", "gen0", "kvb", "s0", "epoch", "t_first", "t_finish", "t_dispatch", "t_decode",
+        "p_inst", "d_inst", "preempt", "colocated", "need", "failed",
+    )  # fmt: skip
+
+    def __init__(self, idx: int, rid: str, arrival: float, prompt: int, output: int, cls: str) -> None:
+        self.idx = idx
+        self.id = rid
+        self.arrival = arrival
+        self.prompt = prompt
+        self.output = output
+        self.cls = cls
+        self.view: RequestView | None = None
+        self.pred_lo = 0
+        self.heavy = False
+        self.eff = prompt  # tokens to prefill (prompt, or prompt+generated after a recompute)
+        self.done = 0
+        self.gen = 0
+        self.gen0 = 0
+        self.kvb = 0
+        self.s0 = 0
+        self.epoch = 0
+        self.t_first = -1.0
+        self.t_finish = -1.0
+        self.t_dispatch = -1.0
+        self.t_decode = -1.0
+        self.p_inst = -1
+        self.d_inst = -1
+        self.preempt = 0
+        self.colocated = False
+        self.need = 0
+        self.failed = False
+
+
+class Inst:
+    __slots__ = (
+        "i", "id", "role", "cap", "busy", "cur", "step", "run_kv", "kv_other", "running", "heap",
+        "waiting", "prefilling", "incoming", "queue", "engine", "eng_tokens", "held", "link_free",
+        "n_heavy", "inflight_res", "draining", "to_role", "busy_s", "last_busy_end", "iters",
+        "pending_prompt", "view_cache", "hseq", "flips",
+    )  # fmt: skip
+
+    def __init__(self, i: int, role: str, cap: int) -> None:
+        self.i = i
+        self.id = f"{role[0]}{i}"
+        self.role = role
+        self.cap = cap
+        self.busy = False
+        self.cur: tuple[list, int] | None = None
+        self.step = 0
+        self.run_kv = 0
+        self.kv_other = 0
+        self.running: dict[int, Req] = {}
+        self.heap: list[tuple[int, int, int, Req]] = []
+        self.waiting: deque[Req] = deque()  # need a (re)prefill here (co-located, fallback, recompute)
+        self.prefilling: list[Req] = []  # admitted, partially prefilled (chunked)
+        self.incoming: deque[Req] = deque()  # KV arrived (decode role), joins at the next pass
+        self.queue = None  # PrefillQueue (prefill role)
+        self.engine: list[Req] = []  # prefill role: released by the queue, in scheduler order
+        self.eng_tokens = 0
+        self.held: deque[Req] = deque()  # prefilled, waiting for a decode instance
+        self.link_free = 0.0
+        self.n_heavy = 0
+        self.inflight_res = 0
+        self.draining = False
+        self.to_role: str | None = None
+        self.busy_s = 0.0
+        self.last_busy_end = 0.0
+        self.iters = 0
+        self.pending_prompt = 0  # queued prompt tokens (co-located / prefill queue)
+        self.view_cache: InstanceView | None = None
+        self.hseq = 0
+        self.flips = 0
+
+    @property
+    def kv_used(self) -> int:
+        return self.run_kv + self.kv_other
+
+    def has_work(self) -> bool:
+        return bool(
+            self.running or self.waiting or self.prefilling or self.incoming or self.engine
+            or (self.queue is not None and len(self.queue))
+        )  # fmt: skip
+
+
+@dataclass
+class SimResult:
+    system: str
+    config: dict[str, Any]
+    timing: dict[str, Any]
+    instances: int
+    split: dict[str, int]
+    requests: list[dict[str, Any]]
+    makespan_s: float
+    busy_instance_s: float
+    wall_s: float
+    events: int
+    flips: int
+    preemptions: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------
+# planner: the disaggregated systems' prefill:decode split
+# ---------------------------------------------------------------------------------------------------
+def plan_split(
+    n: int,
+    prompts: Sequence[int],
+    outputs: Sequence[int],
+    timing: TimingModel,
+    chunk: int,
+    cfg: SystemConfig,
+    colocated_mask: Sequence[bool] | None = None,
+    rate: float | None = None,
+    target_util: float = 0.8,
+) -> tuple[int, int]:
+    """Prefill instances ∝ the prefill share of the work (prefill at the knee's tokens/s, decode at
+    the batch the KV pool sustains), and at least enough to keep prefill utilization under
+    `target_util` at the offered `rate` (req/s). Requests that fall back to co-located placement
+    count as decode-side work. An explicit ``cfg.pd_ratio = "P:D"`` wins."""
+    if cfg.pd_ratio != "auto":
+        p, d = (int(x) for x in cfg.pd_ratio.split(":"))
+        if p + d != n:
+            raise ValueError(f"pd_ratio {cfg.pd_ratio} does not add up to {n} instances")
+        return p, d
+    if n < 2 or not prompts:
+        return 0, n
+    tput = chunk / timing.prefill_s(chunk)
+    mean_ctx = max(1.0, sum(p + o / 2 for p, o in zip(prompts, outputs, strict=True)) / len(prompts))
+    batch = max(1, min(cfg.max_num_seqs, int(timing.total_kv_tokens / mean_ctx)))
+    per_tok = timing.decode_s(batch, mean_ctx) / batch
+    pw = dw = 0.0
+    ptoks = 0
+    for k, (p, o) in enumerate(zip(prompts, outputs, strict=True)):
+        if colocated_mask is not None and colocated_mask[k]:
+            dw += p / tput + o * per_tok
+        else:
+            pw += p / tput
+            dw += o * per_tok
+            ptoks += p
+    if pw <= 0:
+        return 0, n
+    p = round(n * pw / (pw + dw))
+    if rate and math.isfinite(rate):
+        demand = rate * ptoks / len(prompts)  # prompt tokens/s that go to prefill instances
+        p = max(p, math.ceil(demand / (target_util * tput)))
+    p = max(1, min(n - 1, p))
+    return p, n - p
+
+
+# ---------------------------------------------------------------------------------------------------
+# the simulator
+# ---------------------------------------------------------------------------------------------------
+class ClusterSim:
+    def __init__(
+        self,
+        cfg: SystemConfig,
+        timing: TimingModel,
+        instances: int,
+        requests: Sequence[Any],
+        seed: int = 0,
+        kv_tokens: int | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.tm = timing
+        self.n = instances
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.prng = random.Random(seed + 7919)
+        self.cap = kv_tokens or timing.total_kv_tokens
+        self.chunk = cfg.chunk_size or timing.knee()
+        self.reqs: list[Req] = []
+        for k, r in enumerate(sorted(requests, key=lambda x: x.arrival)):
+            q = Req(k, str(getattr(r, "id", k)), float(r.arrival), int(r.prompt_tokens), int(r.output_tokens),
+                    str(getattr(r, "cls", "")))  # fmt: skip
+            self.reqs.append(q)
+        self._predict()
+        self.pol = _Policies(cfg)
+        disagg = cfg.layout == "disaggregated"
+        mask = [self._wants_colocated(r) for r in self.reqs]
+        if disagg:
+            span = self.reqs[-1].arrival - self.reqs[0].arrival if self.reqs else 0.0
+            rate = (len(self.reqs) - 1) / span if span > 0 else None
+            p, d = plan_split(
+                instances, [r.prompt for r in self.reqs], [r.output for r in self.reqs], timing, self.chunk, cfg,
+                mask, rate=rate,
+            )  # fmt: skip
+        else:
+            p, d = 0, instances
+        self.split = {"prefill": p, "decode": d} if disagg else {"colocated": instances}
+        self.insts: list[Inst] = []
+        for i in range(instances):
+            role = "colocated" if not disagg else ("prefill" if i < p else "decode")
+            inst = Inst(i, role, self.cap)
+            inst.id = f"i{i}"
+            if role == "prefill":
+                inst.queue = self.pol.new_queue()
+            self.insts.append(inst)
+        self.ev: list[tuple[float, int, int, Any]] = []
+        self.seq = 0
+        self.now = 0.0
+        self.unfinished = len(self.reqs)
+        self.events = 0
+        self.preemptions = 0
+        self.flips = 0
+        self._views_at = -1.0
+        self._dviews: dict[str, InstanceView] = {}
+        self._tick_n = 0
+        self.flip_log: list[dict[str, Any]] = []
+        self._qreq: dict[str, Req] = {}
+
+    # ---- setup ------------------------------------------------------------------------------------
+    def _predict(self) -> None:
+        cfg = self.cfg
+        g = cfg.granularity
+        for r in self.reqs:
+            bucket: int | None
+            if cfg.predictor == "none":
+                bucket = None
+            else:
+                true_b = (r.output - 1) // g if r.output > 0 else 0
+                bucket = true_b
+                if cfg.predictor == "noisy" and self.prng.random() >= cfg.predictor_accuracy:
+                    # a miss lands on a neighbouring bucket (the classifier's usual error)
+                    bucket = true_b + 1 if true_b == 0 or self.prng.random() < 0.5 else true_b - 1
+            r.view = RequestView(
+                id=r.id,
+                arrival=r.arrival,
+                prompt_tokens=r.prompt,
+                max_tokens=r.output,
+                predicted_bucket=bucket,
+                granularity=g,
+                heavy_decode_threshold=cfg.heavy_decode_threshold,
+            )
+            r.pred_lo = r.view.predicted_output_lo
+            r.heavy = r.view.heavy_decode
+            r.need = r.view.kv_need
+
+    def _wants_colocated(self, r: Req) -> bool:
+        cfg = self.cfg
+        if cfg.layout != "disaggregated" or cfg.fallback == "none":
+            return False
+        if cfg.fallback == "hphd":
+            return r.prompt > cfg.heavy_prefill_threshold and r.heavy
+        if cfg.fallback == "all":
+            return True
+        raise ValueError(f"unknown fallback {cfg.fallback!r}")
+
+    # ---- event plumbing ---------------------------------------------------------------------------
+    def _push(self, t: float, kind: int, obj: Any) -> None:
+        self.seq += 1
+        heapq.heappush(self.ev, (t, self.seq, kind, obj))
+
+    def run(self, until: float | None = None) -> SimResult:
+        wall = time.perf_counter()
+        for r in self.reqs:
+            if r.prompt + r.output > self.cap or r.prompt <= 0 or r.output <= 0:
+                r.failed = True
+                self.unfinished -= 1
+                continue
+            self._push(r.arrival, _ARR, r)
+        if self.cfg.layout == "disaggregated":
+            self._push(0.0, _TICK, None)
+        ev = self.ev
+        pop = heapq.heappop
+        while ev:
+            t, _, kind, obj = pop(ev)
+            if until is not None and t > until:
+                break
+            self.now = t
+            self.events += 1
+            if kind == _END:
+                self._on_end(obj)
+            elif kind == _ARR:
+                self._on_arrival(obj)
+            elif kind == _XFER:
+                self._on_xfer(obj)
+            elif kind == _TICK:
+                self._on_tick()
+            elif kind == _FLIP:
+                self._on_flip_done(obj)
+        makespan = max((r.t_finish for r in self.reqs if r.t_finish >= 0), default=0.0)
+        return SimResult(
+            system=self.cfg.name,
+            config=self.cfg.to_dict() | {"chunk_size": self.chunk, "kv_tokens_per_instance": self.cap},
+            timing=self.tm.describe(),
+            instances=self.n,
+            split=self.split,
+            requests=[self._record(r) for r in self.reqs],
+            makespan_s=makespan,
+            busy_instance_s=sum(i.busy_s for i in self.insts),
+            wall_s=time.perf_counter() - wall,
+            events=self.events,
+            flips=self.flips,
+            preemptions=self.preemptions,
+            extra={"flip_log": self.flip_log, "final_roles": [i.role for i in self.insts]},
+        )
+
+    @staticmethod
+    def _record(r: Req) -> dict[str, Any]:
+        ok = r.t_finish >= 0 and not r.failed
+        return {
+            "id": r.id,
+            "cls": r.cls,
+            "arrival": r.arrival,
+            "prompt_tokens": r.prompt,
+            "output_tokens": r.output,
+            "ttft_s": (r.t_first - r.arrival) if r.t_first >= 0 else None,
+            "jct_s": (r.t_finish - r.arrival) if ok else None,
+            "tpot_s": ((r.t_finish - r.t_first) / (r.output - 1)) if ok and r.output > 1 else None,
+            "finish": r.t_finish if ok else None,
+            "error": None if ok else "not finished",
+            "preemptions": r.preempt,
+            "colocated": r.colocated,
+            "predicted_lo": r.pred_lo,
+            "p_inst": r.p_inst,
+            "d_inst": r.d_inst,
+            "decode_wait_s": (r.t_decode - r.t_first) if r.t_decode >= 0 and r.t_first >= 0 else None,
+        }
+
+    # ---- views ------------------------------------------------------------------------------------
+    def _gen(self, inst: Inst, r: Req) -> int:
+        return r.gen0 + inst.step - r.s0
+
+    def _decode_view(self, inst: Inst) -> InstanceView:
+        step = inst.step
+        rem = tuple(
+            max(0, r.pred_lo - (r.gen0 + step - r.s0)) for r in inst.running.values()
+        ) if self.cfg.admission != "greedy" else ()  # fmt: skip
+        nrun = len(inst.running)
+        return InstanceView(
+            id=inst.id,
+            role=inst.role,  # type: ignore[arg-type]
+            total_kv_tokens=inst.cap,
+            free_kv_tokens=max(0, inst.cap - inst.kv_used),
+            healthy=True,
+            accepting=not inst.draining,
+            queued_prompt_tokens=inst.pending_prompt,
+            running_prompt_tokens=sum(r.eff - r.done for r in inst.prefilling),
+            running=nrun,
+            queued=len(inst.waiting) + len(inst.incoming),
+            heavy_decodes=inst.n_heavy,
+            light_decodes=nrun - inst.n_heavy,
+            decode_remaining=rem,
+            reserved_kv_tokens=inst.inflight_res,
+        )
+
+    def _prefill_view(self, inst: Inst) -> InstanceView:
+        return InstanceView(
+            id=inst.id,
+            role=inst.role,  # type: ignore[arg-type]
+            total_kv_tokens=inst.cap,
+            free_kv_tokens=max(0, inst.cap - inst.kv_used),
+            healthy=True,
+            accepting=not inst.draining,
+            queued_prompt_tokens=inst.pending_prompt,
+            running_prompt_tokens=inst.eng_tokens,
+            running=len(inst.engine),
+            queued=len(inst.queue) if inst.queue is not None else len(inst.waiting),
+        )
+
+    def _decode_views(self) -> dict[str, InstanceView]:
+        """The cluster monitor's broadcast: refreshed every monitor interval."""
+        if self.now - self._views_at >= self.cfg.monitor_interval_s or not self._dviews:
+            self._views_at = self.now
+            self._dviews = {i.id: self._decode_view(i) for i in self.insts if i.role == "decode"}
+        return self._dviews
+
+    # ---- arrivals and level-1 placement -----------------------------------------------------------
+    def _on_arrival(self, r: Req) -> None:
+        cfg = self.cfg
+        if cfg.layout == "colocated":
+            best = None
+            best_load = None
+            for inst in self.insts:
+                load = len(inst.running) + len(inst.waiting) + len(inst.prefilling)
+                if best_load is None or load < best_load:
+                    best, best_load = inst, load
+            assert best is not None
+            r.p_inst = r.d_inst = best.i
+            best.waiting.append(r)
+            best.pending_prompt += r.eff
+            self._kick(best)
+            return
+        if self._wants_colocated(r):
+            dviews = self._decode_views()
+            cands = [v for v in dviews.values() if v.accepting]
+            pick = self.pol.dispatcher.pick(cands, r.view, self.rng) if cands else None
+            if pick is not None:
+                inst = self.insts[int(pick[1:])]
+                r.colocated = True
+                r.p_inst = r.d_inst = inst.i
+                inst.waiting.append(r)
+                inst.pending_prompt += r.eff
+                inst.inflight_res += r.need
+                self._dviews[inst.id] = replace(dviews[inst.id], reserved_kv_tokens=dviews[inst.id].reserved_kv_tokens + r.need)
+                self._kick(inst)
+                return
+        prefills = [i for i in self.insts if i.role == "prefill" and not i.draining]
+        if not prefills:
+            prefills = [i for i in self.insts if i.role == "prefill"]
+        if not prefills:  # every instance decodes (flip or planner): co-locate
+            dviews = self._decode_views()
+            pick = self.pol.dispatcher.pick(list(dviews.values()), r.view, self.rng)
+            inst = self.insts[int(pick[1:])] if pick is not None else min(
+                (i for i in self.insts if i.role == "decode"), key=lambda i: len(i.running) + len(i.waiting)
+            )  # fmt: skip
+            r.colocated = True
+            r.p_inst = r.d_inst = inst.i
+            inst.waiting.append(r)
+            inst.pending_prompt += r.eff
+            self._kick(inst)
+            return
+        views = [self._prefill_view(i) for i in prefills]
+        pick = self.pol.global_scheduler.pick(views, r.view)
+        inst = self.insts[int(pick[1:])] if pick is not None else prefills[0]
+        r.p_inst = inst.i
+        inst.queue.push(r.view, self.now)
+        inst.pending_prompt += r.prompt
+        self._qreq[r.id] = r
+        self._kick(inst)
+
+    # ---- iteration formation ----------------------------------------------------------------------
+    def _kick(self, inst: Inst) -> None:
+        if inst.busy:
+            return
+        role = inst.role
+        if role == "prefill":
+            batch = self._form_prefill(inst)
+        elif role == "colocated" and self.cfg.batching == "vllm":
+            batch = self._form_vllm(inst)
+        else:
+            batch = self._form_hybrid(inst)
+        if batch is None:
+            if (
+                inst.to_role is not None and not inst.has_work() and not inst.held
+                and inst.kv_other == 0 and inst.inflight_res == 0
+            ):  # fmt: skip
+                self._push(self.now + self.cfg.flip_cost_s, _FLIP, inst)
+                inst.busy = True
+            return
+        pf, ndec, ctx = batch
+        ptok = 0
+        units = 0.0
+        for r, c in pf:
+            ptok += c
+            units += c * c + 2.0 * c * r.done
+        dt = self.tm.iter_s(ptok, units, len(pf), ndec, ctx)
+        inst.busy = True
+        inst.cur = (pf, ndec)
+        inst.busy_s += dt
+        inst.iters += 1
+        self._push(self.now + dt, _END, inst)
+
+    def _preempt_for(self, inst: Inst, extra: int) -> None:
+        """Free KV (newest running first, recompute later) until `extra` new tokens fit."""
+        while inst.running and inst.run_kv + inst.kv_other + extra > inst.cap:
+            rid = next(reversed(inst.running))
+            r = inst.running.pop(rid)
+            gen = r.gen0 + inst.step - r.s0
+            inst.run_kv -= r.kvb + inst.step - r.s0
+            if r.heavy:
+                inst.n_heavy -= 1
+            r.epoch += 1
+            r.gen = gen
+            r.eff = r.prompt + gen
+            r.done = 0
+            r.preempt += 1
+            self.preemptions += 1
+            inst.waiting.appendleft(r)
+            inst.pending_prompt += r.eff
+            extra -= 1
+
+    def _form_vllm(self, inst: Inst):
+        cfg = self.cfg
+        if inst.waiting:
+            budget = cfg.max_batched_tokens
+            limit = inst.cap * (1.0 - cfg.watermark)
+            pf = []
+            nseq = len(inst.running)
+            while inst.waiting and nseq < cfg.max_num_seqs:
+                r = inst.waiting[0]
+                if r.eff > budget or inst.run_kv + inst.kv_other + r.eff > limit:
+                    break
+                inst.waiting.popleft()
+                inst.pending_prompt -= r.eff
+                inst.kv_other += r.eff
+                budget -= r.eff
+                nseq += 1
+                inst.prefilling.append(r)
+                pf.append((r, r.eff))
+            if pf:
+                return pf, 0, 0
+        if not inst.running:
+            return None
+        self._preempt_for(inst, len(inst.running))
+        if not inst.running:
+            return self._form_vllm(inst) if inst.waiting else None
+        return [], len(inst.running), inst.run_kv
+
+    def _form_hybrid(self, inst: Inst):
+        """Stall-free batching (Sarathi): decodes, then partial prefills, then new prompts, all within
+        the token budget. Decode instances use it for incoming KV, fallbacks and recomputes."""
+        cfg = self.cfg
+        while inst.incoming and len(inst.running) < cfg.max_num_seqs:
+            self._join(inst, inst.incoming.popleft())
+        nrun = len(inst.running)
+        if nrun:
+            self._preempt_for(inst, nrun)
+            nrun = len(inst.running)
+        budget = self.chunk - nrun
+        pf = []
+        for r in inst.prefilling:
+            if budget <= 0:
+                break
+            c = min(r.eff - r.done, budget)
+            pf.append((r, c))
+            budget -= c
+        while budget > 0 and inst.waiting and nrun + len(inst.prefilling) < cfg.max_num_seqs:
+            r = inst.waiting[0]
+            if inst.run_kv + inst.kv_other + r.eff + nrun > inst.cap:
+                break
+            inst.waiting.popleft()
+            inst.pending_prompt -= r.eff
+            inst.kv_other += r.eff
+            if r.colocated and r.preempt == 0 and inst.role == "decode":
+                inst.inflight_res = max(0, inst.inflight_res - r.need)
+            inst.prefilling.append(r)
+            c = min(r.eff, budget)
+            pf.append((r, c))
+            budget -= c
+        if not pf and not nrun:
+            return None
+        return pf, nrun, inst.run_kv
+
+    def _form_prefill(self, inst: Inst):
+        q = inst.queue
+        # Release from the policy queue into the engine until a chunk's worth of tokens is waiting.
+        while len(q) and inst.eng_tokens < self.chunk:
+            got = q.pop_ready(self.now, len(inst.engine), len(inst.engine) + 1)
+            if not got:
+                break
+            for v in got:
+                r = self._qreq.pop(v.id)
+                inst.pending_prompt -= r.prompt
+                inst.engine.append(r)
+                inst.eng_tokens += r.eff
+        budget = self.chunk
+        pf = []
+        free = inst.cap - inst.kv_used
+        for r in inst.engine:
+            if budget <= 0:
+                break
+            if r.done == 0:
+                if r.eff > free:
+                    break  # KV of this prompt does not fit until transfers drain
+                free -= r.eff
+                inst.kv_other += r.eff
+            c = min(r.eff - r.done, budget)
+            pf.append((r, c))
+            budget -= c
+        if not pf:
+            return None
+        return pf, 0, 0
+
+    # ---- iteration end ----------------------------------------------------------------------------
+    def _on_end(self, inst: Inst) -> None:
+        now = self.now
+        pf, ndec = inst.cur  # type: ignore[misc]
+        inst.cur = None
+        inst.busy = False
+        if ndec:
+            inst.step += 1
+            inst.run_kv += ndec
+            heap = inst.heap
+            step = inst.step
+            while heap and heap[0][0] <= step:
+                _, _, ep, r = heapq.heappop(heap)
+                if ep != r.epoch or r.idx not in inst.running:
+                    continue
+                self._finish(inst, r)
+        for r, c in pf:
+            r.done += c
+            if inst.role == "prefill":
+                inst.eng_tokens -= c
+            if r.done >= r.eff:
+                self._prefilled(inst, r, now)
+        if inst.role == "prefill" and inst.held:
+            self._retry_held(inst)
+        self._kick(inst)
+
+    def _finish(self, inst: Inst, r: Req) -> None:
+        del inst.running[r.idx]
+        inst.run_kv -= r.kvb + inst.step - r.s0
+        if r.heavy:
+            inst.n_heavy -= 1
+        r.gen = r.output
+        r.t_finish = self.now
+        self.unfinished -= 1
+
+    def _join(self, inst: Inst, r: Req) -> None:
+        """r starts decoding on inst (its KV, `r.eff` tokens, is already allocated in kv_other)."""
+        inst.kv_other -= r.eff
+        inst.run_kv += r.eff
+        r.kvb = r.eff
+        r.s0 = inst.step
+        r.gen0 = r.gen
+        if r.t_decode < 0:
+            r.t_decode = self.now
+        inst.running[r.idx] = r
+        if r.heavy:
+            inst.n_heavy += 1
+        inst.hseq += 1
+        heapq.heappush(inst.heap, (inst.step + r.output - r.gen, inst.hseq, r.epoch, r))
+
+    def _prefilled(self, inst: Inst, r: Req, now: float) -> None:
+        if inst.role == "prefill":
+            inst.engine.remove(r)
+            r.gen = 1
+            r.t_first = now
+            if r.output <= 1:
+                inst.kv_other -= r.eff
+                r.t_finish = now
+                self.unfinished -= 1
+                return
+            inst.held.append(r)
+            self._retry_held(inst)
+            return
+        inst.prefilling.remove(r)
+        r.gen += 1  # first token, or the next one after a recompute
+        if r.t_first < 0:
+            r.t_first = now
+        if r.gen >= r.output:
+            inst.kv_other -= r.eff
+            r.t_finish = now
+            self.unfinished -= 1
+            return
+        self._join(inst, r)
+
+    # ---- dispatch and KV transfer -----------------------------------------------------------------
+    def _retry_held(self, inst: Inst) -> None:
+        held = inst.held
+        while held:
+            r = held[0]
+            if not self._dispatch(inst, r):
+                break
+            held.popleft()
+
+    def _dispatch(self, src: Inst, r: Req) -> bool:
+        views = self._decode_views()
+        cands = [v for v in views.values() if v.accepting]
+        if not cands:
+            return False
+        pick = self.pol.dispatcher.pick(cands, r.view, self.rng)
+        if pick is None:
+            return False
+        view = views[pick]
+        if not self.pol.admission.admits(view, r.view):
+            return False
+        dst = self.insts[int(pick[1:])]
+        views[pick] = replace(view, reserved_kv_tokens=view.reserved_kv_tokens + r.need)
+        dst.inflight_res += r.need
+        r.d_inst = dst.i
+        r.t_dispatch = self.now
+        start = max(self.now, src.link_free)
+        done = start + self.tm.transfer_s(r.eff)
+        src.link_free = done
+        self._push(done, _XFER, (r, src, dst))
+        return True
+
+    def _on_xfer(self, obj) -> None:
+        r, src, dst = obj
+        src.kv_other -= r.eff
+        dst.inflight_res = max(0, dst.inflight_res - r.need)
+        dst.kv_other += r.eff  # the lease holds the imported KV until the decode claims it
+        dst.incoming.append(r)
+        self._kick(dst)
+        if src.held:
+            self._retry_held(src)
+        if not src.busy:
+            self._kick(src)
+
+    # ---- monitor tick: retries, view refresh, flips -----------------------------------------------
+    def _on_tick(self) -> None:
+        cfg = self.cfg
+        self._tick_n += 1
+        for inst in self.insts:
+            if inst.role == "prefill" and inst.held:
+                self._retry_held(inst)
+                if not inst.busy:
+                    self._kick(inst)
+        every = max(1, round(cfg.monitor_interval_s / cfg.retry_interval_s))
+        if self.pol.flip is not None and self._tick_n % every == 0:
+            self._flip_tick()
+        if self.unfinished > 0:
+            self._push(self.now + cfg.retry_interval_s, _TICK, None)
+
+    def _flip_tick(self) -> None:
+        views = []
+        for inst in self.insts:
+            if inst.role == "prefill":
+                v = self._prefill_view(inst)
+            else:
+                v = InstanceView(
+                    id=inst.id, role=inst.role, total_kv_tokens=inst.cap,  # type: ignore[arg-type]
+                    free_kv_tokens=max(0, inst.cap - inst.kv_used), accepting=not inst.draining,
+                    running=len(inst.running), queued=len(inst.waiting) + len(inst.incoming),
+                    heavy_decodes=inst.n_heavy, light_decodes=len(inst.running) - inst.n_heavy,
+                    reserved_kv_tokens=inst.inflight_res,
+                )  # fmt: skip
+            views.append(v)
+        for d in self.pol.flip.decide(views, self.now):
+            inst = self.insts[int(d.instance_id[1:])]
+            if inst.to_role is not None or inst.role == d.to_role:
+                continue
+            inst.draining = True
+            inst.to_role = d.to_role
+            self.flip_log.append({"t": self.now, "instance": inst.id, "to": d.to_role, "reason": d.reason})
+            self._kick(inst)
+
+    def _on_flip_done(self, inst: Inst) -> None:
+        inst.busy = False
+        role = inst.to_role
+        inst.to_role = None
+        inst.draining = False
+        if role is None:
+            return
+        inst.role = role
+        inst.flips += 1
+        self.flips += 1
+        inst.queue = self.pol.new_queue() if role == "prefill" else None
+        self._dviews = {}
+        self._kick(inst)
+
+
+def simulate(
+    system: str | SystemConfig,
+    timing: TimingModel,
+    instances: int,
+    requests: Sequence[Any],
+    seed: int = 0,
+    **kw: Any,
+) -> SimResult:
+    cfg = system if isinstance(system, SystemConfig) else system_config(system)
+    return ClusterSim(cfg, timing, instances, requests, seed=seed, **kw).run()
+

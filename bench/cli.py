@@ -1,0 +1,220 @@
+"""`tetri bench ...`: workloads, live runs, simulator comparisons, A/B runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Workloads, live runs, simulator comparisons.", no_args_is_help=True)
+
+
+def _split_list(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+@app.command()
+def workload(
+    name: Annotated[str, typer.Argument(help="LPLD|LPHD|HPLD|HPHD|Mixed|Mixed-natural|synthetic:P:O|trace:PATH")],
+    requests: Annotated[int, typer.Option("--requests", "-n", help="Number of requests.")] = 500,
+    rate: Annotated[str, typer.Option(help="Poisson rate req/s, 'inf', or a sweep '1,2,4' / '1:8:1'.")] = "inf",
+    seed: Annotated[int, typer.Option(help="RNG seed (same seed, same workload).")] = 0,
+    max_context: Annotated[int, typer.Option(help="Drop ShareGPT pairs longer than this (prompt+output).")] = 4096,
+    out: Annotated[Path | None, typer.Option(help="Write JSONL here (one file per rate in a sweep).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print statistics as JSON.")] = False,
+) -> None:
+    """Build a workload (ShareGPT class, synthetic, or trace) with Poisson arrivals; print its stats."""
+    from bench.workloads import build_workload, parse_rates
+
+    rates = parse_rates(rate) or [math.inf]
+    base = build_workload(name, requests, rate=None, seed=seed, max_context=max_context)
+    stats = []
+    for r in rates:
+        wl = base.with_arrivals(r, seed + 1)
+        st = wl.stats()
+        if out is not None:
+            path = out if len(rates) == 1 else out.with_name(f"{out.stem}-rate{r:g}{out.suffix or '.jsonl'}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            wl.to_jsonl(path)
+            st["file"] = str(path)
+        stats.append(st)
+    if json_out:
+        typer.echo(json.dumps(stats if len(stats) > 1 else stats[0], default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"workload {name}")
+    for col in ("rate", "requests", "mean prompt", "mean output", "classes", "duration s", "file"):
+        t.add_column(col)
+    for st in stats:
+        t.add_row(
+            str(st.get("rate")), str(st["requests"]), f"{st['mean_prompt_tokens']:.1f}",
+            f"{st['mean_output_tokens']:.1f}", str(st["classes"]), f"{st['duration_s']:.1f}", st.get("file", "-"),
+        )  # fmt: skip
+    Console().print(t)
+
+
+@app.command()
+def run(
+    url: Annotated[str, typer.Option(help="Base URL of an OpenAI-compatible server (…/v1 or root).")],
+    workload_name: Annotated[str, typer.Option("--workload", "-w", help="Workload name (see `bench workload`).")] = "Mixed",
+    requests: Annotated[int, typer.Option("--requests", "-n")] = 50,
+    rate: Annotated[str, typer.Option(help="Poisson rate req/s or 'inf'.")] = "2",
+    seed: Annotated[int, typer.Option()] = 0,
+    model: Annotated[str | None, typer.Option(help="Model name to request (default: the server's first).")] = None,
+    length_scale: Annotated[float, typer.Option(help="Multiply prompt/output lengths (small live runs).")] = 1.0,
+    max_prompt: Annotated[int | None, typer.Option(help="Cap prompt tokens.")] = None,
+    max_output: Annotated[int | None, typer.Option(help="Cap output tokens.")] = None,
+    max_context: Annotated[int, typer.Option(help="Drop ShareGPT pairs longer than this.")] = 4096,
+    concurrency: Annotated[int, typer.Option(help="Max requests in flight (0: unbounded).")] = 0,
+    timeout: Annotated[float, typer.Option(help="Per-request timeout, s.")] = 600.0,
+    api_key: Annotated[str | None, typer.Option(envvar="OPENAI_API_KEY", help="Bearer token.")] = None,
+    endpoint: Annotated[str, typer.Option(help="completions or chat.")] = "completions",
+    out: Annotated[Path | None, typer.Option(help="Write results.json (+ records) into this folder.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    progress: Annotated[bool, typer.Option(help="Progress bar.")] = True,
+) -> None:
+    """Drive an OpenAI-compatible endpoint with a workload (streaming); record TTFT, gaps, TPOT, JCT."""
+    from bench.runner import run_workload
+    from bench.workloads import build_workload, parse_rates
+
+    rates = parse_rates(rate) or [math.inf]
+    wl = build_workload(workload_name, requests, rate=None, seed=seed, max_context=max_context)
+    if length_scale != 1.0 or max_prompt or max_output:
+        wl = wl.scaled(length_scale, max_prompt, max_output)
+    all_results = []
+    for r in rates:
+        res = run_workload(
+            url, wl.with_arrivals(r, seed + 1), model=model, concurrency=concurrency, timeout_s=timeout,
+            api_key=api_key, endpoint=endpoint, show_progress=progress and not json_out,
+        )  # fmt: skip
+        all_results.append(res)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            name = "results.json" if len(rates) == 1 else f"results-rate{r:g}.json"
+            (out / name).write_text(json.dumps(res, indent=1, default=str))
+    summaries = [{"rate": x["rate"], **x["summary"]} for x in all_results]
+    if json_out:
+        typer.echo(json.dumps(summaries[0] if len(summaries) == 1 else summaries, default=str))
+    else:
+        _print_summaries({f"rate {s['rate']}": s for s in summaries})
+
+
+def _print_summaries(rows: dict[str, dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table()
+    cols = ("mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "mean_jct_ms", "p99_jct_ms", "throughput_rps",
+            "completed", "errors")  # fmt: skip
+    t.add_column("")
+    for c in cols:
+        t.add_column(c)
+    for name, s in rows.items():
+        t.add_row(name, *[(f"{s[c]:.1f}" if isinstance(s.get(c), float) else str(s.get(c))) for c in cols])
+    Console(stderr=True).print(t)
+
+
+@app.command()
+def compare(
+    workload_name: Annotated[str, typer.Option("--workload", "-w", help="Workload(s), comma separated.")] = "Mixed",
+    backend: Annotated[str, typer.Option(help="sim (discrete-event cluster) or native (live, small scale).")] = "sim",
+    profile: Annotated[str, typer.Option(help="Timing profile (sim), e.g. h100-llama-2-7b, cpu-smollm2.")] = "h100-llama-2-7b",
+    instances: Annotated[int, typer.Option(help="Instances per system (equal for all).")] = 4,
+    requests: Annotated[int, typer.Option("--requests", "-n")] = 500,
+    rate: Annotated[str, typer.Option(help="req/s, 'inf', or 'auto' (= --load x baseline capacity).")] = "auto",
+    load: Annotated[float, typer.Option(help="Offered load for --rate auto, x the co-located baseline's capacity.")] = 1.0,
+    systems: Annotated[str, typer.Option(help="Systems, comma separated; 'name+key=value' overrides.")] = (
+        "colocated-vllm,colocated-sarathi,disagg-simple,tetri"
+    ),
+    seed: Annotated[int, typer.Option()] = 0,
+    network: Annotated[str, typer.Option(help="KV link (sim): inter (between nodes) or intra (NVLink).")] = "inter",
+    kv_tokens: Annotated[int | None, typer.Option(help="KV pool per instance, tokens (default: profile).")] = None,
+    length_scale: Annotated[float, typer.Option(help="Multiply prompt/output lengths.")] = 1.0,
+    max_prompt: Annotated[int | None, typer.Option(help="Cap prompt tokens.")] = None,
+    max_output: Annotated[int | None, typer.Option(help="Cap output tokens.")] = None,
+    model: Annotated[str, typer.Option(help="Model (native backend).")] = "smollm2-135m-instruct",
+    out: Annotated[Path, typer.Option(help="Folder for report.md, plots and results.json.")] = Path("bench-out"),
+    json_out: Annotated[bool, typer.Option("--json", help="Print {'systems': {NAME: {...}}} as JSON.")] = False,
+) -> None:
+    """Run a workload against colocated-vllm, colocated-sarathi, disagg-simple and tetri (or any
+    systems you name) at equal instance counts; write report.md, PNG plots and results.json."""
+    from bench.compare import CompareSpec, compact, run_compare
+
+    spec = CompareSpec(
+        workloads=_split_list(workload_name), backend=backend, profile=profile, instances=instances,
+        requests=requests, rate=rate, load=load, systems=_split_list(systems), seed=seed, network=network,
+        kv_tokens=kv_tokens, length_scale=length_scale, max_prompt=max_prompt, max_output=max_output, model=model,
+    )  # fmt: skip
+
+    def progress(w: str, s: str, m: dict) -> None:
+        if not json_out:
+            typer.echo(
+                f"{w:>14s} {s:<24s} TTFT {m.get('mean_ttft_ms') or 0:9.1f} ms  JCT {m.get('mean_jct_ms') or 0:9.1f} ms"
+                f"  TPOT {m.get('mean_tpot_ms') or 0:6.2f} ms  {m.get('throughput_rps') or 0:7.2f} req/s",
+                err=True,
+            )
+
+    results = run_compare(spec, out_dir=out, progress=progress)
+    if json_out:
+        typer.echo(json.dumps(compact(results), default=str))
+    else:
+        typer.echo(f"report: {out / 'report.md'}", err=True)
+
+
+@app.command()
+def ab(
+    a: Annotated[str, typer.Option("--a", help="Deployment A: a URL (live) or a system name (sim).")],
+    b: Annotated[str, typer.Option("--b", help="Deployment B: a URL (live) or a system name (sim).")],
+    workload_name: Annotated[str, typer.Option("--workload", "-w")] = "Mixed",
+    requests: Annotated[int, typer.Option("--requests", "-n")] = 100,
+    rate: Annotated[str, typer.Option(help="req/s or 'inf' ('auto' in sim: --load x baseline capacity).")] = "auto",
+    load: Annotated[float, typer.Option()] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    profile: Annotated[str, typer.Option(help="Timing profile for sim systems.")] = "h100-llama-2-7b",
+    instances: Annotated[int, typer.Option(help="Instances (sim).")] = 4,
+    model: Annotated[str | None, typer.Option(help="Model name (live).")] = None,
+    model_b: Annotated[str | None, typer.Option(help="Model name for B if it differs (live).")] = None,
+    length_scale: Annotated[float, typer.Option()] = 1.0,
+    max_prompt: Annotated[int | None, typer.Option()] = None,
+    max_output: Annotated[int | None, typer.Option()] = None,
+    out: Annotated[Path, typer.Option()] = Path("bench-ab"),
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The same workload against two deployments (URLs, live) or two system configurations (sim),
+    reported side by side."""
+    from bench.ab import run_ab
+
+    results = run_ab(
+        a, b, workload_name, requests=requests, rate=rate, load=load, seed=seed, profile=profile,
+        instances=instances, model=model, model_b=model_b, length_scale=length_scale, max_prompt=max_prompt,
+        max_output=max_output, out_dir=out, show_progress=not json_out,
+    )  # fmt: skip
+    from bench.compare import compact
+
+    if json_out:
+        typer.echo(json.dumps(compact(results), default=str))
+    else:
+        _print_summaries({n: s["summary"] for n, s in next(iter(results["workloads"].values()))["systems"].items()})
+        typer.echo(f"report: {out / 'report.md'}", err=True)
+
+
+@app.command()
+def calibrate(
+    url: Annotated[str | None, typer.Option(help="A running native worker to time (else: in-process engine).")] = None,
+    save: Annotated[bool, typer.Option(help="Save as the cpu-smollm2 profile.")] = True,
+) -> None:
+    """Fit the cpu-smollm2 timing profile from measured forward passes of the built-in engine."""
+    from bench.calibrate import calibrate_cpu
+
+    coeffs = calibrate_cpu(url=url, save=save)
+    typer.echo(json.dumps(coeffs, indent=2))
+
+
+def main() -> None:  # pragma: no cover
+    app(sys.argv[1:])

@@ -1,0 +1,194 @@
+"""`tetri bench compare`: one workload (or several) against several serving systems, side by side.
+
+Backends:
+
+* ``sim``: the in-process discrete-event cluster (backends/sim/cluster.py) with a calibrated timing
+  profile; every system gets the same instance count and the same requests.
+* ``native``: the same systems live on this machine (``tetri up`` with the built-in engine), small
+  scale: see ``bench/live.py``.
+
+Offered load: ``--rate`` in requests/s, ``inf`` (all at once), or ``auto`` (default): ``--load`` ×
+the co-located vLLM-style baseline's capacity, measured by simulating it on the same requests all
+arriving at once (completed requests / makespan). ``--load 1`` offers exactly what the baseline can
+sustain, the regime where the paper's gains show; the report states the rate used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.metrics import by_class, ratio, summarize
+from bench.workloads import Workload, build_workload
+
+STANDARD_SYSTEMS = ("colocated-vllm", "colocated-sarathi", "disagg-simple", "tetri")
+BASELINE = "colocated-vllm"
+SUMMARY_KEYS = (
+    "mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms",
+    "mean_tpot_ms", "p50_tpot_ms", "p99_tpot_ms",
+    "mean_jct_ms", "p50_jct_ms", "p99_jct_ms",
+    "throughput_rps", "output_tokens_per_s", "instance_seconds", "busy_instance_seconds",
+    "perf_per_instance_s", "completed", "errors", "makespan_s",
+)  # fmt: skip
+
+
+@dataclass
+class CompareSpec:
+    workloads: list[str]
+    backend: str = "sim"
+    profile: str = "h100-llama-2-7b"
+    instances: int = 4
+    requests: int = 500
+    rate: str = "auto"
+    load: float = 1.0
+    seed: int = 0
+    systems: list[str] = field(default_factory=lambda: list(STANDARD_SYSTEMS))
+    network: str = "inter"
+    kv_tokens: int | None = None
+    length_scale: float = 1.0
+    max_prompt: int | None = None
+    max_output: int | None = None
+    model: str = "smollm2-135m-instruct"
+    live_backend: str = "native"
+
+
+def _rate_value(spec: CompareSpec) -> float | None:
+    r = (spec.rate or "auto").strip().lower()
+    if r == "auto":
+        return None
+    if r in ("inf", "burst", "0"):
+        return math.inf
+    return float(r)
+
+
+def _load_workload(spec: CompareSpec, name: str, max_context: int | None) -> Workload:
+    wl = build_workload(name, spec.requests, rate=None, seed=spec.seed, max_context=max_context)
+    if spec.length_scale != 1.0 or spec.max_prompt or spec.max_output:
+        wl = wl.scaled(spec.length_scale, spec.max_prompt, spec.max_output)
+    return wl
+
+
+def compare_sim(spec: CompareSpec, progress: Any = None) -> dict[str, Any]:
+    from backends.sim.cluster import simulate, system_config
+    from backends.sim.profiles import get_timing
+
+    tm = get_timing(spec.profile, network=spec.network, kv_tokens=spec.kv_tokens)
+    out: dict[str, Any] = {
+        "backend": "sim",
+        "profile": spec.profile,
+        "timing": tm.describe(),
+        "instances": spec.instances,
+        "requests": spec.requests,
+        "seed": spec.seed,
+        "network": spec.network,
+        "workloads": {},
+    }
+    for wname in spec.workloads:
+        base = _load_workload(spec, wname, tm.max_context)
+        rate = _rate_value(spec)
+        rate_source = "given"
+        if rate is None:
+            probe = simulate(BASELINE, tm, spec.instances, base.with_arrivals(math.inf, spec.seed + 1).requests,
+                             seed=spec.seed)  # fmt: skip
+            cap = summarize(probe.requests, spec.instances)["throughput_rps"] or 1.0
+            rate = spec.load * cap
+            rate_source = f"auto: {spec.load:g} x {BASELINE} capacity {cap:.2f} req/s (burst probe)"
+        wl = base.with_arrivals(rate, spec.seed + 1)
+        wres: dict[str, Any] = {
+            "workload": wl.stats(),
+            "rate": rate if math.isfinite(rate) else "inf",
+            "rate_source": rate_source,
+            "systems": {},
+        }
+        for sname in spec.systems:
+            cfg = system_config(sname)
+            t0 = time.perf_counter()
+            res = simulate(cfg, tm, spec.instances, wl.requests, seed=spec.seed)
+            summ = summarize(res.requests, spec.instances)
+            summ["busy_instance_seconds"] = res.busy_instance_s
+            summ["sim_wall_s"] = time.perf_counter() - t0
+            summ["preemptions"] = res.preemptions
+            summ["flips"] = res.flips
+            summ["split"] = res.split
+            wres["systems"][sname] = {
+                "summary": summ,
+                "by_class": by_class(res.requests, spec.instances),
+                "config": res.config,
+                "split": res.split,
+                "extra": res.extra,
+                "requests": res.requests,
+            }
+            if progress:
+                progress(wname, sname, summ)
+        _relative(wres)
+        out["workloads"][wname] = wres
+    return out
+
+
+def _relative(wres: dict[str, Any]) -> None:
+    systems = wres["systems"]
+    for ref in (BASELINE, "colocated-sarathi"):
+        if ref not in systems:
+            continue
+        b = systems[ref]["summary"]
+        for name, s in systems.items():
+            rel = s.setdefault("relative", {})
+            rel[f"vs_{ref}"] = {
+                k: ratio(s["summary"].get(k), b.get(k))
+                for k in ("mean_ttft_ms", "mean_jct_ms", "mean_tpot_ms", "p99_ttft_ms", "instance_seconds",
+                          "busy_instance_seconds", "perf_per_instance_s")
+            }  # fmt: skip
+
+
+def compact(results: dict[str, Any]) -> dict[str, Any]:
+    """The --json summary: {"systems": {NAME: {...}}} for one workload, plus "workloads" for all."""
+    per_wl: dict[str, Any] = {}
+    for wname, wres in results["workloads"].items():
+        per_wl[wname] = {
+            "rate": wres["rate"],
+            "systems": {
+                name: {
+                    **{k: s["summary"].get(k) for k in SUMMARY_KEYS},
+                    "split": s.get("split"),
+                    "relative": s.get("relative", {}),
+                }
+                for name, s in wres["systems"].items()
+            },
+        }
+    out: dict[str, Any] = {"backend": results.get("backend"), "profile": results.get("profile"),
+                           "instances": results.get("instances")}  # fmt: skip
+    first = next(iter(per_wl.values()), {"systems": {}, "rate": None})
+    out["workload"] = next(iter(per_wl), None)
+    out["rate"] = first["rate"]
+    out["systems"] = first["systems"]
+    if len(per_wl) > 1:
+        out["workloads"] = per_wl
+    return out
+
+
+def write_results(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    from bench.report import write_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"results": out_dir / "results.json"}
+    paths["results"].write_text(json.dumps(results, indent=1, default=str))
+    paths.update(write_report(results, out_dir))
+    return paths
+
+
+def run_compare(spec: CompareSpec, out_dir: Path | None = None, progress: Any = None) -> dict[str, Any]:
+    if spec.backend == "sim":
+        results = compare_sim(spec, progress)
+    elif spec.backend in ("native", "live"):
+        from bench.live import compare_live
+
+        results = compare_live(spec, progress)
+    else:
+        raise ValueError(f"unknown backend {spec.backend!r} (sim or native)")
+    if out_dir is not None:
+        results["files"] = {k: str(v) for k, v in write_results(results, out_dir).items()}
+    return results
