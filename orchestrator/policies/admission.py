@@ -16,8 +16,9 @@ All policies are admission gates only: once admitted, a request's KV still grows
   (each running decode grows by ``min(r_i, m) = m`` tokens until then; the new one by at most ``m``
   of its own predicted tokens). With no running decode, or when the view carries no predictions at
   all (an engine that does not report ``decode_remaining``), there is no horizon and the rule is
-  ``fits``, i.e. ``reserve_static``. Because ``fits`` is required too, it never admits a request whose predicted working set
-  exceeds what is available, and it is never looser than ``reserve_static``.
+  ``fits``, i.e. ``reserve_static``. Because ``fits`` is required too, it never admits a request
+  whose predicted working set exceeds what is available, and it is never looser than
+  ``reserve_static``.
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ Every dispatcher first splits the usable decode instances it is given into
 
 and picks from α whenever α is non-empty. They differ only in how they choose within α:
 
-* ``power_of_two``: sample ``power_of_d`` instances of α uniformly at random (``rng``; all of α when
-  it has at most ``power_of_d``), keep the one whose heavy:light decode ratio *after adding this
-  request* is lowest, ratio = (heavy + 1) / (light + 1) (smoothed so no light decode is not a
-  division by zero); ties: more available KV, then fewer running, then id.
+* ``power_of_two``: sample ``min(power_of_d, |α|)`` distinct instances of α uniformly at random
+  (``rng.sample`` over α sorted by id), keep the one whose heavy:light decode ratio *after adding
+  this request* is lowest, ratio = (heavy + 1) / (light + 1) (smoothed so that no light decode is not
+  a division by zero); ties: more available KV, then fewer running, then the earlier-sampled one
+  (random, so identical instances share the load evenly).
 * ``random``: uniform over α.
 * ``round_robin``: the next instance of α (by id) after the one picked last (a stateful cursor).
 * ``least_loaded``: most available KV (free − reserved); ties: fewer running, then id.
@@ -72,7 +73,9 @@ class _Base:
 
     def __init__(self, fallback: Fallback | str = "most_free", heavy_decode_threshold: int | None = None) -> None:
         if fallback not in DISPATCH_FALLBACK_NAMES:
-            raise ValueError(f"unknown dispatch fallback {fallback!r}; choose one of {', '.join(DISPATCH_FALLBACK_NAMES)}")
+            raise ValueError(
+                f"unknown dispatch fallback {fallback!r}; choose one of {', '.join(DISPATCH_FALLBACK_NAMES)}"
+            )
         self.fallback = fallback
         self.heavy_decode_threshold = heavy_decode_threshold
 
@@ -105,14 +108,14 @@ class PowerOfTwo(_Base):
         self.power_of_d = int(power_of_d)
 
     def candidates(self, alpha: list[InstanceView], rng: random.Random) -> list[InstanceView]:
-        if len(alpha) <= self.power_of_d:
-            return list(alpha)
-        return rng.sample(alpha, self.power_of_d)
+        """``min(power_of_d, |α|)`` distinct instances of α (sorted by id) in random order."""
+        return rng.sample(alpha, min(self.power_of_d, len(alpha)))
 
     def choose(self, alpha: list[InstanceView], req: RequestView, rng: random.Random) -> InstanceView:
         heavy = self.is_heavy(req)
         cands = self.candidates(alpha, rng)
-        return min(cands, key=lambda d: (heavy_light_ratio_after(d, heavy), -available_kv(d), d.running, d.id))
+        # min() keeps the first of equal keys: a full tie goes to the earlier-sampled candidate.
+        return min(cands, key=lambda d: (heavy_light_ratio_after(d, heavy), -available_kv(d), d.running))
 
 
 class RandomDispatch(_Base):

@@ -8,8 +8,8 @@ the decode side is loaded becomes a decode instance, and the reverse.
 * An instance is **idle** when it has no work at all: ``running == queued == 0``, no queued or
   running prompt tokens, no heavy/light decodes and nothing reserved for it. The policy remembers,
   per instance, the first ``now`` at which it was seen idle (reset when it is seen busy, or in a
-  different role). With ``scope="pool"`` the idle clock is per role instead: the whole pool must be
-  idle.
+  different role). With ``scope="pool"`` the whole pool (every usable instance of the role) must
+  also have been idle for ``idle_s``.
 * A role's pool is **loaded** when any of its usable instances has queued work (``queued > 0`` or
   queued prompt tokens) or its mean KV utilisation (used + reserved over total) is at least
   ``load_kv_threshold``.
@@ -111,21 +111,27 @@ class IdleFlip:
                 self.idle_since.pop(v.id, None)
             if self.pending.get(v.id) == v.role:
                 del self.pending[v.id]
-            if self.scope == "instance":
-                if v.usable and is_idle(v):
-                    self.idle_since.setdefault(v.id, now)
-                else:
-                    self.idle_since.pop(v.id, None)
+            if v.usable and is_idle(v):
+                self.idle_since.setdefault(v.id, now)
+            else:
+                self.idle_since.pop(v.id, None)
         if self.scope == "pool":
             for role in _FLIPPABLE:
                 pool = [v for v in views if v.role == role and v.usable]
+                key = f"pool:{role}"
                 if pool and all(is_idle(v) for v in pool):
-                    self.idle_since.setdefault(role, now)
+                    self.idle_since.setdefault(key, now)
                 else:
-                    self.idle_since.pop(role, None)
+                    self.idle_since.pop(key, None)
 
     def _idle_from(self, v: InstanceView) -> float | None:
-        return self.idle_since.get(v.id if self.scope == "instance" else v.role)
+        """Since when ``v`` counts as idle: its own idle clock, and with scope "pool" also its pool's
+        (the later of the two), so an instance that just joined an idle pool still waits ``idle_s``."""
+        own = self.idle_since.get(v.id)
+        if own is None or self.scope == "instance":
+            return own
+        pool = self.idle_since.get(f"pool:{v.role}")
+        return None if pool is None else max(own, pool)
 
     def decide(self, instances: Sequence[InstanceView], now: float) -> list[FlipDecision]:
         views = [v for v in instances if v.role in _FLIPPABLE]
@@ -133,9 +139,7 @@ class IdleFlip:
         usable = [v for v in views if v.usable]
         pools = {role: [v for v in usable if v.role == role] for role in _FLIPPABLE}
         loaded = {role: pool_loaded(pools[role], self.load_kv_threshold) for role in _FLIPPABLE}
-        staying = {
-            role: sum(1 for v in pools[role] if self.pending.get(v.id) is None) for role in _FLIPPABLE
-        }
+        staying = {role: sum(1 for v in pools[role] if self.pending.get(v.id) is None) for role in _FLIPPABLE}
         best: tuple[float, str, InstanceView] | None = None
         for v in usable:
             if v.id in self.pending:

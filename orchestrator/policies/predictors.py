@@ -42,9 +42,7 @@ class OraclePredictor:
             raise ValueError(f"predictor_granularity must be >= 1, got {granularity}")
         self.granularity = int(granularity)
 
-    def predict_bucket(
-        self, prompt: str, prompt_tokens: int | None = None, meta: dict[str, Any] | None = None
-    ) -> int:
+    def predict_bucket(self, prompt: str, prompt_tokens: int | None = None, meta: dict[str, Any] | None = None) -> int:
         if not meta or meta.get("output_len") is None:
             raise MissingOutputLength(
                 "the oracle predictor needs the true output length in meta['output_len'] "
@@ -65,9 +63,7 @@ class ConstantPredictor:
         self.bucket = int(bucket)
         self.granularity = int(granularity)
 
-    def predict_bucket(
-        self, prompt: str, prompt_tokens: int | None = None, meta: dict[str, Any] | None = None
-    ) -> int:
+    def predict_bucket(self, prompt: str, prompt_tokens: int | None = None, meta: dict[str, Any] | None = None) -> int:
         return self.bucket
 
 
