@@ -17,6 +17,7 @@ raises `BackendError`; once a stream has started, engine-side failures arrive as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -381,7 +382,8 @@ class SGLangBackend(Backend):
             try:
                 resp = await self._client.get(path, timeout=timeout)
             except httpx.HTTPError as exc:
-                raise BackendError(f"{self.instance_id}: GET {path} failed: {exc!r}", status=503, retryable=True) from exc
+                raise BackendError(f"{self.instance_id}: GET {path} failed: {exc!r}", status=503,
+                                   retryable=True) from exc
             if resp.status_code in (404, 405):
                 last = http_error(self.instance_id, resp)
                 continue
@@ -568,8 +570,9 @@ class SGLangBackend(Backend):
                     if resp.status_code >= 400:
                         await resp.aread()
                         raise http_error(self.instance_id, resp)
-                    async for chunk in iter_sse(resp):
-                        yield chunk
+                    async with contextlib.aclosing(iter_sse(resp)) as chunks:
+                        async for chunk in chunks:
+                            yield chunk
             else:
                 resp = await self._client.post("/generate", json=body)
                 if resp.status_code >= 400:
@@ -587,21 +590,22 @@ class SGLangBackend(Backend):
         sent_ids, sent_text = skip_tokens, skip_text
         started = False
         try:
-            async for chunk in self.stream_chunks(body):
-                started = True
-                state.feed(chunk)
-                if len(state.ids) <= skip_tokens and state.finish is None:
-                    sent_text = state.text or sent_text
-                    continue
-                new_ids = state.ids[sent_ids:]
-                new_text = state.text[len(sent_text):]
-                if new_ids or new_text or state.finish:
-                    sent_ids += len(new_ids)
-                    sent_text = state.text if len(state.text) >= len(sent_text) else sent_text
-                    self.ledger.progress(request.request_id, len(new_ids), phase)
-                    yield TokenEvent(list(new_ids), new_text, state.finish, phase, state.error)  # type: ignore[arg-type]
-                if state.finish is not None:
-                    return
+            async with contextlib.aclosing(self.stream_chunks(body)) as chunks:
+                async for chunk in chunks:
+                    started = True
+                    state.feed(chunk)
+                    if len(state.ids) <= skip_tokens and state.finish is None:
+                        sent_text = state.text or sent_text
+                        continue
+                    new_ids = state.ids[sent_ids:]
+                    new_text = state.text[len(sent_text):]
+                    if new_ids or new_text or state.finish:
+                        sent_ids += len(new_ids)
+                        sent_text = state.text if len(state.text) >= len(sent_text) else sent_text
+                        self.ledger.progress(request.request_id, len(new_ids), phase)
+                        yield TokenEvent(list(new_ids), new_text, state.finish, phase, state.error)  # type: ignore[arg-type]
+                    if state.finish is not None:
+                        return
         except BackendError as exc:
             if not started:
                 raise
@@ -618,9 +622,10 @@ class SGLangBackend(Backend):
         self.ledger.start(request)
         finished = False
         try:
-            async for event in self._events(request, self.build_body(request, rid), "generate"):
-                finished = event.finish_reason is not None
-                yield event
+            async with contextlib.aclosing(self._events(request, self.build_body(request, rid), "generate")) as events:
+                async for event in events:
+                    finished = event.finish_reason is not None
+                    yield event
         finally:
             self.ledger.finish(request.request_id)
             self.untrack(request.request_id, rid)
@@ -638,8 +643,9 @@ class SGLangBackend(Backend):
         self.track(request.request_id, rid)
         state = ChunkState()
         try:
-            async for chunk in self.stream_chunks(body):
-                state.feed(chunk)
+            async with contextlib.aclosing(self.stream_chunks(body)) as chunks:
+                async for chunk in chunks:
+                    state.feed(chunk)
         finally:
             self.untrack(request.request_id, rid)
         if state.finish in ("error", "abort"):
@@ -661,10 +667,11 @@ class SGLangBackend(Backend):
         self.ledger.start(request)
         finished = False
         try:
-            async for event in self._events(request, body, "decode", skip_tokens=1,
-                                            skip_text=kv.extra.get("first_text", "")):
-                finished = event.finish_reason is not None
-                yield event
+            events = self._events(request, body, "decode", skip_tokens=1, skip_text=kv.extra.get("first_text", ""))
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    finished = event.finish_reason is not None
+                    yield event
         finally:
             self.ledger.finish(request.request_id)
             self.untrack(request.request_id, rid)

@@ -64,8 +64,9 @@ class BootstrapRoomStrategy(HandoffStrategy):
 
         async def pump(side: str, backend: SGLangBackend) -> None:
             try:
-                async for chunk in backend.stream_chunks(body):
-                    await queue.put((side, chunk))
+                async with contextlib.aclosing(backend.stream_chunks(body)) as chunks:
+                    async for chunk in chunks:
+                        await queue.put((side, chunk))
                 await queue.put((side, _END))
             except asyncio.CancelledError:
                 raise
@@ -75,7 +76,7 @@ class BootstrapRoomStrategy(HandoffStrategy):
         started = time.perf_counter()
         tasks = [asyncio.create_task(pump("P", prefill)), asyncio.create_task(pump("D", decode))]
         p_state, d_state = ChunkState(), ChunkState()
-        p_done = d_done = False
+        p_done = False
         first_sent = False
         sent_ids = 0
         sent_text = ""
@@ -122,7 +123,6 @@ class BootstrapRoomStrategy(HandoffStrategy):
 
                 # decode side
                 if isinstance(item, BaseException) or item is _END:
-                    d_done = True
                     error = item if isinstance(item, BaseException) else None
                     if error is not None and not first_sent and isinstance(error, BackendError):
                         raise error

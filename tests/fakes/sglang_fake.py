@@ -315,7 +315,8 @@ class SGLangFake:
             try:
                 token = await asyncio.wait_for(asyncio.shield(room.kv), timeout)
             except TimeoutError:
-                return JSONResponse({"error": f"Request {room_id} timed out after {timeout}s in KVPoll.WaitingForInput"})
+                msg = f"Request {room_id} timed out after {timeout}s in KVPoll.WaitingForInput"
+                return JSONResponse({"error": msg})
             except Exception as exc:  # noqa: BLE001
                 return JSONResponse({"error": str(exc)})
             return JSONResponse({"first_token": token, "room": room_id})
@@ -425,8 +426,8 @@ class SGLangFake:
 
         @app.api_route("/flush_cache", methods=["GET", "POST"])
         async def flush_cache() -> Response:
-            return PlainTextResponse("Cache flushed.\nPlease check backend logs for more details. "
-                                     "(When there are running or waiting requests, the operation will not be performed.)\n")
+            return PlainTextResponse("Cache flushed.\nPlease check backend logs for more details. (When there are "
+                                     "running or waiting requests, the operation will not be performed.)\n")
 
         return app
 
@@ -531,8 +532,8 @@ class SGLangFake:
         finish: Any = None
         try:
             try:
-                async for ids, text, finish in self._run(body, live, request):
-                    pass
+                async for step in self._run(body, live, request):
+                    ids, text, finish = step
             except _Abort as abort:
                 if abort.status is not None and abort.status >= 401:
                     return JSONResponse({"object": "error", "message": abort.message, "type": str(abort.status),

@@ -1,0 +1,528 @@
+"""Adapter for TensorRT-LLM `trtllm-serve` workers (OpenAI `/v1/completions`), co-located or as
+context (prefill) and generation (decode) servers of a disaggregated pair.
+
+Wire protocol: ../shared/reference/tensorrt-llm.md (TensorRT-LLM main, 1.2/1.3.0rc era). The
+request models reject unknown fields (`extra="forbid"`), so the adapter sends only long-standing
+fields and echoes the context server's `disaggregated_params` back unchanged except for
+`request_type`.
+
+Disaggregated request (kvbridge.tensorrt_llm.DisaggregatedParamsStrategy):
+1. context-only request (non-streaming) with a fresh `disagg_request_id` (a unique int in
+   [2^40, 2^63), never reused, also not on retries);
+2. its first token (`first_gen_tokens`, text) goes to the client at once; a context step that
+   already finished (`stop`, or `length` with max_tokens 1) is the whole answer;
+3. generation-only request with `prompt` = the context's `prompt_token_ids` and its
+   `disaggregated_params`; the generation server re-emits the first token, which is dropped
+   here by token count (usage), text-checked.
+
+Token ids: `/v1/completions` streams either text (default) or token ids (`detokenize: false`),
+never both. In the default text mode the adapter knows each chunk's token count from the
+continuous usage stats, so decode events carry the right number of ids, but as -1 placeholders
+(the first token's id is real). Set the instance option `detokenize: false` for real ids
+without text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from backends.base import (
+    Backend,
+    BackendError,
+    GenRequest,
+    Handoff,
+    KVHandle,
+    LoadReport,
+    PrefillResult,
+    Role,
+    TokenEvent,
+)
+from backends.sglang import InflightLedger, RestartRequired, http_error, iter_sse
+
+log = logging.getLogger("tetri.backends.tensorrt_llm")
+
+_TIMEOUT = httpx.Timeout(connect=5.0, read=900.0, write=60.0, pool=30.0)
+_SHORT = 5.0
+PLACEHOLDER_ID = -1
+AUTH_HEADER = "x-trtllm-disagg-auth"
+
+# ---- disagg_request_id: unique ints in [2^40, 2^63) ----------------------------------------
+# Worker-local request ids live below 2^40, so ours never collide with them. Snowflake layout:
+# 2^40 + (milliseconds since 2025-01-01 << 22 | node << 14 | sequence): unique within a process
+# (sequence, waits for the next millisecond when 16384 ids were minted in one), and across
+# orchestrator replicas unless two draw the same random 8-bit node in the same millisecond.
+_EPOCH_MS = 1_735_689_600_000
+_ID_FLOOR = 1 << 40
+_NODE = secrets.randbelow(256)
+_id_lock = threading.Lock()
+_id_state = {"ms": 0, "seq": 0}
+
+
+def new_disagg_request_id(node: int | None = None) -> int:
+    node = _NODE if node is None else node & 0xFF
+    with _id_lock:
+        while True:
+            now = int(time.time() * 1000) - _EPOCH_MS
+            if now > _id_state["ms"]:
+                _id_state["ms"], _id_state["seq"] = now, 0
+                break
+            if _id_state["seq"] < (1 << 14) - 1:
+                _id_state["seq"] += 1
+                now = _id_state["ms"]
+                break
+            time.sleep(0.0005)
+        value = _ID_FLOOR + ((now << 22) | (node << 14) | _id_state["seq"])
+    assert _ID_FLOOR <= value < 1 << 63
+    return value
+
+
+def disagg_auth_header(key: str, params: dict[str, Any]) -> str:
+    """`x-trtllm-disagg-auth` of newest trtllm-serve: HMAC-SHA256 over the sorted compact JSON of
+    {ctx_info_endpoint (first element if a list), encoded_opaque_state}."""
+    endpoint = params.get("ctx_info_endpoint")
+    if isinstance(endpoint, list):
+        endpoint = endpoint[0] if endpoint else None
+    payload = json.dumps({"ctx_info_endpoint": endpoint, "encoded_opaque_state": params.get("encoded_opaque_state")},
+                         sort_keys=True, separators=(",", ":")).encode()
+    return "sha256=" + hmac.new(key.encode(), payload, hashlib.sha256).hexdigest()
+
+
+@dataclass
+class ContextResult:
+    first: TokenEvent
+    params: dict[str, Any] | None
+    prompt_token_ids: list[int]
+    usage: dict[str, Any] = field(default_factory=dict)
+    finished: bool = False
+
+
+def _first_error(chunk: dict[str, Any]) -> str | None:
+    err = chunk.get("error")
+    if err is None:
+        return None
+    if isinstance(err, dict):
+        return str(err.get("message") or err)
+    return str(err)
+
+
+class TensorRTLLMBackend(Backend):
+    """One `trtllm-serve` worker.
+
+    Options (InstanceSpec.options): `served_model` (the `model` string of requests; default
+    /v1/models' first id, else the instance's model), `auth_key` (the workers'
+    `internal_request_auth_key`), `detokenize` (default true, see module doc), `kv_tokens` (KV
+    capacity to report until the first `/metrics` sample arrives), `allow_flip` (default true:
+    a worker serves context-only and generation-only requests alike, so a flip is ours alone;
+    the worker's YAML must then have `disable_overlap_scheduler: true`), `heavy_decode_threshold`.
+    """
+
+    kind = "tensorrt-llm"
+
+    def __init__(
+        self,
+        url: str,
+        instance_id: str,
+        role: Role,
+        model: str | None = None,
+        *,
+        served_model: str | None = None,
+        auth_key: str | None = None,
+        api_key: str | None = None,
+        detokenize: bool = True,
+        kv_tokens: int | None = None,
+        allow_flip: bool = True,
+        heavy_decode_threshold: int = 128,
+        metrics_timeout_s: float = 0.5,
+        drain_timeout_s: float = 300.0,
+        timeout_s: float | None = None,
+        **unknown: Any,
+    ) -> None:
+        super().__init__(url, instance_id, role, model)
+        if unknown:
+            log.warning("tensorrt-llm instance %s: ignoring unknown options %s", instance_id, sorted(unknown))
+        self.served_model = served_model
+        self.auth_key = auth_key
+        self.detokenize = detokenize
+        self.kv_tokens = kv_tokens
+        self.allow_flip = allow_flip
+        self.metrics_timeout_s = metrics_timeout_s
+        self.drain_timeout_s = drain_timeout_s
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        timeout = httpx.Timeout(connect=5.0, read=timeout_s, write=60.0, pool=30.0) if timeout_s else _TIMEOUT
+        self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=headers)
+        self.ledger = InflightLedger(heavy_decode_threshold)
+        self.accepting = True
+        self._stats: dict[int, dict[str, Any]] = {}   # last iteration stats per attention-DP rank
+        self._stats_at = 0.0
+        self._info: dict[str, Any] | None = None
+        self._open: dict[str, set[httpx.Response]] = {}
+        self._aborted: set[str] = set()
+        self._no_disagg_id = False
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    # ---- registration, health, load ---------------------------------------------------------
+    async def health(self) -> bool:
+        try:
+            resp = await self._client.get("/health", timeout=10.0)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
+
+    async def info(self, refresh: bool = False) -> dict[str, Any]:
+        if self._info is not None and not refresh:
+            return self._info
+        info: dict[str, Any] = {"instance_id": self.instance_id, "backend": self.kind}
+        try:
+            resp = await self._client.get("/v1/models", timeout=_SHORT)
+            if resp.status_code == 200:
+                data = resp.json().get("data") or []
+                if data:
+                    info["model"] = data[0].get("id")
+            resp = await self._client.get("/version", timeout=_SHORT)
+            if resp.status_code == 200:
+                info["version"] = resp.json().get("version")
+        except (httpx.HTTPError, ValueError) as exc:
+            raise BackendError(f"{self.instance_id}: info failed: {exc!r}", status=503, retryable=True) from exc
+        if self.served_model is None:
+            self.served_model = info.get("model") or self.model
+        if self.model is None:
+            self.model = info.get("model")
+        info["model"] = info.get("model") or self.model
+        try:
+            await self._poll_metrics()
+        except BackendError:
+            pass
+        kv = self._kv_summary()
+        info.update(block_size=kv.get("tokens_per_block"), total_kv_tokens=kv.get("total") or self.kv_tokens)
+        self._info = info
+        return info
+
+    async def _poll_metrics(self) -> None:
+        """`GET /metrics` drains the iteration stats gathered since the last call: `[]` when idle
+        (or without `enable_iter_perf_stats`), so the last sample per rank is kept. Older builds
+        wait up to 2 s on an empty queue: a read timeout counts as `[]`."""
+        try:
+            resp = await self._client.get("/metrics", timeout=httpx.Timeout(_SHORT, read=self.metrics_timeout_s))
+        except httpx.ReadTimeout:
+            return
+        except httpx.HTTPError as exc:
+            raise BackendError(f"{self.instance_id}: /metrics failed: {exc!r}", status=503, retryable=True) from exc
+        if resp.status_code >= 400:
+            raise http_error(self.instance_id, resp)
+        try:
+            items = resp.json()
+        except ValueError:
+            return
+        if isinstance(items, dict):
+            items = [items]
+        for item in items or []:
+            if isinstance(item, dict) and item.get("kvCacheStats") is not None:
+                self._stats[int(item.get("attentionDpRank") or 0)] = item
+                self._stats_at = time.time()
+            elif isinstance(item, dict):
+                self._stats[int(item.get("attentionDpRank") or 0)] = {**self._stats.get(0, {}), **item}
+
+    def _kv_summary(self) -> dict[str, int]:
+        free = total = 0
+        tpb = 0
+        for item in self._stats.values():
+            kv = item.get("kvCacheStats") or {}
+            tpb = int(kv.get("tokensPerBlock") or tpb or 0)
+            free += int(kv.get("freeNumBlocks") or 0) * int(kv.get("tokensPerBlock") or 0)
+            total += int(kv.get("maxNumBlocks") or 0) * int(kv.get("tokensPerBlock") or 0)
+        return {"free": free, "total": total, "tokens_per_block": tpb}
+
+    async def load(self) -> LoadReport:
+        await self._poll_metrics()
+        report = LoadReport(role=self.role, backend=self.kind, model=self.model or "", accepting=self.accepting)
+        if self._stats:
+            kv = self._kv_summary()
+            report.free_kv_tokens, report.total_kv_tokens = kv["free"], kv["total"]
+            report.running = sum(int(s.get("numActiveRequests") or 0) for s in self._stats.values())
+            report.queued = sum(int(s.get("numQueuedRequests") or 0) for s in self._stats.values())
+            report.queued_prompt_tokens = sum(int(s.get("queuedSumPrefillTokens") or 0) for s in self._stats.values())
+            report.chunk_size = max(int(s.get("maxNumTokensRuntime") or s.get("maxNumTokensStatic") or 0)
+                                    for s in self._stats.values())
+            report.extra = {"tokens_per_block": kv["tokens_per_block"], "stats_age_s": time.time() - self._stats_at,
+                            "iter": max(int(s.get("iter") or 0) for s in self._stats.values())}
+        else:
+            # no iteration yet since start (or enable_iter_perf_stats is off): our own view
+            report.running = len(self.ledger)
+            if self.kv_tokens:
+                used = sum(f.prompt_tokens + f.produced for f in self.ledger.flights.values())
+                report.total_kv_tokens, report.free_kv_tokens = self.kv_tokens, max(0, self.kv_tokens - used)
+            report.extra = {"stats": "none yet"}
+        return self.ledger.fill(report)
+
+    # ---- bodies -----------------------------------------------------------------------------
+    def completion_body(self, request: GenRequest, *, stream: bool, prompt: list[int] | None = None,
+                        disaggregated_params: dict[str, Any] | None = None) -> dict[str, Any]:
+        sp = request.sampling
+        body: dict[str, Any] = {
+            "model": self.served_model or self.model or "model",
+            "prompt": list(prompt if prompt is not None else request.prompt_ids),
+            "max_tokens": sp.max_tokens,   # always: GUARANTEED_NO_EVICT admits on prompt + max_tokens
+            "temperature": sp.temperature,
+            "top_p": sp.top_p,
+            "stream": stream,
+        }
+        if sp.stop:
+            body["stop"] = list(sp.stop)
+        if sp.seed is not None:
+            body["seed"] = sp.seed
+        if sp.ignore_eos:
+            body["ignore_eos"] = True
+        if not self.detokenize:
+            body["detokenize"] = False
+        if stream:
+            body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+        if disaggregated_params is not None:
+            body["disaggregated_params"] = disaggregated_params
+        return body
+
+    # ---- HTTP with abort-by-closing ---------------------------------------------------------
+    async def _open_stream(self, request_id: str, body: dict[str, Any], headers: dict[str, str] | None = None):
+        req = self._client.build_request("POST", "/v1/completions", json=body, headers=headers)
+        try:
+            resp = await self._client.send(req, stream=True)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"{self.instance_id}: /v1/completions failed: {exc!r}", status=503,
+                               retryable=True) from exc
+        self._open.setdefault(request_id, set()).add(resp)
+        if resp.status_code >= 400:
+            await resp.aread()
+            await self._close(request_id, resp)
+            raise http_error(self.instance_id, resp)
+        return resp
+
+    async def _close(self, request_id: str, resp: httpx.Response) -> None:
+        opened = self._open.get(request_id)
+        if opened is not None:
+            opened.discard(resp)
+            if not opened:
+                self._open.pop(request_id, None)
+        await resp.aclose()
+
+    async def abort(self, request_id: str) -> None:
+        """trtllm-serve has no abort endpoint: closing the connection aborts the request on the
+        worker (it polls for disconnects every second)."""
+        opened = list(self._open.get(request_id, ()))
+        if opened:
+            self._aborted.add(request_id)
+        for resp in opened:
+            await resp.aclose()
+
+    # ---- context step -----------------------------------------------------------------------
+    async def context_step(self, request: GenRequest, disagg_request_id: int) -> ContextResult:
+        params: dict[str, Any] = {"request_type": "context_only"}
+        if not self._no_disagg_id:
+            params["disagg_request_id"] = disagg_request_id
+        body = self.completion_body(request, stream=False, disaggregated_params=params)
+        self.ledger.start(request)
+        self.ledger.progress(request.request_id, 0, "prefill")
+        try:
+            try:
+                resp = await self._open_stream(request.request_id, body)
+            except BackendError as exc:
+                if exc.status != 400 or "disagg_request_id" not in str(exc) or self._no_disagg_id:
+                    raise
+                # 1.0-era build: no disagg_request_id field; the worker keys the handoff by its own id
+                log.warning("%s: worker predates disagg_request_id; falling back to ctx_request_id", self.instance_id)
+                self._no_disagg_id = True
+                del params["disagg_request_id"]
+                resp = await self._open_stream(request.request_id, body)
+            try:
+                raw = await resp.aread()
+            except (httpx.HTTPError, httpx.StreamClosed) as exc:
+                if request.request_id in self._aborted:
+                    self._aborted.discard(request.request_id)
+                    raise BackendError(f"{self.instance_id}: context request aborted", status=499) from exc
+                raise BackendError(f"{self.instance_id}: context request broke: {exc!r}", status=503,
+                                   retryable=True) from exc
+            finally:
+                await self._close(request.request_id, resp)
+        finally:
+            self.ledger.finish(request.request_id)
+        try:
+            data = json.loads(raw)
+            choice = data["choices"][0]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise BackendError(f"{self.instance_id}: malformed context response: {raw[:300]!r}", status=502) from exc
+        params = choice.get("disaggregated_params")
+        reason = choice.get("finish_reason")
+        text = choice.get("text") or ""
+        first_ids = list((params or {}).get("first_gen_tokens") or choice.get("token_ids") or [])
+        prompt_ids = data.get("prompt_token_ids") or list(request.prompt_ids)
+        if prompt_ids and isinstance(prompt_ids[0], list):
+            prompt_ids = prompt_ids[0]
+        usage = data.get("usage") or {}
+        if reason == "stop" or (reason == "length" and request.sampling.max_tokens <= 1):
+            if not first_ids:
+                first_ids = [PLACEHOLDER_ID] * int(usage.get("completion_tokens") or 1)
+            return ContextResult(TokenEvent(first_ids, text, reason, "prefill"), params, prompt_ids, usage, True)
+        if reason not in ("not_finished", "length"):
+            raise BackendError(f"{self.instance_id}: context step ended with finish_reason {reason!r}", status=502)
+        if not params or params.get("ctx_request_id") is None or not first_ids:
+            raise BackendError(f"{self.instance_id}: context response lacks disaggregated_params "
+                               f"(is cache_transceiver_config set?)", status=502)
+        return ContextResult(TokenEvent(first_ids, text, None, "prefill"), params, prompt_ids, usage, False)
+
+    async def prefill(self, request: GenRequest, handoff: Handoff) -> PrefillResult:
+        disagg_id = int(handoff.extra.get("disagg_request_id") or new_disagg_request_id())
+        ctx = await self.context_step(request, disagg_id)
+        if ctx.finished:
+            return PrefillResult(first=ctx.first, kv=None)
+        kv = KVHandle(request.request_id, len(ctx.prompt_token_ids), ctx.first.token_ids[0],
+                      extra={"disaggregated_params": ctx.params, "prompt_token_ids": ctx.prompt_token_ids,
+                             "first_text": ctx.first.text, "ctx_usage": ctx.usage,
+                             "disagg_request_id": disagg_id, "context_instance": self.instance_id})
+        return PrefillResult(first=ctx.first, kv=kv)
+
+    # ---- generation step --------------------------------------------------------------------
+    def decode(self, request: GenRequest, kv: KVHandle) -> AsyncIterator[TokenEvent]:
+        params = dict(kv.extra["disaggregated_params"])
+        params["request_type"] = "generation_only"
+        headers = None
+        if self.auth_key and (params.get("encoded_opaque_state") is not None
+                              or params.get("ctx_info_endpoint") is not None):
+            headers = {AUTH_HEADER: disagg_auth_header(self.auth_key, params)}
+        body = self.completion_body(request, stream=True, prompt=kv.extra.get("prompt_token_ids"),
+                                    disaggregated_params=params)
+        skip = len(kv.extra["disaggregated_params"].get("first_gen_tokens") or [kv.first_token_id])
+        return self._events(request, body, "decode", skip, kv.extra.get("first_text", ""), headers)
+
+    def generate(self, request: GenRequest) -> AsyncIterator[TokenEvent]:
+        return self._events(request, self.completion_body(request, stream=True), "generate")
+
+    async def _events(self, request: GenRequest, body: dict[str, Any], phase: str, skip_tokens: int = 0,
+                      skip_text: str = "", headers: dict[str, str] | None = None) -> AsyncIterator[TokenEvent]:
+        """Deltas of one streamed completion, without its first `skip_tokens` tokens."""
+        rid = request.request_id
+        self.ledger.start(request)
+        resp = None
+        finished = False
+        try:
+            resp = await self._open_stream(rid, body, headers)
+            count = 0                 # tokens produced so far by this request (engine's count)
+            skip_left = skip_text     # text of the duplicate tokens not yet seen in the stream
+            try:
+                async for chunk in _closing_iter(iter_sse(resp)):
+                    error = _first_error(chunk)
+                    if error is not None:
+                        finished = True
+                        yield TokenEvent([], "", "error", phase, f"{self.instance_id}: {error}")  # type: ignore[arg-type]
+                        return
+                    choices = chunk.get("choices") or []
+                    if not choices:
+                        continue  # the final usage chunk
+                    choice = choices[0]
+                    piece = choice.get("text") or ""
+                    ids = choice.get("token_ids")
+                    usage = chunk.get("usage") or {}
+                    reason = choice.get("finish_reason")
+                    prev = count
+                    if usage.get("completion_tokens") is not None:
+                        count = max(count, int(usage["completion_tokens"]))
+                    elif ids is not None:
+                        count += len(ids)
+                    elif piece:
+                        count += 1
+                    n = count - prev
+                    drop = min(max(0, skip_tokens - prev), n)
+                    if drop:
+                        if drop == n:
+                            piece_out = ""
+                            skip_left = skip_left[len(piece):] if skip_left.startswith(piece) else ""
+                        else:
+                            piece_out = piece[len(skip_left):] if piece.startswith(skip_left) else piece
+                            skip_left = ""
+                    else:
+                        piece_out = piece
+                    new_ids = list(ids[drop:]) if ids is not None else [PLACEHOLDER_ID] * (n - drop)
+                    finish = _map_finish(reason)
+                    self.ledger.progress(rid, len(new_ids))
+                    if new_ids or piece_out or finish:
+                        error_msg = f"{self.instance_id}: finish_reason {reason!r}" if finish == "error" else None
+                        if finish is not None:
+                            finished = True
+                        yield TokenEvent(new_ids, piece_out, finish, phase, error_msg)  # type: ignore[arg-type]
+                        if finish is not None:
+                            return
+            except (httpx.HTTPError, httpx.StreamClosed) as exc:
+                finished = True
+                if rid in self._aborted:
+                    self._aborted.discard(rid)
+                    yield TokenEvent([], "", "abort", phase, "aborted")  # type: ignore[arg-type]
+                else:
+                    yield TokenEvent([], "", "error", phase, f"{self.instance_id}: stream broke: {exc!r}")  # type: ignore[arg-type]
+                return
+            if not finished:
+                finished = True
+                yield TokenEvent([], "", "error", phase,  # type: ignore[arg-type]
+                                 f"{self.instance_id}: stream ended without a finish reason")
+        finally:
+            self.ledger.finish(rid)
+            if resp is not None:
+                await self._close(rid, resp)   # closing the connection is TRT-LLM's cancel
+            self._aborted.discard(rid)
+
+    # ---- drain and flips --------------------------------------------------------------------
+    async def drain(self, accepting: bool = False) -> dict[str, Any]:
+        self.accepting = accepting
+        return {"accepting": accepting, "inflight": len(self.ledger)}
+
+    async def set_role(self, role: Role) -> dict[str, Any]:
+        """A trtllm-serve worker serves context-only, generation-only and plain requests alike,
+        so a flip is: stop routing, wait for our in-flight requests on it, then route by the new
+        role. Context work needs `disable_overlap_scheduler: true` in the worker's YAML; with
+        `allow_flip: false` the instance is drained and RestartRequired raised instead."""
+        if role == self.role:
+            return {"role": role, "drain_s": 0.0, "flip_s": 0.0}
+        old_accepting = self.accepting
+        self.accepting = False
+        if not self.allow_flip:
+            raise RestartRequired(f"{self.instance_id}: allow_flip is off for this trtllm-serve worker; drained, "
+                                  f"restart it with the {role} YAML")
+        started = time.monotonic()
+        while len(self.ledger):
+            if time.monotonic() - started > self.drain_timeout_s:
+                self.accepting = old_accepting
+                raise BackendError(f"{self.instance_id}: still busy after {self.drain_timeout_s:.0f}s", status=409)
+            await asyncio.sleep(0.1)
+        drain_s = time.monotonic() - started
+        self.role = role
+        self.accepting = old_accepting
+        return {"role": role, "drain_s": drain_s, "flip_s": 0.0}
+
+
+async def _closing_iter(agen):
+    async with contextlib.aclosing(agen):
+        async for item in agen:
+            yield item
+
+
+def _map_finish(reason: Any) -> str | None:
+    if reason is None or reason == "not_finished":
+        return None
+    if reason in ("stop", "length"):
+        return reason
+    if reason in ("abort", "cancelled"):
+        return "abort"
+    if reason == "tool_calls":
+        return "stop"
+    return "error"
