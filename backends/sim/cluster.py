@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from backends.sim.timing import TimingModel
+from orchestrator.policies.predictors import bucket_of
 from orchestrator.policies.types import InstanceView, RequestView
 
 _ARR, _END, _XFER, _TICK, _FLIP = 0, 1, 2, 3, 4
@@ -382,7 +383,7 @@ class ClusterSim:
             if cfg.predictor == "none":
                 bucket = None
             else:
-                true_b = (r.output - 1) // g if r.output > 0 else 0
+                true_b = bucket_of(r.output, g)  # what the oracle predictor answers
                 bucket = true_b
                 if cfg.predictor == "noisy" and self.prng.random() >= cfg.predictor_accuracy:
                     # a miss lands on a neighbouring bucket (the classifier's usual error)
