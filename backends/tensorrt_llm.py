@@ -403,15 +403,18 @@ class TensorRTLLMBackend(Backend):
             headers = {AUTH_HEADER: disagg_auth_header(self.auth_key, params)}
         body = self.completion_body(request, stream=True, prompt=kv.extra.get("prompt_token_ids"),
                                     disaggregated_params=params)
-        skip = len(kv.extra["disaggregated_params"].get("first_gen_tokens") or [kv.first_token_id])
+        skip = list(kv.extra["disaggregated_params"].get("first_gen_tokens") or [kv.first_token_id])
         return self._events(request, body, "decode", skip, kv.extra.get("first_text", ""), headers)
 
     def generate(self, request: GenRequest) -> AsyncIterator[TokenEvent]:
         return self._events(request, self.completion_body(request, stream=True), "generate")
 
-    async def _events(self, request: GenRequest, body: dict[str, Any], phase: str, skip_tokens: int = 0,
+    async def _events(self, request: GenRequest, body: dict[str, Any], phase: str, skip_ids: list[int] | None = None,
                       skip_text: str = "", headers: dict[str, str] | None = None) -> AsyncIterator[TokenEvent]:
-        """Deltas of one streamed completion, without its first `skip_tokens` tokens."""
+        """Deltas of one streamed completion, without its first tokens when they are `skip_ids`
+        (the first token the context step already gave; the generation server re-emits it)."""
+        skip_ids = list(skip_ids or [])
+        skip_tokens = len(skip_ids)
         rid = request.request_id
         self.ledger.start(request)
         resp = None
@@ -444,6 +447,11 @@ class TensorRTLLMBackend(Backend):
                         count += 1
                     n = count - prev
                     drop = min(max(0, skip_tokens - prev), n)
+                    if drop and not _is_duplicate(ids, piece, skip_ids[prev:prev + drop], skip_left):
+                        # this build did not re-emit the context's first token: keep everything
+                        log.warning("%s: generation stream does not start with the first token; not dropping",
+                                    self.instance_id)
+                        skip_tokens, drop, skip_left = 0, 0, ""
                     if drop:
                         if drop == n:
                             piece_out = ""
@@ -508,6 +516,15 @@ class TensorRTLLMBackend(Backend):
         self.role = role
         self.accepting = old_accepting
         return {"role": role, "drain_s": drain_s, "flip_s": 0.0}
+
+
+def _is_duplicate(ids: list[int] | None, piece: str, first_ids: list[int], first_text: str) -> bool:
+    """Whether a chunk's leading tokens are the context's first token(s) again."""
+    if ids is not None:
+        return list(ids[: len(first_ids)]) == first_ids[: len(ids)]
+    if piece and first_text:
+        return piece.startswith(first_text) or first_text.startswith(piece)
+    return True  # no text to compare (e.g. a partial UTF-8 character): trust the count
 
 
 async def _closing_iter(agen):

@@ -166,6 +166,20 @@ async def test_pd_token_mode_drops_duplicate_by_count(make_node):
     assert joined(events)[0] == toy_model.expected(PROMPT, 7).tokens
 
 
+@pytest.mark.parametrize("detokenize", [True, False])
+async def test_pd_generation_without_reemitted_first_token_keeps_all(make_node, detokenize):
+    p = await make_node("prefill", options={"detokenize": detokenize})
+    d = await make_node("decode", options={"detokenize": detokenize}, reemit_first_token=False)
+    events, _ = await run_pd(p, d, req(7))
+    exp = toy_model.expected(PROMPT, 7)
+    ids, text = joined(events)
+    assert len(ids) == len(exp.tokens)
+    if detokenize:
+        assert text == exp.text
+    else:
+        assert ids == exp.tokens
+
+
 async def test_pd_first_token_before_generation(pd):
     p, d = pd
     d.config.token_delay_s = 0.05

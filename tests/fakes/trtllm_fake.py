@@ -142,6 +142,7 @@ class TRTFakeConfig:
     context_delay_s: float = 0.005
     token_delay_s: float = 0.002
     first_chunk_tokens: int = 1             # generation: tokens in its first chunk (duplicate included)
+    reemit_first_token: bool = True         # False: a (hypothetical) build whose output omits first_gen_tokens
     has_transceiver: bool = True
     overlap_scheduler: bool = False         # True on a context worker: context-only requests fail
     auth_key: str | None = None             # internal_request_auth_key
@@ -468,12 +469,14 @@ class TRTFake:
             return self._error(error)
         steps = [] if error else toy_model.trajectory(prompt, req.max_tokens or 16, req.ignore_eos, req.stop,
                                                       first=first[0])
-        return await self._respond(req, rid, prompt, steps, request, skip=0, error=error)
+        skip = 0 if cfg.reemit_first_token else 1
+        return await self._respond(req, rid, prompt, steps, request, skip=skip, error=error)
 
     async def _respond(self, req, rid: int, prompt: list[int], steps: list[toy_model.Step], request: Request,
                        skip: int, error: str | None = None) -> Response:
         if req.stream:
-            return StreamingResponse(self._stream(req, rid, prompt, steps, error), media_type="text/event-stream")
+            return StreamingResponse(self._stream(req, rid, prompt, steps, error, skip),
+                                     media_type="text/event-stream")
         running = _Running(rid, prompt, self._blocks(len(prompt) + (req.max_tokens or 16)), phase="generation")
         self.running[rid] = running
         done = asyncio.Event()
@@ -497,7 +500,8 @@ class TRTFake:
             "usage": self._usage(len(prompt), len(last.tokens)), "prompt_token_ids": None,
         })
 
-    async def _stream(self, req, rid: int, prompt: list[int], steps: list[toy_model.Step], error: str | None):
+    async def _stream(self, req, rid: int, prompt: list[int], steps: list[toy_model.Step], error: str | None,
+                      skip: int = 0):
         cfg = self.config
         opts = req.stream_options
         include_usage = bool(opts and opts.include_usage)
@@ -508,7 +512,8 @@ class TRTFake:
         self.running[rid] = running
         self._record_iteration(new=1)
         finished = False
-        sent_tokens, sent_text = 0, 0
+        sent_tokens = skip
+        sent_text = len(toy_model.detokenize(steps[0].tokens[:skip])) if steps and skip else 0
 
         def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None) -> str:
             return "data: " + json.dumps({"id": sid, "object": "text_completion", "created": created,
@@ -536,15 +541,15 @@ class TRTFake:
                     yield "data: [DONE]\n\n"
                     finished = True
                     return
-                if step.finish is None and n < cfg.first_chunk_tokens:
+                if step.finish is None and n < cfg.first_chunk_tokens + skip:
                     continue
                 stop_reason = step.matched if isinstance(step.matched, str) else None
                 choice = self._choice(step.text[sent_text:], step.tokens[sent_tokens:], step.finish, stop_reason,
                                       req.detokenize, stream=True)
                 sent_tokens, sent_text = n, len(step.text)
-                yield chunk([choice], self._usage(len(prompt), n) if continuous else None)
+                yield chunk([choice], self._usage(len(prompt), n - skip) if continuous else None)
             if include_usage:
-                yield chunk([], self._usage(len(prompt), len(steps[-1].tokens)))
+                yield chunk([], self._usage(len(prompt), len(steps[-1].tokens) - skip))
             yield "data: [DONE]\n\n"
             finished = True
         finally:
