@@ -139,6 +139,7 @@ def compare(
     max_prompt: Annotated[int | None, typer.Option(help="Cap prompt tokens.")] = None,
     max_output: Annotated[int | None, typer.Option(help="Cap output tokens.")] = None,
     model: Annotated[str, typer.Option(help="Model (native backend).")] = "smollm2-135m-instruct",
+    live_backend: Annotated[str, typer.Option(help="Worker backend for --backend native runs: native or sim.")] = "native",
     out: Annotated[Path, typer.Option(help="Folder for report.md, plots and results.json.")] = Path("bench-out"),
     json_out: Annotated[bool, typer.Option("--json", help="Print {'systems': {NAME: {...}}} as JSON.")] = False,
 ) -> None:
@@ -150,6 +151,7 @@ def compare(
         workloads=_split_list(workload_name), backend=backend, profile=profile, instances=instances,
         requests=requests, rate=rate, load=load, systems=_split_list(systems), seed=seed, network=network,
         kv_tokens=kv_tokens, length_scale=length_scale, max_prompt=max_prompt, max_output=max_output, model=model,
+        live_backend=live_backend,
     )  # fmt: skip
 
     def progress(w: str, s: str, m: dict) -> None:

@@ -54,6 +54,7 @@ class CompareSpec:
     max_output: int | None = None
     model: str = "smollm2-135m-instruct"
     live_backend: str = "native"
+    title: str | None = None
 
 
 def _rate_value(spec: CompareSpec) -> float | None:
@@ -129,9 +130,9 @@ def compare_sim(spec: CompareSpec, progress: Any = None) -> dict[str, Any]:
     return out
 
 
-def _relative(wres: dict[str, Any]) -> None:
+def _relative(wres: dict[str, Any], refs: tuple[str, ...] = (BASELINE, "colocated-sarathi")) -> None:
     systems = wres["systems"]
-    for ref in (BASELINE, "colocated-sarathi"):
+    for ref in refs:
         if ref not in systems:
             continue
         b = systems[ref]["summary"]

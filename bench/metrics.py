@@ -53,10 +53,12 @@ class RequestRecord:
 
     @property
     def tpot_s(self) -> float | None:
+        """(last − first token time) / (tokens − 1); tokens = max(token events, reported usage)."""
         tt = self.token_times
-        if len(tt) < 2:
+        n = max(len(tt), self.output_tokens)
+        if len(tt) < 2 or n < 2:
             return None
-        return (tt[-1] - tt[0]) / (len(tt) - 1)
+        return (tt[-1] - tt[0]) / (n - 1)
 
     @property
     def jct_s(self) -> float | None:

@@ -87,7 +87,9 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
                 f"{_fmt(m.get('throughput_rps'), 2)} | {_fmt(m.get('instance_seconds'))} | "
                 f"{_fmt(m.get('busy_instance_seconds'))} | {_fmt(m.get('perf_per_instance_s'), 3)} | {m.get('errors', 0)} |"
             )
-        for ref in ("colocated-vllm", "colocated-sarathi"):
+        refs = sorted({k[3:] for s in systems.values() for k in s.get("relative", {})},
+                      key=lambda r: (r != "colocated-vllm", r))
+        for ref in refs:
             key = f"vs_{ref}"
             if not any(key in s.get("relative", {}) for s in systems.values()):
                 continue

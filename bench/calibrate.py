@@ -1,0 +1,102 @@
+"""Calibrate the ``cpu-smollm2`` timing profile from measured forward passes of an EngineCore.
+
+Only the EngineCore protocol is used (add_request / step / abort), so the same routine measures the
+built-in engine (``NativeEngine``) or, as a self-check, a ``SimEngine`` (it recovers the profile it
+runs). Measured passes:
+
+* prefill: one prompt of N tokens per pass (N up to the engine's chunk size), and packed chunks;
+* decode: B running requests at context C (after their prefill), several passes each.
+
+Each pass gives (ms, prefill tokens, Σ(c²+2ck), Σctx, sequences); ``fit_linear`` fits
+``iter_ms = base + tok·N + unit·U + ctx·C + seq·S`` by relative least squares.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from backends.base import SamplingParams
+from backends.engine_api import EngineRequest
+from backends.sim.profiles import fit_linear, save_cpu_profile
+
+PREFILL_SIZES = (16, 32, 64, 128, 256, 384, 512)
+DECODE_POINTS = ((1, 64), (4, 128), (8, 256), (16, 128), (16, 512), (32, 256))
+
+
+def _prompt(n: int, salt: int) -> list[int]:
+    return [100 + (salt * 131 + i * 7) % 20000 for i in range(n)]
+
+
+def measure_core(
+    core: Any,
+    prefill_sizes: tuple[int, ...] = PREFILL_SIZES,
+    decode_points: tuple[tuple[int, int], ...] = DECODE_POINTS,
+    decode_passes: int = 4,
+    repeats: int = 2,
+) -> list[dict[str, float]]:
+    samples: list[dict[str, float]] = []
+    salt = 0
+    chunk = int(getattr(core, "chunk_size", 512))
+    for n in prefill_sizes:
+        n = min(n, chunk)
+        for _ in range(repeats):
+            salt += 1
+            rid = f"cal-p{salt}"
+            core.add_request(EngineRequest(rid, _prompt(n, salt), SamplingParams(max_tokens=2, ignore_eos=True,
+                                                                                 temperature=0.0)))  # fmt: skip
+            t = time.perf_counter()
+            core.step()
+            ms = (time.perf_counter() - t) * 1e3
+            samples.append({"ms": ms, "tokens": n, "units": float(n * n), "ctx": 0.0, "seqs": 1.0})
+            core.abort(rid)
+    for b, ctx in decode_points:
+        ids = []
+        for _ in range(b):
+            salt += 1
+            rid = f"cal-d{salt}"
+            ids.append(rid)
+            core.add_request(EngineRequest(rid, _prompt(ctx, salt), SamplingParams(max_tokens=decode_passes + 8,
+                                                                                   ignore_eos=True, temperature=0.0)))  # fmt: skip
+        # run the prefills (chunked or whole) until every request has its first token
+        seen: set[str] = set()
+        guard = 0
+        while len(seen) < b and guard < 10 * b + 50:
+            for o in core.step():
+                seen.add(o.request_id)
+            guard += 1
+        for k in range(decode_passes):
+            t = time.perf_counter()
+            core.step()
+            ms = (time.perf_counter() - t) * 1e3
+            samples.append({"ms": ms, "tokens": float(b), "units": 0.0, "ctx": float(b * (ctx + 1 + k)), "seqs": float(b)})
+        for rid in ids:
+            core.abort(rid)
+    return samples
+
+
+def calibrate_cpu(url: str | None = None, save: bool = True, core: Any = None) -> dict[str, Any]:
+    if url is not None:
+        raise NotImplementedError("calibrating over HTTP is not supported; run on the worker's machine")
+    if core is None:
+        from backends.native.engine import NativeEngine
+
+        core = NativeEngine(role="colocated", batching="sarathi", chunk_size=512)
+    samples = measure_core(core)
+    coeffs: dict[str, Any] = fit_linear(samples)
+    info = core.info() if hasattr(core, "info") else {}
+    if info.get("total_kv_tokens"):
+        coeffs["total_kv_tokens"] = int(info["total_kv_tokens"])
+    if info.get("max_context"):
+        coeffs["max_context"] = int(info["max_context"])
+    errs = []
+    for s in samples:
+        pred = (coeffs["base_ms"] + coeffs["per_token_ms"] * s["tokens"] + coeffs["per_unit_ms"] * s["units"]
+                + coeffs["per_ctx_ms"] * s["ctx"] + coeffs["per_seq_ms"] * s["seqs"])  # fmt: skip
+        errs.append(abs(pred - s["ms"]) / max(s["ms"], 1e-6))
+    coeffs["fit_mean_abs_rel_error"] = sum(errs) / len(errs)
+    coeffs["samples"] = len(samples)
+    coeffs["measured_at"] = time.time()
+    if save:
+        coeffs["path"] = str(save_cpu_profile({k: v for k, v in coeffs.items() if k != "path"}))
+    return coeffs
