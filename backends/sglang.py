@@ -225,7 +225,13 @@ class ChunkState:
     text: str = ""
     finish: str | None = None
     error: str | None = None
+    status: int | None = None           # the engine's status code of an abort/error, if any
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def failure(self, who: str) -> BackendError:
+        """This output's error as a BackendError (5xx: retryable on another instance)."""
+        status = self.status or 502
+        return BackendError(f"{who}: {self.error}", status=status, retryable=status >= 500)
 
     def feed(self, chunk: dict[str, Any]) -> None:
         if "error" in chunk and "meta_info" not in chunk:
@@ -233,6 +239,7 @@ class ChunkState:
             msg = err.get("message") if isinstance(err, dict) else str(err)
             code = err.get("code") if isinstance(err, dict) else None
             self.finish, self.error = "error", f"{msg} [status {code}]" if code else str(msg)
+            self.status = int(code) if isinstance(code, int) else 400
             return
         meta = chunk.get("meta_info") or {}
         self.meta.update(meta)
@@ -254,6 +261,9 @@ class ChunkState:
         finish, error = map_finish(meta.get("finish_reason"))
         if finish is not None:
             self.finish, self.error = finish, error
+            reason = meta.get("finish_reason")
+            if finish == "error" and isinstance(reason, dict) and isinstance(reason.get("status_code"), int):
+                self.status = reason["status_code"]
 
 
 def sampling_params(sp: SamplingParams, seed_field: str | None = "sampling_seed") -> dict[str, Any]:
@@ -585,15 +595,19 @@ class SGLangBackend(Backend):
     async def _events(self, request: GenRequest, body: dict[str, Any], phase: str,
                       skip_tokens: int = 0, skip_text: str = "") -> AsyncIterator[TokenEvent]:
         """TokenEvents (deltas) of one `/generate` call, leaving out its first `skip_tokens`
-        tokens (and their text, `skip_text` until the engine's own text for them is seen)."""
+        tokens (and their text, `skip_text` until the engine's own text for them is seen).
+
+        A failure before anything was yielded raises BackendError (so the control plane can place
+        the request elsewhere); after that it is a last event with finish_reason "error"."""
         state = ChunkState()
         sent_ids, sent_text = skip_tokens, skip_text
-        started = False
+        yielded = False
         try:
             async with contextlib.aclosing(self.stream_chunks(body)) as chunks:
                 async for chunk in chunks:
-                    started = True
                     state.feed(chunk)
+                    if state.finish == "error" and not yielded:
+                        raise state.failure(self.instance_id)
                     if len(state.ids) <= skip_tokens and state.finish is None:
                         sent_text = state.text or sent_text
                         continue
@@ -603,17 +617,19 @@ class SGLangBackend(Backend):
                         sent_ids += len(new_ids)
                         sent_text = state.text if len(state.text) >= len(sent_text) else sent_text
                         self.ledger.progress(request.request_id, len(new_ids), phase)
+                        yielded = True
                         yield TokenEvent(list(new_ids), new_text, state.finish, phase, state.error)  # type: ignore[arg-type]
                     if state.finish is not None:
                         return
         except BackendError as exc:
-            if not started:
+            if not yielded:
                 raise
             yield TokenEvent([], "", "error", phase, str(exc))  # type: ignore[arg-type]
             return
-        if state.finish is None:
-            yield TokenEvent([], "", "error", phase,  # type: ignore[arg-type]
-                             f"{self.instance_id}: stream ended without a finish reason")
+        message = f"{self.instance_id}: stream ended without a finish reason"
+        if not yielded:
+            raise BackendError(message, status=502, retryable=True)
+        yield TokenEvent([], "", "error", phase, message)  # type: ignore[arg-type]
 
     async def generate(self, request: GenRequest) -> AsyncIterator[TokenEvent]:
         """Co-located: one streamed `/generate`."""

@@ -418,7 +418,11 @@ class TensorRTLLMBackend(Backend):
         rid = request.request_id
         self.ledger.start(request)
         resp = None
-        finished = False
+        yielded = False
+
+        def fail(message: str, status: int = 502) -> BackendError:
+            return BackendError(f"{self.instance_id}: {message}", status=status, retryable=status >= 500)
+
         try:
             resp = await self._open_stream(rid, body, headers)
             count = 0                 # tokens produced so far by this request (engine's count)
@@ -427,7 +431,8 @@ class TensorRTLLMBackend(Backend):
                 async for chunk in _closing_iter(iter_sse(resp)):
                     error = _first_error(chunk)
                     if error is not None:
-                        finished = True
+                        if not yielded:
+                            raise fail(error)
                         yield TokenEvent([], "", "error", phase, f"{self.instance_id}: {error}")  # type: ignore[arg-type]
                         return
                     choices = chunk.get("choices") or []
@@ -464,25 +469,27 @@ class TensorRTLLMBackend(Backend):
                     new_ids = list(ids[drop:]) if ids is not None else [PLACEHOLDER_ID] * (n - drop)
                     finish = _map_finish(reason)
                     self.ledger.progress(rid, len(new_ids))
+                    if finish == "error" and not yielded:
+                        raise fail(f"finish_reason {reason!r}")
                     if new_ids or piece_out or finish:
                         error_msg = f"{self.instance_id}: finish_reason {reason!r}" if finish == "error" else None
-                        if finish is not None:
-                            finished = True
+                        yielded = True
                         yield TokenEvent(new_ids, piece_out, finish, phase, error_msg)  # type: ignore[arg-type]
                         if finish is not None:
                             return
             except (httpx.HTTPError, httpx.StreamClosed) as exc:
-                finished = True
                 if rid in self._aborted:
                     self._aborted.discard(rid)
                     yield TokenEvent([], "", "abort", phase, "aborted")  # type: ignore[arg-type]
-                else:
-                    yield TokenEvent([], "", "error", phase, f"{self.instance_id}: stream broke: {exc!r}")  # type: ignore[arg-type]
+                    return
+                if not yielded:
+                    raise fail(f"stream broke: {exc!r}", 503) from exc
+                yield TokenEvent([], "", "error", phase, f"{self.instance_id}: stream broke: {exc!r}")  # type: ignore[arg-type]
                 return
-            if not finished:
-                finished = True
-                yield TokenEvent([], "", "error", phase,  # type: ignore[arg-type]
-                                 f"{self.instance_id}: stream ended without a finish reason")
+            if not yielded:
+                raise fail("stream ended without a finish reason")
+            yield TokenEvent([], "", "error", phase,  # type: ignore[arg-type]
+                             f"{self.instance_id}: stream ended without a finish reason")
         finally:
             self.ledger.finish(rid)
             if resp is not None:

@@ -86,31 +86,30 @@ class BootstrapRoomStrategy(HandoffStrategy):
             while True:
                 side, item = await queue.get()
                 if side == "P":
+                    if first_sent or d_state.finish is not None:
+                        # the first token is out, so the KV reached the decode: the prefill's own
+                        # answer no longer matters
+                        p_done = True
+                        if not isinstance(item, BaseException) and item is not _END:
+                            p_state.feed(item)
+                        continue
                     if isinstance(item, BaseException) or item is _END:
                         p_done = True
                         if item is _END and p_state.finish in ("length", "stop"):
                             continue
-                        if d_state.finish is not None:
-                            continue
-                        error = item if isinstance(item, BaseException) else None
-                        msg = str(error) if error else f"prefill {prefill.instance_id} ended without its token"
-                        if not first_sent:
-                            if isinstance(error, BackendError):
-                                raise error
-                            raise BackendError(msg, status=502)
-                        finished = True
-                        yield TokenEvent([], "", "error", "decode", msg)
-                        return
+                        if isinstance(item, BackendError):
+                            raise item
+                        msg = str(item) if isinstance(item, BaseException) else \
+                            f"prefill {prefill.instance_id} ended without its token"
+                        raise BackendError(msg, status=502, retryable=True)
                     p_state.feed(item)
                     stats.extra["prefill_meta"] = dict(p_state.meta)
                     if p_state.finish in ("error", "abort"):
-                        msg = f"prefill {prefill.instance_id}: {p_state.error}"
-                        finished = True
-                        if not first_sent:
-                            yield TokenEvent([], "", "error", "prefill", msg)
-                        else:
-                            yield TokenEvent([], "", "error", "decode", msg)
-                        return
+                        if p_state.finish == "abort" and p_state.status is None:
+                            finished = True
+                            yield TokenEvent([], "", "abort", "prefill", p_state.error)
+                            return
+                        raise p_state.failure(f"prefill {prefill.instance_id}")
                     if p_state.finish is not None:
                         prefill.ledger.finish(request.request_id)
                     if not first_sent and p_state.ids:
@@ -127,10 +126,14 @@ class BootstrapRoomStrategy(HandoffStrategy):
                     if error is not None and not first_sent and isinstance(error, BackendError):
                         raise error
                     msg = str(error) if error else f"decode {decode.instance_id}: stream ended without a finish reason"
+                    if not first_sent:
+                        raise BackendError(msg, status=502, retryable=True)
                     finished = True
                     yield TokenEvent([], "", "error", "decode", msg)
                     return
                 d_state.feed(item)
+                if d_state.finish == "error" and not first_sent:
+                    raise d_state.failure(f"decode {decode.instance_id}")
                 if d_state.finish is None and not d_state.ids:
                     continue
                 events: list[TokenEvent] = []

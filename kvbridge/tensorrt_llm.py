@@ -46,10 +46,14 @@ class DisaggregatedParamsStrategy(HandoffStrategy):
                              "first_text": ctx.first.text, "disagg_request_id": disagg_id})
         gen_started = time.perf_counter()
         first_decode = True
-        async with contextlib.aclosing(decode.decode(request, kv)) as events:
-            async for event in events:
-                if first_decode:
-                    first_decode = False
-                    # time from the generation request to its first new token: KV pull + one step
-                    stats.transfer_s = time.perf_counter() - gen_started
-                yield event
+        try:
+            async with contextlib.aclosing(decode.decode(request, kv)) as events:
+                async for event in events:
+                    if first_decode:
+                        first_decode = False
+                        # time from the generation request to its first new token: KV pull + one step
+                        stats.transfer_s = time.perf_counter() - gen_started
+                    yield event
+        except BackendError as exc:
+            # the first token is already out: a failed generation step ends the stream with an error
+            yield TokenEvent([], "", "error", "decode", str(exc))

@@ -105,6 +105,13 @@ async def test_colocated_http_error_raises(make_node):
     assert err.value.status == 503 and err.value.retryable
 
 
+async def test_colocated_in_stream_failure_before_first_token_raises(make_node):
+    node = await make_node(retract_503_after=0)
+    with pytest.raises(BackendError) as err:
+        await collect(node.backend.generate(req(5)))
+    assert err.value.status == 503 and err.value.retryable
+
+
 async def test_colocated_disconnect_mid_stream_is_error_event(make_node):
     node = await make_node(disconnect_after=3)
     events = await collect(node.backend.generate(req(10)))
@@ -247,9 +254,9 @@ async def test_pd_bootstrap_timeout(pd):
     d.config.never_bootstrap = True
     d.config.waiting_timeout_s = 5
     p.config.bootstrap_timeout_s = 0.3
-    events, _ = await run_pd(p, d, req(5))
-    assert len(events) == 1 and events[0].finish_reason == "error"
-    assert "Prefill bootstrap failed" in events[0].error and "500" in events[0].error
+    with pytest.raises(BackendError) as err:  # nothing reached the caller: raised, retryable elsewhere
+        await run_pd(p, d, req(5))
+    assert "Prefill bootstrap failed" in str(err.value) and err.value.status == 500 and err.value.retryable
     rid = d.fake.bodies[0]["rid"]
     await wait_for(lambda: {"rid": rid} in d.fake.abort_calls)
     await wait_for(lambda: not d.fake.live)
@@ -270,8 +277,9 @@ async def test_pd_prefill_unreachable(make_node):
     p.backend._bootstrap_port = 1  # nobody listens there: the decode cannot hand-shake
     await p.backend.info()
     p.config.bootstrap_timeout_s = 0.5
-    events, _ = await run_pd(p, d, req(5))
-    assert events[-1].finish_reason == "error"
+    with pytest.raises(BackendError) as err:
+        await run_pd(p, d, req(5))
+    assert "Decode handshake failed" in str(err.value) and err.value.retryable
 
 
 async def test_pd_pair_check_refuses_page_size_mismatch(make_node):

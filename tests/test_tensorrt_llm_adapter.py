@@ -299,8 +299,9 @@ async def test_pd_context_kv_expires_between_phases(pd):
     kv = KVHandle("r1", len(PROMPT), ctx.first.token_ids[0],
                   extra={"disaggregated_params": ctx.params, "prompt_token_ids": ctx.prompt_token_ids,
                          "first_text": ctx.first.text})
-    events = await collect(d.backend.decode(req(5), kv))
-    assert events[-1].finish_reason == "error" and "expired" in events[-1].error
+    with pytest.raises(BackendError) as err:   # nothing reached the caller from decode(): it raises
+        await collect(d.backend.decode(req(5), kv))
+    assert "expired" in str(err.value) and err.value.retryable
 
 
 async def test_pd_context_without_transceiver_or_with_overlap(make_node):
@@ -322,9 +323,8 @@ async def test_pd_auth_header(make_node):
     assert events[-1].finish_reason == "length"
     assert d.fake.headers[0]["x-trtllm-disagg-auth"].startswith("sha256=")
     d2 = await make_node("decode", auth_key="s3cret")  # adapter without the key
-    with pytest.raises(BackendError) as err:
-        await run_pd(p, d2, req(4))
-    assert "authentication" in str(err.value)
+    events, _ = await run_pd(p, d2, req(4))   # the first token is out: the failure is the last event
+    assert events[-1].finish_reason == "error" and "authentication" in events[-1].error
 
 
 async def test_pd_legacy_build_without_disagg_request_id(make_node):
