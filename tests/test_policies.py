@@ -577,6 +577,20 @@ def test_idle_prefill_flips_to_decode_when_decode_is_loaded():
     assert f.decide(views, 61) == []  # pending: p1 is the last prefill instance
 
 
+def test_min_per_role_keeps_the_last_instances():
+    views = [inst("p0", role="prefill"), inst("p1", role="prefill"), inst("d0", queued=3)]
+    f = make_flip_policy("idle", idle_s=10, min_per_role=1)
+    [d] = f.decide(views, 10)
+    assert d.instance_id == "p0"
+    # p0 drains (not accepting), then shows up as a decode instance: p1 is the last prefill one.
+    draining = [replace(views[0], accepting=False), views[1], views[2]]
+    assert f.decide(draining, 11) == [] and f.decide(draining, 100) == []
+    flipped = [inst("p0", role="decode"), views[1], views[2]]
+    assert all(f.decide(flipped, t) == [] for t in (101, 200, 1000))
+    g = make_flip_policy("idle", idle_s=10, min_per_role=2)
+    assert all(g.decide(views, t) == [] for t in (0, 10, 1000))
+
+
 def test_no_flip_when_other_role_not_loaded_or_instance_busy():
     f = make_flip_policy("idle", idle_s=10, min_per_role=1, load_kv_threshold=0.8)
     views = [inst("p0", role="prefill"), inst("p1", role="prefill"), inst("d0", free=5000)]

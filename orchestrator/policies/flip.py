@@ -142,8 +142,6 @@ class IdleFlip:
         staying = {role: sum(1 for v in pools[role] if self.pending.get(v.id) is None) for role in _FLIPPABLE}
         best: tuple[float, str, InstanceView] | None = None
         for v in usable:
-            if v.id in self.pending:
-                continue
             since = self._idle_from(v)
             if since is None or now - since < self.idle_s or not is_idle(v):
                 continue
