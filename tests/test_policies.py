@@ -580,6 +580,7 @@ def test_idle_prefill_flips_to_decode_when_decode_is_loaded():
 def test_min_per_role_keeps_the_last_instances():
     views = [inst("p0", role="prefill"), inst("p1", role="prefill"), inst("d0", queued=3)]
     f = make_flip_policy("idle", idle_s=10, min_per_role=1)
+    assert f.decide(views, 0) == []
     [d] = f.decide(views, 10)
     assert d.instance_id == "p0"
     # p0 drains (not accepting), then shows up as a decode instance: p1 is the last prefill one.
