@@ -3,6 +3,7 @@ into one FastAPI app (`create_app`)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -133,8 +134,6 @@ class AppState:
         return {"id": inst.id, "role": role, "changed": True, "duration_s": duration, **detail}
 
     async def _wait_idle(self, inst: Instance, timeout_s: float = 600.0) -> None:
-        import asyncio
-
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -155,8 +154,6 @@ class AppState:
         for decision in self.flip_policy.decide(views, time.monotonic()):
             inst = self.cluster.get(decision.instance_id)
             if inst is not None and inst.id not in self._flipping:
-                import asyncio
-
                 asyncio.get_running_loop().create_task(self._auto_flip(inst, decision.to_role))
 
     async def _auto_flip(self, inst: Instance, role: Role) -> None:
@@ -172,7 +169,9 @@ class AppState:
             self.placement.replace_queued(inst)
 
     # ---- records -----------------------------------------------------------------------------------
-    def event(self, kind: str, instance_id: str | None, detail: dict[str, Any], duration_s: float | None = None) -> None:
+    def event(
+        self, kind: str, instance_id: str | None, detail: dict[str, Any], duration_s: float | None = None
+    ) -> None:
         self.store.add_event(kind, instance_id=instance_id, detail=detail, duration_s=duration_s)
 
     def _save_instance(self, inst: Instance) -> None:
@@ -219,8 +218,10 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state.store.upgrade()
+        await asyncio.to_thread(state.store.upgrade)
         state.store.start()
+        # Load the tokenizer now, off the event loop, not inside the first request.
+        await asyncio.to_thread(state.prompt_builder, settings.public_model_name)
         state.monitor.on_state_change.append(state._on_state_change)
         state.monitor.listeners.append(state.on_monitor_tick)
         for spec in settings.instances:

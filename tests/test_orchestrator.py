@@ -148,7 +148,8 @@ def test_client_disconnect_mid_stream_frees_kv_on_both_workers(pd_orchestrator, 
     decode_url = tiny_pd_fleet.workers[1].url
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as resp:
         seen = 0
-        for line in resp.iter_lines():
+        lines = resp.iter_lines()  # kept referenced: a finalized iterator would close the connection
+        for line in lines:
             seen += line.startswith("data: ")
             if seen >= 5:
                 break
