@@ -321,7 +321,7 @@ class SGLangBackend(Backend):
     default "sampling_seed"; null to never send seeds), `admin_key` (Bearer token for servers
     started with `--admin-api-key`/`--api-key`), `decode_cuda_graph_memory_gb` and
     `decode_cuda_graph_bs` (for flips to decode), `drain_timeout_s` (default 300),
-    `heavy_decode_threshold` (128).
+    `heavy_decode_threshold` (128), `max_context` (default: from /server_info), `timeout_s`.
     """
 
     kind = "sglang"
@@ -343,9 +343,11 @@ class SGLangBackend(Backend):
         drain_timeout_s: float = 300.0,
         heavy_decode_threshold: int = 128,
         timeout_s: float | None = None,
+        max_context: int | None = None,
         **unknown: Any,
     ) -> None:
         super().__init__(url, instance_id, role, model)
+        self.max_context = max_context
         if unknown:
             log.warning("sglang instance %s: ignoring unknown options %s", instance_id, sorted(unknown))
         self.bootstrap_host = bootstrap_host or host_of(self.url)
@@ -436,6 +438,8 @@ class SGLangBackend(Backend):
             "transfer_backend": raw.get("disaggregation_transfer_backend"),
             "bootstrap_port": raw.get("disaggregation_bootstrap_port"),
             "role_switch": bool(raw.get("enable_pd_role_switch")),
+            "max_context": self.max_context or raw.get("context_len") or raw.get("context_length")
+            or raw.get("max_req_input_len"),
             "raw": raw,
         }
         self._info = info

@@ -126,7 +126,8 @@ class TensorRTLLMBackend(Backend):
     `internal_request_auth_key`), `detokenize` (default true, see module doc), `kv_tokens` (KV
     capacity to report until the first `/metrics` sample arrives), `allow_flip` (default true:
     a worker serves context-only and generation-only requests alike, so a flip is ours alone;
-    the worker's YAML must then have `disable_overlap_scheduler: true`), `heavy_decode_threshold`.
+    the worker's YAML must then have `disable_overlap_scheduler: true`), `heavy_decode_threshold`,
+    `max_context` (the workers' max_seq_len, for the orchestrator's length checks), `api_key`, `timeout_s`.
     """
 
     kind = "tensorrt-llm"
@@ -148,9 +149,11 @@ class TensorRTLLMBackend(Backend):
         metrics_timeout_s: float = 0.5,
         drain_timeout_s: float = 300.0,
         timeout_s: float | None = None,
+        max_context: int | None = None,
         **unknown: Any,
     ) -> None:
         super().__init__(url, instance_id, role, model)
+        self.max_context = max_context
         if unknown:
             log.warning("tensorrt-llm instance %s: ignoring unknown options %s", instance_id, sorted(unknown))
         self.served_model = served_model
@@ -209,6 +212,8 @@ class TensorRTLLMBackend(Backend):
             pass
         kv = self._kv_summary()
         info.update(block_size=kv.get("tokens_per_block"), total_kv_tokens=kv.get("total") or self.kv_tokens)
+        if self.max_context:
+            info["max_context"] = self.max_context  # the worker's max_seq_len is not on its HTTP API
         self._info = info
         return info
 
