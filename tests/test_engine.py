@@ -1,0 +1,504 @@
+"""The built-in engine (backends/native): greedy equivalence with transformers, batching styles,
+chunked prefill, KV export/import, sampling, stop strings, EOS, pool accounting, validation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from backends.base import SamplingParams
+from backends.engine_api import EngineRequest, KVPayload, StepOutput
+from backends.native.engine import NativeEngine
+from backends.native.model_source import load_model
+
+TINY = "random:tiny-llama"
+N_TOKENS = 32
+# Different lengths; several longer than three chunks of 16 (> 48 tokens).
+PROMPT_LENGTHS = (1, 7, 16, 33, 50, 77, 130)
+
+
+def greedy(max_tokens: int = N_TOKENS, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def run(engine: NativeEngine, requests: list[EngineRequest], stagger: bool = False) -> dict[str, dict]:
+    """Drive the engine until idle; collect tokens, text and finish reason per request."""
+    out: dict[str, dict] = {}
+    pending = list(requests)
+    if not stagger:
+        for r in pending:
+            engine.add_request(r)
+        pending = []
+    while pending or engine.has_work():
+        if pending:  # continuous batching: one new request joins per step
+            engine.add_request(pending.pop(0))
+        for o in engine.step():
+            rec = out.setdefault(o.request_id, {"tokens": [], "text": "", "finish": None, "outputs": []})
+            assert rec["finish"] is None, f"output after finish: {o}"
+            if o.token_id is not None:
+                rec["tokens"].append(o.token_id)
+            rec["text"] += o.text
+            rec["finish"] = o.finish_reason
+            rec["outputs"].append(o)
+    return out
+
+
+def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.inference_mode():
+        ids = torch.tensor([prompt])
+        gen = hf_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+    return gen[0, len(prompt) :].tolist()
+
+
+def disaggregated(prefill: NativeEngine, decode: NativeEngine, rid: str, prompt: list[int], sp: SamplingParams) -> dict:
+    """Prefill on one engine, move the KV, decode on the other; return tokens/text/finish."""
+    prefill.add_request(EngineRequest(rid, prompt, sp, mode="prefill_only"))
+    first: StepOutput | None = None
+    while prefill.has_work():
+        for o in prefill.step():
+            first = o
+    assert first is not None
+    if first.finish_reason != "prefilled":  # the first token already ended it
+        assert not prefill.has_work() and prefill.pool.free_tokens == prefill.pool.total_tokens
+        return {"tokens": [first.token_id], "text": first.text, "finish": first.finish_reason}
+    payload = prefill.export_kv(rid)
+    assert payload.num_tokens == len(prompt)
+    prefill.release_kv(rid)
+    decode.import_kv(payload)
+    decode.add_request(EngineRequest(rid, prompt, sp, mode="decode_only", first_token=first.token_id))
+    rest = run(decode, [])[rid]
+    return {
+        "tokens": [first.token_id] + rest["tokens"],
+        "text": first.text + rest["text"],
+        "finish": rest["finish"],
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_hf():
+    model, tokenizer, _ = load_model(TINY, dtype=torch.float32)
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    rng = random.Random(7)
+    return [[rng.randrange(3, 49000) for _ in range(n)] for n in PROMPT_LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def references(tiny_hf, prompts) -> list[list[int]]:
+    return [hf_greedy(tiny_hf, p, N_TOKENS) for p in prompts]
+
+
+def make(role="colocated", **kw) -> NativeEngine:
+    kw.setdefault("chunk_size", 16)
+    kw.setdefault("kv_tokens", 8192)
+    return NativeEngine(TINY, role=role, dtype="float32", **kw)
+
+
+@pytest.fixture(scope="module")
+def engine() -> NativeEngine:
+    return make()
+
+
+def reqs(prompts, **kw) -> list[EngineRequest]:
+    return [EngineRequest(f"r{i}", p, greedy(**kw)) for i, p in enumerate(prompts)]
+
+
+# ---- greedy equivalence ----------------------------------------------------------------------
+def test_random_model_has_clear_greedy_margins(tiny_hf, prompts):
+    """The equivalence tests are honest: no near-tie the float noise could flip."""
+    with torch.inference_mode():
+        logits = tiny_hf(torch.tensor([prompts[3]])).logits[0]
+    top2 = logits.topk(2, dim=-1).values
+    assert float((top2[:, 0] - top2[:, 1]).min()) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "batching,chunk,stagger",
+    [("vllm", 16, False), ("sarathi", 16, False), ("sarathi", 64, False), ("sarathi", 16, True)],
+    ids=["vllm", "sarathi-16", "sarathi-64", "sarathi-16-staggered"],
+)
+def test_greedy_equals_transformers_colocated(prompts, references, batching, chunk, stagger):
+    eng = make(batching=batching, chunk_size=chunk)
+    out = run(eng, reqs(prompts), stagger=stagger)
+    for i, ref in enumerate(references):
+        assert out[f"r{i}"]["tokens"] == ref, f"prompt {i} ({len(prompts[i])} tokens)"
+        assert out[f"r{i}"]["finish"] == "length"
+    assert eng.pool.free_tokens == eng.pool.total_tokens
+
+
+def test_greedy_equals_transformers_disaggregated(prompts, references):
+    pre, dec = make("prefill"), make("decode")
+    for i, (p, ref) in enumerate(zip(prompts, references, strict=True)):
+        got = disaggregated(pre, dec, f"r{i}", p, greedy())
+        assert got["tokens"] == ref, f"prompt {i} ({len(p)} tokens)"
+    assert pre.pool.free_tokens == pre.pool.total_tokens
+    assert dec.pool.free_tokens == dec.pool.total_tokens
+
+
+def test_greedy_equivalence_survives_preemption(prompts, references):
+    # A pool far too small for everything at once: decodes run out of blocks and preempt.
+    eng = make(kv_tokens=16 * 24, max_batch=8)
+    out = run(eng, reqs(prompts))
+    assert eng.scheduler.preemptions > 0
+    for i, ref in enumerate(references):
+        assert out[f"r{i}"]["tokens"] == ref
+    assert eng.pool.free_tokens == eng.pool.total_tokens
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_transformers():
+    hf, tokenizer, _ = load_model("smollm2-135m-instruct", dtype=torch.float32)
+    eng = NativeEngine("smollm2-135m-instruct", chunk_size=16, kv_tokens=4096, dtype="float32")
+    dec = NativeEngine("smollm2-135m-instruct", role="decode", chunk_size=16, kv_tokens=4096)
+    pre = NativeEngine("smollm2-135m-instruct", role="prefill", chunk_size=16, kv_tokens=4096)
+    messages = [
+        {
+            "role": "user",
+            "content": (
+                "Write two sentences about the ocean. Explain in simple words why tides happen on "
+                "Earth twice a day, and what the Moon has to do with it."
+            ),
+        }
+    ]
+    prompt = eng.apply_chat_template(messages)
+    assert len(prompt) > 48  # more than three chunks of 16
+    ref = hf_greedy(hf, prompt, N_TOKENS)
+    got = run(eng, [EngineRequest("s", prompt, greedy())])["s"]
+    assert got["tokens"] == ref
+    assert got["text"] == eng.detokenize(ref)
+    assert len(got["text"]) > 20
+    split = disaggregated(pre, dec, "s", prompt, greedy())
+    assert split["tokens"] == ref
+    assert split["text"] == got["text"]
+
+
+# ---- batching mechanics ----------------------------------------------------------------------
+def test_chunked_prefill_packs_prompts_and_spreads_long_ones():
+    eng = make(chunk_size=64)
+    rng = random.Random(1)
+    for i in range(3):
+        eng.add_request(EngineRequest(f"p{i}", [rng.randrange(3, 4000) for _ in range(10)], greedy(4)))
+    outs = eng.step()  # three 10-token prompts share one 64-token chunk
+    assert eng.tokens_processed == 30
+    assert sorted(o.request_id for o in outs) == ["p0", "p1", "p2"]
+    run(eng, [])
+
+    eng = make(chunk_size=16)
+    eng.add_request(EngineRequest("long", list(range(5, 105)), greedy(4)))  # 100 tokens
+    steps = 0
+    while True:
+        steps += 1
+        outs = eng.step()
+        assert eng.tokens_processed <= 16 * steps
+        if outs:
+            break
+    assert steps == 7  # ceil(100 / 16) chunks before the first token
+    load = eng.load()
+    assert load.running == 1 and load.running_prompt_tokens == 0
+    run(eng, [])
+
+
+def test_sarathi_runs_decodes_first_then_chunks_in_budget():
+    eng = make(chunk_size=16)
+    eng.add_request(EngineRequest("d", list(range(5, 15)), greedy(20)))
+    eng.step()  # d prefilled, now decoding
+    eng.add_request(EngineRequest("p", list(range(5, 105)), greedy(4)))
+    before = eng.tokens_processed
+    outs = eng.step()  # hybrid: d's decode token + 15 prompt tokens
+    assert eng.tokens_processed - before == 16
+    assert [o.request_id for o in outs] == ["d"]
+    assert eng.load().running_prompt_tokens == 100 - 15
+    run(eng, [])
+
+
+def test_vllm_style_prefills_whole_prompts_first():
+    eng = make(batching="vllm", chunk_size=16)
+    eng.add_request(EngineRequest("d", list(range(5, 15)), greedy(20)))
+    eng.step()
+    eng.add_request(EngineRequest("p", list(range(5, 105)), greedy(4)))
+    before = eng.tokens_processed
+    outs = eng.step()  # the waiting prompt, whole, and no decode
+    assert eng.tokens_processed - before == 100
+    assert [o.request_id for o in outs] == ["p"]
+    outs = eng.step()  # then one decode batch with both
+    assert sorted(o.request_id for o in outs) == ["d", "p"]
+    run(eng, [])
+
+
+def test_full_pool_keeps_prompts_waiting():
+    eng = make(kv_tokens=16 * 8, chunk_size=64)  # 128 tokens of KV
+    for i in range(4):
+        eng.add_request(EngineRequest(f"w{i}", list(range(5, 65)), greedy(8)))  # 60 + 8 tokens each
+    eng.step()
+    load = eng.load()
+    assert load.running >= 1 and load.queued >= 1
+    assert load.queued_prompt_tokens == 60 * load.queued
+    out = run(eng, [])
+    assert all(out[f"w{i}"]["finish"] == "length" for i in range(4))
+    assert eng.pool.free_tokens == eng.pool.total_tokens
+
+
+# ---- sampling, stop, EOS, max_tokens ---------------------------------------------------------
+def test_max_tokens(engine, prompts):
+    out = run(engine, [EngineRequest("m", prompts[2], greedy(5))])["m"]
+    assert len(out["tokens"]) == 5 and out["finish"] == "length"
+    out = run(engine, [EngineRequest("one", prompts[2], greedy(1))])["one"]
+    assert len(out["tokens"]) == 1 and out["finish"] == "length"
+
+
+def test_eos_stops_unless_ignored(engine, prompts, references):
+    eos = references[4][5]
+    saved = engine.eos_ids
+    engine.eos_ids = {eos}
+    try:
+        sp = SamplingParams(temperature=0.0, max_tokens=N_TOKENS)
+        out = run(engine, [EngineRequest("e", prompts[4], sp)])["e"]
+        first = references[4].index(eos)
+        assert out["tokens"] == references[4][: first + 1]
+        assert out["finish"] == "stop"
+        out = run(engine, [EngineRequest("i", prompts[4], greedy())])["i"]
+        assert out["tokens"] == references[4] and out["finish"] == "length"
+    finally:
+        engine.eos_ids = saved
+
+
+def test_text_deltas_and_stop_strings(engine, prompts):
+    full = run(engine, [EngineRequest("t", prompts[5], greedy())])["t"]
+    text = full["text"]
+    assert text == engine.detokenize(full["tokens"])
+    assert len(text) > 20
+    # A stop string whose first occurrence is well past the first token.
+    stop = next(text[i : i + 4] for i in range(len(text) // 2, len(text) - 4) if text.index(text[i : i + 4]) > 8)
+    cut = text[: text.index(stop)]
+    out = run(engine, [EngineRequest("s", prompts[5], greedy(stop=["@@never@@", stop]))])["s"]
+    assert out["finish"] == "stop"
+    assert out["text"] == cut
+    assert stop not in out["text"]
+    # The same cut when the stop string is found on the decode side of a disaggregated run.
+    pre, dec = make("prefill"), make("decode")
+    split = disaggregated(pre, dec, "s", prompts[5], greedy(stop=[stop]))
+    assert split["text"] == cut and split["finish"] == "stop"
+
+
+def test_incremental_detokenizer_multibyte(engine):
+    from backends.native.detokenize import IncrementalDetokenizer
+
+    text = "Grüße aus Köln 🙂🚀 — 東京で会いましょう! ok"
+    ids = engine.encode(text)
+    detok = IncrementalDetokenizer(engine.tokenizer, [1, 2, 3])
+    deltas = [detok.push(t)[0] for t in ids]
+    deltas.append(detok.flush())
+    assert "".join(deltas) == engine.detokenize(ids)
+    assert all("\ufffd" not in d for d in deltas)
+    assert len(ids) > len(engine.encode("Grüße aus Köln")) + 2  # emoji split over tokens
+
+    detok = IncrementalDetokenizer(engine.tokenizer, [], stop=["Köln"])
+    got = ""
+    for t in ids:
+        delta, stopped = detok.push(t)
+        got += delta
+        if stopped:
+            break
+    assert stopped and got == "Grüße aus "
+
+
+def test_seeded_sampling_reproducible(prompts):
+    sp = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=16, seed=1234, ignore_eos=True)
+    a = make()
+    alone = run(a, [EngineRequest("x", prompts[3], sp)])["x"]["tokens"]
+    # Batched with other work, at another chunk size, and split across two engines.
+    b = make(chunk_size=64)
+    others = [EngineRequest(f"o{i}", p, greedy(8)) for i, p in enumerate(prompts[:3])]
+    batched = run(b, others + [EngineRequest("x", prompts[3], sp)], stagger=True)["x"]["tokens"]
+    split = disaggregated(make("prefill"), make("decode"), "x", prompts[3], sp)["tokens"]
+    assert alone == batched == split
+    other_seed = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=16, seed=99, ignore_eos=True)
+    assert run(a, [EngineRequest("y", prompts[3], other_seed)])["y"]["tokens"] != alone
+    # top_p tiny: only the most likely token survives, so sampling equals greedy.
+    narrow = SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=8, ignore_eos=True)
+    assert (
+        run(a, [EngineRequest("z", prompts[3], narrow)])["z"]["tokens"]
+        == run(a, [EngineRequest("g", prompts[3], greedy(8))])["g"]["tokens"]
+    )
+
+
+# ---- KV export / import, release, abort -------------------------------------------------------
+def test_kv_export_import_roundtrip(prompts):
+    pre = make("prefill")
+    pre.add_request(EngineRequest("k", prompts[4], greedy(), mode="prefill_only"))
+    while pre.has_work():
+        pre.step()
+    assert pre.load().extra["held_kv_requests"] == 1
+    payload = pre.export_kv("k")
+    info = pre.info()
+    assert tuple(payload.data.shape) == (
+        info["num_layers"],
+        2,
+        len(prompts[4]),
+        info["num_kv_heads"],
+        info["head_dim"],
+    )
+    assert payload.data.abs().sum() > 0
+    used = pre.pool.total_tokens - pre.pool.free_tokens
+    assert used == 16 * ((len(prompts[4]) + 15) // 16)  # held until released
+    pre.release_kv("k")
+    assert pre.pool.free_tokens == pre.pool.total_tokens
+
+    dec = make("decode")
+    dec.import_kv(payload)
+    assert dec.load().extra["imported_kv_tokens"] == len(prompts[4])
+    table, n = dec._imported["k"]
+    assert torch.equal(dec.pool.read(table, n), payload.data)
+    with pytest.raises(ValueError):
+        dec.import_kv(payload)  # already there
+    dec.release_kv("k")  # nobody claimed it
+    assert dec.pool.free_tokens == dec.pool.total_tokens
+
+    small = make("decode", kv_tokens=32)
+    with pytest.raises(MemoryError):
+        small.import_kv(payload)
+    assert small.pool.free_tokens == small.pool.total_tokens
+    bad = KVPayload("b", 4, torch.zeros(1, 2, 4, 1, 1), model="x")
+    with pytest.raises(ValueError):
+        dec.import_kv(bad)
+    with pytest.raises(ValueError):  # decode_only without imported KV
+        dec.add_request(EngineRequest("nokv", prompts[4], greedy(), mode="decode_only", first_token=5))
+
+
+def test_prefill_only_that_finishes_frees_its_kv(engine, prompts):
+    pre = make("prefill")
+    out = run(pre, [EngineRequest("one", prompts[2], greedy(1), mode="prefill_only")])["one"]
+    assert out["finish"] == "length" and len(out["tokens"]) == 1
+    assert pre.pool.free_tokens == pre.pool.total_tokens
+    with pytest.raises(KeyError):
+        pre.export_kv("one")
+
+
+def test_abort_everywhere_frees_the_pool(prompts):
+    eng = make(chunk_size=16, max_batch=4)
+    rs = reqs(prompts, max_tokens=64)
+    for r in rs:
+        eng.add_request(r)
+    for _ in range(6):
+        eng.step()
+    # Some are waiting, one is mid-prefill, some decode.
+    states = {s.status.value for s in eng._seqs.values()}
+    assert "waiting" in states and "running" in states
+    for r in rs[::2]:
+        eng.abort(r.request_id)
+    out = run(eng, [])
+    assert not any(r.request_id in out for r in rs[::2])  # nothing after an abort
+    assert all(out[r.request_id]["finish"] == "length" for r in rs[1::2])
+    assert eng.pool.free_tokens == eng.pool.total_tokens
+
+    # Held (prefilled) and imported-but-unclaimed KV.
+    pre, dec = make("prefill"), make("decode")
+    pre.add_request(EngineRequest("h", prompts[3], greedy(), mode="prefill_only"))
+    run(pre, [])
+    payload = pre.export_kv("h")
+    pre.abort("h")
+    dec.import_kv(payload)
+    dec.abort("h")
+    assert pre.pool.free_tokens == pre.pool.total_tokens
+    assert dec.pool.free_tokens == dec.pool.total_tokens
+    assert not eng.has_work() and not pre.has_work() and not dec.has_work()
+
+
+def test_pool_returns_to_empty_after_many_requests():
+    eng = make(kv_tokens=16 * 64, chunk_size=32, max_batch=16)
+    rng = random.Random(3)
+    rs = [
+        EngineRequest(
+            f"m{i}",
+            [rng.randrange(3, 49000) for _ in range(rng.randint(1, 90))],
+            SamplingParams(temperature=rng.choice([0.0, 0.7]), max_tokens=rng.randint(1, 24), seed=i),
+            predicted_output_lo=rng.choice([None, 0, 50, 200]),
+            heavy_decode=rng.choice([None, True, False]),
+        )
+        for i in range(60)
+    ]
+    out: dict[str, dict] = {}
+    pending = list(rs)
+    while pending or eng.has_work():
+        for _ in range(3):
+            if pending:
+                eng.add_request(pending.pop(0))
+        load = eng.load()
+        assert load.heavy_decodes + load.light_decodes <= load.running + load.queued
+        assert load.free_kv_tokens <= load.total_kv_tokens
+        for o in eng.step():
+            out.setdefault(o.request_id, []).append(o)
+    assert len(out) == 60
+    assert all(v[-1].finish_reason in ("length", "stop") for v in out.values())
+    for r in rs:
+        n = sum(o.token_id is not None for o in out[r.request_id])
+        assert 1 <= n <= r.sampling.max_tokens
+    assert eng.pool.free_tokens == eng.pool.total_tokens
+    assert not eng._seqs
+
+
+def test_load_report(engine, prompts):
+    engine.add_request(EngineRequest("h", prompts[2], greedy(40), predicted_output_lo=30, heavy_decode=True))
+    engine.add_request(EngineRequest("l", prompts[1], greedy(40), predicted_output_lo=5))
+    engine.add_request(EngineRequest("q", prompts[6], greedy(4)))
+    load = engine.load()
+    assert load.queued == 3 and load.running == 0
+    assert load.queued_prompt_tokens == len(prompts[2]) + len(prompts[1]) + len(prompts[6])
+    for _ in range(4):
+        engine.step()
+    load = engine.load()
+    assert load.backend == "native" and load.model == TINY and load.chunk_size == 16
+    assert load.heavy_decodes == 1 and load.light_decodes == 1
+    h, lo = engine._seqs["h"], engine._seqs["l"]
+    assert sorted(load.decode_remaining) == sorted([30 - len(h.outputs), max(0, 5 - len(lo.outputs))])
+    assert load.free_kv_tokens < load.total_kv_tokens
+    info = engine.info()
+    assert info["block_size"] == 16 and info["total_kv_tokens"] == load.total_kv_tokens
+    for rid in ("h", "l", "q"):
+        engine.abort(rid)
+    assert engine.load().free_kv_tokens == load.total_kv_tokens
+
+
+# ---- validation ------------------------------------------------------------------------------
+def test_rejects_requests_it_can_never_serve(engine):
+    ctx = engine.max_context
+    with pytest.raises(ValueError, match="context"):
+        engine.add_request(EngineRequest("long", [5] * (ctx + 1), greedy(1)))
+    with pytest.raises(ValueError, match="context"):
+        engine.add_request(EngineRequest("long2", [5] * (ctx - 10), greedy(20)))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request(EngineRequest("empty", [], greedy(1)))
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.add_request(EngineRequest("zero", [5], greedy(0)))
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request(EngineRequest("vocab", [10**9], greedy(1)))
+    engine.add_request(EngineRequest("dup", [5, 6], greedy(1)))
+    with pytest.raises(ValueError, match="already"):
+        engine.add_request(EngineRequest("dup", [5, 6], greedy(1)))
+    run(engine, [])
+    pre = make("prefill")
+    with pytest.raises(ValueError, match="prefill engine"):
+        pre.add_request(EngineRequest("full", [5, 6], greedy(1)))
+    with pytest.raises(ValueError, match="KV pool"):
+        make(kv_tokens=64).add_request(EngineRequest("big", [5] * 60, greedy(20)))
+    assert engine.pool.free_tokens == engine.pool.total_tokens
+
+
+def test_set_role_and_chat_template(engine):
+    ids = engine.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert ids and all(isinstance(i, int) for i in ids)
+    assert "hi" in engine.detokenize(ids)
+    eng = make()
+    eng.set_role("prefill")
+    assert eng.load().role == "prefill"
+    eng.add_request(EngineRequest("p", [5, 6, 7], greedy(4), mode="prefill_only"))
+    with pytest.raises(RuntimeError):
+        eng.set_role("decode")
