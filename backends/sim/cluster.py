@@ -202,7 +202,7 @@ class Inst:
         "i", "id", "role", "cap", "busy", "cur", "step", "run_kv", "kv_other", "running", "heap",
         "waiting", "prefilling", "incoming", "queue", "engine", "eng_tokens", "held", "link_free",
         "n_heavy", "inflight_res", "draining", "to_role", "busy_s", "last_busy_end", "iters",
-        "pending_prompt", "view_cache", "hseq", "flips",
+        "pending_prompt", "view_cache", "hseq", "flips", "kheap",
     )  # fmt: skip
 
     def __init__(self, i: int, role: str, cap: int) -> None:
@@ -236,6 +236,8 @@ class Inst:
         self.view_cache: InstanceView | None = None
         self.hseq = 0
         self.flips = 0
+        # (predicted_lo - gen0 + s0, seq, epoch, req) of running decodes: remaining = key - step
+        self.kheap: list[tuple[int, int, int, Req]] = []
 
     @property
     def kv_used(self) -> int:
@@ -325,8 +327,13 @@ class ClusterSim:
         requests: Sequence[Any],
         seed: int = 0,
         kv_tokens: int | None = None,
+        exact_views: bool = False,
     ) -> None:
         self.cfg = cfg
+        # Views carry decode_remaining as its minimum only (all reserve_dynamic reads, with `running`
+        # for the count) unless exact_views: the full per-request tuple, O(batch) per view.
+        self.exact_views = exact_views
+        self._need_remaining = cfg.admission != "greedy"
         self.tm = timing
         self.n = instances
         self.seed = seed
@@ -489,9 +496,17 @@ class ClusterSim:
 
     def _decode_view(self, inst: Inst) -> InstanceView:
         step = inst.step
-        rem = tuple(
-            max(0, r.pred_lo - (r.gen0 + step - r.s0)) for r in inst.running.values()
-        ) if self.cfg.admission != "greedy" else ()  # fmt: skip
+        rem: tuple[int, ...] = ()
+        if self._need_remaining and inst.running:
+            if self.exact_views:
+                rem = tuple(max(0, r.pred_lo - (r.gen0 + step - r.s0)) for r in inst.running.values())
+            else:
+                kh = inst.kheap
+                running = inst.running
+                while kh and (kh[0][2] != kh[0][3].epoch or kh[0][3].idx not in running):
+                    heapq.heappop(kh)
+                if kh:
+                    rem = (max(0, kh[0][0] - step),)
         nrun = len(inst.running)
         return InstanceView(
             id=inst.id,
@@ -777,6 +792,8 @@ class ClusterSim:
             inst.n_heavy += 1
         inst.hseq += 1
         heapq.heappush(inst.heap, (inst.step + r.output - r.gen, inst.hseq, r.epoch, r))
+        if self._need_remaining:
+            heapq.heappush(inst.kheap, (r.pred_lo - r.gen + inst.step, inst.hseq, r.epoch, r))
 
     def _prefilled(self, inst: Inst, r: Req, now: float) -> None:
         if inst.role == "prefill":

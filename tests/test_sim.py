@@ -1,0 +1,225 @@
+"""Simulator: calibrated timing model, discrete-event cluster (deterministic, complete), SimEngine."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import pytest
+
+from backends.base import SamplingParams
+from backends.engine_api import EngineRequest
+from backends.sim.cluster import SYSTEMS, ClusterSim, plan_split, simulate, system_config
+from backends.sim.engine import SimEngine
+from backends.sim.profiles import get_timing, profile_names
+from bench.metrics import summarize
+from bench.workloads import BenchRequest, poisson_arrivals
+
+
+@pytest.fixture(scope="module")
+def h100():
+    return get_timing("h100-llama-2-7b")
+
+
+def _requests(n: int = 300, rate: float = 30.0, seed: int = 0) -> list[BenchRequest]:
+    rng = random.Random(seed)
+    arr = poisson_arrivals(n, rate, seed=seed)
+    out = []
+    for i, t in enumerate(arr):
+        heavy_p, heavy_d = rng.random() < 0.5, rng.random() < 0.5
+        p = rng.randint(600, 2000) if heavy_p else rng.randint(10, 400)
+        o = rng.randint(150, 900) if heavy_d else rng.randint(5, 120)
+        out.append(BenchRequest(f"r{i}", t, p, o))
+    return out
+
+
+def test_timing_matches_the_measured_h100_rows(h100):
+    # Data README §5: lin(512)·32 = 11.98 ms, lin(2048)·32 = 40.42 ms; decode batch 1 ≈ 5.9 ms
+    assert h100.lin(512) * 32 == pytest.approx(11.98, abs=0.05)
+    assert h100.lin(2048) * 32 == pytest.approx(40.42, abs=0.1)
+    assert 12.5 <= h100.prefill_s(512) * 1e3 <= 16.0
+    assert 47.0 <= h100.prefill_s(2048) * 1e3 <= 58.0
+    assert 5.5 <= h100.decode_s(1, 1024) * 1e3 <= 8.0
+    assert 25.0 <= h100.decode_s(128, 1024) * 1e3 <= 33.0
+    assert h100.knee() == 1024  # README: "use a ChunkSize of 1024 for Llama-2-7B on one H100"
+    assert 100_000 < h100.total_kv_tokens < 120_000
+    # KV hand-off: 1 GiB at ~33-36 GB/s between nodes
+    assert 0.025 < h100.transfer_s(2048) < 0.040
+
+
+def test_every_profile_builds():
+    for name in profile_names():
+        tm = get_timing(name)
+        assert tm.prefill_s(256) > 0 and tm.decode_s(8, 256) > 0, name
+        assert tm.total_kv_tokens > 1000, name
+
+
+def test_iteration_time_is_monotone(h100):
+    assert h100.decode_s(64, 1024) > h100.decode_s(32, 1024) > h100.decode_s(32, 256)
+    assert h100.prefill_s(1024, cached=2048) > h100.prefill_s(1024)
+
+
+@pytest.mark.parametrize("system", list(SYSTEMS))
+def test_every_system_finishes_every_request(h100, system):
+    reqs = _requests()
+    res = simulate(system, h100, 4, reqs, seed=1)
+    recs = res.requests
+    assert all(r["error"] is None for r in recs), system
+    for r, q in zip(sorted(recs, key=lambda r: r["id"]), sorted(reqs, key=lambda q: q.id), strict=True):
+        assert 0 < r["ttft_s"] <= r["jct_s"]
+        assert r["jct_s"] >= (q.output_tokens - 1) * 0.004  # at least a few ms per decode step
+    s = summarize(recs, 4)
+    assert s["completed"] == len(reqs)
+
+
+def test_simulator_is_deterministic_for_a_seed(h100):
+    reqs = _requests(400, rate=60.0)
+    a = simulate("tetri", h100, 4, reqs, seed=7)
+    b = simulate("tetri", h100, 4, reqs, seed=7)
+    key = lambda res: [(r["id"], r["ttft_s"], r["jct_s"], r["d_inst"]) for r in res.requests]  # noqa: E731
+    assert key(a) == key(b)
+    assert a.events == b.events
+    c = simulate("tetri", h100, 4, reqs, seed=8)  # other seed: other predictor noise / dispatch samples
+    assert key(a) != key(c)
+
+
+def test_colocated_vllm_stalls_decodes_sarathi_does_not(h100):
+    reqs = _requests(400, rate=80.0, seed=3)
+    v = summarize(simulate("colocated-vllm", h100, 2, reqs).requests)
+    s = summarize(simulate("colocated-sarathi", h100, 2, reqs).requests)
+    assert s["mean_tpot_ms"] < v["mean_tpot_ms"]
+
+
+def test_disaggregated_systems_use_both_roles(h100):
+    res = simulate("disagg-simple", h100, 4, _requests())
+    assert res.split["prefill"] >= 1 and res.split["decode"] >= 1
+    roles = {r["p_inst"] for r in res.requests} & {r["d_inst"] for r in res.requests}
+    assert not roles  # prefill and decode never on the same instance without fallback
+
+
+def test_fallback_colocates_heavy_heavy_requests(h100):
+    reqs = [BenchRequest(f"r{i}", i * 0.05, 1500, 600) for i in range(40)]
+    res = simulate("tetri+predictor=oracle", h100, 4, reqs)
+    assert all(r["colocated"] for r in res.requests)
+    assert res.split == {"prefill": 0, "decode": 4}
+
+
+def test_stated_pd_ratio_and_system_overrides(h100):
+    cfg = system_config("tetri+pd_ratio=1:3,predictor=oracle,prefill_policy=fcfs")
+    assert cfg.pd_ratio == "1:3" and cfg.predictor == "oracle" and cfg.prefill_policy == "fcfs"
+    res = ClusterSim(cfg, h100, 4, _requests(50)).run()
+    assert res.split == {"prefill": 1, "decode": 3}
+    with pytest.raises(ValueError):
+        system_config("nope")
+
+
+def test_planner_gives_prefill_instances_by_work_share(h100):
+    cfg = SYSTEMS["disagg-simple"]
+    p, d = plan_split(16, [70] * 100, [400] * 100, h100, 1024, cfg)  # light prefill, heavy decode
+    assert p == 1 and d == 15
+    p2, _ = plan_split(16, [1500] * 100, [50] * 100, h100, 1024, cfg)  # heavy prefill, light decode
+    assert p2 > 4
+
+
+def test_ten_minutes_of_sixteen_instances_is_fast(h100):
+    # A scaled-down speed check (the full 10-minute run is in docs/benchmarks.md): ~40 simulated
+    # seconds of a 16-instance cluster near capacity; CPU time, so a busy machine does not fail it.
+    reqs = _requests(6000, rate=200.0, seed=5)
+    t = time.process_time()
+    res = simulate("tetri", h100, 16, reqs)
+    cpu = time.process_time() - t
+    assert res.makespan_s > 25
+    assert cpu < 4.0, cpu
+
+
+def test_compact_views_decide_exactly_like_full_views(h100):
+    reqs = _requests(500, rate=120.0, seed=4)
+    a = ClusterSim(system_config("tetri"), h100, 4, reqs, seed=2).run()
+    b = ClusterSim(system_config("tetri"), h100, 4, reqs, seed=2, exact_views=True).run()
+    assert [(r["ttft_s"], r["jct_s"], r["d_inst"]) for r in a.requests] == [
+        (r["ttft_s"], r["jct_s"], r["d_inst"]) for r in b.requests
+    ]
+
+
+# ---- SimEngine ---------------------------------------------------------------------------------
+def _drain(engine: SimEngine) -> dict[str, list]:
+    out: dict[str, list] = {}
+    guard = 0
+    while engine.has_work() and guard < 10000:
+        for o in engine.step():
+            out.setdefault(o.request_id, []).append(o)
+        guard += 1
+    return out
+
+
+@pytest.mark.parametrize("batching", ["sarathi", "vllm"])
+def test_sim_engine_runs_requests_deterministically(batching):
+    def run():
+        e = SimEngine(profile="cpu-smollm2", batching=batching, speed=1000.0)
+        e.add_request(EngineRequest("a", list(range(100, 400)), SamplingParams(max_tokens=12, ignore_eos=True)))
+        e.add_request(EngineRequest("b", list(range(200, 230)), SamplingParams(max_tokens=40)))
+        return e, _drain(e)
+
+    e, out = run()
+    assert len(out["a"]) == 12 and out["a"][-1].finish_reason == "length"
+    assert out["b"][-1].finish_reason in ("stop", "length") and 1 <= len(out["b"]) <= 40
+    _, again = run()
+    assert [o.token_id for o in out["a"]] == [o.token_id for o in again["a"]]
+    assert e.load().free_kv_tokens == e.load().total_kv_tokens
+
+
+def test_sim_engine_prefill_export_import_decode():
+    p = SimEngine(role="prefill", speed=1000.0)
+    d = SimEngine(role="decode", speed=1000.0)
+    prompt = list(range(100, 356))
+    p.add_request(EngineRequest("x", prompt, SamplingParams(max_tokens=6, ignore_eos=True), mode="prefill_only"))
+    first = _drain(p)["x"]
+    assert first[-1].finish_reason == "prefilled"
+    kv = p.export_kv("x")
+    assert kv.num_tokens == len(prompt)
+    p.release_kv("x")
+    assert p.load().free_kv_tokens == p.load().total_kv_tokens
+    d.import_kv(kv)
+    d.add_request(EngineRequest("x", prompt, SamplingParams(max_tokens=6, ignore_eos=True), mode="decode_only",
+                                first_token=first[-1].token_id))  # fmt: skip
+    outs = _drain(d)["x"]
+    assert len(outs) == 5 and outs[-1].finish_reason == "length"
+    with pytest.raises(ValueError):
+        d.add_request(EngineRequest("y", prompt, SamplingParams(max_tokens=4), mode="full"))
+    info = d.info()
+    assert info["backend"] == "sim" and info["num_layers"] == 1
+
+
+def test_sim_engine_sleeps_the_modelled_time():
+    e = SimEngine(profile="cpu-smollm2", speed=1.0)
+    e.add_request(EngineRequest("a", list(range(100, 300)), SamplingParams(max_tokens=1, ignore_eos=True)))
+    t = time.perf_counter()
+    _drain(e)
+    took = time.perf_counter() - t
+    modelled = e.timing.prefill_s(200)
+    assert took >= modelled * 0.95
+
+
+# ---- compare end to end (simulator) ------------------------------------------------------------
+def test_small_compare_writes_the_report_files(tmp_path, monkeypatch):
+    import bench.compare as cmp
+
+    def fake_load(spec, name, max_context):
+        from bench.workloads import Workload
+
+        return Workload(name, _requests(120, rate=20.0, seed=9), {"source": "test"})
+
+    monkeypatch.setattr(cmp, "_load_workload", fake_load)
+    spec = cmp.CompareSpec(workloads=["Mixed"], profile="h100-llama-2-7b", instances=4, requests=120)
+    res = cmp.run_compare(spec, out_dir=tmp_path)
+    for f in ("report.md", "results.json", "Mixed_ttft_cdf.png", "Mixed_jct_cdf.png", "Mixed_bars.png"):
+        assert (tmp_path / f).exists(), f
+    summary = cmp.compact(res)
+    assert set(summary["systems"]) == {"colocated-vllm", "colocated-sarathi", "disagg-simple", "tetri"}
+    for s in summary["systems"].values():
+        for k in ("mean_ttft_ms", "mean_jct_ms", "p99_ttft_ms", "mean_tpot_ms", "throughput_rps", "instance_seconds"):
+            assert s[k] is not None and s[k] > 0
+    raw = json.loads((tmp_path / "results.json").read_text())
+    assert len(raw["workloads"]["Mixed"]["systems"]["tetri"]["requests"]) == 120
+    assert "perf/$" in (tmp_path / "report.md").read_text()
