@@ -10,6 +10,7 @@ batch size (for docs/benchmarks.md).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import time
@@ -32,6 +33,11 @@ KNEE_TOLERANCE = 0.05
 PACK_PROMPT_TOKENS = 512
 # Per size: repeat the pass until this much time has gone by (at least once).
 MIN_SECONDS = {"cpu": 0.25, "cuda": 0.2}
+# The whole sweep: once past this, no bigger sizes are tried (a CPU start stays short).
+BUDGET_SECONDS = {"cpu": 30.0, "cuda": 120.0}
+# Past the peak, stop after this many sizes in a row below STOP_FRACTION of the best so far.
+STOP_AFTER = 2
+STOP_FRACTION = 0.9
 
 
 @dataclass
@@ -72,7 +78,7 @@ def device_name(device: str | torch.device = "cpu") -> str:
                 break
     except OSError:
         pass
-    return f"{cpu} x{torch.get_num_threads()} threads"
+    return f"{cpu} x{os.cpu_count()} cores"
 
 
 def _slug(text: str) -> str:
@@ -148,8 +154,13 @@ def profile_knee(
     sizes: list[int] | tuple[int, ...] | None = None,
     engine: NativeEngine | None = None,
     save: bool = True,
+    budget_s: float | None = None,
 ) -> ProfileResult:
-    """Sweep tokens per prefill forward pass; return the curve and the knee (and cache it)."""
+    """Sweep tokens per prefill forward pass; return the curve and the knee (and cache it).
+
+    Sizes go up from the smallest; the sweep stops early once throughput has clearly fallen
+    past its peak (STOP_AFTER sizes below STOP_FRACTION of the best) or the time budget is spent.
+    """
     if engine is None:
         from backends.native.engine import NativeEngine
 
@@ -162,8 +173,16 @@ def profile_knee(
     min_s = MIN_SECONDS.get(engine.device.type, 0.25)
     # Warm up (allocator, kernels, thread pools) on a mid-size pass.
     _prefill_pass_seconds(engine, min(sizes[len(sizes) // 2], 256), gen)
+    budget = budget_s if budget_s is not None else BUDGET_SECONDS.get(engine.device.type, 60.0)
+    started = time.perf_counter()
     curve: list[tuple[int, float]] = []
+    below = 0
     for n in sizes:
+        if curve:
+            # Stop past the peak, or when one pass of this size would overrun the budget.
+            predicted = n / curve[-1][1]
+            if below >= STOP_AFTER or time.perf_counter() - started + predicted > budget:
+                break
         spent, reps, best = 0.0, 0, float("inf")
         while reps < 1 or (spent < min_s and reps < 20):
             dt = _prefill_pass_seconds(engine, n, gen)
@@ -171,6 +190,8 @@ def profile_knee(
             spent += dt
             reps += 1
         curve.append((n, n / best))
+        peak = max(t for _n, t in curve)
+        below = below + 1 if n / best < STOP_FRACTION * peak else 0
     knee = find_knee(curve)
     result = ProfileResult(
         model=engine.model_name,
