@@ -205,7 +205,7 @@ class AppState:
 
 
 def _live_accuracy() -> Any:
-    from predictor import LiveAccuracy
+    from predictor.live import LiveAccuracy
 
     return LiveAccuracy()
 

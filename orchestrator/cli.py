@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +31,10 @@ def _mount(module: str, name: str, help_text: str) -> None:
 
 _mount("predictor.cli", "predictor", "Output-length predictor: train, eval, label.")
 _mount("bench.cli", "bench", "Workloads, live runs, simulator comparisons.")
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)
 
 
 def _logging(level: str = "WARNING") -> None:
@@ -77,6 +83,9 @@ def up(
         server = uvicorn.Server(uvicorn.Config(create_app(settings, on_ready=lambda: typer.echo(
             f"tetri ready at {url}  (OpenAI API: {url}/v1, model {settings.public_model_name!r})"
         )), host=settings.host, port=settings.port, log_level="warning"))
+        # uvicorn re-raises the signal that stopped it once it has shut down; make SIGTERM an
+        # exception (as SIGINT already is) so that the `finally` below still stops the workers.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         server.run()
     finally:
         fleet.stop()

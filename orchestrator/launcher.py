@@ -6,6 +6,7 @@ stop them in order: no orphan processes.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -18,6 +19,14 @@ from pathlib import Path
 import httpx
 
 from backends.base import Role
+
+
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGTERM if we die without cleaning up (even by SIGKILL)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def free_port() -> int:
@@ -59,7 +68,8 @@ class Fleet:
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"worker-{role}-{port}.log"
         with log_path.open("wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
         worker = WorkerProcess(role, port, proc, log_path)
         self.workers.append(worker)
         return worker
