@@ -155,6 +155,7 @@ def profile_knee(
     engine: NativeEngine | None = None,
     save: bool = True,
     budget_s: float | None = None,
+    early_stop: bool = True,
 ) -> ProfileResult:
     """Sweep tokens per prefill forward pass; return the curve and the knee (and cache it).
 
@@ -181,7 +182,7 @@ def profile_knee(
         if curve:
             # Stop past the peak, or when one pass of this size would overrun the budget.
             predicted = n / curve[-1][1]
-            if below >= STOP_AFTER or time.perf_counter() - started + predicted > budget:
+            if early_stop and (below >= STOP_AFTER or time.perf_counter() - started + predicted > budget):
                 break
         spent, reps, best = 0.0, 0, float("inf")
         while reps < 1 or (spent < min_s and reps < 20):
