@@ -307,10 +307,13 @@ def plan_split(
             ptoks += p
     if pw <= 0:
         return 0, n
-    p = round(n * pw / (pw + dw))
+    want = n * pw / (pw + dw)
     if rate and math.isfinite(rate):
         demand = rate * ptoks / len(prompts)  # prompt tokens/s that go to prefill instances
-        p = max(p, math.ceil(demand / (target_util * tput)))
+        want = max(want, demand / (target_util * tput))
+    p = round(want)
+    if p == 0 and colocated_mask is not None:
+        return 0, n  # too little prefill work to dedicate an instance: everything co-located
     p = max(1, min(n - 1, p))
     return p, n - p
 
@@ -550,47 +553,29 @@ class ClusterSim:
     def _on_arrival(self, r: Req) -> None:
         cfg = self.cfg
         if cfg.layout == "colocated":
-            best = None
-            best_load = None
-            for inst in self.insts:
-                load = len(inst.running) + len(inst.waiting) + len(inst.prefilling)
-                if best_load is None or load < best_load:
-                    best, best_load = inst, load
+            best = self._least_outstanding(self.insts)
             assert best is not None
             r.p_inst = r.d_inst = best.i
             best.waiting.append(r)
             best.pending_prompt += r.eff
             self._kick(best)
             return
-        if self._wants_colocated(r):
-            dviews = self._decode_views()
-            cands = [v for v in dviews.values() if v.accepting]
-            pick = self.pol.dispatcher.pick(cands, r.view, self.rng) if cands else None
-            if pick is not None:
-                inst = self.insts[int(pick[1:])]
+        prefills = [i for i in self.insts if i.role == "prefill" and not i.draining]
+        if not prefills:
+            prefills = [i for i in self.insts if i.role == "prefill"]
+        if not prefills or self._wants_colocated(r):
+            # Co-located fallback: prefill and decode on one decode instance (stall-free hybrid
+            # batches, no KV transfer), placed like the co-located baselines: least outstanding.
+            inst = self._least_outstanding([i for i in self.insts if i.role == "decode" and not i.draining])
+            if inst is None and not prefills:
+                inst = self._least_outstanding([i for i in self.insts if i.role == "decode"])
+            if inst is not None:
                 r.colocated = True
                 r.p_inst = r.d_inst = inst.i
                 inst.waiting.append(r)
                 inst.pending_prompt += r.eff
-                inst.inflight_res += r.need
-                self._dviews[inst.id] = replace(dviews[inst.id], reserved_kv_tokens=dviews[inst.id].reserved_kv_tokens + r.need)
                 self._kick(inst)
                 return
-        prefills = [i for i in self.insts if i.role == "prefill" and not i.draining]
-        if not prefills:
-            prefills = [i for i in self.insts if i.role == "prefill"]
-        if not prefills:  # every instance decodes (flip or planner): co-locate
-            dviews = self._decode_views()
-            pick = self.pol.dispatcher.pick(list(dviews.values()), r.view, self.rng)
-            inst = self.insts[int(pick[1:])] if pick is not None else min(
-                (i for i in self.insts if i.role == "decode"), key=lambda i: len(i.running) + len(i.waiting)
-            )  # fmt: skip
-            r.colocated = True
-            r.p_inst = r.d_inst = inst.i
-            inst.waiting.append(r)
-            inst.pending_prompt += r.eff
-            self._kick(inst)
-            return
         views = [self._prefill_view(i) for i in prefills]
         pick = self.pol.global_scheduler.pick(views, r.view)
         inst = self.insts[int(pick[1:])] if pick is not None else prefills[0]
@@ -599,6 +584,17 @@ class ClusterSim:
         inst.pending_prompt += r.prompt
         self._qreq[r.id] = r
         self._kick(inst)
+
+    @staticmethod
+    def _least_outstanding(insts: Sequence[Inst]) -> Inst | None:
+        """Co-located placement (a plain load balancer): fewest outstanding requests, then index."""
+        best = None
+        best_load = 0
+        for inst in insts:
+            load = len(inst.running) + len(inst.waiting) + len(inst.prefilling) + len(inst.incoming)
+            if best is None or load < best_load:
+                best, best_load = inst, load
+        return best
 
     # ---- iteration formation ----------------------------------------------------------------------
     def _kick(self, inst: Inst) -> None:
@@ -703,8 +699,6 @@ class ClusterSim:
             inst.waiting.popleft()
             inst.pending_prompt -= r.eff
             inst.kv_other += r.eff
-            if r.colocated and r.preempt == 0 and inst.role == "decode":
-                inst.inflight_res = max(0, inst.inflight_res - r.need)
             inst.prefilling.append(r)
             c = min(r.eff, budget)
             pf.append((r, c))
