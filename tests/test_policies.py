@@ -145,6 +145,7 @@ def test_factories_build_every_name_and_reject_unknown():
     for name in POLICY_NAMES["flip_policy"]:
         assert make_flip_policy(name).name == name
     assert isinstance(make_global_scheduler("least_loaded"), LeastLoadedPrefill)
+    assert make_dispatcher("power_of_two").objective == "balance"  # type: ignore[attr-defined]
     for factory in (make_prefill_queue, make_dispatcher, make_admission, make_flip_policy,
                     make_global_scheduler, make_predictor):  # fmt: skip
         with pytest.raises(ValueError, match="unknown"):
@@ -398,24 +399,30 @@ def test_dispatcher_never_picks_beta_while_alpha_is_non_empty(name, fallback, d,
 
 @FAST
 @given(st.integers(1, 4), decode_fleets(min_size=1), requests(), st.integers(0, 2**32),
-       st.sampled_from([None, 0, 128, 400]))  # fmt: skip
-def test_power_of_two_keeps_the_lowest_ratio_candidate(d, views, r, seed, threshold):
+       st.sampled_from([None, 0, 128, 400]), st.sampled_from(["after", "balance", "delta"]))  # fmt: skip
+def test_power_of_two_keeps_the_lowest_ratio_candidate(d, views, r, seed, threshold, objective):
     if not split_alpha_beta(views, r)[0]:  # make sure α is not empty
         views[0] = replace(
             views[0], healthy=True, accepting=True, free_kv_tokens=r.kv_need + views[0].reserved_kv_tokens
         )
     alpha, _ = split_alpha_beta(views, r)
     rng = SpyRandom(seed)
-    picked = make_dispatcher("power_of_two", power_of_d=d, heavy_decode_threshold=threshold).pick(views, r, rng)
+    disp = make_dispatcher("power_of_two", power_of_d=d, heavy_decode_threshold=threshold, ratio_objective=objective)
+    picked = disp.pick(views, r, rng)
     assert len(rng.samples) == 1 and len(rng.samples[0]) == min(d, len(alpha))
     candidates = rng.samples[0]
     assert {v.id for v in candidates} <= {v.id for v in alpha}
     heavy = r.heavy_decode if threshold is None else r.predicted_output_lo > threshold
 
     def ratio(v: InstanceView) -> Fraction:
+        """ "after": the candidate's smoothed ratio once the request is added; "delta": how much
+        adding it raises that ratio (i.e. the cluster's average ratio)."""
         h = v.heavy_decodes + heavy
         light = v.light_decodes + (not heavy)
-        return Fraction(h + 1, light + 1)
+        after = Fraction(h + 1, light + 1)
+        if objective == "after":
+            return after
+        return after - Fraction(v.heavy_decodes + 1, v.light_decodes + 1)
 
     chosen = next(v for v in candidates if v.id == picked)
     best = min(ratio(v) for v in candidates)
@@ -426,7 +433,7 @@ def test_power_of_two_keeps_the_lowest_ratio_candidate(d, views, r, seed, thresh
 
 
 def test_power_of_two_spreads_heavy_decodes():
-    disp = make_dispatcher("power_of_two", power_of_d=2)
+    disp = make_dispatcher("power_of_two", power_of_d=2, ratio_objective="after")
     views = [inst("a", heavy_decodes=3, light_decodes=1), inst("b", heavy_decodes=0, light_decodes=4)]
     heavy = req(bucket=2)  # lower end 400 > 128
     light = req(bucket=0)
@@ -435,6 +442,37 @@ def test_power_of_two_spreads_heavy_decodes():
     # Equal ratios: more available KV wins.
     views = [inst("a", free=500), inst("b", free=900)]
     assert disp.pick(views, light, random.Random(0)) == "b"
+
+
+def test_power_of_two_objectives_on_light_and_heavy_decodes():
+    views = [inst("busy", light_decodes=10, running=10), inst("empty")]
+    light, heavy = req(bucket=0), req(bucket=2)
+    after = make_dispatcher("power_of_two", ratio_objective="after")
+    balance = make_dispatcher("power_of_two", ratio_objective="balance")
+    delta = make_dispatcher("power_of_two", ratio_objective="delta")
+    # "after" piles a light decode onto the instance with more light ones: 1/12 < 1/2 ...
+    assert after.pick(views, light, random.Random(0)) == "busy"
+    # ... "balance" sends it where the ratio is highest (1/2 > 1/12), "delta" where adding it
+    # lowers the average ratio most (1 -> 1/2).
+    assert balance.pick(views, light, random.Random(0)) == "empty"
+    assert delta.pick(views, light, random.Random(0)) == "empty"
+    # A light decode dilutes the heavy-dominated instance; a heavy one goes to the light-dominated one.
+    views = [
+        inst("h", heavy_decodes=4, light_decodes=1, running=5),
+        inst("l", heavy_decodes=1, light_decodes=4, running=5),
+    ]
+    for disp in (balance, delta):
+        assert disp.pick(views, light, random.Random(0)) == "h"
+        assert disp.pick(views, heavy, random.Random(0)) == "l"
+    assert after.pick(views, heavy, random.Random(0)) == "l"
+    # "delta" ignores the heavy count for a heavy request (its rise is 1/(light+1)) ...
+    views = [inst("many_heavy", heavy_decodes=6, light_decodes=3, running=9), inst("few", light_decodes=2, running=2)]
+    assert delta.pick(views, heavy, random.Random(0)) == "many_heavy"
+    # ... which "after" and "balance" do not: (6+2)/(3+1) > (0+2)/(2+1).
+    assert after.pick(views, heavy, random.Random(0)) == "few"
+    assert balance.pick(views, heavy, random.Random(0)) == "few"
+    with pytest.raises(ValueError):
+        make_dispatcher("power_of_two", ratio_objective="median")
 
 
 def test_power_of_d_samples_from_alpha_only():

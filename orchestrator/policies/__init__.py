@@ -9,6 +9,7 @@ from orchestrator.policies.capacity import available_kv, fits
 from orchestrator.policies.dispatch import (
     DISPATCH_FALLBACK_NAMES,
     DISPATCH_POLICY_NAMES,
+    RATIO_OBJECTIVE_NAMES,
     Dispatcher,
     make_dispatcher,
     split_alpha_beta,
@@ -39,6 +40,7 @@ POLICY_NAMES: dict[str, tuple[str, ...]] = {
 EXTRA_POLICY_NAMES: dict[str, tuple[str, ...]] = {
     "global_scheduler": GLOBAL_SCHEDULER_NAMES,
     "dispatch_fallback": DISPATCH_FALLBACK_NAMES,
+    "dispatch_ratio_objective": RATIO_OBJECTIVE_NAMES,
     "flip_scope": FLIP_SCOPE_NAMES,
 }
 

@@ -10,10 +10,21 @@ Every dispatcher first splits the usable decode instances it is given into
 and picks from α whenever α is non-empty. They differ only in how they choose within α:
 
 * ``power_of_two``: sample ``min(power_of_d, |α|)`` distinct instances of α uniformly at random
-  (``rng.sample`` over α sorted by id), keep the one whose heavy:light decode ratio *after adding
-  this request* is lowest, ratio = (heavy + 1) / (light + 1) (smoothed so that no light decode is not
-  a division by zero); ties: more available KV, then fewer running, then the earlier-sampled one
-  (random, so identical instances share the load evenly).
+  (``rng.sample`` over α sorted by id) and keep the best by the heavy:light decode ratio,
+  ratio = (heavy + 1) / (light + 1) (smoothed so that no light decode is not a division by zero),
+  per ``ratio_objective``:
+
+  - ``balance`` (default): a heavy request goes to the candidate whose ratio *after adding it* is
+    lowest; a light request to the one whose ratio after adding it is highest (it dilutes the most
+    heavy-dominated mix). Ratios even out across instances: heavy decodes are spread evenly;
+  - ``after`` (the paper's words taken literally): lowest ratio after adding, for every request.
+    For a light request that means the candidate with *more* light decodes already, i.e. it piles
+    light decodes onto the busier instance (measured worse on light-only load, docs/scheduling.md);
+  - ``delta``: the smallest rise of the cluster's average ratio; for a heavy request that ignores
+    how many heavy decodes the candidate already has (measured worse on mixed load).
+
+  Ties: more available KV, then fewer running, then the earlier-sampled one (random, so identical
+  instances share the load evenly).
 * ``random``: uniform over α.
 * ``round_robin``: the next instance of α (by id) after the one picked last (a stateful cursor).
 * ``least_loaded``: most available KV (free − reserved); ties: fewer running, then id.
@@ -39,6 +50,8 @@ from orchestrator.policies.types import InstanceView, RequestView
 DISPATCH_POLICY_NAMES: tuple[str, ...] = ("power_of_two", "random", "round_robin", "least_loaded", "imbalanced")
 DISPATCH_FALLBACK_NAMES: tuple[str, ...] = ("most_free", "none")
 Fallback = Literal["most_free", "none"]
+RATIO_OBJECTIVE_NAMES: tuple[str, ...] = ("after", "balance", "delta")
+RatioObjective = Literal["after", "balance", "delta"]
 
 
 class Dispatcher(Protocol):
@@ -62,6 +75,19 @@ def heavy_light_ratio_after(inst: InstanceView, heavy: bool) -> Fraction:
     h = inst.heavy_decodes + (1 if heavy else 0)
     light = inst.light_decodes + (0 if heavy else 1)
     return Fraction(h + 1, light + 1)
+
+
+def ratio_increase(inst: InstanceView, heavy: bool) -> Fraction:
+    """How much this request raises ``inst``'s smoothed heavy:light ratio (negative: lowers it)."""
+    before = Fraction(inst.heavy_decodes + 1, inst.light_decodes + 1)
+    return heavy_light_ratio_after(inst, heavy) - before
+
+
+def balance_score(inst: InstanceView, heavy: bool) -> Fraction:
+    """Lower is better: a heavy decode goes where the ratio after adding it is lowest, a light one
+    where it is highest (it dilutes the most heavy-dominated mix), so ratios even out."""
+    after = heavy_light_ratio_after(inst, heavy)
+    return after if heavy else -after
 
 
 def _most_free(instances: Sequence[InstanceView]) -> InstanceView:
@@ -101,11 +127,15 @@ class _Base:
 class PowerOfTwo(_Base):
     name = "power_of_two"
 
-    def __init__(self, power_of_d: int = 2, **kw: object) -> None:
+    def __init__(self, power_of_d: int = 2, objective: RatioObjective | str = "balance", **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         if power_of_d < 1:
             raise ValueError(f"power_of_d must be >= 1, got {power_of_d}")
+        if objective not in RATIO_OBJECTIVE_NAMES:
+            raise ValueError(f"unknown ratio objective {objective!r}; choose one of {', '.join(RATIO_OBJECTIVE_NAMES)}")
         self.power_of_d = int(power_of_d)
+        self.objective = objective
+        self._score = {"after": heavy_light_ratio_after, "balance": balance_score, "delta": ratio_increase}[objective]
 
     def candidates(self, alpha: list[InstanceView], rng: random.Random) -> list[InstanceView]:
         """``min(power_of_d, |α|)`` distinct instances of α (sorted by id) in random order."""
@@ -115,7 +145,7 @@ class PowerOfTwo(_Base):
         heavy = self.is_heavy(req)
         cands = self.candidates(alpha, rng)
         # min() keeps the first of equal keys: a full tie goes to the earlier-sampled candidate.
-        return min(cands, key=lambda d: (heavy_light_ratio_after(d, heavy), -available_kv(d), d.running))
+        return min(cands, key=lambda d: (self._score(d, heavy), -available_kv(d), d.running))
 
 
 class RandomDispatch(_Base):
@@ -161,10 +191,11 @@ def make_dispatcher(
     power_of_d: int = 2,
     heavy_decode_threshold: int | None = None,
     fallback: Fallback | str = "most_free",
+    ratio_objective: RatioObjective | str = "balance",
 ) -> Dispatcher:
     kw = {"fallback": fallback, "heavy_decode_threshold": heavy_decode_threshold}
     if name == "power_of_two":
-        return PowerOfTwo(power_of_d=power_of_d, **kw)
+        return PowerOfTwo(power_of_d=power_of_d, objective=ratio_objective, **kw)
     if name == "random":
         return RandomDispatch(**kw)
     if name == "round_robin":
