@@ -117,7 +117,7 @@ def default_gguf_path() -> Path:
 
 
 @contextlib.contextmanager
-def _locked(name: str) -> Iterator[None]:
+def file_lock(name: str) -> Iterator[None]:
     """A cross-process lock, so two workers starting together convert a model only once."""
     lock_dir = cache_dir() / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,7 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
     target = _converted_dir(name)
     if (target / "config.json").exists():
         return target
-    with _locked(name):
+    with file_lock(name):
         if (target / "config.json").exists():
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -173,7 +173,7 @@ def default_tokenizer_dir() -> Path:
     target = cache_dir() / "models" / TOKENIZER_CACHE
     if (target / "tokenizer_config.json").exists():
         return target
-    with _locked(TOKENIZER_CACHE):
+    with file_lock(TOKENIZER_CACHE):
         if not (target / "tokenizer_config.json").exists():
             from transformers import AutoTokenizer
 

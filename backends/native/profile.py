@@ -215,11 +215,18 @@ def resolve_chunk_size(
     """An explicit size is returned as is; "auto" gives the cached knee, profiling once."""
     if chunk_size != "auto":
         return int(chunk_size)
+    from backends.native.model_source import file_lock
+
     name = engine.model_name if engine is not None else model
     cached = load_cached(name, device)
     if cached is not None:
         return cached.knee
-    return profile_knee(name, device, engine=engine).knee
+    # Workers starting together profile once: the others wait for the lock, then read the cache.
+    with file_lock(f"profile-{_slug(device_name(device))}-{_slug(name)}"):
+        cached = load_cached(name, device)
+        if cached is not None:
+            return cached.knee
+        return profile_knee(name, device, engine=engine).knee
 
 
 def decode_throughput(
