@@ -312,8 +312,8 @@ def plan_split(
         demand = rate * ptoks / len(prompts)  # prompt tokens/s that go to prefill instances
         want = max(want, demand / (target_util * tput))
     p = round(want)
-    if p == 0 and colocated_mask is not None:
-        return 0, n  # too little prefill work to dedicate an instance: everything co-located
+    if colocated_mask is not None and 2 * sum(1 for m in colocated_mask if m) >= len(prompts):
+        return 0, n  # most requests fall back to co-located placement: no prefill pool at all
     p = max(1, min(n - 1, p))
     return p, n - p
 
@@ -352,7 +352,7 @@ class ClusterSim:
         self._predict()
         self.pol = _Policies(cfg)
         disagg = cfg.layout == "disaggregated"
-        mask = [self._wants_colocated(r) for r in self.reqs]
+        mask = [self._wants_colocated(r) for r in self.reqs] if cfg.fallback != "none" else None
         if disagg:
             span = self.reqs[-1].arrival - self.reqs[0].arrival if self.reqs else 0.0
             rate = (len(self.reqs) - 1) / span if span > 0 else None
