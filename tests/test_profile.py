@@ -79,3 +79,6 @@ def test_profile_command_prints_curve_and_knee(tmp_cache, tmp_path, capsys):
     assert "knee" in printed and "tokens/s" in printed
     data = json.loads(out.read_text())
     assert data["knee"] in (16, 32) and len(data["curve"]) == 2
+    profile.profile_command(model=TINY, device="cpu", json_out=True, sizes="16")
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{") :])["knee"] == 16

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ ROLE_MODES = {
     "colocated": ("full", "prefill_only", "decode_only"),
 }
 DEFAULT_CPU_KV_TOKENS = 32768
+BLOCKED_SLEEP_S = 0.005
 DEFAULT_CUDA_KV_FRACTION = 0.85
 DTYPES = {
     "float32": torch.float32,
@@ -253,6 +255,10 @@ class NativeEngine:
         outputs, self._pending = self._pending, []
         plan = self.scheduler.schedule()
         if not plan:
+            if not outputs and self.scheduler.has_work():
+                # Blocked: queued work waits for KV space that only a release/abort/import can
+                # free. Don't let a caller that loops on has_work() spin a core meanwhile.
+                time.sleep(BLOCKED_SLEEP_S)
             return outputs
         batch, to_sample = self._build_batch(plan)
         logits = self.model.forward(batch, self.pool)

@@ -306,5 +306,7 @@ def profile_command(
         f"knee: [bold]{result.knee}[/] tokens per forward pass (smallest within "
         f"{KNEE_TOLERANCE:.0%} of peak {peak:,.0f} tokens/s); cached at {profile_path(result.model, device)}"
     )
-    if json_out:
+    if json_out is True:  # a flag: print the result as JSON too
+        print(json.dumps(result.to_dict(), indent=2))
+    elif json_out:  # a path: write it there
         Path(json_out).write_text(json.dumps(result.to_dict(), indent=2))
