@@ -174,6 +174,7 @@ class TensorRTLLMBackend(Backend):
         self._open: dict[str, set[httpx.Response]] = {}
         self._aborted: set[str] = set()
         self._no_disagg_id = False
+        self._warmed = False
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -217,14 +218,15 @@ class TensorRTLLMBackend(Backend):
         self._info = info
         return info
 
-    async def _poll_metrics(self) -> None:
+    async def _poll_metrics(self) -> int:
         """`GET /metrics` drains the iteration stats gathered since the last call: `[]` when idle
         (or without `enable_iter_perf_stats`), so the last sample per rank is kept. Older builds
-        wait up to 2 s on an empty queue: a read timeout counts as `[]`."""
+        wait up to 2 s on an empty queue: a read timeout counts as `[]`. Returns how many new
+        samples came."""
         try:
             resp = await self._client.get("/metrics", timeout=httpx.Timeout(_SHORT, read=self.metrics_timeout_s))
         except httpx.ReadTimeout:
-            return
+            return 0
         except httpx.HTTPError as exc:
             raise BackendError(f"{self.instance_id}: /metrics failed: {exc!r}", status=503, retryable=True) from exc
         if resp.status_code >= 400:
@@ -232,15 +234,24 @@ class TensorRTLLMBackend(Backend):
         try:
             items = resp.json()
         except ValueError:
-            return
+            return 0
         if isinstance(items, dict):
             items = [items]
+        fresh = 0
         for item in items or []:
             if isinstance(item, dict) and item.get("kvCacheStats") is not None:
                 self._stats[int(item.get("attentionDpRank") or 0)] = item
                 self._stats_at = time.time()
-            elif isinstance(item, dict):
-                self._stats[int(item.get("attentionDpRank") or 0)] = {**self._stats.get(0, {}), **item}
+                fresh += 1
+        return fresh
+
+    async def _warm_up(self) -> None:
+        """A worker that has not run an iteration since it started has no stats to drain:
+        `GET /health_generate` runs one tiny generation, which produces some."""
+        try:
+            await self._client.get("/health_generate", timeout=120.0)
+        except httpx.HTTPError as exc:
+            log.info("%s: /health_generate failed: %r", self.instance_id, exc)
 
     def _kv_summary(self) -> dict[str, int]:
         free = total = 0
@@ -253,7 +264,11 @@ class TensorRTLLMBackend(Backend):
         return {"free": free, "total": total, "tokens_per_block": tpb}
 
     async def load(self) -> LoadReport:
-        await self._poll_metrics()
+        fresh = await self._poll_metrics()
+        if not self._stats and not self._warmed:
+            self._warmed = True
+            await self._warm_up()
+            fresh = await self._poll_metrics()
         report = LoadReport(role=self.role, backend=self.kind, model=self.model or "", accepting=self.accepting)
         if self._stats:
             kv = self._kv_summary()
@@ -263,15 +278,26 @@ class TensorRTLLMBackend(Backend):
             report.queued_prompt_tokens = sum(int(s.get("queuedSumPrefillTokens") or 0) for s in self._stats.values())
             report.chunk_size = max(int(s.get("maxNumTokensRuntime") or s.get("maxNumTokensStatic") or 0)
                                     for s in self._stats.values())
+            # No iteration since the last poll and nothing of ours in flight: the engine is idle,
+            # and the last sample (taken while the last request still held its blocks) is stale.
+            idle = fresh == 0 and not len(self.ledger)
+            if idle:
+                report.free_kv_tokens, report.running, report.queued, report.queued_prompt_tokens = \
+                    report.total_kv_tokens, 0, 0, 0
             report.extra = {"tokens_per_block": kv["tokens_per_block"], "stats_age_s": time.time() - self._stats_at,
-                            "iter": max(int(s.get("iter") or 0) for s in self._stats.values())}
+                            "iter": max(int(s.get("iter") or 0) for s in self._stats.values()), "idle": idle}
         else:
-            # no iteration yet since start (or enable_iter_perf_stats is off): our own view
+            # no iteration stats at all (enable_iter_perf_stats off, or /health_generate missing)
             report.running = len(self.ledger)
             if self.kv_tokens:
                 used = sum(f.prompt_tokens + f.produced for f in self.ledger.flights.values())
                 report.total_kv_tokens, report.free_kv_tokens = self.kv_tokens, max(0, self.kv_tokens - used)
-            report.extra = {"stats": "none yet"}
+            elif self.role == "decode":
+                raise BackendError(
+                    f"{self.instance_id}: no KV numbers: /metrics has no iteration stats (set "
+                    f"enable_iter_perf_stats: true in the worker's YAML, or give the instance a kv_tokens option)",
+                    status=503)
+            report.extra = {"stats": "none"}
         return self.ledger.fill(report)
 
     # ---- bodies -----------------------------------------------------------------------------

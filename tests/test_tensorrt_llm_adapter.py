@@ -354,18 +354,43 @@ async def test_load_from_drained_metrics(pd):
     assert report.extra["tokens_per_block"] == tpb and report.chunk_size == d.config.max_num_tokens
     await agen.aclose()
     await wait_for(lambda: not d.fake.running)
-    assert d.fake.stats or True
     await d.backend.load()            # drains what is left ...
-    again = await d.backend.load()    # ... so /metrics now answers [] and the last sample stays
-    assert again.total_kv_tokens == report.total_kv_tokens and again.heavy_decodes == 0
+    again = await d.backend.load()    # ... so /metrics now answers []: idle, all blocks free again
+    assert again.total_kv_tokens == report.total_kv_tokens == again.free_kv_tokens
+    assert again.extra["idle"] and again.running == 0 and again.heavy_decodes == 0
+
+
+async def test_load_of_a_fresh_worker_runs_one_health_generation(make_node):
+    node = await make_node("decode")
+    report = await node.backend.load()
+    assert node.fake.health_generations == 1
+    assert report.total_kv_tokens == report.free_kv_tokens == node.config.max_num_blocks * node.config.tokens_per_block
+    await node.backend.load()
+    assert node.fake.health_generations == 1   # once only
+
+
+async def test_load_while_busy_keeps_the_last_sample(pd):
+    p, d = pd
+    d.config.token_delay_s = 0.3              # fewer iterations than polls: some polls see []
+    agen = DisaggregatedParamsStrategy().run(req(20), p.backend, d.backend, HandoffStats())
+    await agen.__anext__()
+    await agen.__anext__()
+    await d.backend.load()
+    report = await d.backend.load()           # likely [] now, but a request is in flight: not idle
+    assert not report.extra["idle"] and report.free_kv_tokens < report.total_kv_tokens
+    await agen.aclose()
 
 
 async def test_load_metrics_empty_list_and_fallback(make_node):
-    node = await make_node(enable_iter_perf_stats=False, options={"kv_tokens": 9000})
+    node = await make_node("decode", enable_iter_perf_stats=False, options={"kv_tokens": 9000})
     report = await node.backend.load()
-    assert report.extra == {"stats": "none yet"} and report.total_kv_tokens == 9000 == report.free_kv_tokens
-    bare = await make_node(enable_iter_perf_stats=False)
+    assert report.extra == {"stats": "none"} and report.total_kv_tokens == 9000 == report.free_kv_tokens
+    bare = await make_node("prefill", enable_iter_perf_stats=False)
     assert (await bare.backend.load()).total_kv_tokens == 0
+    blind = await make_node("decode", enable_iter_perf_stats=False)
+    with pytest.raises(BackendError) as err:   # a decode without KV numbers cannot be admitted to
+        await blind.backend.load()
+    assert "enable_iter_perf_stats" in str(err.value)
 
 
 async def test_load_tolerates_slow_empty_metrics(make_node):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +56,18 @@ def fakes() -> Iterator[Fakes]:
         yield group
     finally:
         group.stop()
+
+
+def settle(*runs: Running, timeout: float = 10.0) -> None:
+    """Wait until the fakes hold no request, then reset them (configuration and records)."""
+    deadline = time.monotonic() + timeout
+    for run in runs:
+        fake = run.fake
+        while getattr(fake, "live", None) or getattr(fake, "running", None):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        fake.reset()
 
 
 def register(orchestrator_url: str, token: str, url: str, backend: str, role: str, model: str,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -109,7 +110,18 @@ class SGLangFake:
         self.role_switches: list[dict[str, Any]] = []
         self.finished: list[str] = []
         self.graphs_captured = self.config.mode in (None, "decode")
+        self._initial = dataclasses.replace(self.config)
         self.app = self._build()
+
+    def reset(self) -> None:
+        """Back to the configuration it started with, records cleared (between tests)."""
+        for f in dataclasses.fields(self._initial):
+            setattr(self.config, f.name, getattr(self._initial, f.name))
+        for records in (self.bodies, self.abort_calls, self.aborted, self.disconnected, self.role_switches,
+                        self.finished):
+            records.clear()
+        self.rooms.clear()
+        self.graphs_captured = self.config.mode in (None, "decode")
 
     # ---- helpers -------------------------------------------------------------------------
     def _meta(self, rid: str, prompt: list[int], ids: list[int], finish: Any, started: float,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import itertools
@@ -185,9 +186,19 @@ class TRTFake:
         self.pulled: list[int] = []
         self.finished: list[int] = []
         self.stats: list[dict[str, Any]] = []
+        self.health_generations = 0
         self._iter = 0
         self._local_ids = itertools.count(1)            # worker-local ids live below 2^40
+        self._initial = dataclasses.replace(self.config)
         self.app = self._build()
+
+    def reset(self) -> None:
+        """Back to the configuration it started with, records cleared (between tests)."""
+        for f in dataclasses.fields(self._initial):
+            setattr(self.config, f.name, getattr(self._initial, f.name))
+        for records in (self.bodies, self.headers, self.aborted, self.expired, self.pulled, self.finished):
+            records.clear()
+        self.pending.clear()
 
     # ---- accounting ---------------------------------------------------------------------------
     def used_blocks(self) -> int:
@@ -282,6 +293,9 @@ class TRTFake:
 
         @app.get("/health_generate")
         async def health_generate() -> Response:
+            fake.health_generations += 1
+            fake._record_iteration(new=1)      # a real one-token generation runs iterations
+            fake._record_iteration(completed=1)
             return PlainTextResponse("Generation health check OK")
 
         @app.get("/version")

@@ -1,0 +1,174 @@
+"""The whole orchestrator over fake trtllm-serve workers, through the OpenAI API, streamed and not;
+and one deployment holding an SGLang pool and a TensorRT-LLM pool."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from orchestrator.config import InstanceSpec
+from tests.conftest import ADMIN_TOKEN, make_settings, serve_app
+from tests.fakes import toy_model
+from tests.fakes.harness import fakes, register, settle, sse_events
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+PD_MODEL = "toy-trtllm-pd"
+COLO_MODEL = "toy-trtllm-colo"
+
+
+@pytest.fixture(scope="module")
+def trt_module(tmp_path_factory):
+    """One orchestrator and its fake trtllm-serve workers for the whole module."""
+    from orchestrator.app import create_app
+
+    with fakes() as group:
+        ctx = group.trtllm(model=PD_MODEL)
+        gen = group.trtllm(model=PD_MODEL)
+        colo = group.trtllm(model=COLO_MODEL)
+        app = create_app(make_settings(tmp_path_factory.mktemp("trt-orch"), []))
+        with serve_app(app) as url:
+            register(url, ADMIN_TOKEN, ctx.url, "tensorrt-llm", "prefill", PD_MODEL, "trt-ctx")
+            register(url, ADMIN_TOKEN, gen.url, "tensorrt-llm", "decode", PD_MODEL, "trt-gen")
+            register(url, ADMIN_TOKEN, colo.url, "tensorrt-llm", "colocated", COLO_MODEL, "trt-colo")
+            yield url, app.state.tetri, ctx, gen, colo
+
+
+@pytest.fixture
+def trt_cluster(trt_module):
+    settle(*trt_module[2:])
+    yield trt_module
+    settle(*trt_module[2:])
+
+
+def wait_until(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+def chat_body(model: str, stream: bool = False, max_tokens: int = 12, **kw) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "What is disaggregated serving?"}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": stream, **kw}
+
+
+def test_chat_disaggregated_non_streamed(trt_cluster):
+    url, _, ctx, gen, _ = trt_cluster
+    resp = httpx.post(f"{url}/v1/chat/completions", json=chat_body(PD_MODEL), timeout=30)
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    prompt = ctx.fake.bodies[0]["prompt"]
+    exp = toy_model.expected(prompt, 12)
+    assert data["choices"][0]["message"]["content"] == exp.text
+    assert data["choices"][0]["finish_reason"] == "length"
+    assert data["usage"]["completion_tokens"] == 12 and data["usage"]["prompt_tokens"] == len(prompt)
+    assert ctx.fake.bodies[0]["disaggregated_params"]["request_type"] == "context_only"
+    assert gen.fake.bodies[0]["disaggregated_params"]["request_type"] == "generation_only"
+    assert gen.fake.bodies[0]["model"] == PD_MODEL  # from the worker's /v1/models
+    record = httpx.get(f"{url}/admin/requests/{data['id']}", headers=AUTH, timeout=10).json()
+    assert record["backend"] == "tensorrt-llm" and record["state"] == "finished"
+    assert record["prefill_instance"] == "trt-ctx" and record["decode_instance"] == "trt-gen"
+
+
+def test_chat_disaggregated_streamed(trt_cluster):
+    url, _, ctx, gen, _ = trt_cluster
+    gen.fake.config.first_chunk_tokens = 2
+    body = chat_body(PD_MODEL, stream=True, max_tokens=10, stream_options={"include_usage": True})
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as resp:
+        assert resp.status_code == 200
+        events = sse_events(resp)
+    exp = toy_model.expected(ctx.fake.bodies[0]["prompt"], 10)
+    content = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert content == exp.text
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
+    assert events[-1]["usage"]["completion_tokens"] == 10
+
+
+def test_context_stop_is_the_whole_answer(trt_cluster):
+    url, _, ctx, gen, _ = trt_cluster
+    prompt = [21, 22, toy_model.STOP_AT_FIRST]
+    for stream in (False, True):
+        body = {"model": PD_MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": stream}
+        if stream:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as resp:
+                events = sse_events(resp)
+            assert "".join(e["choices"][0]["text"] for e in events) == ""
+            assert events[-1]["choices"][0]["finish_reason"] == "stop"
+        else:
+            resp = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["choices"][0] == {"index": 0, "finish_reason": "stop", "logprobs": None, "text": ""}
+    assert len(ctx.fake.bodies) == 2 and not gen.fake.bodies
+    assert not ctx.fake.pending
+
+
+def test_completions_colocated(trt_cluster):
+    url, _, ctx, gen, colo = trt_cluster
+    prompt = [31, 32, 33]
+    resp = httpx.post(f"{url}/v1/completions", timeout=30, json={
+        "model": COLO_MODEL, "prompt": prompt, "max_tokens": 7, "temperature": 0})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["text"] == toy_model.expected(prompt, 7).text
+    assert "disaggregated_params" not in colo.fake.bodies[0]
+    assert not ctx.fake.bodies and not gen.fake.bodies
+
+
+def test_streamed_client_disconnect_closes_generation(trt_cluster):
+    url, _, _, gen, _ = trt_cluster
+    gen.fake.config.token_delay_s = 0.05
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat_body(PD_MODEL, stream=True, max_tokens=200),
+                      timeout=30) as resp:
+        seen = 0
+        for line in resp.iter_lines():
+            seen += line.startswith("data:")
+            if seen >= 3:
+                break
+    wait_until(lambda: len(gen.fake.aborted) == 1)
+    wait_until(lambda: not gen.fake.running)
+
+
+def test_generation_failure_after_first_token_ends_stream_with_error(trt_cluster):
+    url, _, _, gen, _ = trt_cluster
+    gen.fake.config.transfer_fail = True
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat_body(PD_MODEL, stream=True),
+                      timeout=30) as resp:
+        assert resp.status_code == 200
+        events = sse_events(resp)
+    assert any("error" in e and "KV cache transfer failed" in e["error"]["message"] for e in events)
+
+
+def test_load_reports_from_metrics(trt_cluster):
+    url, state, _, gen, _ = trt_cluster
+    httpx.post(f"{url}/v1/chat/completions", json=chat_body(PD_MODEL, max_tokens=4), timeout=30)
+    wait_until(lambda: state.cluster.get("trt-gen").load is not None
+               and state.cluster.get("trt-gen").load.total_kv_tokens > 0)
+    load = state.cluster.get("trt-gen").load
+    assert load.backend == "tensorrt-llm"
+    assert load.total_kv_tokens == gen.fake.config.max_num_blocks * gen.fake.config.tokens_per_block
+    listed = httpx.get(f"{url}/admin/instances", headers=AUTH, timeout=10).json()["instances"]
+    assert {i["id"] for i in listed} == {"trt-ctx", "trt-gen", "trt-colo"}
+
+
+def test_mixed_sglang_and_tensorrt_llm_pools(orchestrator_for):
+    """One orchestrator, two P/D pools of different backends serving different model names."""
+    with fakes() as group:
+        sp, sd = group.sglang("prefill"), group.sglang("decode")
+        tc, tg = group.trtllm(model="toy-b"), group.trtllm(model="toy-b")
+        url, _ = orchestrator_for([
+            InstanceSpec(url=sp.url, backend="sglang", role="prefill", model="toy-a", id="a-p"),
+            InstanceSpec(url=sd.url, backend="sglang", role="decode", model="toy-a", id="a-d"),
+            InstanceSpec(url=tc.url, backend="tensorrt-llm", role="prefill", model="toy-b", id="b-p"),
+            InstanceSpec(url=tg.url, backend="tensorrt-llm", role="decode", model="toy-b", id="b-d"),
+        ])
+        models = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]}
+        assert {"toy-a", "toy-b"} <= models
+        for model, backend, fake_p in (("toy-a", "sglang", sp), ("toy-b", "tensorrt-llm", tc)):
+            resp = httpx.post(f"{url}/v1/chat/completions", json=chat_body(model, max_tokens=5), timeout=30)
+            assert resp.status_code == 200, resp.text
+            record = httpx.get(f"{url}/admin/requests/{resp.json()['id']}", headers=AUTH, timeout=10).json()
+            assert record["backend"] == backend
+            prompt = fake_p.fake.bodies[-1].get("input_ids") or fake_p.fake.bodies[-1].get("prompt")
+            assert resp.json()["choices"][0]["message"]["content"] == toy_model.expected(prompt, 5).text
