@@ -18,10 +18,10 @@ from typing import Any
 
 from backends.base import SamplingParams
 from backends.engine_api import EngineRequest
-from backends.sim.profiles import fit_linear, save_cpu_profile
+from backends.sim.profiles import fit_linear, predict_ms, save_cpu_profile
 
-PREFILL_SIZES = (16, 32, 64, 128, 256, 384, 512)
-DECODE_POINTS = ((1, 64), (4, 128), (8, 256), (16, 128), (16, 512), (32, 256))
+PREFILL_SIZES = (16, 32, 64, 128, 256)
+DECODE_POINTS = ((1, 64), (4, 64), (4, 256), (16, 64), (8, 256))
 
 
 def _prompt(n: int, salt: int) -> list[int]:
@@ -48,7 +48,7 @@ def measure_core(
             t = time.perf_counter()
             core.step()
             ms = (time.perf_counter() - t) * 1e3
-            samples.append({"ms": ms, "tokens": n, "units": float(n * n), "ctx": 0.0, "seqs": 1.0})
+            samples.append({"ms": ms, "tokens": n, "units": float(n * n), "ctx": 0.0, "seqs": 1.0, "dseqs": 0.0})
             core.abort(rid)
     for b, ctx in decode_points:
         ids = []
@@ -69,7 +69,8 @@ def measure_core(
             t = time.perf_counter()
             core.step()
             ms = (time.perf_counter() - t) * 1e3
-            samples.append({"ms": ms, "tokens": float(b), "units": 0.0, "ctx": float(b * (ctx + 1 + k)), "seqs": float(b)})
+            samples.append({"ms": ms, "tokens": 0.0, "units": 0.0, "ctx": float(b * (ctx + 1 + k)), "seqs": 0.0,
+                            "dseqs": float(b)})  # fmt: skip
         for rid in ids:
             core.abort(rid)
     return samples
@@ -89,11 +90,7 @@ def calibrate_cpu(url: str | None = None, save: bool = True, core: Any = None) -
         coeffs["total_kv_tokens"] = int(info["total_kv_tokens"])
     if info.get("max_context"):
         coeffs["max_context"] = int(info["max_context"])
-    errs = []
-    for s in samples:
-        pred = (coeffs["base_ms"] + coeffs["per_token_ms"] * s["tokens"] + coeffs["per_unit_ms"] * s["units"]
-                + coeffs["per_ctx_ms"] * s["ctx"] + coeffs["per_seq_ms"] * s["seqs"])  # fmt: skip
-        errs.append(abs(pred - s["ms"]) / max(s["ms"], 1e-6))
+    errs = [abs(predict_ms(coeffs, s) - s["ms"]) / max(s["ms"], 1e-6) for s in samples]
     coeffs["fit_mean_abs_rel_error"] = sum(errs) / len(errs)
     coeffs["samples"] = len(samples)
     coeffs["measured_at"] = time.time()

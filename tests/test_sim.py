@@ -192,12 +192,12 @@ def test_sim_engine_prefill_export_import_decode():
 
 
 def test_sim_engine_sleeps_the_modelled_time():
-    e = SimEngine(profile="cpu-smollm2", speed=1.0)
-    e.add_request(EngineRequest("a", list(range(100, 300)), SamplingParams(max_tokens=1, ignore_eos=True)))
+    e = SimEngine(profile="h100-llama-2-7b", speed=0.5)  # half speed: a 2048-token prefill sleeps ~0.1 s
+    e.add_request(EngineRequest("a", list(range(100, 2148)), SamplingParams(max_tokens=1, ignore_eos=True)))
     t = time.perf_counter()
     _drain(e)
     took = time.perf_counter() - t
-    modelled = e.timing.prefill_s(200)
+    modelled = (e.timing.prefill_s(1024) + e.timing.prefill_s(1024, cached=1024)) / 0.5
     assert took >= modelled * 0.95
 
 

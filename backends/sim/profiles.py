@@ -34,13 +34,16 @@ CPU_PROFILES = ("cpu-smollm2",)
 # SmolLM2-135M-Instruct: 30 layers, 3 KV heads, head dim 64, fp32 KV in the built-in engine.
 SMOLLM2_KV_BYTES = 30 * 2 * 3 * 64 * 4
 
-# Measured defaults (see module doc). iter_ms = base + tok·N + unit·Σ(c²+2ck) + ctx·Σctx + seq·seqs
+# Defaults fitted to the built-in engine's measurements in docs/benchmarks.md ("Built-in engine":
+# prefill tokens/s per pass size, decode ms per step by batch at context 128; 2 shared EPYC cores,
+# loaded machine). iter_ms = base + tok·N + unit·Σ(c²+2ck) + seq·prefill_seqs + dec·B + ctx·Σctx.
 CPU_DEFAULT = {
-    "base_ms": 9.0,
-    "per_token_ms": 0.13,
-    "per_unit_ms": 1.0e-5,
-    "per_ctx_ms": 2.0e-3,
-    "per_seq_ms": 0.25,
+    "base_ms": 180.0,
+    "per_token_ms": 5.6,
+    "per_unit_ms": 2.5e-3,
+    "per_ctx_ms": 0.07,
+    "per_seq_ms": 0.0,
+    "per_decode_ms": 8.0,
     "total_kv_tokens": 32768,
     "max_context": 8192,
     "link_gbps": 0.5,
@@ -86,6 +89,35 @@ def _native_curve() -> dict[str, Any] | None:
     return None
 
 
+def _native_prefill_curve() -> dict[str, float] | None:
+    """Prefill coefficients from the native engine's cached knee profile (tokens/s per pass size),
+    when one exists for this machine: fits base + tok·N + unit·N² to its curve."""
+    try:
+        from backends.native.profile import load_cached
+
+        prof = load_cached("smollm2-135m-instruct", "cpu")
+    except Exception:
+        return None
+    if prof is None or len(prof.curve) < 4:
+        return None
+    import numpy as np
+
+    pack = int(getattr(prof, "pack_prompt_tokens", 512) or 512)
+    rows, ys = [], []
+    for n, tps in prof.curve:
+        seqs = -(-n // pack)
+        units = sum(min(pack, n - pack * k) ** 2 for k in range(seqs))
+        rows.append([1.0, n, units])
+        ys.append(n / tps * 1e3)
+    a, y = np.array(rows, dtype=float), np.array(ys)
+    w = 1.0 / y
+    sol, *_ = np.linalg.lstsq(a * w[:, None], y * w, rcond=None)
+    if (sol < 0).any():
+        return None
+    return {"base_ms": float(sol[0]), "per_token_ms": float(sol[1]), "per_unit_ms": float(sol[2]),
+            "knee": int(prof.knee)}  # fmt: skip
+
+
 def cpu_model(kv_tokens: int | None = None, **overrides: Any) -> LinearTimingModel:
     coeffs = dict(CPU_DEFAULT)
     source = "built-in default (measured on the dev container)"
@@ -98,16 +130,19 @@ def cpu_model(kv_tokens: int | None = None, **overrides: Any) -> LinearTimingMod
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable CPU profile %s: %s", path, exc)
     else:
-        native = _native_curve()
+        native = _native_curve() or _native_prefill_curve()
         if native:
             coeffs.update({k: v for k, v in native.items() if k in CPU_DEFAULT})
-            source = "backends.native.profile"
+            source = "backends.native.profile (prefill curve) + documented decode defaults"
     coeffs.update(overrides)
     if kv_tokens:
         coeffs["total_kv_tokens"] = kv_tokens
-    return LinearTimingModel(
+    tm = LinearTimingModel(
         name="cpu-smollm2", kv_bytes_per_token=SMOLLM2_KV_BYTES, source=source, **coeffs  # type: ignore[arg-type]
     )
+    if native and native.get("knee"):
+        tm.knee_tokens = int(native["knee"])  # the engine's own measured knee (its --chunk-size auto)
+    return tm
 
 
 def get_timing(profile: str, network: str = "inter", kv_tokens: int | None = None, **kw: Any) -> TimingModel:
@@ -123,20 +158,40 @@ def get_timing(profile: str, network: str = "inter", kv_tokens: int | None = Non
     return tm
 
 
+FIT_NAMES = ("base_ms", "per_token_ms", "per_unit_ms", "per_seq_ms", "per_decode_ms", "per_ctx_ms")
+
+
 def fit_linear(samples: list[dict[str, float]]) -> dict[str, float]:
-    """Least-squares fit of iter_ms = base + tok·N + unit·U + ctx·C + seq·S to measured passes
-    (dicts with keys ms, tokens, units, ctx, seqs); negative coefficients are clipped to 0."""
+    """Non-negative least-squares fit (relative error) of the linear iteration model to measured
+    passes: dicts with ms, tokens (prefill), units, seqs (prefill), dseqs (decode batch), ctx."""
     import numpy as np
 
-    if len(samples) < 5:
-        raise ValueError("need at least 5 measured passes to fit the CPU profile")
-    a = np.array([[1.0, s["tokens"], s["units"], s["ctx"], s["seqs"]] for s in samples])
+    if len(samples) < 6:
+        raise ValueError("need at least 6 measured passes to fit the CPU profile")
+    a = np.array(
+        [[1.0, s["tokens"], s["units"], s.get("seqs", 0.0), s.get("dseqs", 0.0), s["ctx"]] for s in samples]
+    )
     y = np.array([s["ms"] for s in samples])
-    w = 1.0 / np.maximum(y, 1e-3)  # relative error
-    coef, *_ = np.linalg.lstsq(a * w[:, None], y * w, rcond=None)
-    coef = np.maximum(coef, 0.0)
-    names = ("base_ms", "per_token_ms", "per_unit_ms", "per_ctx_ms", "per_seq_ms")
-    return {n: float(c) for n, c in zip(names, coef, strict=True)}
+    w = 1.0 / np.maximum(y, 1e-3)
+    aw, yw = a * w[:, None], y * w
+    active = list(range(a.shape[1]))
+    coef = np.zeros(a.shape[1])
+    for _ in range(a.shape[1]):  # drop negative coefficients one at a time (tiny NNLS)
+        sol, *_ = np.linalg.lstsq(aw[:, active], yw, rcond=None)
+        if (sol >= 0).all():
+            coef[:] = 0.0
+            coef[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))
+    return {n: float(c) for n, c in zip(FIT_NAMES, coef, strict=True)}
+
+
+def predict_ms(coeffs: dict[str, float], s: dict[str, float]) -> float:
+    return (
+        coeffs.get("base_ms", 0.0) + coeffs.get("per_token_ms", 0.0) * s["tokens"]
+        + coeffs.get("per_unit_ms", 0.0) * s["units"] + coeffs.get("per_seq_ms", 0.0) * s.get("seqs", 0.0)
+        + coeffs.get("per_decode_ms", 0.0) * s.get("dseqs", 0.0) + coeffs.get("per_ctx_ms", 0.0) * s["ctx"]
+    )  # fmt: skip
 
 
 def save_cpu_profile(coeffs: dict[str, float], path: Path | None = None) -> Path:

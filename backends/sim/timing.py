@@ -36,7 +36,7 @@ from __future__ import annotations
 import csv
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -108,9 +108,13 @@ class TimingModel:
     def transfer_s(self, tokens: int) -> float:
         return 0.0
 
+    knee_tokens: int | None = None  # a measured knee overrides the model's
+
     def knee(self, step: int = 128, limit: int | None = None, tol: float = 0.05) -> int:
         """Smallest prefill size (multiple of `step`) whose tokens/s is within `tol` of every larger
         size's: tput(N) >= max_{M>N} tput(M) / (1 + tol). The ChunkSize of TetriInfer."""
+        if self.knee_tokens:
+            return self.knee_tokens
         limit = limit or min(self.max_context, 4096)
         sizes = list(range(step, limit + 1, step))
         tput = [n / self.prefill_s(n) for n in sizes]
@@ -126,7 +130,7 @@ class TimingModel:
         return {"name": self.name}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _read_csv(path: str) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -351,7 +355,7 @@ class GpuTimingModel(TimingModel):
 
 @dataclass
 class LinearTimingModel(TimingModel):
-    """iter = base + tok·N + units·Σ(c²+2ck) + ctx·Σctx + seq·(seqs), all in ms."""
+    """iter = base + tok·N_prefill + unit·Σ(c²+2ck) + seq·prefill_seqs + dec·B + ctx·Σctx, all in ms."""
 
     name: str = "linear"
     base_ms: float = 0.0
@@ -359,6 +363,7 @@ class LinearTimingModel(TimingModel):
     per_unit_ms: float = 0.0
     per_ctx_ms: float = 0.0
     per_seq_ms: float = 0.0
+    per_decode_ms: float = 0.0
     total_kv_tokens: int = 0
     kv_bytes_per_token: int = 0
     max_context: int = 8192
@@ -372,10 +377,11 @@ class LinearTimingModel(TimingModel):
             return 0.0
         ms = (
             self.base_ms
-            + self.per_token_ms * n
+            + self.per_token_ms * prefill_tokens
             + self.per_unit_ms * prefill_units
+            + self.per_seq_ms * prefill_seqs
+            + self.per_decode_ms * decode_seqs
             + self.per_ctx_ms * decode_ctx
-            + self.per_seq_ms * (prefill_seqs + decode_seqs)
         )
         return ms * 1e-3
 
@@ -392,6 +398,7 @@ class LinearTimingModel(TimingModel):
             "per_unit_ms": self.per_unit_ms,
             "per_ctx_ms": self.per_ctx_ms,
             "per_seq_ms": self.per_seq_ms,
+            "per_decode_ms": self.per_decode_ms,
             "total_kv_tokens": self.total_kv_tokens,
             "knee": self.knee(step=32, limit=1024),
             "prefill_256_ms": round(self.prefill_s(256) * 1e3, 2),
