@@ -86,6 +86,14 @@ def error_message(resp: httpx.Response) -> str:
     return json.dumps(data)[:500]
 
 
+def tag(exc: BackendError, instance_id: str) -> BackendError:
+    """Name the instance that failed on the error (`exc.instance_id`), so a control plane running
+    a two-instance handoff knows which side to avoid on its retry."""
+    if getattr(exc, "instance_id", None) is None:
+        exc.instance_id = instance_id  # type: ignore[attr-defined]
+    return exc
+
+
 def http_error(instance_id: str, resp: httpx.Response, message: str | None = None) -> BackendError:
     status = resp.status_code
     msg = message if message is not None else error_message(resp)

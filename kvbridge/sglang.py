@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from backends.base import Backend, BackendError, GenRequest, TokenEvent
-from backends.sglang import ChunkState, SGLangBackend, check_pd_pair, new_rid, new_room
+from backends.sglang import ChunkState, SGLangBackend, check_pd_pair, new_rid, new_room, tag
 from kvbridge.base import HandoffStats, HandoffStrategy
 
 log = logging.getLogger("tetri.kvbridge.sglang")
@@ -98,10 +98,10 @@ class BootstrapRoomStrategy(HandoffStrategy):
                         if item is _END and p_state.finish in ("length", "stop"):
                             continue
                         if isinstance(item, BackendError):
-                            raise item
+                            raise tag(item, prefill.instance_id)
                         msg = str(item) if isinstance(item, BaseException) else \
                             f"prefill {prefill.instance_id} ended without its token"
-                        raise BackendError(msg, status=502, retryable=True)
+                        raise tag(BackendError(msg, status=502, retryable=True), prefill.instance_id)
                     p_state.feed(item)
                     stats.extra["prefill_meta"] = dict(p_state.meta)
                     if p_state.finish in ("error", "abort"):
@@ -109,7 +109,7 @@ class BootstrapRoomStrategy(HandoffStrategy):
                             finished = True
                             yield TokenEvent([], "", "abort", "prefill", p_state.error)
                             return
-                        raise p_state.failure(f"prefill {prefill.instance_id}")
+                        raise tag(p_state.failure(f"prefill {prefill.instance_id}"), prefill.instance_id)
                     if p_state.finish is not None:
                         prefill.ledger.finish(request.request_id)
                     if not first_sent and p_state.ids:
@@ -124,16 +124,16 @@ class BootstrapRoomStrategy(HandoffStrategy):
                 if isinstance(item, BaseException) or item is _END:
                     error = item if isinstance(item, BaseException) else None
                     if error is not None and not first_sent and isinstance(error, BackendError):
-                        raise error
+                        raise tag(error, decode.instance_id)
                     msg = str(error) if error else f"decode {decode.instance_id}: stream ended without a finish reason"
                     if not first_sent:
-                        raise BackendError(msg, status=502, retryable=True)
+                        raise tag(BackendError(msg, status=502, retryable=True), decode.instance_id)
                     finished = True
                     yield TokenEvent([], "", "error", "decode", msg)
                     return
                 d_state.feed(item)
                 if d_state.finish == "error" and not first_sent:
-                    raise d_state.failure(f"decode {decode.instance_id}")
+                    raise tag(d_state.failure(f"decode {decode.instance_id}"), decode.instance_id)
                 if d_state.finish is None and not d_state.ids:
                     continue
                 events: list[TokenEvent] = []

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 
 from backends.base import Backend, BackendError, GenRequest, KVHandle, TokenEvent
+from backends.sglang import tag
 from backends.tensorrt_llm import TensorRTLLMBackend, new_disagg_request_id
 from kvbridge.base import HandoffStats, HandoffStrategy
 
@@ -32,7 +33,10 @@ class DisaggregatedParamsStrategy(HandoffStrategy):
         disagg_id = new_disagg_request_id()
         stats.extra["disagg_request_id"] = disagg_id
         started = time.perf_counter()
-        ctx = await prefill.context_step(request, disagg_id)
+        try:
+            ctx = await prefill.context_step(request, disagg_id)
+        except BackendError as exc:
+            raise tag(exc, prefill.instance_id) from None
         stats.extra["context_s"] = time.perf_counter() - started
         yield ctx.first
         if ctx.finished:

@@ -235,6 +235,7 @@ async def test_pd_decode_http_503_raises_and_aborts_prefill(pd):
     with pytest.raises(BackendError) as err:
         await run_pd(p, d, req(5))
     assert err.value.status == 503 and err.value.retryable
+    assert err.value.instance_id == d.backend.instance_id  # the side that failed
     rid = p.fake.bodies[0]["rid"]
     await wait_for(lambda: {"rid": rid} in p.fake.abort_calls)
     await wait_for(lambda: not p.fake.live)
@@ -257,6 +258,7 @@ async def test_pd_bootstrap_timeout(pd):
     with pytest.raises(BackendError) as err:  # nothing reached the caller: raised, retryable elsewhere
         await run_pd(p, d, req(5))
     assert "Prefill bootstrap failed" in str(err.value) and err.value.status == 500 and err.value.retryable
+    assert err.value.instance_id == p.backend.instance_id
     rid = d.fake.bodies[0]["rid"]
     await wait_for(lambda: {"rid": rid} in d.fake.abort_calls)
     await wait_for(lambda: not d.fake.live)
