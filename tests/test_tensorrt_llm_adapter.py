@@ -427,3 +427,22 @@ async def test_set_role_flip_and_restart(make_node):
     with pytest.raises(RestartRequired):
         await fixed.backend.set_role("prefill")
     assert not fixed.backend.accepting
+
+
+async def test_fake_is_strict_like_trtllm_serve(make_node):
+    import httpx
+
+    node = await make_node()
+    async with httpx.AsyncClient(base_url=node.server.url) as client:
+        resp = await client.post("/v1/completions", json={"model": "m", "prompt": [1, 2], "max_tokens": 2,
+                                                          "stream_options": {"include_usage": True}})
+        assert resp.status_code == 400 and "Stream options can only be defined" in resp.json()["error"]
+        resp = await client.post("/v1/completions", json={"model": "m", "prompt": [1, 2], "bogus": 1})
+        assert resp.status_code == 400 and "bogus" in resp.json()["error"]
+        resp = await client.post("/v1/completions", json={"model": "m", "prompt": [1, 2], "max_tokens": 3})
+        body = resp.json()
+        assert set(body) == {"id", "object", "created", "model", "choices", "usage", "prompt_token_ids"}
+        assert set(body["choices"][0]) == {"index", "text", "token_ids", "logprobs", "context_logits",
+                                           "finish_reason", "stop_reason", "disaggregated_params",
+                                           "avg_decoded_tokens_per_iter"}
+        assert (await client.get("/metrics")).json() and (await client.get("/metrics")).json() == []
