@@ -7,7 +7,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,12 +17,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from backends.base import LoadReport, Role, SamplingParams, TokenEvent
-from backends.engine_api import EngineCore, EngineRequest, Mode, StepOutput
+from backends.engine_api import EngineCore, EngineRequest, KVPayload, Mode, StepOutput
 from backends.runner import EngineRunner
-from kvbridge.native import decode_kv, encode_kv
+from kvbridge.native import KVReceiver, encode_kv_chunks, encoded_size
+from kvbridge.socket_channel import KVRefused, KVSocketServer
+from kvbridge.socket_channel import push_kv as socket_push_kv
 
 _LEASE_REAP_INTERVAL_S = 0.5
 _PUSH_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=120.0, pool=10.0)
+
+
+async def _aiter(chunks: Iterator[memoryview | bytes]) -> AsyncIterator[memoryview | bytes]:
+    for chunk in chunks:
+        yield chunk
 
 
 class SamplingBody(BaseModel):
@@ -112,6 +119,9 @@ class WorkerState:
         self.leases: dict[str, KVLease] = {}
         self.http = httpx.AsyncClient(timeout=_PUSH_TIMEOUT)
         self.ready = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.kv_ports: dict[str, int | None] = {}
+        self.kv_socket: KVSocketServer | None = None
 
     async def load(self) -> LoadReport:
         report: LoadReport = await self.runner.call(lambda core: core.load())
@@ -120,6 +130,38 @@ class WorkerState:
         report.accepting = self.accepting
         report.backend = self.backend
         return report
+
+    async def accept_kv(self, payload: KVPayload, lease_s: float) -> dict[str, Any]:
+        """Import a pushed KV into the pool under a lease (HTTP PUT and the socket channel)."""
+        if not self.accepting:
+            raise KVRefused(503, "worker is draining")
+        if payload.model != self.core.model_name:
+            raise KVRefused(409, f"KV from model {payload.model!r}, this worker serves {self.core.model_name!r}")
+        rid = payload.request_id
+        await self.release_lease(rid)  # a retried push replaces the earlier one
+        try:
+            await self.runner.call(lambda c: c.import_kv(payload))
+        except MemoryError as exc:
+            raise KVRefused(507, f"KV pool full: {exc}") from exc
+        nbytes = payload.data.numel() * payload.data.element_size()
+        lease = KVLease(uuid.uuid4().hex, rid, payload.num_tokens, nbytes, time.time() + lease_s)
+        self.leases[rid] = lease
+        return {"lease_id": lease.lease_id, "deadline": lease.deadline, "num_tokens": lease.num_tokens,
+                "nbytes": lease.nbytes}
+
+    def accept_kv_from_thread(self, payload: KVPayload, lease_s: float) -> dict[str, Any]:
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(self.accept_kv(payload, lease_s), self.loop).result(timeout=120)
+
+    async def kv_port_of(self, decode_url: str) -> int | None:
+        """The decode worker's raw KV socket port (from its /info), cached per URL."""
+        if decode_url not in self.kv_ports:
+            try:
+                info = (await self.http.get(f"{decode_url.rstrip('/')}/info", timeout=5.0)).json()
+                self.kv_ports[decode_url] = info.get("kv_port")
+            except (httpx.HTTPError, ValueError):
+                return None
+        return self.kv_ports[decode_url]
 
     async def release_lease(self, request_id: str) -> bool:
         lease = self.leases.pop(request_id, None)
@@ -137,16 +179,22 @@ class WorkerState:
                     await self.release_lease(rid)
 
 
-def create_worker_app(core: EngineCore, backend: str = "native") -> FastAPI:
+def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | None = 0) -> FastAPI:
+    """`kv_port`: port of the raw KV socket channel (0: any free port; None: HTTP pushes only)."""
     state = WorkerState(core, backend)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.loop = asyncio.get_running_loop()
+        if kv_port is not None:
+            state.kv_socket = KVSocketServer(state.accept_kv_from_thread, port=kv_port).start()
         state.runner.start()
         reaper = asyncio.create_task(state.reap_leases())
         state.ready = True
         yield
         reaper.cancel()
+        if state.kv_socket is not None:
+            state.kv_socket.stop()
         state.runner.stop()
         await state.http.aclose()
 
@@ -196,7 +244,8 @@ def create_worker_app(core: EngineCore, backend: str = "native") -> FastAPI:
     @app.get("/info")
     async def info() -> dict[str, Any]:
         return {"max_context": getattr(core, "max_context", None), **core.info(), "role": core.role,
-                "backend": backend, "chunk_size": core.chunk_size}
+                "backend": backend, "chunk_size": core.chunk_size,
+                "kv_port": state.kv_socket.port if state.kv_socket else None}
 
     @app.post("/generate")
     async def generate(body: WorkBody):
@@ -230,22 +279,30 @@ def create_worker_app(core: EngineCore, backend: str = "native") -> FastAPI:
             payload = await state.runner.call(lambda core: core.export_kv(rid))
         finally:
             await state.runner.call(lambda core: core.release_kv(rid))
-        blob = await asyncio.to_thread(encode_kv, payload)
-        url = f"{body.handoff.decode_url.rstrip('/')}/kv/{rid}"
+        nbytes = encoded_size(payload)
+        decode_url = body.handoff.decode_url.rstrip("/")
+        lease_s = body.handoff.lease_s
         started = time.perf_counter()
+        port = await state.kv_port_of(decode_url)
         try:
-            resp = await state.http.put(url, content=blob, params={"lease_s": body.handoff.lease_s})
-        except httpx.HTTPError as exc:
-            return _error(502, f"KV push to {url} failed: {exc!r}", code="kv_push_failed")
+            if port is not None:
+                host = httpx.URL(decode_url).host
+                lease = await asyncio.to_thread(socket_push_kv, host, port, payload, lease_s)
+            else:
+                resp = await state.http.put(f"{decode_url}/kv/{rid}", content=_aiter(encode_kv_chunks(payload)),
+                                            params={"lease_s": lease_s}, headers={"content-length": str(nbytes)})
+                if resp.status_code >= 400:
+                    raise KVRefused(resp.status_code, resp.text[:300])
+                lease = resp.json()
+        except KVRefused as exc:
+            status = exc.status if exc.status in (503, 507) else 502
+            return _error(status, f"decode worker refused KV: {exc}", code="kv_push_refused",
+                          retry_after=1 if status in (503, 507) else None)
+        except (OSError, httpx.HTTPError) as exc:
+            return _error(502, f"KV push to {decode_url} failed: {exc!r}", code="kv_push_failed")
         transfer_s = time.perf_counter() - started
-        if resp.status_code >= 400:
-            retry = resp.headers.get("Retry-After")
-            return _error(resp.status_code if resp.status_code in (503, 507) else 502,
-                          f"decode worker refused KV: {resp.text[:300]}", code="kv_push_refused",
-                          retry_after=float(retry) if retry else None)
-        lease = resp.json()
         kv = {"request_id": rid, "num_tokens": payload.num_tokens, "first_token_id": event.token_ids[0],
-              "lease_id": lease["lease_id"], "lease_deadline": lease["deadline"], "nbytes": len(blob),
+              "lease_id": lease["lease_id"], "lease_deadline": lease["deadline"], "nbytes": nbytes,
               "transfer_s": transfer_s, "extra": {}}
         return {"first": asdict(event), "kv": kv}
 
@@ -253,24 +310,23 @@ def create_worker_app(core: EngineCore, backend: str = "native") -> FastAPI:
     async def receive_kv(request_id: str, request: Request, lease_s: float = 30.0):
         if (refused := refuse_if_draining()) is not None:
             return refused
-        blob = await request.body()
         try:
-            payload = await asyncio.to_thread(decode_kv, blob)
-        except (ValueError, KeyError) as exc:
+            size = int(request.headers["content-length"])
+        except (KeyError, ValueError):
+            return _error(411, "KV push needs a Content-Length")
+        try:
+            receiver = KVReceiver(size)
+            async for chunk in request.stream():
+                receiver.write(chunk)
+            payload = receiver.payload()
+        except (ValueError, KeyError, json.JSONDecodeError) as exc:
             return _error(400, f"bad KV payload: {exc}")
         if payload.request_id != request_id:
             return _error(400, "KV payload is for another request")
-        if payload.model != core.model_name:
-            return _error(409, f"KV from model {payload.model!r}, this worker serves {core.model_name!r}")
-        await state.release_lease(request_id)  # a retried push replaces the earlier one
         try:
-            await state.runner.call(lambda c: c.import_kv(payload))
-        except MemoryError as exc:
-            return _error(507, f"KV pool full: {exc}", code="kv_full", retry_after=1)
-        lease = KVLease(uuid.uuid4().hex, request_id, payload.num_tokens, len(blob), time.time() + lease_s)
-        state.leases[request_id] = lease
-        return {"lease_id": lease.lease_id, "deadline": lease.deadline, "num_tokens": lease.num_tokens,
-                "nbytes": lease.nbytes}
+            return await state.accept_kv(payload, lease_s)
+        except KVRefused as exc:
+            return _error(exc.status, str(exc), code="kv_refused", retry_after=1 if exc.status >= 500 else None)
 
     @app.delete("/kv/{request_id}")
     async def drop_kv(request_id: str):

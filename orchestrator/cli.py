@@ -121,6 +121,7 @@ def worker(
     kv_tokens: Annotated[int | None, typer.Option(help="KV pool size in tokens.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     profile: Annotated[str, typer.Option(help="Sim backend: timing profile.")] = "cpu-smollm2",
+    kv_port: Annotated[int, typer.Option(help="Raw KV socket port (0: any free port, -1: HTTP pushes only).")] = 0,
 ) -> None:
     """Run one engine worker process (the HTTP API of docs/contracts.md)."""
     import uvicorn
@@ -143,7 +144,8 @@ def worker(
                          kv_tokens=kv_tokens)
     else:
         raise typer.BadParameter(f"unknown backend {backend!r}")
-    uvicorn.run(create_worker_app(core, backend), host=host, port=port, log_level="warning")
+    app_ = create_worker_app(core, backend, kv_port=None if kv_port < 0 else kv_port)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 @app.command()

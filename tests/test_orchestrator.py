@@ -205,3 +205,31 @@ def test_unclaimed_kv_push_is_freed_when_its_lease_ends(tiny_pd_fleet):
         "request_id": "orphan-1", "prompt_ids": body["prompt_ids"], "sampling": body["sampling"],
         "first_token": pre["first"]["token_ids"][0], "lease_id": pre["kv"]["lease_id"]})
     assert late.status_code == 404 and late.json()["error"]["code"] == "kv_lease_missing"
+
+
+def test_kv_push_over_http_when_the_decode_worker_has_no_socket_channel(tiny_pd_fleet, tmp_path):
+    """The HTTP PUT fallback moves the same KV: greedy tokens still match transformers."""
+    from orchestrator.launcher import Fleet
+
+    prefill = tiny_pd_fleet.workers[0]
+    fleet = Fleet()
+    try:
+        decode = fleet.start_worker("decode", TINY, chunk_size="16", kv_tokens=1024, log_dir=tmp_path,
+                                    extra_args=["--kv-port", "-1"])
+        fleet.wait_healthy()
+        assert httpx.get(f"{decode.url}/info", timeout=5).json()["kv_port"] is None
+        prompt = list(range(20, 57))
+        body = {"request_id": "http-push", "prompt_ids": prompt,
+                "sampling": {"temperature": 0, "max_tokens": 16, "ignore_eos": True}}
+        pre = httpx.post(f"{prefill.url}/prefill", json={**body, "handoff": {"decode_url": decode.url}},
+                         timeout=60).json()
+        tokens = pre["first"]["token_ids"]
+        with httpx.stream("POST", f"{decode.url}/decode", timeout=60,
+                          json={**body, "first_token": tokens[0], "lease_id": pre["kv"]["lease_id"]}) as resp:
+            for line in resp.iter_lines():
+                if line:
+                    tokens += json.loads(line)["token_ids"]
+        assert tokens == hf_greedy(prompt, 16)
+        wait_pools_empty([decode.url])
+    finally:
+        fleet.stop()
