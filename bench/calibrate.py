@@ -76,9 +76,7 @@ def measure_core(
     return samples
 
 
-def calibrate_cpu(url: str | None = None, save: bool = True, core: Any = None) -> dict[str, Any]:
-    if url is not None:
-        raise NotImplementedError("calibrating over HTTP is not supported; run on the worker's machine")
+def calibrate_cpu(save: bool = True, core: Any = None, path: Any = None) -> dict[str, Any]:
     if core is None:
         from backends.native.engine import NativeEngine
 
@@ -95,5 +93,5 @@ def calibrate_cpu(url: str | None = None, save: bool = True, core: Any = None) -
     coeffs["samples"] = len(samples)
     coeffs["measured_at"] = time.time()
     if save:
-        coeffs["path"] = str(save_cpu_profile({k: v for k, v in coeffs.items() if k != "path"}))
+        coeffs["path"] = str(save_cpu_profile({k: v for k, v in coeffs.items() if k != "path"}, path))
     return coeffs

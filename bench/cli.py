@@ -208,13 +208,14 @@ def ab(
 
 @app.command()
 def calibrate(
-    url: Annotated[str | None, typer.Option(help="A running native worker to time (else: in-process engine).")] = None,
     save: Annotated[bool, typer.Option(help="Save as the cpu-smollm2 profile.")] = True,
+    out: Annotated[Path | None, typer.Option(help="Where to save (default: cache_dir()/sim/cpu-smollm2.json; "
+                                                  "point TETRI_SIM_CPU_PROFILE at another path to use it).")] = None,
 ) -> None:
     """Fit the cpu-smollm2 timing profile from measured forward passes of the built-in engine."""
     from bench.calibrate import calibrate_cpu
 
-    coeffs = calibrate_cpu(url=url, save=save)
+    coeffs = calibrate_cpu(save=save, path=out)
     typer.echo(json.dumps(coeffs, indent=2))
 
 

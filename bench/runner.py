@@ -111,6 +111,8 @@ async def send_one(
                 usage = obj.get("usage")
                 if usage and usage.get("completion_tokens") is not None:
                     usage_tokens = int(usage["completion_tokens"])
+                if usage and usage.get("prompt_tokens"):
+                    rec.prompt_tokens = int(usage["prompt_tokens"])  # as the server tokenized it
         rec.end = clock()
     except (httpx.HTTPError, asyncio.TimeoutError) as exc:
         rec.error = f"{type(exc).__name__}: {exc}"[:300]
