@@ -99,7 +99,11 @@ def references(tiny_hf, prompts) -> list[list[int]]:
 def make(role="colocated", **kw) -> NativeEngine:
     kw.setdefault("chunk_size", 16)
     kw.setdefault("kv_tokens", 8192)
-    return NativeEngine(TINY, role=role, dtype="float32", **kw)
+    eng = NativeEngine(TINY, role=role, dtype="float32", **kw)
+    # Poison every slot but the null block: a read of never-written KV turns outputs into garbage.
+    eng.pool.k[:, eng.pool.block_size :] = float("nan")
+    eng.pool.v[:, eng.pool.block_size :] = float("nan")
+    return eng
 
 
 @pytest.fixture(scope="module")

@@ -480,12 +480,17 @@ class NativeEngine:
             ctx = [s.num_computed + 1 for s in singles]
             max_ctx = max(ctx)
             nblk = blocks_for(max_ctx, bs)
+            # Padding points at the pool's null block (block 0, zeroed; masked out anyway).
             table = torch.tensor([(s.table.blocks + [0] * nblk)[:nblk] for s in singles], dtype=torch.long)
             pos = torch.arange(max_ctx)
-            batch.single_slots = (table[:, pos // bs] * bs + pos % bs).to(dev)
+            single_slots = table[:, pos // bs] * bs + pos % bs
             if min(ctx) != max_ctx:
-                lens = torch.tensor(ctx)
-                batch.single_mask = (pos[None, :] < lens[:, None])[:, None, None, :].to(dev)
+                valid = pos[None, :] < torch.tensor(ctx)[:, None]
+                # Past a sequence's context, read the null slot: never-written memory could hold
+                # NaN, and NaN * 0 attention weight is still NaN.
+                single_slots = torch.where(valid, single_slots, 0)
+                batch.single_mask = valid[:, None, None, :].to(dev)
+            batch.single_slots = single_slots.to(dev)
         if not to_sample:
             batch.sample_idx = torch.zeros(0, dtype=torch.long, device=dev)
         return batch, to_sample

@@ -3,7 +3,8 @@
 The pool is two tensors per model, `k` and `v`, shaped [layers, num_blocks * block_size, kv_heads,
 head_dim]; a token's *slot* is `block_id * block_size + offset`. A request owns a `BlockTable`
 (the ordered list of its block ids); position `p` of the request lives at slot
-`blocks[p // block_size] * block_size + p % block_size`.
+`blocks[p // block_size] * block_size + p % block_size`. Block 0 is a zeroed null block that
+padded reads point at.
 """
 
 from __future__ import annotations
@@ -45,17 +46,22 @@ class KVPool:
         if block_size != BLOCK_SIZE:
             raise ValueError(f"block_size is fixed at {BLOCK_SIZE}")
         self.block_size = block_size
-        self.num_blocks = max(1, num_tokens // block_size)
+        self.num_blocks = max(1, num_tokens // block_size)  # usable blocks
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = torch.device(device)
-        shape = (num_layers, self.num_blocks * block_size, num_kv_heads, head_dim)
-        # torch.zeros on CPU maps zero pages lazily: an unused pool costs no resident memory.
-        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
-        self._free: deque[int] = deque(range(self.num_blocks))
+        # Block 0 is the null block: zeroed, never handed out; padded reads point at it. Every
+        # other slot is read only after it was written, so the rest of the pool can start
+        # uninitialized (on CPU its pages stay unmapped until used: no resident memory for an
+        # idle pool).
+        shape = (num_layers, (self.num_blocks + 1) * block_size, num_kv_heads, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=self.device)
+        self.v = torch.empty(shape, dtype=dtype, device=self.device)
+        self.k[:, :block_size].zero_()
+        self.v[:, :block_size].zero_()
+        self._free: deque[int] = deque(range(1, self.num_blocks + 1))
 
     # ---- sizing -------------------------------------------------------------------------
     @staticmethod
