@@ -31,7 +31,7 @@ from orchestrator.policies.predictors import (
 from orchestrator.policies.prefill_queue import PrefillQueue, make_prefill_queue
 from orchestrator.policies.types import InstanceView, RequestView
 
-FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # ---------------------------------------------------------------------------------------------------
