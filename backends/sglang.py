@@ -715,7 +715,11 @@ class SGLangBackend(Backend):
 
     async def abort(self, request_id: str) -> None:
         """`POST /abort_request {"rid"}` for every rid this adapter used for the request."""
-        rids = list(self._rids.get(request_id, ())) or [request_id]
+        rids = list(self._rids.get(request_id, ()))
+        if not rids:
+            # Never send an untracked id: SGLang matches rids by prefix and could abort another request.
+            log.info("%s: abort of %s: nothing in flight here", self.instance_id, request_id)
+            return
         await self.abort_rids(rids)
 
     # ---- drain and role flips --------------------------------------------------------------

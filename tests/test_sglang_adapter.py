@@ -129,6 +129,9 @@ async def test_colocated_abort_by_request_id(make_node):
     assert rest[-1].finish_reason == "abort"
     rid = node.fake.bodies[0]["rid"]
     assert {"rid": rid} in node.fake.abort_calls
+    calls = len(node.fake.abort_calls)
+    await node.backend.abort(rid[:1])   # unknown ids are never sent (SGLang aborts by rid prefix)
+    assert len(node.fake.abort_calls) == calls
 
 
 # ---- disaggregated --------------------------------------------------------------------------
