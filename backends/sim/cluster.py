@@ -70,7 +70,8 @@ class SystemConfig:
     granularity: int = 200
     heavy_decode_threshold: int = 128
     heavy_prefill_threshold: int = 512
-    fallback: str = "none"  # none | hphd
+    fallback: str = "none"  # none | hphd | adaptive (hphd + co-locate while the prefill pool is backlogged)
+    fallback_wait_s: float = 0.1  # adaptive: co-locate when the prefill queue would delay a prompt longer
     pd_ratio: str = "auto"  # auto (work-share planner) | "P:D"
     monitor_interval_s: float = 0.1
     retry_interval_s: float = 0.02
@@ -279,12 +280,16 @@ def plan_split(
     cfg: SystemConfig,
     colocated_mask: Sequence[bool] | None = None,
     rate: float | None = None,
-    target_util: float = 0.8,
+    prefill_util: float = 0.7,
+    decode_util: float = 0.95,
 ) -> tuple[int, int]:
-    """Prefill instances ∝ the prefill share of the work (prefill at the knee's tokens/s, decode at
-    the batch the KV pool sustains), and at least enough to keep prefill utilization under
-    `target_util` at the offered `rate` (req/s). Requests that fall back to co-located placement
-    count as decode-side work. An explicit ``cfg.pd_ratio = "P:D"`` wins."""
+    """The prefill:decode split. Work per request: prefill at the knee's tokens/s; decode at the
+    batch the KV pool sustains (min(max_num_seqs, KV / mean context)), so a decode side that is
+    memory-bound is sized as such. Requests that fall back to co-located placement count as decode
+    work. P minimises max(prefill load / (P·prefill_util), decode load / (D·decode_util)): prefill is
+    kept below ~70% busy (its queueing is TTFT), decode may run hot (throughput-bound). Without a
+    rate the split is the plain work share. An explicit ``cfg.pd_ratio = "P:D"`` wins; when most
+    requests fall back to co-located placement there is no prefill pool at all (P = 0)."""
     if cfg.pd_ratio != "auto":
         p, d = (int(x) for x in cfg.pd_ratio.split(":"))
         if p + d != n:
@@ -292,29 +297,27 @@ def plan_split(
         return p, d
     if n < 2 or not prompts:
         return 0, n
+    if colocated_mask is not None and 2 * sum(1 for m in colocated_mask if m) >= len(prompts):
+        return 0, n
     tput = chunk / timing.prefill_s(chunk)
     mean_ctx = max(1.0, sum(p + o / 2 for p, o in zip(prompts, outputs, strict=True)) / len(prompts))
     batch = max(1, min(cfg.max_num_seqs, int(timing.total_kv_tokens / mean_ctx)))
     per_tok = timing.decode_s(batch, mean_ctx) / batch
-    pw = dw = 0.0
-    ptoks = 0
+    pw = dw = 0.0  # instance-seconds of work per request, summed
     for k, (p, o) in enumerate(zip(prompts, outputs, strict=True)):
         if colocated_mask is not None and colocated_mask[k]:
             dw += p / tput + o * per_tok
         else:
             pw += p / tput
             dw += o * per_tok
-            ptoks += p
     if pw <= 0:
         return 0, n
-    want = n * pw / (pw + dw)
-    if rate and math.isfinite(rate):
-        demand = rate * ptoks / len(prompts)  # prompt tokens/s that go to prefill instances
-        want = max(want, demand / (target_util * tput))
-    p = round(want)
-    if colocated_mask is not None and 2 * sum(1 for m in colocated_mask if m) >= len(prompts):
-        return 0, n  # most requests fall back to co-located placement: no prefill pool at all
-    p = max(1, min(n - 1, p))
+    if not rate or not math.isfinite(rate):
+        p = max(1, min(n - 1, round(n * pw / (pw + dw))))
+        return p, n - p
+    p_load = rate * pw / len(prompts)  # instances' worth of prefill work at this rate
+    d_load = rate * dw / len(prompts)
+    p = min(range(1, n), key=lambda k: (max(p_load / (k * prefill_util), d_load / ((n - k) * decode_util)), k))
     return p, n - p
 
 
@@ -344,6 +347,7 @@ class ClusterSim:
         self.prng = random.Random(seed + 7919)
         self.cap = kv_tokens or timing.total_kv_tokens
         self.chunk = cfg.chunk_size or timing.knee()
+        self._tput = self.chunk / timing.prefill_s(self.chunk)  # prefill tokens/s at the knee
         self.reqs: list[Req] = []
         for k, r in enumerate(sorted(requests, key=lambda x: x.arrival)):
             q = Req(k, str(getattr(r, "id", k)), float(r.arrival), int(r.prompt_tokens), int(r.output_tokens),
@@ -415,7 +419,7 @@ class ClusterSim:
         cfg = self.cfg
         if cfg.layout != "disaggregated" or cfg.fallback == "none":
             return False
-        if cfg.fallback == "hphd":
+        if cfg.fallback in ("hphd", "adaptive"):
             return r.prompt > cfg.heavy_prefill_threshold and r.heavy
         if cfg.fallback == "all":
             return True
@@ -563,7 +567,7 @@ class ClusterSim:
         prefills = [i for i in self.insts if i.role == "prefill" and not i.draining]
         if not prefills:
             prefills = [i for i in self.insts if i.role == "prefill"]
-        if not prefills or self._wants_colocated(r):
+        if not prefills or self._wants_colocated(r) or (cfg.fallback == "adaptive" and self._prefill_backlogged(prefills, r)):
             # Co-located fallback: prefill and decode on one decode instance (stall-free hybrid
             # batches, no KV transfer), placed like the co-located baselines: least outstanding.
             inst = self._least_outstanding([i for i in self.insts if i.role == "decode" and not i.draining])
@@ -584,6 +588,21 @@ class ClusterSim:
         inst.pending_prompt += r.prompt
         self._qreq[r.id] = r
         self._kick(inst)
+
+    def _prefill_backlogged(self, prefills: Sequence[Inst], r: Req) -> bool:
+        """Adaptive fallback: the least-loaded prefill instance would start this prompt only after
+        `fallback_wait_s` (its queued + in-engine prompt tokens at the knee's tokens/s), while a
+        decode instance has room for it now."""
+        backlog = min(i.pending_prompt + i.eng_tokens for i in prefills)
+        if backlog / self._tput < self.cfg.fallback_wait_s:
+            return False
+        for i in self.insts:
+            if i.role != "decode" or i.draining or i.waiting or i.incoming:
+                continue
+            used = i.kv_used + i.inflight_res + r.need
+            if used <= 0.8 * i.cap:  # the decode side has memory and no queue of its own
+                return True
+        return False
 
     @staticmethod
     def _least_outstanding(insts: Sequence[Inst]) -> Inst | None:
@@ -692,10 +711,13 @@ class ClusterSim:
             c = min(r.eff - r.done, budget)
             pf.append((r, c))
             budget -= c
+        gate = inst.role == "decode"
         while budget > 0 and inst.waiting and nrun + len(inst.prefilling) < cfg.max_num_seqs:
             r = inst.waiting[0]
             if inst.run_kv + inst.kv_other + r.eff + nrun > inst.cap:
                 break
+            if gate and r.preempt == 0 and not self.pol.admission.admits(self._decode_view(inst), r.view):
+                break  # a co-located fallback passes the same decode admission as a dispatched request
             inst.waiting.popleft()
             inst.pending_prompt -= r.eff
             inst.kv_other += r.eff
