@@ -45,7 +45,8 @@ class AppState:
         self.predictor = make_predictor(settings.predictor, settings.predictor_granularity)
         self.live_accuracy = _live_accuracy()
         self.flip_policy = make_flip_policy(
-            settings.flip_policy, idle_s=settings.flip_idle_s, min_per_role=settings.flip_min_per_role
+            settings.flip_policy, idle_s=settings.flip_idle_s, min_per_role=settings.flip_min_per_role,
+            cooldown_s=settings.flip_cooldown_s, load_kv_threshold=settings.flip_load_kv_threshold,
         )
         self.server = Server(settings, self.cluster, self.placement, self.store, self.predictor, self._finished)
         self.max_context = _DEFAULT_CONTEXT

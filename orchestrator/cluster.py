@@ -108,11 +108,15 @@ class Cluster:
             inst.state = "removed"
         return inst
 
-    def usable(self, role: Role, model: str | None = None) -> list[Instance]:
+    def usable(self, role: Role, model: str | None = None, backend: str | None = None) -> list[Instance]:
         return [
             i for i in self.instances.values()
             if i.usable and i.role == role and (model is None or not i.model or i.model == model)
+            and (backend is None or i.spec.backend == backend)
         ]
+
+    def backends(self, model: str | None = None) -> set[str]:
+        return {i.spec.backend for i in self.instances.values() if i.usable and (model is None or i.model == model)}
 
     def models(self) -> list[str]:
         return sorted({i.model for i in self.instances.values() if i.model})

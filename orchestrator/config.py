@@ -64,6 +64,10 @@ class Settings(BaseSettings):
         "power_of_two"
     )
     power_of_d: int = 2
+    # Where the paper is vague (docs/scheduling.md): α empty -> most-free β instance or nobody;
+    # heavy:light objective "balance" (heavy to lowest ratio, light to highest), "after", "delta".
+    dispatch_fallback: Literal["most_free", "none"] = "most_free"
+    dispatch_ratio_objective: Literal["balance", "after", "delta"] = "balance"
     decode_admission: Literal["greedy", "reserve_static", "reserve_dynamic"] = "reserve_dynamic"
     heavy_decode_threshold: int = 128
     heavy_prefill_threshold: int = 512
@@ -74,6 +78,8 @@ class Settings(BaseSettings):
     flip_policy: Literal["none", "idle"] = "none"
     flip_idle_s: float = 60.0
     flip_min_per_role: int = 1
+    flip_cooldown_s: float | None = None
+    flip_load_kv_threshold: float = 0.8
 
     @classmethod
     def load(cls, yaml_path: str | Path | None = None, **overrides: Any) -> Settings:

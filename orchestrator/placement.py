@@ -39,7 +39,11 @@ class Placement:
         self.cluster = cluster
         self.rng = random.Random(seed)
         self.global_scheduler = make_global_scheduler("least_loaded")
-        self.dispatcher = make_dispatcher(settings.dispatch_policy, power_of_d=settings.power_of_d)
+        self.dispatcher = make_dispatcher(
+            settings.dispatch_policy, power_of_d=settings.power_of_d,
+            heavy_decode_threshold=settings.heavy_decode_threshold, fallback=settings.dispatch_fallback,
+            ratio_objective=settings.dispatch_ratio_objective,
+        )
         self.admission = make_admission(settings.decode_admission)
         self.queues: dict[str, PrefillQueue] = {}
         self.waiters: dict[str, asyncio.Future[Instance]] = {}
@@ -62,8 +66,10 @@ class Placement:
         queue = self.queues.get(instance_id)
         return list(getattr(queue, "items", lambda: [])()) if queue is not None else []
 
-    def pick_prefill(self, req: RequestView, role: Role, model: str | None, exclude: set[str]) -> Instance:
-        candidates = [i for i in self.cluster.usable(role, model) if i.id not in exclude]
+    def pick_prefill(
+        self, req: RequestView, role: Role, model: str | None, exclude: set[str], backend: str | None = None
+    ) -> Instance:
+        candidates = [i for i in self.cluster.usable(role, model, backend) if i.id not in exclude]
         if not candidates:
             raise Overloaded(f"no healthy {role} instance for model {model!r}")
         chosen = self.global_scheduler.pick([self._prefill_view(i) for i in candidates], req)
@@ -72,10 +78,11 @@ class Placement:
         return self.cluster.instances[chosen]
 
     async def acquire_prefill(
-        self, req: RequestView, role: Role, model: str | None, exclude: set[str] = frozenset()  # type: ignore[assignment]
+        self, req: RequestView, role: Role, model: str | None, exclude: set[str] | None = None,
+        backend: str | None = None,
     ) -> Instance:
         """Queue the request at the least-loaded instance; return that instance when released."""
-        inst = self.pick_prefill(req, role, model, set(exclude))
+        inst = self.pick_prefill(req, role, model, set(exclude or ()), backend)
         future: asyncio.Future[Instance] = asyncio.get_running_loop().create_future()
         self.waiters[req.id] = future
         self._enqueue(inst, req)
@@ -131,18 +138,21 @@ class Placement:
             if future is None or future.done():
                 continue
             try:
-                target = self.pick_prefill(req, inst.role, inst.model or None, {inst.id})
+                target = self.pick_prefill(req, inst.role, inst.model or None, {inst.id}, inst.spec.backend)
             except Overloaded as exc:
                 future.set_exception(exc)
                 continue
             self._enqueue(target, req)
 
     # ---- decode instance ---------------------------------------------------------------------
-    async def acquire_decode(self, req: RequestView, model: str | None, timeout_s: float) -> Instance:
-        """Dispatcher pick, gated by admission; waits (bounded) while no decode instance admits."""
+    async def acquire_decode(
+        self, req: RequestView, model: str | None, timeout_s: float, backend: str | None = None
+    ) -> Instance:
+        """Dispatcher pick, gated by admission; waits (bounded) while no decode instance admits.
+        `backend`: the prefill side's backend, since a KV handoff never crosses backends."""
         deadline = time.monotonic() + timeout_s
         while True:
-            decodes = self.cluster.usable("decode", model)
+            decodes = self.cluster.usable("decode", model, backend)
             if not decodes:
                 raise Overloaded(f"no healthy decode instance for model {model!r}")
             views = [d.view() for d in decodes]

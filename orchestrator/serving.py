@@ -114,11 +114,18 @@ class Server:
                     return
                 log.warning("request %s: attempt %d failed (%s); re-placing", job.id, attempt + 1, exc)
 
-    def _mode(self, model: str) -> str:
+    def _pick_backend(self, model: str) -> str | None:
+        """A/B split (`ab_split`: backend -> weight) over the backends serving this model now."""
+        weights = {b: w for b, w in self.settings.ab_split.items() if w > 0 and b in self.cluster.backends(model)}
+        if not weights:
+            return None
+        return self.placement.rng.choices(list(weights), weights=list(weights.values()))[0]
+
+    def _mode(self, model: str, backend: str | None) -> str:
         mode = self.settings.mode
         if mode != "auto":
             return mode
-        if self.cluster.usable("prefill", model) and self.cluster.usable("decode", model):
+        if self.cluster.usable("prefill", model, backend) and self.cluster.usable("decode", model, backend):
             return "disaggregated"
         return "colocated"
 
@@ -126,17 +133,20 @@ class Server:
         self, job: Job, prediction: asyncio.Task[int | None], failed: set[str]
     ) -> AsyncIterator[TokenEvent]:
         view = self._view(job, None)
-        if self._mode(job.model) == "colocated":
-            inst = await self.placement.acquire_prefill(view, "colocated", job.model, failed)
+        backend = self._pick_backend(job.model)
+        if self._mode(job.model, backend) == "colocated":
+            inst = await self.placement.acquire_prefill(view, "colocated", job.model, failed, backend)
             async for event in self._colocated(job, inst, failed):
                 yield event
             return
-        prefill = await self.placement.acquire_prefill(view, "prefill", job.model, failed)
+        prefill = await self.placement.acquire_prefill(view, "prefill", job.model, failed, backend)
         try:
             # The predictor has run beside the queue wait; give it a moment if it is still going.
             job.predicted_bucket = await _result_or_none(prediction, timeout_s=0.05)
             view = self._view(job, job.predicted_bucket)
-            decode = await self.placement.acquire_decode(view, job.model, self.settings.request_timeout_s)
+            decode = await self.placement.acquire_decode(
+                view, job.model, self.settings.request_timeout_s, backend=prefill.spec.backend
+            )
         except BaseException:
             self.placement.release_prefill(prefill)
             raise
