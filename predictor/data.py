@@ -125,9 +125,14 @@ def count_tokens(texts: list[str], tokenizer: Any, batch: int = 512,
 
 
 def load_conversations(tokenizer: Any | None = None, use_cache: bool = True,
-                       progress: bool = True) -> list[Conversation]:
-    """All complete ShareGPT conversations with per-message token counts (cached on disk)."""
+                       progress: bool = True, limit: int | None = None) -> list[Conversation]:
+    """All complete ShareGPT conversations with per-message token counts (cached on disk).
+
+    ``limit`` keeps only the first conversations and bypasses the cache (tests, quick runs).
+    """
     convs = [c for c in (normalize(r) for r in iter_records()) if c is not None]
+    if limit is not None:
+        convs, use_cache = convs[:limit], False
     cache = _cache_file()
     if use_cache and cache.exists():
         with gzip.open(cache, "rt", encoding="utf-8") as fh:
