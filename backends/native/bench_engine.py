@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", default="1,2,4,8,16,32,64")
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3, help="prefill sweeps; each size keeps its best")
     ap.add_argument("--no-save", action="store_true", help="do not cache the measured knee")
     args = ap.parse_args(argv)
 
@@ -49,7 +50,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{platform.system()}; 1-min load average at start {load:.1f}\n"
     )
     t0 = time.perf_counter()
-    result = profile_knee(args.model, args.device, sizes=sizes, engine=engine, save=not args.no_save, early_stop=False)
+    result = profile_knee(
+        args.model,
+        args.device,
+        sizes=sizes,
+        engine=engine,
+        save=not args.no_save,
+        early_stop=False,
+        rounds=args.rounds,
+    )
     peak = result.peak_tokens_per_s
     print("| tokens per forward pass | prefill tokens/s | % of peak |")
     print("|---:|---:|---:|")
@@ -60,11 +69,14 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = decode_throughput(engine, batch_sizes=batches, context=args.context, steps=args.steps)
     base = rows[0][1] if rows else 1.0
-    print("| decode batch size | decode tokens/s | ms per step | speed-up vs batch 1 |")
-    print("|---:|---:|---:|---:|")
-    for b, tps, ms in rows:
-        print(f"| {b} | {tps:,.1f} | {ms:,.1f} | {tps / base:.1f}x |")
-    print(f"\n(context {args.context} tokens per request, {args.steps} timed decode steps per batch size)")
+    print("| decode batch size | decode tokens/s | ms per step (best) | ms per step (median) | vs batch 1 |")
+    print("|---:|---:|---:|---:|---:|")
+    for b, tps, ms, med in rows:
+        print(f"| {b} | {tps:,.1f} | {ms:,.1f} | {med:,.1f} | {tps / base:.1f}x |")
+    print(
+        f"\n(context {args.context} tokens per request; best of {args.steps} timed decode steps per "
+        f"batch size; prefill: best pass per size over {args.rounds} sweeps)"
+    )
 
 
 if __name__ == "__main__":

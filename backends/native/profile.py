@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,11 +157,14 @@ def profile_knee(
     save: bool = True,
     budget_s: float | None = None,
     early_stop: bool = True,
+    rounds: int = 1,
 ) -> ProfileResult:
     """Sweep tokens per prefill forward pass; return the curve and the knee (and cache it).
 
     Sizes go up from the smallest; the sweep stops early once throughput has clearly fallen
     past its peak (STOP_AFTER sizes below STOP_FRACTION of the best) or the time budget is spent.
+    Each size keeps its best pass; `rounds` > 1 repeats the sweep (over the sizes the first
+    round reached), which filters out interference from other work on a shared machine.
     """
     if engine is None:
         from backends.native.engine import NativeEngine
@@ -176,23 +180,31 @@ def profile_knee(
     _prefill_pass_seconds(engine, min(sizes[len(sizes) // 2], 256), gen)
     budget = budget_s if budget_s is not None else BUDGET_SECONDS.get(engine.device.type, 60.0)
     started = time.perf_counter()
-    curve: list[tuple[int, float]] = []
-    below = 0
-    for n in sizes:
-        if curve:
-            # Stop past the peak, or when one pass of this size would overrun the budget.
-            predicted = n / curve[-1][1]
-            if early_stop and (below >= STOP_AFTER or time.perf_counter() - started + predicted > budget):
-                break
-        spent, reps, best = 0.0, 0, float("inf")
+    best: dict[int, float] = {}
+
+    def measure(n: int) -> None:
+        spent, reps = 0.0, 0
         while reps < 1 or (spent < min_s and reps < 20):
             dt = _prefill_pass_seconds(engine, n, gen)
-            best = min(best, dt)
+            best[n] = min(best.get(n, float("inf")), dt)
             spent += dt
             reps += 1
-        curve.append((n, n / best))
-        peak = max(t for _n, t in curve)
-        below = below + 1 if n / best < STOP_FRACTION * peak else 0
+
+    below = 0
+    for n in sizes:
+        if best:
+            # Stop past the peak, or when one pass of this size would overrun the budget.
+            last = max(best)
+            predicted = n * best[last] / last
+            if early_stop and (below >= STOP_AFTER or time.perf_counter() - started + predicted > budget):
+                break
+        measure(n)
+        peak = max(k / v for k, v in best.items())
+        below = below + 1 if n / best[n] < STOP_FRACTION * peak else 0
+    for _ in range(rounds - 1):
+        for n in sorted(best):
+            measure(n)
+    curve = [(n, n / best[n]) for n in sorted(best)]
     knee = find_knee(curve)
     result = ProfileResult(
         model=engine.model_name,
@@ -234,8 +246,10 @@ def decode_throughput(
     batch_sizes: list[int] | tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
     context: int = 128,
     steps: int = 8,
-) -> list[tuple[int, float, float]]:
-    """[(batch size, decode tokens/s, ms per step)] with every request `context` tokens deep."""
+) -> list[tuple[int, float, float, float]]:
+    """[(batch size, decode tokens/s, ms per step, median ms per step)], every request `context`
+    tokens deep. Tokens/s and ms come from the fastest of `steps` timed steps (other work on a
+    shared machine only ever slows a step down); the median is there to show the spread."""
     from backends.base import SamplingParams
     from backends.engine_api import EngineRequest
 
@@ -252,13 +266,15 @@ def decode_throughput(
         while any(not s.in_decode for s in engine.scheduler.running) or engine.scheduler.waiting:
             engine.step()
         engine.step()
-        _sync(engine.device)
-        t0 = time.perf_counter()
+        times = []
         for _ in range(steps):
+            _sync(engine.device)
+            t0 = time.perf_counter()
             engine.step()
-        _sync(engine.device)
-        dt = (time.perf_counter() - t0) / steps
-        rows.append((b, b / dt, dt * 1000.0))
+            _sync(engine.device)
+            times.append(time.perf_counter() - t0)
+        dt = min(times)
+        rows.append((b, b / dt, dt * 1000.0, statistics.median(times) * 1000.0))
         while engine.has_work():
             engine.step()
     return rows
