@@ -56,8 +56,8 @@ def measure_core(
             salt += 1
             rid = f"cal-d{salt}"
             ids.append(rid)
-            core.add_request(EngineRequest(rid, _prompt(ctx, salt), SamplingParams(max_tokens=decode_passes + 8,
-                                                                                   ignore_eos=True, temperature=0.0)))  # fmt: skip
+            sp = SamplingParams(max_tokens=decode_passes + 8, ignore_eos=True, temperature=0.0)
+            core.add_request(EngineRequest(rid, _prompt(ctx, salt), sp))
         # run the prefills (chunked or whole) until every request has its first token
         seen: set[str] = set()
         guard = 0

@@ -62,7 +62,9 @@ def workload(
 @app.command()
 def run(
     url: Annotated[str, typer.Option(help="Base URL of an OpenAI-compatible server (…/v1 or root).")],
-    workload_name: Annotated[str, typer.Option("--workload", "-w", help="Workload name (see `bench workload`).")] = "Mixed",
+    workload_name: Annotated[
+        str, typer.Option("--workload", "-w", help="Workload name (see `bench workload`).")
+    ] = "Mixed",
     requests: Annotated[int, typer.Option("--requests", "-n")] = 50,
     rate: Annotated[str, typer.Option(help="Poisson rate req/s or 'inf'.")] = "2",
     seed: Annotated[int, typer.Option()] = 0,
@@ -124,11 +126,15 @@ def _print_summaries(rows: dict[str, dict]) -> None:
 def compare(
     workload_name: Annotated[str, typer.Option("--workload", "-w", help="Workload(s), comma separated.")] = "Mixed",
     backend: Annotated[str, typer.Option(help="sim (discrete-event cluster) or native (live, small scale).")] = "sim",
-    profile: Annotated[str, typer.Option(help="Timing profile (sim), e.g. h100-llama-2-7b, cpu-smollm2.")] = "h100-llama-2-7b",
+    profile: Annotated[
+        str, typer.Option(help="Timing profile (sim), e.g. h100-llama-2-7b, cpu-smollm2.")
+    ] = "h100-llama-2-7b",
     instances: Annotated[int, typer.Option(help="Instances per system (equal for all).")] = 4,
     requests: Annotated[int, typer.Option("--requests", "-n")] = 500,
     rate: Annotated[str, typer.Option(help="req/s, 'inf', or 'auto' (= --load x baseline capacity).")] = "auto",
-    load: Annotated[float, typer.Option(help="Offered load for --rate auto, x the co-located baseline's capacity.")] = 1.0,
+    load: Annotated[
+        float, typer.Option(help="Offered load for --rate auto, x the co-located baseline's capacity.")
+    ] = 1.0,
     systems: Annotated[str, typer.Option(help="Systems, comma separated; 'name+key=value' overrides.")] = (
         "colocated-vllm,colocated-sarathi,disagg-simple,tetri"
     ),
@@ -139,7 +145,9 @@ def compare(
     max_prompt: Annotated[int | None, typer.Option(help="Cap prompt tokens.")] = None,
     max_output: Annotated[int | None, typer.Option(help="Cap output tokens.")] = None,
     model: Annotated[str, typer.Option(help="Model (native backend).")] = "smollm2-135m-instruct",
-    live_backend: Annotated[str, typer.Option(help="Worker backend for --backend native runs: native or sim.")] = "native",
+    live_backend: Annotated[
+        str, typer.Option(help="Worker backend for --backend native runs: native or sim.")
+    ] = "native",
     out: Annotated[Path, typer.Option(help="Folder for report.md, plots and results.json.")] = Path("bench-out"),
     json_out: Annotated[bool, typer.Option("--json", help="Print {'systems': {NAME: {...}}} as JSON.")] = False,
 ) -> None:

@@ -136,7 +136,7 @@ def _relative(wres: dict[str, Any], refs: tuple[str, ...] = (BASELINE, "colocate
         if ref not in systems:
             continue
         b = systems[ref]["summary"]
-        for name, s in systems.items():
+        for s in systems.values():
             rel = s.setdefault("relative", {})
             rel[f"vs_{ref}"] = {
                 k: ratio(s["summary"].get(k), b.get(k))

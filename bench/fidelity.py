@@ -84,8 +84,8 @@ def run(
         "load_avg": os.getloadavg(),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"fidelity-{setup}.json").write_text(json.dumps({**doc, "live_requests": live["requests"],
-                                                           "sim_requests": sim.requests}, indent=1, default=str))  # fmt: skip
+    raw = {**doc, "live_requests": live["requests"], "sim_requests": sim.requests}
+    (out / f"fidelity-{setup}.json").write_text(json.dumps(raw, indent=1, default=str))
     return doc
 
 

@@ -85,7 +85,8 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
                 f"{_fmt(m.get('p99_ttft_ms'))} | {_fmt(m.get('mean_tpot_ms'), 2)} | {_fmt(m.get('p99_tpot_ms'), 2)} | "
                 f"{_fmt(m.get('mean_jct_ms'))} | {_fmt(m.get('p50_jct_ms'))} | {_fmt(m.get('p99_jct_ms'))} | "
                 f"{_fmt(m.get('throughput_rps'), 2)} | {_fmt(m.get('instance_seconds'))} | "
-                f"{_fmt(m.get('busy_instance_seconds'))} | {_fmt(m.get('perf_per_instance_s'), 3)} | {m.get('errors', 0)} |"
+                f"{_fmt(m.get('busy_instance_seconds'))} | {_fmt(m.get('perf_per_instance_s'), 3)} | "
+                f"{m.get('errors', 0)} |"
             )
         refs = sorted({k[3:] for s in systems.values() for k in s.get("relative", {})},
                       key=lambda r: (r != "colocated-vllm", r))
@@ -190,7 +191,8 @@ def _plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
         names = list(systems)
         for ax, (key, label) in zip(
-            axes, (("mean_ttft_ms", "mean TTFT (ms)"), ("mean_jct_ms", "mean JCT (ms)"), ("mean_tpot_ms", "mean TPOT (ms)")),
+            axes,
+            (("mean_ttft_ms", "mean TTFT (ms)"), ("mean_jct_ms", "mean JCT (ms)"), ("mean_tpot_ms", "mean TPOT (ms)")),
             strict=True,
         ):
             vals = [systems[n]["summary"].get(key) or 0.0 for n in names]
@@ -215,7 +217,8 @@ def _plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
                     sysnames.append(n)
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
         width = 0.8 / max(1, len(sysnames))
-        for ax, key, label in ((axes[0], "mean_ttft_ms", "mean TTFT (ms, log)"), (axes[1], "mean_jct_ms", "mean JCT (ms)")):
+        panels = ((axes[0], "mean_ttft_ms", "mean TTFT (ms, log)"), (axes[1], "mean_jct_ms", "mean JCT (ms)"))
+        for ax, key, label in panels:
             for k, n in enumerate(sysnames):
                 vals = [
                     (results["workloads"][w]["systems"].get(n, {}).get("summary", {}).get(key) or 0.0) for w in wls

@@ -114,7 +114,7 @@ async def send_one(
                 if usage and usage.get("prompt_tokens"):
                     rec.prompt_tokens = int(usage["prompt_tokens"])  # as the server tokenized it
         rec.end = clock()
-    except (httpx.HTTPError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, httpx.HTTPError) as exc:
         rec.error = f"{type(exc).__name__}: {exc}"[:300]
         rec.end = clock()
     if usage_tokens is not None:
@@ -138,7 +138,8 @@ async def run_async(
     base = api_base(url)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency or 1000, max_keepalive_connections=100)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=30.0), headers=headers, limits=limits) as client:
+    timeout = httpx.Timeout(timeout_s, connect=30.0)
+    async with httpx.AsyncClient(timeout=timeout, headers=headers, limits=limits) as client:
         model = model or await resolve_model(client, base)
         sem = asyncio.Semaphore(concurrency) if concurrency > 0 else None
         records = [

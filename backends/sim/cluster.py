@@ -567,7 +567,8 @@ class ClusterSim:
         prefills = [i for i in self.insts if i.role == "prefill" and not i.draining]
         if not prefills:
             prefills = [i for i in self.insts if i.role == "prefill"]
-        if not prefills or self._wants_colocated(r) or (cfg.fallback == "adaptive" and self._prefill_backlogged(prefills, r)):
+        backlogged = cfg.fallback == "adaptive" and bool(prefills) and self._prefill_backlogged(prefills, r)
+        if not prefills or self._wants_colocated(r) or backlogged:
             # Co-located fallback: prefill and decode on one decode instance (stall-free hybrid
             # batches, no KV transfer), placed like the co-located baselines: least outstanding.
             inst = self._least_outstanding([i for i in self.insts if i.role == "decode" and not i.draining])
