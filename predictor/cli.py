@@ -149,3 +149,7 @@ def label(
         typer.echo(f"first error: {errors[0]}", err=True)
         if ok == 0:
             raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

@@ -62,11 +62,11 @@ def parse_prompt(prompt: str, meta: dict | None = None) -> Parsed:
 
 
 def _frac(s: str, pred: Callable[[str], bool]) -> float:
-    return sum(1 for ch in s if pred(ch)) / len(s) if s else 0.0
+    return sum(map(pred, s)) / len(s) if s else 0.0
 
 
-def _nonascii(ch: str) -> bool:
-    return ord(ch) > 127
+def _nonascii_frac(s: str) -> float:
+    return 1.0 - len(s.encode("ascii", "ignore")) / len(s) if s else 0.0
 
 
 def _log(x: float) -> float:
@@ -103,7 +103,7 @@ def numeric(p: Parsed, count_tokens: TokenCounter) -> np.ndarray:
         _log(len(u)),
         _log(len(_WORD.findall(sample))),
         _log(u.count("\n")),
-        _frac(sample, _nonascii),
+        _nonascii_frac(sample),
         _log(u.count("?")),
         _frac(sample, str.isdigit),
         _log(u.count("```") + u.count("{") + u.count(";")),
@@ -113,7 +113,7 @@ def numeric(p: Parsed, count_tokens: TokenCounter) -> np.ndarray:
         _log(sum(len(c) for _, c in p.history)),
         _log(len(prev)),
         _log(len(_WORD.findall(prev[:8000]))),
-        _frac(prev[:4000], _nonascii),
+        _nonascii_frac(prev[:4000]),
         _log(prev.count("\n")),
         complete if answers else -1.0,
         _log(mean_ans),

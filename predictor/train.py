@@ -25,8 +25,8 @@ class TrainConfig:
     folds: int = 5
     text_epochs: int = 15
     text_alpha: float = 5e-6
-    max_iter: int = 400
-    learning_rate: float = 0.06
+    max_iter: int = 250
+    learning_rate: float = 0.1
     max_leaf_nodes: int = 31
     l2: float = 1.0
     seed: int = 0
@@ -84,7 +84,7 @@ def fit_head(x: np.ndarray, y: np.ndarray, x_val: np.ndarray | None, y_val: np.n
     early = x_val is not None and len(x_val) > 0
     clf = HistGradientBoostingClassifier(
         max_iter=cfg.max_iter, learning_rate=cfg.learning_rate, max_leaf_nodes=cfg.max_leaf_nodes,
-        l2_regularization=cfg.l2, early_stopping=early, n_iter_no_change=25, random_state=cfg.seed,
+        l2_regularization=cfg.l2, early_stopping=early, n_iter_no_change=15, random_state=cfg.seed,
         scoring="loss")
     if early:
         clf.fit(x, y, X_val=x_val, y_val=y_val)
