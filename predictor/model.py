@@ -32,7 +32,7 @@ from predictor.text import TextModel
 
 FINE_GRANULARITY = 100
 FINE_CLASSES = CAP_TOKENS // FINE_GRANULARITY + 1
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def fine_labels(lengths: np.ndarray) -> np.ndarray:
@@ -46,7 +46,7 @@ class StackedModel:
                  info: dict[str, Any] | None = None) -> None:
         self.user_model = user_model
         self.prev_model = prev_model
-        self.heads = heads  # granularity -> fitted classifier
+        self.heads = heads  # granularity -> TreeHead
         self.info = info or {}
 
     @property
@@ -90,24 +90,24 @@ class LearnedPredictor:
         self.model = model
         self.granularity = int(granularity)
         self.num_buckets = default_num_buckets(granularity)
-        self._head = model.heads[granularity]
-        self._tree = _FastHead(self._head)
+        self._head: TreeHead = model.heads[granularity]
         self._count = count_tokens or _default_counter()
 
     def predict_bucket(self, prompt: str, prompt_tokens: int | None = None, meta: dict | None = None) -> int:
         x = self.model.features(parse_prompt(prompt, meta), self._count)
-        return int(self._tree.predict_one(x))
+        return self._head.predict_one(x)
 
     def predict_proba(self, prompt: str, meta: dict | None = None) -> np.ndarray:
         x = self.model.features(parse_prompt(prompt, meta), self._count)
-        return self._head.predict_proba(x[None, :])[0]
+        return self._head.proba_one(x)
 
 
-class _FastHead:
-    """Single-row prediction for a fitted HistGradientBoostingClassifier.
+class TreeHead:
+    """A fitted ``HistGradientBoostingClassifier`` frozen into plain numpy arrays.
 
-    sklearn's ``predict`` on one row pays input validation and an OpenMP start (~1-3 ms); here all
-    trees are padded into arrays and walked together, one numpy step per tree level.
+    sklearn's ``predict`` on one row pays input validation and an OpenMP start (1-100 ms on a busy
+    2-core machine); here all trees are padded into arrays and walked together, one numpy step per
+    tree level (~1 ms). The artifact then needs numpy only, not a matching scikit-learn version.
     """
 
     def __init__(self, clf: Any) -> None:
@@ -152,6 +152,17 @@ class _FastHead:
         if raw.shape[0] == 1:  # binary: one logit
             return int(self.classes[int(raw[0] > 0)])
         return int(self.classes[int(np.argmax(raw))])
+
+    def proba_one(self, x: np.ndarray) -> np.ndarray:
+        raw = self.raw(x)
+        if raw.shape[0] == 1:
+            p1 = 1.0 / (1.0 + np.exp(-raw[0]))
+            return np.array([1.0 - p1, p1])
+        e = np.exp(raw - raw.max())
+        return e / e.sum()
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.array([self.predict_one(row) for row in np.asarray(x)], dtype=int)
 
 
 _COUNTER_LOCK = threading.Lock()

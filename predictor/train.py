@@ -14,7 +14,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from predictor.buckets import bucket_of, default_num_buckets
 from predictor.data import Example, base_id
 from predictor.features import Parsed, TokenCounter, from_messages, numeric, prev_answer_text, user_text
-from predictor.model import FINE_CLASSES, StackedModel, fine_labels
+from predictor.model import FINE_CLASSES, StackedModel, TreeHead, fine_labels
 from predictor.text import TextModel
 
 GRANULARITIES = (100, 200, 400)
@@ -114,12 +114,15 @@ def train(train_ex: Sequence[Example], val_ex: Sequence[Example], count_tokens: 
         stack = StackedModel(user_m, prev_m, {})
         x_tr = np.hstack([tr.num, oof])
         x_va = stack.features_batch(va.parsed, va.num) if va.parsed else None
+        iters: dict[int, int] = {}
         for g in granularities:
             k = default_num_buckets(g)
             y_tr = np.array([bucket_of(n, g, k) for n in tr.lengths])
             y_va = np.array([bucket_of(n, g, k) for n in va.lengths]) if x_va is not None else None
-            stack.heads[g] = fit_head(x_tr, y_tr, x_va, y_va, cfg)
+            clf = fit_head(x_tr, y_tr, x_va, y_va, cfg)
+            stack.heads[g] = TreeHead(clf)
+            iters[g] = int(clf.n_iter_)
             advance(1)
     stack.info = {"n_train": len(train_ex), "n_val": len(val_ex), "train_s": round(time.time() - t0, 1),
-                  "config": cfg.__dict__.copy(), "feature_names": StackedModel.feature_names()}
+                  "config": cfg.__dict__.copy(), "boosting_iters": iters, "feature_names": StackedModel.feature_names()}
     return stack
