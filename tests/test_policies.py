@@ -415,13 +415,16 @@ def test_power_of_two_keeps_the_lowest_ratio_candidate(d, views, r, seed, thresh
     heavy = r.heavy_decode if threshold is None else r.predicted_output_lo > threshold
 
     def ratio(v: InstanceView) -> Fraction:
-        """ "after": the candidate's smoothed ratio once the request is added; "delta": how much
-        adding it raises that ratio (i.e. the cluster's average ratio)."""
+        """ "after": the candidate's smoothed ratio once the request is added; "balance": that ratio
+        for a heavy request and its negation for a light one (light goes where heavy dominates);
+        "delta": how much adding it raises that ratio (i.e. the cluster's average ratio)."""
         h = v.heavy_decodes + heavy
         light = v.light_decodes + (not heavy)
         after = Fraction(h + 1, light + 1)
         if objective == "after":
             return after
+        if objective == "balance":
+            return after if heavy else -after
         return after - Fraction(v.heavy_decodes + 1, v.light_decodes + 1)
 
     chosen = next(v for v in candidates if v.id == picked)
