@@ -194,11 +194,12 @@ def small_model():
     from predictor.model import _default_counter
     from predictor.train import TrainConfig, train
 
-    convs = load_conversations(progress=False, limit=1500)
+    convs = load_conversations(progress=False, limit=900)
     ex: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
     for c in convs:
         ex[split_of(c.id)].extend(examples_of(c))
-    cfg = TrainConfig(folds=3, text_epochs=8, max_iter=120, learning_rate=0.1, progress=False)
+    cfg = TrainConfig(folds=2, text_epochs=6, max_iter=60, learning_rate=0.15, progress=False,
+                      threads=1)
     model = train(ex["train"], ex["val"], _default_counter(), (200,), cfg)
     return model, ex
 
@@ -208,7 +209,7 @@ def test_small_training_beats_majority_on_its_validation_split(small_model) -> N
     from predictor.model import _default_counter
 
     model, ex = small_model
-    assert len(ex["train"]) > 2000 and len(ex["val"]) > 150
+    assert len(ex["train"]) > 1500 and len(ex["val"]) > 150
     pred = batch_predict(model, ex["val"], 200, _default_counter())
     lengths = np.array([e.answer_len for e in ex["val"]])
     maj = majority_bucket([e.answer_len for e in ex["train"]], 200)
@@ -251,3 +252,31 @@ def test_shipped_artifact_loads() -> None:
         b = p.predict_bucket("<|im_start|>user\nWrite a 2000-word essay on Rome.<|im_end|>\n"
                              "<|im_start|>assistant\n")
         assert 0 <= b < default_num_buckets(g)
+
+
+def test_cli_eval_json_on_labelled_file(small_model, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from predictor.cli import app
+
+    model, ex = small_model
+    path = tmp_path / "m.joblib"
+    model.save(path)
+    data = tmp_path / "labels.jsonl"
+    with open(data, "w") as fh:
+        for e in ex["train"][:300] + ex["val"] + ex["test"]:
+            fh.write(json.dumps({"id": e.id, "completion_tokens": e.answer_len,
+                                 "messages": [{"role": r, "content": c} for r, c in e.messages]}) + "\n")
+    png = tmp_path / "cm.png"
+    res = CliRunner().invoke(app, ["eval", "--json", "-g", "200", "--model", str(path), "--data", str(data),
+                                   "--png", str(png), "--latency-n", "10"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for key in ("granularity", "n", "accuracy", "majority_accuracy", "within_one_bucket",
+                "p50_latency_ms", "p99_latency_ms", "heavy_recall"):
+        assert key in out
+    assert out["granularity"] == 200 and out["n"] == len(ex["test"])
+    assert 0.0 <= out["accuracy"] <= 1.0 and out["p50_latency_ms"] > 0
+    assert png.exists() and png.stat().st_size > 1000
+    bad = CliRunner().invoke(app, ["eval", "-g", "100", "--model", str(path), "--data", str(data)])
+    assert bad.exit_code == 2 and "granularity 100" in bad.output
