@@ -49,12 +49,13 @@ def workload(
     from rich.table import Table
 
     t = Table(title=f"workload {name}")
-    for col in ("rate", "requests", "mean prompt", "mean output", "classes", "duration s", "file"):
+    for col in ("rate", "requests", "mean prompt", "mean output", "LPLD/LPHD/HPLD/HPHD", "duration s", "file"):
         t.add_column(col)
     for st in stats:
+        cls = "/".join(str(st["classes"].get(c, 0)) for c in ("LPLD", "LPHD", "HPLD", "HPHD"))
         t.add_row(
             str(st.get("rate")), str(st["requests"]), f"{st['mean_prompt_tokens']:.1f}",
-            f"{st['mean_output_tokens']:.1f}", str(st["classes"]), f"{st['duration_s']:.1f}", st.get("file", "-"),
+            f"{st['mean_output_tokens']:.1f}", cls, f"{st['duration_s']:.1f}", st.get("file", "-"),
         )  # fmt: skip
     Console().print(t)
 
