@@ -90,7 +90,7 @@ class SimEngine:
         batching: str = "sarathi",
         chunk_size: int | str = "auto",
         kv_tokens: int | None = None,
-        max_batch: int = 256,
+        max_batch: int | None = None,
         model_name: str | None = None,
         speed: float = 1.0,
         network: str = "inter",
@@ -114,9 +114,10 @@ class SimEngine:
         self.chunk_size = int(chunk_size)
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be a positive number of tokens")
-        self.max_batch = max_batch
+        # The built-in engine's default batch cap on the CPU profile, vLLM's (256) on GPU profiles.
+        self.max_batch = max_batch or (64 if profile.startswith("cpu") else 256)
         self.scheduler = Scheduler(
-            self.pool, self.chunk_size, max_batch, batching,  # type: ignore[arg-type]
+            self.pool, self.chunk_size, self.max_batch, batching,  # type: ignore[arg-type]
             max_batched_tokens=max_batched_tokens or max(self.chunk_size, self.max_context),
         )  # fmt: skip
         self._apply_style()
