@@ -223,3 +223,13 @@ def test_small_compare_writes_the_report_files(tmp_path, monkeypatch):
     raw = json.loads((tmp_path / "results.json").read_text())
     assert len(raw["workloads"]["Mixed"]["systems"]["tetri"]["requests"]) == 120
     assert "perf/$" in (tmp_path / "report.md").read_text()
+
+
+def test_idle_prefill_instance_flips_to_decode(h100):
+    # A burst of long decodes: the prefill pool goes idle while the decode pool fills its KV.
+    reqs = [BenchRequest(f"r{i}", i * 0.003, 50, 800) for i in range(400)]
+    res = simulate("tetri+pd_ratio=2:2,flip_idle_s=1,predictor=oracle", h100, 4, reqs)
+    assert res.flips >= 1
+    assert res.extra["flip_log"][0]["to"] == "decode"
+    assert res.extra["final_roles"].count("decode") == 3
+    assert all(r["error"] is None for r in res.requests)
