@@ -119,6 +119,9 @@ class AppState:
         inst.state = "flipping"
         try:
             self.placement.replace_queued(inst)
+            # Requests already released to it finish their part first: once flipped, a prefill
+            # sent to it would be refused.
+            await self._wait_released(inst)
             result = await inst.backend.set_role(role)
         except BackendError:
             inst.state = "healthy"
@@ -133,6 +136,12 @@ class AppState:
         self.event("flip", inst.id, detail, duration)
         self._save_instance(inst)
         return {"id": inst.id, "role": role, "changed": True, "duration_s": duration, **detail}
+
+    async def _wait_released(self, inst: Instance, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        # Prefills released to it, and decodes routed to it whose KV has not arrived yet.
+        while (inst.inflight_prefills > 0 or inst.reserved_kv_tokens > 0) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     async def _wait_idle(self, inst: Instance, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s
