@@ -206,8 +206,11 @@ class Server:
                             metrics.KV_BYTES.inc(stats.kv_bytes)
                     self._count(job, event)
                     yield event
-        except BackendError:
-            failed.add(decode.id if prefill_done else prefill.id)
+        except BackendError as exc:
+            # 507: the decode worker refused the pushed KV (its pool is full). The prefill call
+            # carries that error, but the prefill instance is not at fault: excluding it would leave
+            # a single-prefill cluster with nowhere to retry (503 to the client).
+            failed.add(decode.id if prefill_done or exc.status == 507 else prefill.id)
             raise
         finally:
             if not prefill_done:
