@@ -291,3 +291,48 @@ def test_unhealthy_prefill_is_skipped_and_its_queue_replaced(fleet3, orchestrato
     more = [completion(300 + i, 50, 8) for i in range(6)]
     more_ids = assert_all_complete(asyncio.run(post_all(url, more)), more)
     assert {r["prefill_instance"] for r in records(state, more_ids).values()} == {"prefill-0"}
+
+
+def test_decode_kv_refusal_does_not_exclude_the_only_prefill_instance():
+    """A decode worker that refuses the pushed KV (507, pool full) fails the prefill call; the retry
+    must not exclude the (blameless) prefill instance, or a one-prefill cluster answers 503."""
+    from backends.base import BackendError, LoadReport, PrefillResult, SamplingParams, TokenEvent
+    from orchestrator.cluster import Cluster
+    from orchestrator.config import Settings
+    from orchestrator.placement import Placement
+    from orchestrator.serving import Job, Server
+
+    settings = Settings(database_url="sqlite://", model=TINY, decode_admission="greedy")
+    cluster = Cluster()
+    calls: list[str] = []
+
+    class FlakyPrefill:
+        role = "prefill"
+        url = "http://prefill.invalid"
+        instance_id = "prefill-0"
+
+        async def prefill(self, request, handoff):
+            calls.append(handoff.decode_instance_id)
+            if len(calls) == 1:
+                raise BackendError("decode worker refused KV: KV pool full", status=507, retryable=True)
+            return PrefillResult(first=TokenEvent([7], "x", finish_reason="length"), kv=None)
+
+    class Decode:
+        role = "decode"
+        url = "http://decode.invalid"
+        instance_id = "decode-0"
+
+    for iid, role, backend in (("prefill-0", "prefill", FlakyPrefill()), ("decode-0", "decode", Decode())):
+        inst = cluster.add(InstanceSpec(url=backend.url, backend="native", role=role, model=TINY, id=iid))
+        inst.backend = backend  # type: ignore[assignment]
+        inst.state = "healthy"
+        inst.load = LoadReport(role=role, free_kv_tokens=4096, total_kv_tokens=4096)  # type: ignore[arg-type]
+    server = Server(settings, cluster, Placement(settings, cluster, seed=0), None, None)
+    job = Job(TINY, [5, 6, 7], SamplingParams(max_tokens=1, temperature=0))
+
+    async def run() -> list:
+        return [e async for e in server.run(job)]
+
+    events = asyncio.run(run())
+    assert calls == ["decode-0", "decode-0"] and job.finish_reason == "length"
+    assert [t for e in events for t in e.token_ids] == [7]
