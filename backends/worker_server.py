@@ -303,7 +303,8 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
         transfer_s = time.perf_counter() - started
         kv = {"request_id": rid, "num_tokens": payload.num_tokens, "first_token_id": event.token_ids[0],
               "lease_id": lease["lease_id"], "lease_deadline": lease["deadline"], "nbytes": nbytes,
-              "transfer_s": transfer_s, "extra": {}}
+              "transfer_s": transfer_s,
+              "extra": {k: lease[k] for k in ("wire_s", "import_s") if k in lease}}
         return {"first": asdict(event), "kv": kv}
 
     @app.put("/kv/{request_id}")

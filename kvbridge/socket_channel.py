@@ -14,6 +14,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +62,7 @@ def _handler_for(on_payload: OnPayload) -> type[socketserver.BaseRequestHandler]
             sock: socket.socket = self.request
             try:
                 (size,) = struct.unpack(">Q", _recv_exact(sock, 8))
+                started = time.perf_counter()
                 if size > _MAX_FRAME:
                     raise KVRefused(413, f"KV frame of {size} bytes is too large")
                 receiver = KVReceiver(size)
@@ -71,8 +73,12 @@ def _handler_for(on_payload: OnPayload) -> type[socketserver.BaseRequestHandler]
                         raise ConnectionError("sender closed mid-frame")
                     receiver.filled += n
                 payload = receiver.payload()
+                received = time.perf_counter()
                 lease_s = float(payload.extra.get("lease_s", 30.0))
-                reply: dict[str, Any] = {"status": 200, "lease": on_payload(payload, lease_s)}
+                lease = on_payload(payload, lease_s)
+                # Where the time went: on the wire, and copying into the decode side's KV pool.
+                lease.update(wire_s=received - started, import_s=time.perf_counter() - received)
+                reply: dict[str, Any] = {"status": 200, "lease": lease}
             except KVRefused as exc:
                 reply = {"status": exc.status, "error": str(exc)}
             except (ValueError, KeyError) as exc:
@@ -98,10 +104,11 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 def push_kv(host: str, port: int, payload: KVPayload, lease_s: float, timeout_s: float = 120.0) -> dict[str, Any]:
     """Blocking push; returns the receiver's lease. Raises KVRefused or OSError."""
     payload.extra = {**payload.extra, "lease_s": lease_s}
+    chunks = list(encode_kv_chunks(payload))  # any copy to contiguous memory happens here, not mid-send
     with socket.create_connection((host, port), timeout=timeout_s) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(struct.pack(">Q", encoded_size(payload)))
-        for chunk in encode_kv_chunks(payload):
+        for chunk in chunks:
             sock.sendall(chunk)
         line = sock.makefile("rb").readline()
     if not line:
