@@ -12,6 +12,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+from backends.base import LoadReport
 from backends.engine_api import EngineCore, EngineRequest, StepOutput
 
 T = TypeVar("T")
@@ -30,6 +31,8 @@ class EngineRunner:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+        # The load after the latest step or command, so /load never waits behind a long step.
+        self.snapshot: LoadReport | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -80,25 +83,29 @@ class EngineRunner:
     # ---- engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopping:
-            self._drain_commands()
+            if self._drain_commands():
+                self.snapshot = self.core.load()
             if self.core.has_work():
                 try:
                     outputs = self.core.step()
                 except Exception as exc:  # an engine bug must not hang every client
                     outputs = self._fail_all(exc)
                 self.steps += 1
+                self.snapshot = self.core.load()
                 if outputs:
                     self._loop.call_soon_threadsafe(self._dispatch, outputs)  # type: ignore[union-attr]
             else:
                 self._wake.wait(_IDLE_WAIT_S)
                 self._wake.clear()
 
-    def _drain_commands(self) -> None:
+    def _drain_commands(self) -> bool:
+        ran = False
         while True:
             try:
                 fn, future = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return ran
+            ran = True
             try:
                 result = fn(self.core)
             except BaseException as exc:  # noqa: BLE001 - handed back to the awaiting caller

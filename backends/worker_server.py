@@ -8,7 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import httpx
@@ -124,7 +124,8 @@ class WorkerState:
         self.kv_socket: KVSocketServer | None = None
 
     async def load(self) -> LoadReport:
-        report: LoadReport = await self.runner.call(lambda core: core.load())
+        snapshot = self.runner.snapshot
+        report = replace(snapshot) if snapshot is not None else await self.runner.call(lambda core: core.load())
         report.leased_kv_tokens = sum(lease.num_tokens for lease in self.leases.values())
         report.active_leases = len(self.leases)
         report.accepting = self.accepting

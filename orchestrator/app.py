@@ -43,7 +43,7 @@ class AppState:
         self.monitor = ClusterMonitor(self.cluster, settings.monitor_interval_ms, settings.monitor_failures_unhealthy)
         self.placement = Placement(settings, self.cluster)
         self.predictor = make_predictor(settings.predictor, settings.predictor_granularity)
-        self.live_accuracy = _live_accuracy()
+        self.live_accuracy = _live_accuracy(self.predictor, settings.predictor_granularity)
         self.flip_policy = make_flip_policy(
             settings.flip_policy, idle_s=settings.flip_idle_s, min_per_role=settings.flip_min_per_role,
             cooldown_s=settings.flip_cooldown_s, load_kv_threshold=settings.flip_load_kv_threshold,
@@ -214,10 +214,11 @@ class AppState:
         }
 
 
-def _live_accuracy() -> Any:
+def _live_accuracy(predictor: Any, granularity: int) -> Any:
     from predictor.live import LiveAccuracy
 
-    return LiveAccuracy()
+    # The learned predictor's last bucket is open-ended: cap true lengths the same way.
+    return LiveAccuracy(granularity, getattr(predictor, "num_buckets", None))
 
 
 def create_app(

@@ -19,6 +19,9 @@ import torch.nn.functional as F
 
 from backends.native.kv_cache import KVPool
 
+# Llama-family decoders this forward pass reproduces exactly (Qwen2 adds QKV biases).
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
+
 
 @dataclass
 class PrefillSeq:
@@ -52,6 +55,13 @@ class NativeLlama:
 
     def __init__(self, hf_model, dtype: torch.dtype, device: torch.device | str) -> None:
         cfg = hf_model.config
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model type {cfg.model_type!r} is not supported by the native engine "
+                f"(supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})"
+            )
+        if getattr(cfg, "sliding_window", None) and cfg.sliding_window < cfg.max_position_embeddings:
+            raise ValueError("sliding-window attention is not supported by the native engine")
         self.config = cfg
         self.device = torch.device(device)
         self.dtype = dtype
