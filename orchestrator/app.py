@@ -42,8 +42,9 @@ class AppState:
         self.store = store or Store(settings.database_url)
         self.monitor = ClusterMonitor(self.cluster, settings.monitor_interval_ms, settings.monitor_failures_unhealthy)
         self.placement = Placement(settings, self.cluster)
-        self.predictor = make_predictor(settings.predictor, settings.predictor_granularity)
-        self.live_accuracy = _live_accuracy(self.predictor, settings.predictor_granularity)
+        # Loaded in the lifespan, off the event loop (the learned model takes seconds).
+        self.predictor: Any = None
+        self.live_accuracy = _live_accuracy(None, settings.predictor_granularity)
         self.flip_policy = make_flip_policy(
             settings.flip_policy, idle_s=settings.flip_idle_s, min_per_role=settings.flip_min_per_role,
             cooldown_s=settings.flip_cooldown_s, load_kv_threshold=settings.flip_load_kv_threshold,
@@ -231,8 +232,13 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(state.store.upgrade)
         state.store.start()
-        # Load the tokenizer now, off the event loop, not inside the first request.
-        await asyncio.to_thread(state.prompt_builder, settings.public_model_name)
+        # Load the tokenizer and the predictor now, off the event loop, not in the first request.
+        _, state.predictor = await asyncio.gather(
+            asyncio.to_thread(state.prompt_builder, settings.public_model_name),
+            asyncio.to_thread(make_predictor, settings.predictor, settings.predictor_granularity),
+        )
+        state.server.predictor = state.predictor
+        state.live_accuracy = _live_accuracy(state.predictor, settings.predictor_granularity)
         state.monitor.on_state_change.append(state._on_state_change)
         state.monitor.listeners.append(state.on_monitor_tick)
         for spec in settings.instances:

@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     decode_admission: Literal["greedy", "reserve_static", "reserve_dynamic"] = "reserve_dynamic"
     heavy_decode_threshold: int = 128
     heavy_prefill_threshold: int = 512
-    predictor: Literal["learned", "oracle", "constant"] = "constant"
+    predictor: Literal["learned", "oracle", "constant"] = "learned"
     predictor_granularity: int = 200
     monitor_interval_ms: int = 100
     monitor_failures_unhealthy: int = 3

@@ -233,3 +233,18 @@ def test_kv_push_over_http_when_the_decode_worker_has_no_socket_channel(tiny_pd_
         wait_pools_empty([decode.url])
     finally:
         fleet.stop()
+
+
+def test_learned_prediction_is_recorded_next_to_the_true_length(tiny_pd_fleet, orchestrator_for):
+    url, state = orchestrator_for(pd_specs(tiny_pd_fleet), predictor="learned")
+    body = {"model": TINY, "messages": [{"role": "user", "content": "Write a very long story about dragons."}],
+            "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    data = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+    record = httpx.get(f"{url}/admin/requests/{data['id']}", headers=AUTH, timeout=10).json()
+    assert record["predicted_bucket"] is not None and record["predictor_granularity"] == 200
+    assert record["completion_tokens"] == 20
+    stats = httpx.get(f"{url}/admin/stats", headers=AUTH, timeout=10).json()["predictor"]
+    assert stats["name"] == "learned" and stats["live"]["n"] == 1 and stats["stored"]["n"] == 1
+    # 20 tokens is bucket 0 at g=200: the live accuracy agrees with the stored rows.
+    assert stats["live"]["accuracy"] == stats["stored"]["accuracy"] == float(record["predicted_bucket"] == 0)
+    assert "tetri_predictor_accuracy" in httpx.get(f"{url}/metrics", timeout=10).text
