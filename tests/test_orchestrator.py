@@ -248,3 +248,28 @@ def test_learned_prediction_is_recorded_next_to_the_true_length(tiny_pd_fleet, o
     # 20 tokens is bucket 0 at g=200: the live accuracy agrees with the stored rows.
     assert stats["live"]["accuracy"] == stats["stored"]["accuracy"] == float(record["predicted_bucket"] == 0)
     assert "tetri_predictor_accuracy" in httpx.get(f"{url}/metrics", timeout=10).text
+
+
+def test_overload_gets_503_with_retry_after_and_accepted_requests_finish(tiny_pd_fleet, orchestrator_for):
+    url, state = orchestrator_for(pd_specs(tiny_pd_fleet), max_queued_requests=3)
+
+    async def one(client: httpx.AsyncClient, i: int) -> httpx.Response:
+        body = {"model": TINY, "messages": [{"role": "user", "content": f"load {i}"}], "max_tokens": 60,
+                "temperature": 0, "ignore_eos": True}
+        return await client.post(f"{url}/v1/chat/completions", json=body)
+
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(10)))
+
+    responses = asyncio.run(main())
+    ok = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 503]
+    assert len(ok) + len(refused) == 10 and ok and refused
+    for r in refused:
+        assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "overloaded"
+    for r in ok:
+        assert r.json()["usage"]["completion_tokens"] == 60
+    state.store.flush()
+    finished = [row for row in state.store.list_requests(limit=100) if row["state"] == "finished"]
+    assert len(finished) == len(ok)
