@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     heavy_prefill_threshold: int = 512
     predictor: Literal["learned", "oracle", "constant"] = "learned"
     predictor_granularity: int = 200
+    # In a mixed deployment (co-located and P/D pools), heavy-prefill requests predicted to be
+    # heavy-decode run co-located: the paper's weak spot, where disaggregation does not pay.
+    colocate_heavy_heavy: bool = True
     monitor_interval_ms: int = 100
     monitor_failures_unhealthy: int = 3
     flip_policy: Literal["none", "idle"] = "none"

@@ -121,20 +121,30 @@ class Server:
             return None
         return self.placement.rng.choices(list(weights), weights=list(weights.values()))[0]
 
-    def _mode(self, model: str, backend: str | None) -> str:
+    async def _mode(self, job: Job, backend: str | None, prediction: asyncio.Task[int | None]) -> str:
         mode = self.settings.mode
         if mode != "auto":
             return mode
-        if self.cluster.usable("prefill", model, backend) and self.cluster.usable("decode", model, backend):
-            return "disaggregated"
-        return "colocated"
+        model = job.model
+        if not (self.cluster.usable("prefill", model, backend) and self.cluster.usable("decode", model, backend)):
+            return "colocated"
+        if (
+            self.settings.colocate_heavy_heavy
+            and len(job.prompt_ids) > self.settings.heavy_prefill_threshold
+            and self.cluster.usable("colocated", model, backend)
+        ):
+            bucket = await _result_or_none(prediction, timeout_s=0.01)
+            if bucket is not None and self._view(job, bucket).heavy_decode:
+                job.predicted_bucket = bucket
+                return "colocated"
+        return "disaggregated"
 
     async def _one_attempt(
         self, job: Job, prediction: asyncio.Task[int | None], failed: set[str]
     ) -> AsyncIterator[TokenEvent]:
         view = self._view(job, None)
         backend = self._pick_backend(job.model)
-        if self._mode(job.model, backend) == "colocated":
+        if await self._mode(job, backend, prediction) == "colocated":
             inst = await self.placement.acquire_prefill(view, "colocated", job.model, failed, backend)
             async for event in self._colocated(job, inst, failed):
                 yield event

@@ -273,3 +273,28 @@ def test_overload_gets_503_with_retry_after_and_accepted_requests_finish(tiny_pd
     state.store.flush()
     finished = [row for row in state.store.list_requests(limit=100) if row["state"] == "finished"]
     assert len(finished) == len(ok)
+
+
+def test_mixed_deployment_runs_heavy_prefill_heavy_decode_colocated(tiny_pd_fleet, orchestrator_for, tmp_path):
+    """HPHD (the paper's weak spot) goes to the co-located pool; the other shapes disaggregate."""
+    from orchestrator.config import InstanceSpec
+    from orchestrator.launcher import Fleet
+
+    extra = Fleet()
+    try:
+        colo = extra.start_worker("colocated", TINY, chunk_size="64", kv_tokens=4096, log_dir=tmp_path)
+        extra.wait_healthy()
+        specs = [*pd_specs(tiny_pd_fleet), InstanceSpec(url=colo.url, role="colocated", model=TINY, id="colo")]
+        url, _ = orchestrator_for(specs, predictor="oracle")
+        long_prompt = "tell me everything about the sea " * 100  # > 512 tokens
+        cases = {("heavy", 240): "colo", ("heavy", 20): "prefill-0", ("light", 240): "prefill-0"}
+        for (prompt_kind, max_tokens), expected in cases.items():
+            content = long_prompt if prompt_kind == "heavy" else "hi"
+            body = {"model": TINY, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+                    "temperature": 0, "ignore_eos": True}
+            data = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+            assert data["usage"]["completion_tokens"] == max_tokens
+            record = httpx.get(f"{url}/admin/requests/{data['id']}", headers=AUTH, timeout=10).json()
+            assert record["prefill_instance"] == expected, (prompt_kind, max_tokens, record)
+    finally:
+        extra.stop()
