@@ -172,3 +172,28 @@ def test_mixed_sglang_and_tensorrt_llm_pools(orchestrator_for):
             assert record["backend"] == backend
             prompt = fake_p.fake.bodies[-1].get("input_ids") or fake_p.fake.bodies[-1].get("prompt")
             assert resp.json()["choices"][0]["message"]["content"] == toy_model.expected(prompt, 5).text
+
+
+def test_ab_split_same_model_across_sglang_and_tensorrt_llm(orchestrator_for):
+    """The same model on an SGLang pool and a TensorRT-LLM pool, split 50/50: every request is
+    served by one backend end to end (KV never crosses engines) and its record says which."""
+    with fakes() as group:
+        sp, sd = group.sglang("prefill"), group.sglang("decode")
+        tc, tg = group.trtllm(model="toy-ab"), group.trtllm(model="toy-ab")
+        url, _ = orchestrator_for([
+            InstanceSpec(url=sp.url, backend="sglang", role="prefill", model="toy-ab", id="s-p"),
+            InstanceSpec(url=sd.url, backend="sglang", role="decode", model="toy-ab", id="s-d"),
+            InstanceSpec(url=tc.url, backend="tensorrt-llm", role="prefill", model="toy-ab", id="t-p"),
+            InstanceSpec(url=tg.url, backend="tensorrt-llm", role="decode", model="toy-ab", id="t-d"),
+        ], ab_split={"sglang": 50, "tensorrt-llm": 50})
+        seen = {}
+        for _ in range(16):
+            resp = httpx.post(f"{url}/v1/chat/completions", json=chat_body("toy-ab", max_tokens=3), timeout=30)
+            assert resp.status_code == 200, resp.text
+            record = httpx.get(f"{url}/admin/requests/{resp.json()['id']}", headers=AUTH, timeout=10).json()
+            pair = (record["prefill_instance"], record["decode_instance"])
+            assert pair in {("s-p", "s-d"), ("t-p", "t-d")}
+            seen[record["backend"]] = seen.get(record["backend"], 0) + 1
+        assert set(seen) == {"sglang", "tensorrt-llm"}  # P(one backend only in 16 draws) = 2^-15
+        assert len(sp.fake.bodies) == len(sd.fake.bodies) == seen["sglang"]
+        assert len(tg.fake.bodies) == seen["tensorrt-llm"]
