@@ -258,16 +258,20 @@ def decode_throughput(
     for b in batch_sizes:
         if b > engine.max_batch:
             break
-        params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
-        for i in range(b):
-            ids = torch.randint(3, engine.model.vocab_size, (context,), generator=gen).tolist()
-            engine.add_request(EngineRequest(f"bench-{b}-{i}", ids, params))
+        # Enough tokens that nobody finishes while we time (prompts may prefill over several
+        # steps, so requests start decoding at different steps); the rest is aborted after.
+        params = SamplingParams(temperature=0.0, max_tokens=2 * steps + 16, ignore_eos=True)
+        ids = [f"bench-{b}-{i}" for i in range(b)]
+        for rid in ids:
+            prompt = torch.randint(3, engine.model.vocab_size, (context,), generator=gen).tolist()
+            engine.add_request(EngineRequest(rid, prompt, params))
         # Prefill everything (and take one decode step), then time pure decode steps.
         while any(not s.in_decode for s in engine.scheduler.running) or engine.scheduler.waiting:
             engine.step()
         engine.step()
         times = []
         for _ in range(steps):
+            assert len(engine.scheduler.running) == b
             _sync(engine.device)
             t0 = time.perf_counter()
             engine.step()
@@ -275,8 +279,8 @@ def decode_throughput(
             times.append(time.perf_counter() - t0)
         dt = min(times)
         rows.append((b, b / dt, dt * 1000.0, statistics.median(times) * 1000.0))
-        while engine.has_work():
-            engine.step()
+        for rid in ids:
+            engine.abort(rid)
     return rows
 
 
