@@ -44,7 +44,7 @@ def _logging(level: str = "WARNING") -> None:
 
 @app.command()
 def up(
-    port: Annotated[int, typer.Option(help="Orchestrator port.")] = 8000,
+    port: Annotated[int | None, typer.Option(help="Orchestrator port [default: 8000].")] = None,
     prefill: Annotated[int, typer.Option(help="Prefill workers.")] = 1,
     decode: Annotated[int, typer.Option(help="Decode workers.")] = 1,
     colocated: Annotated[int, typer.Option(help="Co-located workers.")] = 0,
@@ -94,8 +94,8 @@ def up(
 
 @app.command()
 def serve(
-    port: Annotated[int, typer.Option(help="Orchestrator port.")] = 8000,
-    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Orchestrator port [default: 8000].")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address [default: 127.0.0.1].")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with instances and knobs.")] = None,
 ) -> None:
     """Run the orchestrator alone; instances come from the config or POST /admin/instances."""

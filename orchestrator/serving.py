@@ -220,7 +220,12 @@ class Server:
             # 507: the decode worker refused the pushed KV (its pool is full). The prefill call
             # carries that error, but the prefill instance is not at fault: excluding it would leave
             # a single-prefill cluster with nowhere to retry (503 to the client).
-            failed.add(decode.id if prefill_done or exc.status == 507 else prefill.id)
+            # Adapters that know which side failed say so (exc.instance_id).
+            named = getattr(exc, "instance_id", None)
+            if named in (prefill.id, decode.id):
+                failed.add(named)
+            else:
+                failed.add(decode.id if prefill_done or exc.status == 507 else prefill.id)
             raise
         finally:
             if not prefill_done:
