@@ -342,40 +342,15 @@ class NativeEngine:
 
     def load(self) -> LoadReport:
         sched = self.scheduler
-        heavy = light = 0
-        remaining: list[int] = []
-        running_prompt = 0
-        for seq in sched.running:
-            if seq.in_decode:
-                if seq.req.heavy_decode:
-                    heavy += 1
-                else:
-                    light += 1
-                lo = seq.req.predicted_output_lo or 0
-                remaining.append(max(0, lo - len(seq.outputs)))
-            else:
-                running_prompt += seq.prefill_left
-        for seq in sched.ready:  # imported decodes about to join the batch count as decodes
-            if seq.req.heavy_decode:
-                heavy += 1
-            else:
-                light += 1
-            remaining.append(max(0, (seq.req.predicted_output_lo or 0) - len(seq.outputs)))
         held = [s for s in self._seqs.values() if s.status is Status.HELD]
         return LoadReport(
             role=self.role,
-            running=len(sched.running),
-            queued=len(sched.waiting) + len(sched.ready),
             free_kv_tokens=self.pool.free_tokens,
             total_kv_tokens=self.pool.total_tokens,
-            queued_prompt_tokens=sum(s.prefill_left for s in sched.waiting),
-            running_prompt_tokens=running_prompt,
-            heavy_decodes=heavy,
-            light_decodes=light,
-            decode_remaining=remaining,
             chunk_size=self.chunk_size,
             backend="native",
             model=self.model_name,
+            **sched.load_fields(),  # type: ignore[arg-type]
             extra={
                 "batching": self.batching,
                 "held_kv_requests": len(held),

@@ -168,3 +168,28 @@ class Scheduler:
             budget -= seq.remaining
         plan.sort(key=lambda e: e[1] != 1)
         return plan
+
+    def load_fields(self) -> dict[str, object]:
+        """The scheduler's part of a LoadReport (shared by the native and sim engines)."""
+        heavy = light = running_prompt = 0
+        remaining: list[int] = []
+        # Running decodes, plus imported decodes about to join the batch.
+        decodes = [s for s in self.running if s.in_decode] + list(self.ready)
+        for seq in self.running:
+            if not seq.in_decode:
+                running_prompt += seq.prefill_left
+        for seq in decodes:
+            if seq.req.heavy_decode:
+                heavy += 1
+            else:
+                light += 1
+            remaining.append(max(0, (seq.req.predicted_output_lo or 0) - len(seq.outputs)))
+        return {
+            "running": len(self.running),
+            "queued": len(self.waiting) + len(self.ready),
+            "queued_prompt_tokens": sum(s.prefill_left for s in self.waiting),
+            "running_prompt_tokens": running_prompt,
+            "heavy_decodes": heavy,
+            "light_decodes": light,
+            "decode_remaining": remaining,
+        }
