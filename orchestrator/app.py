@@ -51,7 +51,6 @@ class AppState:
         )
         self.server = Server(settings, self.cluster, self.placement, self.store, self.predictor, self._finished)
         self.max_context = _DEFAULT_CONTEXT
-        self.settings_default_max_tokens = 256
         self._builders: dict[str, PromptBuilder] = {}
         self._flipping: set[str] = set()
 

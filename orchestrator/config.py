@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     database_url: str = f"sqlite:///{cache_dir() / 'tetri.db'}"
     admin_token: str | None = None
     max_queued_requests: int = 1024
+    # max_tokens when a request gives none (capped by the context left after the prompt).
+    default_max_tokens: int = 256
     request_timeout_s: float = 600.0
     instances: list[InstanceSpec] = Field(default_factory=list)
     ab_split: dict[str, float] = Field(default_factory=dict)

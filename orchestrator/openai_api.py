@@ -85,7 +85,7 @@ def build_router(app_state: Any) -> APIRouter:
         if requested is not None and prompt_len + requested > context:
             raise APIError(400, f"prompt ({prompt_len}) + max_tokens ({requested}) exceeds the context "
                            f"length {context}", param="max_tokens", code="context_length_exceeded")
-        max_tokens = requested or min(app_state.settings_default_max_tokens, context - prompt_len)
+        max_tokens = requested or min(app_state.settings.default_max_tokens, context - prompt_len)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return SamplingParams(temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens,
                               stop=stop, seed=body.seed, ignore_eos=body.ignore_eos)
@@ -103,8 +103,7 @@ def build_router(app_state: Any) -> APIRouter:
         messages = [{"role": m.role, "content": _text_content(m)} for m in body.messages]
         builder = app_state.prompt_builder(body.model)
         try:
-            prompt_ids = builder.chat_ids(messages)
-            prompt_text = builder.chat_text(messages)
+            prompt_text, prompt_ids = builder.chat(messages)
         except Exception as exc:  # noqa: BLE001 - template errors are the caller's input
             raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
         job = Job(body.model, prompt_ids, sampling_of(body, len(prompt_ids)), prompt_text)

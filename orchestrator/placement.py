@@ -59,12 +59,9 @@ class Placement:
 
     def _prefill_view(self, inst: Instance) -> InstanceView:
         view = inst.view()
-        queued = sum(r.prompt_tokens for r in self._queued_requests(inst.id))
+        queue = self.queues.get(inst.id)
+        queued = queue.queued_prompt_tokens if queue is not None else 0
         return replace(view, queued_prompt_tokens=view.queued_prompt_tokens + queued)
-
-    def _queued_requests(self, instance_id: str) -> list[RequestView]:
-        queue = self.queues.get(instance_id)
-        return list(getattr(queue, "items", lambda: [])()) if queue is not None else []
 
     def pick_prefill(
         self, req: RequestView, role: Role, model: str | None, exclude: set[str], backend: str | None = None
@@ -132,7 +129,7 @@ class Placement:
         queue = self.queues.pop(inst.id, None)
         if queue is None:
             return
-        for req in list(getattr(queue, "items", lambda: [])()):
+        for req in queue.items():
             self.queued_at.pop(req.id, None)
             future = self.waiters.get(req.id)
             if future is None or future.done():
