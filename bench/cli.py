@@ -17,6 +17,18 @@ def _split_list(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def _split_systems(s: str) -> list[str]:
+    """Comma-separated systems, where ``tetri+a=1,b=2`` is one system: an item with ``=`` but no ``+``
+    continues the previous system's overrides."""
+    out: list[str] = []
+    for item in _split_list(s):
+        if out and "=" in item and "+" not in item and "+" in out[-1]:
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return out
+
+
 @app.command()
 def workload(
     name: Annotated[str, typer.Argument(help="LPLD|LPHD|HPLD|HPHD|Mixed|Mixed-natural|synthetic:P:O|trace:PATH")],
@@ -158,7 +170,7 @@ def compare(
 
     spec = CompareSpec(
         workloads=_split_list(workload_name), backend=backend, profile=profile, instances=instances,
-        requests=requests, rate=rate, load=load, systems=_split_list(systems), seed=seed, network=network,
+        requests=requests, rate=rate, load=load, systems=_split_systems(systems), seed=seed, network=network,
         kv_tokens=kv_tokens, length_scale=length_scale, max_prompt=max_prompt, max_output=max_output, model=model,
         live_backend=live_backend,
     )  # fmt: skip

@@ -34,6 +34,35 @@ def _requests(n: int = 300, rate: float = 30.0, seed: int = 0) -> list[BenchRequ
     return out
 
 
+def test_gpu_profiles_run_from_the_shipped_tables_without_the_csvs(monkeypatch, tmp_path):
+    # An installed package has no shared/data checkout: every GPU profile must load from gpu_tables.json.
+    from backends.sim import timing
+
+    monkeypatch.delenv("TETRI_VIDUR_DIR", raising=False)
+    monkeypatch.setattr(timing, "data_root", lambda: tmp_path / "absent")
+    for name in profile_names():
+        if name.startswith("cpu-"):
+            continue
+        tm = get_timing(name)
+        assert tm.iter_s(prefill_tokens=512, prefill_units=512.0**2, prefill_seqs=1) > 0
+        assert tm.transfer_s(1000) > 0
+    with pytest.raises(ValueError, match="not shipped"):
+        timing.gpu_model("h100", "llama-2-7b", tp=3)
+
+
+def test_shipped_tables_match_the_vidur_csvs():
+    from backends.sim.shipped import build_tables, shipped_tables
+    from backends.sim.timing import data_root
+
+    root = data_root()
+    if not (root / "compute").is_dir():
+        pytest.skip("raw vidur-profiling CSVs not present")
+    fresh, shipped = build_tables(root), shipped_tables()
+    assert fresh["lin"].keys() == shipped["lin"].keys() and fresh["net"] == shipped["net"]
+    for key, table in fresh["lin"].items():
+        assert table == shipped["lin"][key], f"{key} is stale: run python -m backends.sim.shipped"
+
+
 def test_timing_matches_the_measured_h100_rows(h100):
     # Data README §5: lin(512)·32 = 11.98 ms, lin(2048)·32 = 40.42 ms; decode batch 1 ≈ 5.9 ms
     assert h100.lin(512) * 32 == pytest.approx(11.98, abs=0.05)
@@ -233,3 +262,12 @@ def test_idle_prefill_instance_flips_to_decode(h100):
     assert res.extra["flip_log"][0]["to"] == "decode"
     assert res.extra["final_roles"].count("decode") == 3
     assert all(r["error"] is None for r in res.requests)
+
+
+def test_compare_reads_systems_with_several_overrides():
+    from bench.cli import _split_systems
+
+    got = _split_systems("colocated-vllm, tetri+predictor=oracle,dispatch_policy=random ,tetri+pd_ratio=2:2,tetri")
+    assert got == ["colocated-vllm", "tetri+predictor=oracle,dispatch_policy=random", "tetri+pd_ratio=2:2", "tetri"]
+    cfg = system_config(got[1])
+    assert (cfg.predictor, cfg.dispatch_policy, cfg.admission) == ("oracle", "random", "reserve_dynamic")

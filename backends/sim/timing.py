@@ -65,7 +65,8 @@ H100_DEC_RATIO = 0.62
 
 
 def data_root() -> Path:
-    """Where the vidur-profiling CSVs live (TETRI_VIDUR_DIR, else the shared checkout)."""
+    """Where the raw vidur-profiling CSVs live (TETRI_VIDUR_DIR, else the shared checkout). The simulator
+    normally reads the reduced tables shipped in ``gpu_tables.json`` instead (``backends/sim/shipped.py``)."""
     env = os.environ.get("TETRI_VIDUR_DIR")
     if env:
         return Path(env)
@@ -414,13 +415,41 @@ def gpu_model(gpu: str, model: str, tp: int | None = None, network: str = "inter
         raise ValueError(f"unknown model {model!r}; known: {sorted(MODELS)}")
     shape = MODELS[model]
     tp = tp or shape.default_tp
+    dpn = 1 if network == "inter" else 2
+    tables = None if os.environ.get("TETRI_VIDUR_DIR") else _shipped(gpu, shape, tp, dpn)
+    lin, ar, link = tables or _from_csv(gpu, shape, tp, dpn)
+    return GpuTimingModel(gpu=gpu, shape=shape, tp=tp, lin=lin, allreduce=ar, kv_link=link, network=network, **kw)
+
+
+Tables = tuple[LinTable, NetCurve | None, NetCurve]
+
+
+def _shipped(gpu: str, shape: ModelShape, tp: int, dpn: int) -> Tables | None:
+    """The reduced tables shipped in gpu_tables.json, or None for a (GPU, model, TP) they lack."""
+    from backends.sim.shipped import lin_key, net_key, shipped_tables
+
+    t = shipped_tables()
+    node = GPUS[gpu]["node"]
+    lin = t["lin"].get(lin_key(gpu, shape.key, tp))
+    ar = t["net"].get(net_key(node, "all_reduce", tp, tp)) if tp > 1 else None
+    link = t["net"].get(net_key(node, "send_recv", 2, dpn))
+    if lin is None or link is None or (tp > 1 and ar is None):
+        return None
+
+    def curve(c: dict) -> NetCurve:
+        return NetCurve(sizes=np.array(c["sizes"]), ms=np.array(c["ms"]), bw=float(c["bw"]))
+
+    table = LinTable(tokens=np.array(lin["tokens"]), ms=np.array(lin["ms"]), tail=(lin["tail"][0], lin["tail"][1]))
+    return table, curve(ar) if ar else None, curve(link)
+
+
+def _from_csv(gpu: str, shape: ModelShape, tp: int, dpn: int) -> Tables:
     root = data_root()
     mlp = root / "compute" / gpu / shape.hf_path / "mlp.csv"
     if not mlp.exists():
-        raise ValueError(f"no profile for {gpu}/{shape.hf_path} ({mlp} missing)")
+        raise ValueError(f"no profile for {gpu}/{shape.hf_path} at TP={tp} (not shipped; {mlp} missing)")
     lin = LinTable.from_mlp_csv(mlp, tp)
     node = GPUS[gpu]["node"]
     ar = NetCurve.from_csv(root / "network" / node / "all_reduce.csv", "all_reduce", tp, tp) if tp > 1 else None
-    dpn = 1 if network == "inter" else 2
     link = NetCurve.from_csv(root / "network" / node / "send_recv.csv", "send_recv", 2, dpn)
-    return GpuTimingModel(gpu=gpu, shape=shape, tp=tp, lin=lin, allreduce=ar, kv_link=link, network=network, **kw)
+    return lin, ar, link
