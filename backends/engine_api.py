@@ -37,6 +37,9 @@ class StepOutput:
     # "stop" | "length" | "abort" | "error" | "prefilled" (prefill_only: KV ready to export)
     finish_reason: str | None = None
     error: str | None = None
+    # "prefilled" outputs from an EngineRunner carry the KV, exported on the engine thread right after
+    # the step (the blocks are released then), so a hand-off never waits behind the next forward pass.
+    kv: KVPayload | None = None
 
 
 @dataclass

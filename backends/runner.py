@@ -91,6 +91,7 @@ class EngineRunner:
                 except Exception as exc:  # an engine bug must not hang every client
                     outputs = self._fail_all(exc)
                 self.steps += 1
+                self._export_prefilled(outputs)
                 self.snapshot = self.core.load()
                 if outputs:
                     self._loop.call_soon_threadsafe(self._dispatch, outputs)  # type: ignore[union-attr]
@@ -112,6 +113,20 @@ class EngineRunner:
                 self._loop.call_soon_threadsafe(_set_exception, future, exc)  # type: ignore[union-attr]
             else:
                 self._loop.call_soon_threadsafe(_set_result, future, result)  # type: ignore[union-attr]
+
+    def _export_prefilled(self, outputs: list[StepOutput]) -> None:
+        """Copy out and free the KV of every request that just finished its prefill, before the next
+        step: a `call(export_kv)` from the event loop would wait for that whole step (a long prefill
+        chunk), delaying the hand-off and holding the blocks meanwhile."""
+        for out in outputs:
+            if out.finish_reason != "prefilled" or out.request_id not in self._streams:
+                continue
+            try:
+                out.kv = self.core.export_kv(out.request_id)
+            except Exception as exc:  # noqa: BLE001 - reported to the request, not the engine
+                out.finish_reason, out.error = "error", f"KV export failed: {exc!r}"
+            finally:
+                self.core.release_kv(out.request_id)
 
     def _fail_all(self, exc: Exception) -> list[StepOutput]:
         outputs = []

@@ -271,15 +271,12 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
             if event.finish_reason is None:
                 event.finish_reason = "stop"
             return {"first": asdict(event), "kv": None}
-        return await push_kv(body, event)
+        assert first.kv is not None, "the runner exports a prefilled request's KV"
+        return await push_kv(body, event, first.kv)
 
-    async def push_kv(body: WorkBody, event: TokenEvent) -> Any:
+    async def push_kv(body: WorkBody, event: TokenEvent, payload: KVPayload) -> Any:
         rid = body.request_id
         assert body.handoff is not None
-        try:
-            payload = await state.runner.call(lambda core: core.export_kv(rid))
-        finally:
-            await state.runner.call(lambda core: core.release_kv(rid))
         nbytes = encoded_size(payload)
         decode_url = body.handoff.decode_url.rstrip("/")
         lease_s = body.handoff.lease_s

@@ -141,7 +141,7 @@ def compare_live(spec: Any, progress: Any = None) -> dict[str, Any]:
         wl = base.with_arrivals(rate, spec.seed + 1)
         prompts = [r.prompt_tokens for r in wl.requests]
         outputs = [r.output_tokens for r in wl.requests]
-        split = plan_split(n, prompts, outputs, tm, tm.knee(step=32, limit=1024), SYSTEMS["tetri"],
+        split = plan_split(n, prompts, outputs, tm, tm.knee(), SYSTEMS["tetri"],
                            rate=rate if math.isfinite(rate) else None)  # fmt: skip
         wres: dict[str, Any] = {"workload": wl.stats(), "rate": rate if math.isfinite(rate) else "inf",
                                 "rate_source": "given" if spec.rate != "auto" else "live default 1 req/s",

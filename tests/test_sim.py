@@ -271,3 +271,11 @@ def test_compare_reads_systems_with_several_overrides():
     assert got == ["colocated-vllm", "tetri+predictor=oracle,dispatch_policy=random", "tetri+pd_ratio=2:2", "tetri"]
     cfg = system_config(got[1])
     assert (cfg.predictor, cfg.dispatch_policy, cfg.admission) == ("oracle", "random", "reserve_dynamic")
+
+
+def test_cluster_sim_and_sim_worker_agree_on_chunk_size():
+    # The fidelity check compares live SimEngine workers with the cluster simulator: one ChunkSize.
+    for name in ("cpu-smollm2", "h100-llama-2-7b"):
+        tm = get_timing(name)
+        cluster = ClusterSim(system_config("disagg-simple"), tm, 2, _requests(4), seed=0)
+        assert SimEngine(profile=name).chunk_size == cluster.chunk == tm.knee()

@@ -110,7 +110,7 @@ class SimEngine:
         self.role: Role = role
         self.batching = batching
         if chunk_size in ("auto", None):
-            chunk_size = self.timing.knee() if not profile.startswith("cpu") else self.timing.knee(step=32, limit=1024)
+            chunk_size = self.timing.knee()
         self.chunk_size = int(chunk_size)
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be a positive number of tokens")

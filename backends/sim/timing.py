@@ -372,6 +372,11 @@ class LinearTimingModel(TimingModel):
     link_latency_ms: float = 2.0
     source: str = "default"
 
+    def knee(self, step: int = 32, limit: int | None = 1024, tol: float = 0.05) -> int:
+        # A CPU engine's prompts are short: a finer grid than the GPU default, and the same one for the
+        # cluster simulator, the SimEngine worker and the split planner (they must agree on ChunkSize).
+        return super().knee(step, limit, tol)
+
     def iter_s(self, prefill_tokens=0, prefill_units=0.0, prefill_seqs=0, decode_seqs=0, decode_ctx=0):
         n = prefill_tokens + decode_seqs
         if n <= 0:
@@ -401,7 +406,7 @@ class LinearTimingModel(TimingModel):
             "per_seq_ms": self.per_seq_ms,
             "per_decode_ms": self.per_decode_ms,
             "total_kv_tokens": self.total_kv_tokens,
-            "knee": self.knee(step=32, limit=1024),
+            "knee": self.knee(),
             "prefill_256_ms": round(self.prefill_s(256) * 1e3, 2),
             "decode_b8_ctx256_ms": round(self.decode_s(8, 256) * 1e3, 2),
         }
