@@ -279,3 +279,24 @@ def test_cluster_sim_and_sim_worker_agree_on_chunk_size():
         tm = get_timing(name)
         cluster = ClusterSim(system_config("disagg-simple"), tm, 2, _requests(4), seed=0)
         assert SimEngine(profile=name).chunk_size == cluster.chunk == tm.knee()
+
+
+async def test_runner_hands_over_prefilled_kv_with_the_output_and_frees_the_blocks():
+    # The hand-off must not wait for the engine's next step: the KV comes with the "prefilled" output.
+    from backends.runner import EngineRunner
+
+    core = SimEngine(role="prefill", speed=1000.0)
+    runner = EngineRunner(core)
+    runner.start()
+    try:
+        prompt = list(range(100, 300))
+        req = EngineRequest("h", prompt, SamplingParams(max_tokens=4, ignore_eos=True), mode="prefill_only")
+        outs = [o async for o in runner.submit(req)]
+        assert outs[-1].finish_reason == "prefilled" and outs[-1].kv is not None
+        assert outs[-1].kv.num_tokens == len(prompt)
+        load = await runner.call(lambda c: c.load())
+        assert load.free_kv_tokens == load.total_kv_tokens  # released on the engine thread
+        with pytest.raises(KeyError):
+            await runner.call(lambda c: c.export_kv("h"))
+    finally:
+        runner.stop()
