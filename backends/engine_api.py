@@ -72,7 +72,9 @@ class EngineCore(Protocol):
     def export_kv(self, request_id: str) -> KVPayload: ...
 
     def import_kv(self, payload: KVPayload) -> None:
-        """Allocate blocks for `payload` and copy it in. Raises MemoryError when the pool is full."""
+        """Allocate blocks for `payload` and copy it in. Raises MemoryError when the pool is full.
+        Unlike every other method, safe to call from another thread while `step()` runs (the copy
+        overlaps the forward pass instead of waiting for it: the pool's allocator is locked)."""
 
     def release_kv(self, request_id: str) -> None:
         """Free KV held for a request that is not running (exported, or imported but unclaimed)."""

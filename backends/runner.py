@@ -1,7 +1,8 @@
 """Runs a synchronous EngineCore in its own thread and bridges it to asyncio.
 
-The engine thread owns the core: every call into it (add, abort, KV import/export, role change)
-is queued as a command and executed between two steps, so the core never needs locks.
+The engine thread owns the core: every call into it (add, abort, KV export, role change) is queued
+as a command and executed between two steps, so the core needs no locks beyond one exception: a KV
+import may run on another thread beside a step (its allocator is locked; see engine_api.import_kv).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -17,6 +20,7 @@ from backends.engine_api import EngineCore, EngineRequest, StepOutput
 
 T = TypeVar("T")
 _IDLE_WAIT_S = 0.05
+_PASS_LOG = 4096
 
 
 class EngineRunner:
@@ -30,7 +34,10 @@ class EngineRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.stepping = False  # inside core.step() (the snapshot is refreshed when it returns)
         self.steps = 0
+        # (ms, pass shape) of recent forward passes: `tetri bench calibrate --url` fits a timing model to them.
+        self.passes: deque[dict[str, float]] = deque(maxlen=_PASS_LOG)
         # The load after the latest step or command, so /load never waits behind a long step.
         self.snapshot: LoadReport | None = None
 
@@ -77,6 +84,12 @@ class EngineRunner:
                 self._commands.put((lambda core: core.abort(rid), self._loop.create_future()))  # type: ignore[union-attr]
                 self._wake.set()
 
+    async def refresh_snapshot(self) -> None:
+        """After a change made off the engine thread (a KV import): an idle engine refreshes its load
+        snapshot now; a stepping one does so when the step ends anyway."""
+        if not self.stepping:
+            await self.call(lambda core: None)
+
     def is_streaming(self, request_id: str) -> bool:
         return request_id in self._streams
 
@@ -86,10 +99,15 @@ class EngineRunner:
             if self._drain_commands():
                 self.snapshot = self.core.load()
             if self.core.has_work():
+                started = time.perf_counter()
+                self.stepping = True
                 try:
                     outputs = self.core.step()
                 except Exception as exc:  # an engine bug must not hang every client
                     outputs = self._fail_all(exc)
+                finally:
+                    self.stepping = False
+                self._log_pass(time.perf_counter() - started)
                 self.steps += 1
                 self._export_prefilled(outputs)
                 self.snapshot = self.core.load()
@@ -113,6 +131,11 @@ class EngineRunner:
                 self._loop.call_soon_threadsafe(_set_exception, future, exc)  # type: ignore[union-attr]
             else:
                 self._loop.call_soon_threadsafe(_set_result, future, result)  # type: ignore[union-attr]
+
+    def _log_pass(self, seconds: float) -> None:
+        shape = getattr(self.core, "last_pass", None)
+        if shape is not None:
+            self.passes.append({"ms": seconds * 1e3, "at": time.time(), **shape.as_dict()})
 
     def _export_prefilled(self, outputs: list[StepOutput]) -> None:
         """Copy out and free the KV of every request that just finished its prefill, before the next

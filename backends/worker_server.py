@@ -141,9 +141,12 @@ class WorkerState:
         rid = payload.request_id
         await self.release_lease(rid)  # a retried push replaces the earlier one
         try:
-            await self.runner.call(lambda c: c.import_kv(payload))
+            # Off the engine thread: the copy overlaps the current forward pass instead of queueing
+            # behind it (import_kv is the one thread-safe EngineCore call).
+            await asyncio.to_thread(self.core.import_kv, payload)
         except MemoryError as exc:
             raise KVRefused(507, f"KV pool full: {exc}") from exc
+        await self.runner.refresh_snapshot()
         nbytes = payload.data.numel() * payload.data.element_size()
         lease = KVLease(uuid.uuid4().hex, rid, payload.num_tokens, nbytes, time.time() + lease_s)
         self.leases[rid] = lease
@@ -241,6 +244,11 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
     @app.get("/load")
     async def load() -> dict[str, Any]:
         return (await state.load()).to_dict()
+
+    @app.get("/passes")
+    async def passes(since: float = 0.0) -> dict[str, Any]:
+        """Recent forward passes, {ms, at, tokens, units, seqs, dseqs, ctx}: what a timing model is fitted to."""
+        return {"passes": [p for p in list(state.runner.passes) if p["at"] > since]}
 
     @app.get("/info")
     async def info() -> dict[str, Any]:

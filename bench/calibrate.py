@@ -9,6 +9,10 @@ runs). Measured passes:
 
 Each pass gives (ms, prefill tokens, Σ(c²+2ck), Σctx, sequences); ``fit_linear`` fits
 ``iter_ms = base + tok·N + unit·U + ctx·C + seq·S`` by relative least squares.
+
+``calibrate_from_worker(url)`` fits the same model to the passes a *running* worker logged while it
+served real traffic (``GET /passes``): the machine's speed at that minute, with the serving stack's
+own per-pass costs (sampling, detokenization, the HTTP relay competing for the cores) included.
 """
 
 from __future__ import annotations
@@ -81,9 +85,32 @@ def calibrate_cpu(save: bool = True, core: Any = None, path: Any = None) -> dict
         from backends.native.engine import NativeEngine
 
         core = NativeEngine(role="colocated", batching="sarathi", chunk_size=512)
-    samples = measure_core(core)
-    coeffs: dict[str, Any] = fit_linear(samples)
     info = core.info() if hasattr(core, "info") else {}
+    return _fit_and_save(measure_core(core), info, save, path)
+
+
+def worker_passes(url: str, since: float = 0.0, timeout_s: float = 10.0) -> tuple[list[dict[str, float]], dict]:
+    """The forward passes a running worker logged after ``since`` (unix time), and its /info."""
+    import httpx
+
+    base = url.rstrip("/")
+    with httpx.Client(timeout=timeout_s) as client:
+        passes = client.get(f"{base}/passes", params={"since": since}).raise_for_status().json()["passes"]
+        info = client.get(f"{base}/info").raise_for_status().json()
+    return passes, info
+
+
+def calibrate_from_worker(
+    url: str, since: float = 0.0, save: bool = True, path: Any = None
+) -> dict[str, Any]:
+    samples, info = worker_passes(url, since)
+    coeffs = _fit_and_save(samples, info, save, path)
+    coeffs["source_url"] = url
+    return coeffs
+
+
+def _fit_and_save(samples: list[dict[str, float]], info: dict, save: bool, path: Any) -> dict[str, Any]:
+    coeffs: dict[str, Any] = fit_linear(samples)
     if info.get("total_kv_tokens"):
         coeffs["total_kv_tokens"] = int(info["total_kv_tokens"])
     if info.get("max_context"):

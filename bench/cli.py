@@ -232,11 +232,14 @@ def calibrate(
     save: Annotated[bool, typer.Option(help="Save as the cpu-smollm2 profile.")] = True,
     out: Annotated[Path | None, typer.Option(help="Where to save (default: cache_dir()/sim/cpu-smollm2.json; "
                                                   "point TETRI_SIM_CPU_PROFILE at another path to use it).")] = None,
+    url: Annotated[str | None, typer.Option(help="Fit to the passes a running worker logged (GET URL/passes) "
+                                                 "instead of measuring a fresh engine.")] = None,
+    since: Annotated[float, typer.Option(help="With --url: only passes after this unix time.")] = 0.0,
 ) -> None:
     """Fit the cpu-smollm2 timing profile from measured forward passes of the built-in engine."""
-    from bench.calibrate import calibrate_cpu
+    from bench.calibrate import calibrate_cpu, calibrate_from_worker
 
-    coeffs = calibrate_cpu(save=save, path=out)
+    coeffs = calibrate_from_worker(url, since, save, out) if url else calibrate_cpu(save=save, path=out)
     typer.echo(json.dumps(coeffs, indent=2))
 
 

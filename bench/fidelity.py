@@ -45,20 +45,41 @@ def run(
     max_output: int = 24,
     seed: int = 0,
     backend: str = "native",
+    calibrate: str = "none",
 ) -> dict[str, Any]:
+    """calibrate: ``none`` (the saved cpu-smollm2 profile), ``engine`` (profile a fresh engine right
+    before the run) or ``live`` (first serve a calibration workload of other prompts, then fit to the
+    passes the deployment's workers logged)."""
     args, env, system, n = SETUPS[setup]
-    wl = build_workload("Mixed-natural", requests, rate=None, seed=seed, max_context=4096)
-    wl = wl.scaled(1.0, max_prompt, max_output).with_arrivals(rate, seed + 1)
+    out.mkdir(parents=True, exist_ok=True)
+    profile_path = out / "cpu-smollm2.json"
+    if calibrate == "engine":
+        # Back to back with the live run: this machine's speed moves with its load (shared cores).
+        from bench.calibrate import calibrate_cpu
+
+        calibrate_cpu(save=True, path=profile_path)
+        os.environ["TETRI_SIM_CPU_PROFILE"] = str(profile_path)
+    wl = _workload(requests, rate, max_prompt, max_output, seed)
     log_dir = Path(os.environ.get("TETRI_LOG_DIR", "/tmp/tetri-logs"))
     log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**env, "TETRI_ADMIN_TOKEN": _ADMIN_TOKEN}
     dep = Deployment([*args, "--backend", backend], env, _free_port(), log_dir / f"fidelity-{setup}.log")
     try:
         dep.wait_ready()
+        if calibrate == "live":
+            since = time.time()
+            run_workload(dep.url, _workload(requests, rate, max_prompt, max_output, seed + 1000), instances=n,
+                         show_progress=False)  # fmt: skip
+            _fit_live(dep.url, since, profile_path)
+            os.environ["TETRI_SIM_CPU_PROFILE"] = str(profile_path)
         t = time.perf_counter()
         live = run_workload(dep.url, wl, instances=n, show_progress=False)
         live_wall = time.perf_counter() - t
+        chunk = max(info["chunk_size"] for info in _worker_infos(dep.url))
     finally:
         dep.stop()
+    # Simulate the ChunkSize the workers actually ran (theirs comes from the engine's knee profile).
+    system += ("," if "+" in system else "+") + f"chunk_size={chunk}"
     # The live prompts were tokenized by the orchestrator: simulate what it actually sent.
     lengths = {r["id"]: r for r in live["requests"]}
     for req in wl.requests:
@@ -80,13 +101,49 @@ def run(
         "sim": {k: s_sim.get(k) for k in ("mean_ttft_ms", "mean_jct_ms", "mean_tpot_ms", "completed", "errors")},
         "error_ttft": ratio(s_sim.get("mean_ttft_ms"), s_live.get("mean_ttft_ms")),
         "error_jct": ratio(s_sim.get("mean_jct_ms"), s_live.get("mean_jct_ms")),
+        "calibrated_now": calibrate,
         "live_wall_s": live_wall,
         "load_avg": os.getloadavg(),
     }
-    out.mkdir(parents=True, exist_ok=True)
     raw = {**doc, "live_requests": live["requests"], "sim_requests": sim.requests}
     (out / f"fidelity-{setup}.json").write_text(json.dumps(raw, indent=1, default=str))
     return doc
+
+
+_ADMIN_TOKEN = "fidelity-check"
+
+
+def _workload(requests: int, rate: float, max_prompt: int, max_output: int, seed: int) -> Any:
+    wl = build_workload("Mixed-natural", requests, rate=None, seed=seed, max_context=4096)
+    return wl.scaled(1.0, max_prompt, max_output).with_arrivals(rate, seed + 1)
+
+
+def _worker_infos(url: str) -> list[dict[str, Any]]:
+    """Every worker's /info (plus its url), found through the orchestrator's admin API."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {_ADMIN_TOKEN}"}
+    instances = httpx.get(f"{url}/admin/instances", headers=headers, timeout=10).raise_for_status().json()
+    infos = []
+    for inst in instances["instances"]:
+        info = httpx.get(f"{inst['url'].rstrip('/')}/info", timeout=10).raise_for_status().json()
+        infos.append({**info, "url": inst["url"]})
+    return infos
+
+
+def _fit_live(url: str, since: float, path: Path) -> None:
+    """Fit cpu-smollm2 to the passes every worker of the deployment logged since ``since``."""
+    from backends.sim.profiles import fit_linear, save_cpu_profile
+    from bench.calibrate import worker_passes
+
+    samples: list[dict[str, float]] = []
+    info: dict[str, Any] = {}
+    for worker in _worker_infos(url):
+        passes, info = worker_passes(worker["url"], since)
+        samples += passes
+    coeffs: dict[str, Any] = fit_linear(samples)
+    coeffs.update(samples=len(samples), source="live passes", total_kv_tokens=info.get("total_kv_tokens", 32768))
+    save_cpu_profile(coeffs, path)
 
 
 def main() -> None:  # pragma: no cover - CLI
@@ -98,8 +155,11 @@ def main() -> None:  # pragma: no cover - CLI
     ap.add_argument("--max-prompt", type=int, default=96)
     ap.add_argument("--max-output", type=int, default=24)
     ap.add_argument("--backend", default="native")
+    ap.add_argument("--calibrate", default="none", choices=("none", "engine", "live"),
+                    help="engine: profile a fresh engine right before; live: fit to a calibration run's passes")
     a = ap.parse_args()
-    doc = run(a.setup, a.out, a.requests, a.rate, a.max_prompt, a.max_output, backend=a.backend)
+    doc = run(a.setup, a.out, a.requests, a.rate, a.max_prompt, a.max_output, backend=a.backend,
+              calibrate=a.calibrate)  # fmt: skip
     show = {k: v for k, v in doc.items() if k not in ("profile",)}
     print(json.dumps(show, indent=1, default=str))
     if any(x is None or not math.isfinite(x) for x in (doc["error_ttft"], doc["error_jct"])):

@@ -541,3 +541,56 @@ def test_set_role_and_chat_template(engine):
     eng.add_request(EngineRequest("p", [5, 6, 7], greedy(4), mode="prefill_only"))
     with pytest.raises(RuntimeError):
         eng.set_role("decode")
+
+
+def test_kv_imports_on_another_thread_beside_steps_keep_outputs_and_the_pool_exact(prompts, references):
+    # The worker imports pushed KV off the engine thread (the copy overlaps a forward pass). Run
+    # imports on a second thread while the decode engine steps other requests; every request must
+    # still decode exactly as transformers does, and no block may end up in two places.
+    import threading
+
+    pre = make("prefill")
+    payloads, firsts = {}, {}
+    for i, p in enumerate(prompts):
+        rid = f"t{i}"
+        pre.add_request(EngineRequest(rid, p, greedy(), mode="prefill_only"))
+        while pre.has_work():
+            for o in pre.step():
+                firsts[o.request_id] = o.token_id
+        payloads[rid] = pre.export_kv(rid)
+        pre.release_kv(rid)
+    dec = make("decode", kv_tokens=1024)
+    imported: list[str] = []
+    errors: list[BaseException] = []
+
+    def importer() -> None:
+        try:
+            for rid, payload in payloads.items():
+                for _ in range(20):  # churn: import, drop, import again while steps run
+                    dec.import_kv(payload)
+                    dec.release_kv(rid)
+                dec.import_kv(payload)
+                imported.append(rid)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=importer)
+    thread.start()
+    out: dict[str, list[int]] = {}
+    added: set[str] = set()
+    while thread.is_alive() or len(added) < len(payloads) or dec.has_work():
+        for rid in list(imported):
+            if rid not in added:
+                i = int(rid[1:])
+                dec.add_request(EngineRequest(rid, prompts[i], greedy(), mode="decode_only", first_token=firsts[rid]))
+                added.add(rid)
+        for o in dec.step():
+            out.setdefault(o.request_id, []).append(o.token_id)
+        if errors:
+            break
+    thread.join()
+    assert not errors, errors
+    for i, ref in enumerate(references):
+        assert [firsts[f"t{i}"], *out[f"t{i}"]] == ref
+    assert dec.pool.free_tokens == dec.pool.total_tokens
+    assert sorted(dec.pool._free) == list(range(1, dec.pool.num_blocks + 1))

@@ -300,3 +300,30 @@ async def test_runner_hands_over_prefilled_kv_with_the_output_and_frees_the_bloc
             await runner.call(lambda c: c.export_kv("h"))
     finally:
         runner.stop()
+
+
+def test_calibrate_from_a_running_worker_recovers_its_timing_model():
+    # A sim worker prices passes with a known linear model: fitting the passes it logged while serving
+    # must give that model back (the same fit `tetri bench calibrate --url` runs on a native worker).
+    import httpx
+
+    from backends.worker_server import create_worker_app
+    from bench.calibrate import calibrate_from_worker
+    from tests.conftest import serve_app
+
+    core = SimEngine(profile="cpu-smollm2", speed=5.0)  # passes of 30-400 ms: sleep jitter stays small
+    truth = core.timing
+    with serve_app(create_worker_app(core, backend="sim", kv_port=None)) as url:
+        for i, n in enumerate((8, 40, 96, 130, 200, 17, 64, 150)):
+            body = {"request_id": f"c{i}", "prompt_ids": list(range(100, 100 + n)),
+                    "sampling": {"max_tokens": 3 + i % 4, "ignore_eos": True}}  # fmt: skip
+            with httpx.stream("POST", f"{url}/generate", json=body, timeout=30) as resp:
+                assert resp.status_code == 200
+                resp.read()
+        coeffs = calibrate_from_worker(url, save=False)
+    assert coeffs["samples"] >= 16
+    # Passes were timed around real sleeps of iter_s / speed: scale back and compare a few shapes.
+    for shape in ((96, 96.0**2, 1, 0, 0), (0, 0.0, 0, 1, 100), (150, 150.0**2, 1, 0, 0)):
+        fitted = coeffs["base_ms"] + coeffs["per_token_ms"] * shape[0] + coeffs["per_unit_ms"] * shape[1] + \
+            coeffs["per_seq_ms"] * shape[2] + coeffs["per_decode_ms"] * shape[3] + coeffs["per_ctx_ms"] * shape[4]
+        assert fitted * 5.0 == pytest.approx(truth.iter_s(*shape) * 1e3, rel=0.2)

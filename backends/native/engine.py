@@ -21,7 +21,7 @@ from backends.native.kv_cache import BLOCK_SIZE, BlockTable, KVPool, blocks_for
 from backends.native.llama import ForwardBatch, NativeLlama, PrefillSeq
 from backends.native.model_source import DEFAULT_MODEL, configure_threads, load_model
 from backends.native.sampling import sample
-from backends.native.scheduler import Batching, Scheduler
+from backends.native.scheduler import Batching, PassShape, Scheduler
 from backends.native.sequence import Sequence, Status
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ class NativeEngine:
         self._pending: list[StepOutput] = []  # outputs produced outside a forward pass
         self._order = itertools.count()
         self.steps = 0
+        self.last_pass: PassShape | None = None  # the latest step's shape (None: it ran no pass)
         self.tokens_processed = 0
 
     # ---- construction helpers -----------------------------------------------------------
@@ -253,6 +254,7 @@ class NativeEngine:
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         outputs, self._pending = self._pending, []
+        self.last_pass = None
         plan = self.scheduler.schedule()
         if not plan:
             if not outputs and self.scheduler.has_work():
@@ -260,6 +262,7 @@ class NativeEngine:
                 # free. Don't let a caller that loops on has_work() spin a core meanwhile.
                 time.sleep(BLOCKED_SLEEP_S)
             return outputs
+        self.last_pass = PassShape.of(plan)
         batch, to_sample = self._build_batch(plan)
         logits = self.model.forward(batch, self.pool)
         for seq, n in plan:
@@ -316,13 +319,19 @@ class NativeEngine:
         if payload.num_tokens < 1 or payload.num_tokens >= self.max_context:
             raise ValueError(f"KV of {payload.num_tokens} tokens does not fit the model's context")
         need = blocks_for(payload.num_tokens)
-        if not self.pool.can_allocate(need):
+        try:
+            table = BlockTable(self.pool.allocate(need))
+        except MemoryError:
             raise MemoryError(
                 f"KV pool full: {payload.num_tokens} tokens need {need} blocks, {self.pool.free_blocks} free"
-            )
-        table = BlockTable(self.pool.allocate(need))
+            ) from None
+        # The blocks are this import's alone until registered: the copy runs beside the forward pass.
         self.pool.write(table, data)
-        self._imported[rid] = (table, payload.num_tokens)
+        with self.pool.lock:
+            if rid in self._imported or rid in self._seqs:
+                self.pool.release(table)
+                raise ValueError(f"request {rid!r} already has KV or is running here")
+            self._imported[rid] = (table, payload.num_tokens)
 
     def release_kv(self, request_id: str) -> None:
         imported = self._imported.pop(request_id, None)

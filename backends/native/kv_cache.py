@@ -9,6 +9,7 @@ padded reads point at.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -62,6 +63,9 @@ class KVPool:
         self.k[:, :block_size].zero_()
         self.v[:, :block_size].zero_()
         self._free: deque[int] = deque(range(1, self.num_blocks + 1))
+        # KV imports allocate from another thread while the engine thread steps (engine_api.import_kv);
+        # the scheduler holds this lock while it plans, so its check-then-allocate stays atomic.
+        self.lock = threading.RLock()
 
     # ---- sizing -------------------------------------------------------------------------
     @staticmethod
@@ -85,26 +89,30 @@ class KVPool:
         return num_blocks <= len(self._free)
 
     def allocate(self, num_blocks: int) -> list[int]:
-        if num_blocks > len(self._free):
-            raise MemoryError(f"KV pool full: need {num_blocks} blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(num_blocks)]
+        with self.lock:
+            if num_blocks > len(self._free):
+                raise MemoryError(f"KV pool full: need {num_blocks} blocks, {len(self._free)} free")
+            return [self._free.popleft() for _ in range(num_blocks)]
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
+        with self.lock:
+            self._free.extend(blocks)
 
     def ensure(self, table: BlockTable, num_tokens: int) -> bool:
         """Grow `table` to hold `num_tokens` positions. False (and no change) if the pool can't."""
         need = blocks_for(num_tokens, self.block_size) - len(table.blocks)
         if need <= 0:
             return True
-        if need > len(self._free):
-            return False
-        table.blocks.extend(self.allocate(need))
+        with self.lock:
+            if need > len(self._free):
+                return False
+            table.blocks.extend(self.allocate(need))
         return True
 
     def release(self, table: BlockTable) -> None:
-        self._free.extend(table.blocks)
-        table.blocks = []
+        with self.lock:
+            self._free.extend(table.blocks)
+            table.blocks = []
 
     # ---- addressing ---------------------------------------------------------------------
     def slots(self, table: BlockTable, start: int, end: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 from backends.base import LoadReport, Role
 from backends.engine_api import EngineRequest, KVPayload, StepOutput
 from backends.native.kv_cache import BLOCK_SIZE, BlockTable, KVPool, blocks_for
-from backends.native.scheduler import Scheduler
+from backends.native.scheduler import PassShape, Scheduler
 from backends.native.sequence import Sequence, Status
 from backends.sim.profiles import get_timing
 
@@ -127,6 +127,7 @@ class SimEngine:
         self._pending: list[StepOutput] = []
         self._order = itertools.count()
         self.steps = 0
+        self.last_pass: PassShape | None = None  # the latest step's shape (None: it ran no pass)
         self.busy_s = 0.0
         self.tokens_processed = 0
 
@@ -234,6 +235,7 @@ class SimEngine:
 
     def step(self) -> list[StepOutput]:
         outputs, self._pending = self._pending, []
+        self.last_pass = None
         held = self._hold_back_transfers()
         try:
             plan = self.scheduler.schedule()
@@ -244,23 +246,13 @@ class SimEngine:
             if held and self.sleep:
                 time.sleep(min(0.005, max(0.0, min(self._not_before[s.request_id] for s in held) - time.monotonic())))
             return outputs
-        ptok = pseqs = dseqs = dctx = 0
-        units = 0.0
-        for seq, n in plan:
-            start = seq.num_computed
-            if n == 1 and seq.outputs:
-                dseqs += 1
-                dctx += start + 1
-            else:
-                ptok += n
-                pseqs += 1
-                units += n * n + 2.0 * n * start
-        dt = self.timing.iter_s(ptok, units, pseqs, dseqs, dctx) / self.speed
+        shape = self.last_pass = PassShape.of(plan)
+        dt = self.timing.iter_s(shape.tokens, shape.units, shape.seqs, shape.dseqs, shape.ctx) / self.speed
         if self.sleep and dt > 0:
             time.sleep(dt)
         self.busy_s += dt
         self.steps += 1
-        self.tokens_processed += ptok + dseqs
+        self.tokens_processed += shape.tokens + shape.dseqs
         to_sample = []
         for seq, n in plan:
             seq.num_computed += n
@@ -317,13 +309,14 @@ class SimEngine:
         if payload.num_tokens < 1 or payload.num_tokens >= self.max_context:
             raise ValueError(f"KV of {payload.num_tokens} tokens does not fit the model's context")
         need = blocks_for(payload.num_tokens)
-        if not self.pool.can_allocate(need):
-            raise MemoryError(
-                f"KV pool full: {payload.num_tokens} tokens need {need} blocks, {self.pool.free_blocks} free"
-            )
-        table = BlockTable(self.pool.allocate(need))
-        ready_at = time.monotonic() + self.timing.transfer_s(payload.num_tokens) / self.speed
-        self._imported[rid] = (table, payload.num_tokens, ready_at)
+        with self.pool.lock:  # may run on another thread than step() (engine_api.import_kv)
+            if not self.pool.can_allocate(need):
+                raise MemoryError(
+                    f"KV pool full: {payload.num_tokens} tokens need {need} blocks, {self.pool.free_blocks} free"
+                )
+            table = BlockTable(self.pool.allocate(need))
+            ready_at = time.monotonic() + self.timing.transfer_s(payload.num_tokens) / self.speed
+            self._imported[rid] = (table, payload.num_tokens, ready_at)
 
     def release_kv(self, request_id: str) -> None:
         imported = self._imported.pop(request_id, None)
