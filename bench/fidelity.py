@@ -32,7 +32,7 @@ SETUPS = {
                       {"TETRI_MODE": "disaggregated", "TETRI_PREFILL_POLICY": "fcfs",
                        "TETRI_DISPATCH_POLICY": "least_loaded", "TETRI_DECODE_ADMISSION": "greedy",
                        "TETRI_PREDICTOR": "constant", "TETRI_FLIP_POLICY": "none"},
-                      "disagg-simple+pd_ratio=1:1", 2),
+                      "disagg-simple+pd_ratio=1:1,ttft_at=handoff", 2),
 }  # fmt: skip
 
 

@@ -327,3 +327,14 @@ def test_calibrate_from_a_running_worker_recovers_its_timing_model():
         fitted = coeffs["base_ms"] + coeffs["per_token_ms"] * shape[0] + coeffs["per_unit_ms"] * shape[1] + \
             coeffs["per_seq_ms"] * shape[2] + coeffs["per_decode_ms"] * shape[3] + coeffs["per_ctx_ms"] * shape[4]
         assert fitted * 5.0 == pytest.approx(truth.iter_s(*shape) * 1e3, rel=0.2)
+
+
+def test_ttft_at_handoff_adds_the_kv_transfer_to_disaggregated_first_tokens(h100):
+    reqs = _requests(200, rate=20.0)
+    at_prefill = summarize(simulate("disagg-simple+pd_ratio=2:2", h100, 4, reqs, seed=1).requests, 4)
+    at_handoff = summarize(simulate("disagg-simple+pd_ratio=2:2,ttft_at=handoff", h100, 4, reqs, seed=1).requests, 4)
+    # Same schedule, the first token later by about one KV transfer (≥ 1 ms for these prompts).
+    assert at_handoff["mean_jct_ms"] == pytest.approx(at_prefill["mean_jct_ms"], rel=1e-9)
+    assert at_prefill["mean_ttft_ms"] + 1.0 < at_handoff["mean_ttft_ms"] < at_prefill["mean_ttft_ms"] + 100.0
+    with pytest.raises(ValueError, match="ttft_at"):
+        simulate("disagg-simple+ttft_at=never", h100, 4, reqs, seed=1)

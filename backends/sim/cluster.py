@@ -73,6 +73,9 @@ class SystemConfig:
     fallback: str = "none"  # none | hphd | adaptive (hphd + co-locate while the prefill pool is backlogged)
     fallback_wait_s: float = 0.1  # adaptive: co-locate when the prefill queue would delay a prompt longer
     pd_ratio: str = "auto"  # auto (work-share planner) | "P:D"
+    # When a disaggregated request's first token reaches the client: "prefill" (sampled on the prefill
+    # instance: the paper's TTFT) or "handoff" (after the KV transfer: the live native path, SGLang, Dynamo)
+    ttft_at: str = "prefill"
     monitor_interval_s: float = 0.1
     retry_interval_s: float = 0.02
 
@@ -335,6 +338,8 @@ class ClusterSim:
         kv_tokens: int | None = None,
         exact_views: bool = False,
     ) -> None:
+        if cfg.ttft_at not in ("prefill", "handoff"):
+            raise ValueError(f"ttft_at must be 'prefill' or 'handoff', not {cfg.ttft_at!r}")
         self.cfg = cfg
         # Views carry decode_remaining as its minimum only (all reserve_dynamic reads, with `running`
         # for the count) unless exact_views: the full per-request tuple, O(batch) per view.
@@ -816,7 +821,8 @@ class ClusterSim:
         if inst.role == "prefill":
             inst.engine.remove(r)
             r.gen = 1
-            r.t_first = now
+            if self.cfg.ttft_at == "prefill" or r.output <= 1:
+                r.t_first = now
             if r.output <= 1:
                 inst.kv_other -= r.eff
                 r.t_finish = now
@@ -869,6 +875,8 @@ class ClusterSim:
 
     def _on_xfer(self, obj) -> None:
         r, src, dst = obj
+        if r.t_first < 0:  # ttft_at == "handoff"
+            r.t_first = self.now
         src.kv_other -= r.eff
         dst.inflight_res = max(0, dst.inflight_res - r.need)
         dst.kv_other += r.eff  # the lease holds the imported KV until the decode claims it
