@@ -39,6 +39,8 @@ def train(
                                                           help="bucket widths to train (repeatable)")] = None,
     limit: Annotated[int, typer.Option(help="use at most this many training examples (0 = all)")] = 0,
     threads: Annotated[int | None, typer.Option(help="OpenMP threads for boosting (default: all)")] = None,
+    neighbours: Annotated[bool, typer.Option(help="add nearest-neighbour answer-length features (+8 MB; "
+                                             "see docs/predictor.md)")] = False,
 ) -> None:
     """Train the stacked model on the train split (validation split for early stopping)."""
     from predictor.model import _default_counter
@@ -53,7 +55,7 @@ def train(
     tr = ex["train"][:limit] if limit else ex["train"]
     if not tr:
         _err("no training examples")
-    model = fit(tr, ex["val"], _default_counter(), gs, TrainConfig(threads=threads))
+    model = fit(tr, ex["val"], _default_counter(), gs, TrainConfig(threads=threads, neighbours=neighbours))
     model.save(out)
     size = out.stat().st_size / 1e6
     typer.echo(f"trained on {len(tr)} examples in {model.info['train_s']} s; wrote {out} ({size:.1f} MB)")

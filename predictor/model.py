@@ -3,9 +3,11 @@
 Stage 1 (shared by every granularity): softmax regressions over hashed word n-grams, one on the user
 turn and one on the previous answer, each giving probabilities over fine length classes
 (g = 100, last class ≥ 800 tokens).
-Stage 2 (one per granularity): ``HistGradientBoostingClassifier`` over the stage-1 probabilities
-plus numeric features of the prompt and the conversation (lengths, token counts of recent answers,
-turn count, script, code, lists...). Trained on out-of-fold stage-1 outputs.
+Stage 2 (one per granularity): ``HistGradientBoostingClassifier`` over the stage-1 probabilities,
+numeric features of the prompt and the conversation (lengths, token counts of recent answers,
+turn count, script, code, lists...) and, optionally (``TrainConfig.neighbours``; off in the shipped
+model), the answer lengths of the nearest training conversations (:mod:`predictor.neighbours`).
+Trained on out-of-fold stage-1 (and neighbour) outputs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from predictor.features import (
     prev_answer_text,
     user_text,
 )
+from predictor.neighbours import NEIGHBOUR_NAMES, NeighbourIndex
 from predictor.text import TextModel
 
 FINE_GRANULARITY = 100
@@ -43,9 +46,10 @@ class StackedModel:
     """Holds stage 1 and the stage-2 heads; ``features``/``predict`` are thread-safe (read-only)."""
 
     def __init__(self, user_model: TextModel, prev_model: TextModel, heads: dict[int, Any],
-                 info: dict[str, Any] | None = None) -> None:
+                 info: dict[str, Any] | None = None, neighbours: NeighbourIndex | None = None) -> None:
         self.user_model = user_model
         self.prev_model = prev_model
+        self.neighbours = neighbours  # over the previous answers of the training rows, when trained
         self.heads = heads  # granularity -> TreeHead
         self.info = info or {}
 
@@ -53,30 +57,35 @@ class StackedModel:
     def granularities(self) -> list[int]:
         return sorted(self.heads)
 
-    @staticmethod
-    def feature_names() -> list[str]:
+    def feature_names(self) -> list[str]:
         return list(NUMERIC_NAMES) + [f"user_p{i}" for i in range(FINE_CLASSES)] + \
-            [f"prev_p{i}" for i in range(FINE_CLASSES)]
+            [f"prev_p{i}" for i in range(FINE_CLASSES)] + (list(NEIGHBOUR_NAMES) if self.neighbours else [])
 
     def features(self, p: Parsed, count_tokens: TokenCounter) -> np.ndarray:
-        return np.concatenate([numeric(p, count_tokens), self.user_model.proba_one(user_text(p)),
-                               self.prev_model.proba_one(prev_answer_text(p))])
+        prev = prev_answer_text(p)
+        parts = [numeric(p, count_tokens), self.user_model.proba_one(user_text(p)), self.prev_model.proba_one(prev)]
+        if self.neighbours is not None:
+            parts.append(self.neighbours.features_one(prev))
+        return np.concatenate(parts)
 
     def features_batch(self, parsed: Sequence[Parsed], num: np.ndarray) -> np.ndarray:
-        return np.hstack([num, self.user_model.proba([user_text(p) for p in parsed]),
-                          self.prev_model.proba([prev_answer_text(p) for p in parsed])]).astype(np.float32)
+        prev = TextModel.counts([prev_answer_text(p) for p in parsed])
+        parts = [num, self.user_model.proba([user_text(p) for p in parsed]), self.prev_model.proba_counts(prev)]
+        if self.neighbours is not None:
+            parts.append(self.neighbours.features_counts(prev))
+        return np.hstack(parts).astype(np.float32)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         joblib.dump({"version": FORMAT_VERSION, "user": self.user_model, "prev": self.prev_model,
-                     "heads": self.heads, "info": self.info}, path, compress=3)
+                     "neighbours": self.neighbours, "heads": self.heads, "info": self.info}, path, compress=3)
 
     @classmethod
     def load(cls, path: Path) -> StackedModel:
         blob = joblib.load(path)
         if not isinstance(blob, dict) or blob.get("version") != FORMAT_VERSION:
             raise RuntimeError(f"{path}: not a predictor artifact of format {FORMAT_VERSION}")
-        return cls(blob["user"], blob["prev"], blob["heads"], blob.get("info"))
+        return cls(blob["user"], blob["prev"], blob["heads"], blob.get("info"), blob.get("neighbours"))
 
 
 class LearnedPredictor:

@@ -16,6 +16,7 @@ from predictor.buckets import bucket_of, default_num_buckets
 from predictor.data import Example, base_id
 from predictor.features import Parsed, TokenCounter, from_messages, numeric, prev_answer_text, user_text
 from predictor.model import FINE_CLASSES, StackedModel, TreeHead, fine_labels
+from predictor.neighbours import NEIGHBOUR_NAMES, NeighbourIndex
 from predictor.text import TextModel
 
 GRANULARITIES = (100, 200, 400)
@@ -30,6 +31,10 @@ class TrainConfig:
     learning_rate: float = 0.1
     max_leaf_nodes: int = 31
     l2: float = 1.0
+    neighbours: bool = False  # add nearest-neighbour answer lengths (predictor.neighbours) to the stack
+    nn_k: int = 20  # neighbours summarised per row
+    nn_terms: int = 48  # largest TF-IDF weights kept per indexed previous answer
+    nn_max_df: float = 0.01  # only terms in at most this share of training rows are indexed
     seed: int = 0
     progress: bool = True
     threads: int | None = None  # OpenMP threads for boosting (1 is faster on a busy 2-core box)
@@ -60,15 +65,18 @@ def _text_fit(texts: list[str], y: np.ndarray, cfg: TrainConfig) -> TextModel:
         TextModel.counts(texts), y)
 
 
-def out_of_fold(tr: Prepared, cfg: TrainConfig, log: Any = None) -> tuple[np.ndarray, TextModel, TextModel]:
-    """Stage-1 probabilities for each training row from models that never saw its conversation."""
+def out_of_fold(tr: Prepared, cfg: TrainConfig, log: Any = None
+                ) -> tuple[np.ndarray, TextModel, TextModel, NeighbourIndex | None]:
+    """Stage-1 probabilities (and neighbour features) for each training row, from models and training
+    rows that never saw its conversation (the neighbour index masks the row's own fold)."""
     y = fine_labels(tr.lengths)
     fields = [[user_text(p) for p in tr.parsed], [prev_answer_text(p) for p in tr.parsed]]
-    oof = np.zeros((len(y), 2 * FINE_CLASSES), dtype=np.float32)
+    n_nn = len(NEIGHBOUR_NAMES) if cfg.neighbours else 0
+    oof = np.zeros((len(y), 2 * FINE_CLASSES + n_nn), dtype=np.float32)
     finals: list[TextModel] = []
     advance = log or (lambda k=1: None)
-    for j, texts in enumerate(fields):
-        counts = TextModel.counts(texts)
+    all_counts = [TextModel.counts(texts) for texts in fields]
+    for j, counts in enumerate(all_counts):
         for f in range(cfg.folds):
             held = tr.groups == f
             m = TextModel(FINE_CLASSES, alpha=cfg.text_alpha, epochs=cfg.text_epochs, seed=cfg.seed).fit(
@@ -78,7 +86,13 @@ def out_of_fold(tr: Prepared, cfg: TrainConfig, log: Any = None) -> tuple[np.nda
         finals.append(TextModel(FINE_CLASSES, alpha=cfg.text_alpha, epochs=cfg.text_epochs,
                                 seed=cfg.seed).fit(counts, y))
         advance(1)
-    return oof, finals[0], finals[1]
+    index = None
+    if cfg.neighbours:
+        index = NeighbourIndex(k=cfg.nn_k, terms=cfg.nn_terms, max_df=cfg.nn_max_df).fit(all_counts[1], tr.lengths)
+        folds = [tr.groups == f for f in range(cfg.folds)]
+        oof[:, 2 * FINE_CLASSES:] = index.features_counts(all_counts[1], [folds[f] for f in tr.groups])
+    advance(1)
+    return oof, finals[0], finals[1], index
 
 
 def fit_head(x: np.ndarray, y: np.ndarray, x_val: np.ndarray | None, y_val: np.ndarray | None,
@@ -100,7 +114,7 @@ def train(train_ex: Sequence[Example], val_ex: Sequence[Example], count_tokens: 
           granularities: Sequence[int] = GRANULARITIES, cfg: TrainConfig | None = None) -> StackedModel:
     cfg = cfg or TrainConfig()
     t0 = time.time()
-    steps = 2 * (cfg.folds + 1) + len(granularities) + 1
+    steps = 2 * (cfg.folds + 1) + len(granularities) + 2
     if cfg.progress:
         from predictor.progress import bar
 
@@ -113,8 +127,8 @@ def train(train_ex: Sequence[Example], val_ex: Sequence[Example], count_tokens: 
         tr = prepare(train_ex, count_tokens, cfg.folds)
         va = prepare(val_ex, count_tokens, cfg.folds)
         advance(1)
-        oof, user_m, prev_m = out_of_fold(tr, cfg, advance)
-        stack = StackedModel(user_m, prev_m, {})
+        oof, user_m, prev_m, index = out_of_fold(tr, cfg, advance)
+        stack = StackedModel(user_m, prev_m, {}, neighbours=index)
         x_tr = np.hstack([tr.num, oof])
         x_va = stack.features_batch(va.parsed, va.num) if va.parsed else None
         iters: dict[int, int] = {}
@@ -127,5 +141,5 @@ def train(train_ex: Sequence[Example], val_ex: Sequence[Example], count_tokens: 
             iters[g] = int(clf.n_iter_)
             advance(1)
     stack.info = {"n_train": len(train_ex), "n_val": len(val_ex), "train_s": round(time.time() - t0, 1),
-                  "config": cfg.__dict__.copy(), "boosting_iters": iters, "feature_names": StackedModel.feature_names()}
+                  "config": cfg.__dict__.copy(), "boosting_iters": iters, "feature_names": stack.feature_names()}
     return stack
