@@ -21,7 +21,9 @@ Systems (``SYSTEMS``):
   predictor (oracle or noisy with the paper's 74.9% bucket accuracy), power-of-two dispatch balancing
   heavy/light decodes, reserve-dynamic admission, idle flip, and a co-located fallback: requests with
   a heavy prefill *and* a predicted heavy decode are prefilled on their decode instance in stall-free
-  hybrid batches (no KV transfer, no prefill-instance time), where disaggregation cannot pay.
+  hybrid batches (no KV transfer, no prefill-instance time), where disaggregation cannot pay; and
+  so is any prompt that the prefill pool would hold back longer than ``fallback_wait_s`` (30 ms)
+  while a decode instance has room ("adaptive": conditional disaggregation, as NVIDIA Dynamo does).
 
 Fast bookkeeping: a decode batch is never iterated per token. Each instance keeps a step counter,
 the running KV sum and a heap of finish steps, so an iteration costs O(log n) in the batch size.
@@ -103,7 +105,10 @@ SYSTEMS: dict[str, SystemConfig] = {
         flip_policy="idle",
         flip_idle_s=60.0,
         predictor="noisy",
-        fallback="hphd",
+        # Conditional disaggregation: HPHD, and any prompt the prefill pool would hold back > 30 ms
+        # while a decode instance has room, runs co-located on a decode instance (docs/reproduction.md).
+        fallback="adaptive",
+        fallback_wait_s=0.03,
     ),
 }
 
