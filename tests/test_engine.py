@@ -182,6 +182,44 @@ def test_greedy_equals_transformers_disaggregated(prompts, references):
     assert dec.pool.free_tokens == dec.pool.total_tokens
 
 
+@pytest.mark.parametrize("batching", ["sarathi", "vllm"])
+def test_decode_role_serves_full_requests_in_hybrid_chunks(prompts, references, batching):
+    """The orchestrator's co-located fallback: a decode engine prefills a `full` request's prompt in
+    chunks inside its token budget, next to its running decodes (imported and its own), and the
+    greedy tokens equal transformers'. The batching style does not change that: whole-prompt
+    (vLLM) passes are for the co-located role only."""
+    pre, dec = make("prefill"), make("decode", batching=batching)
+    # A disaggregated request decoding from imported KV ...
+    pre.add_request(EngineRequest("kv", prompts[2], greedy(), mode="prefill_only"))
+    first = [o for _ in range(8) for o in pre.step()][-1]
+    payload = pre.export_kv("kv")
+    pre.release_kv("kv")
+    dec.import_kv(payload)
+    dec.add_request(EngineRequest("kv", prompts[2], greedy(), mode="decode_only", first_token=first.token_id))
+    # ... and a short full request that is decoding too, then a long prompt (130 tokens) arrives.
+    dec.add_request(EngineRequest("short", prompts[1], greedy()))
+    out: dict[str, list[int]] = {"kv": [first.token_id], "short": [], "long": []}
+    finish: dict[str, str | None] = {}
+    hybrid = 0
+    while dec.has_work():
+        if dec.steps == 1:
+            dec.add_request(EngineRequest("long", prompts[6], greedy()))
+        for o in dec.step():
+            if o.token_id is not None:
+                out[o.request_id].append(o.token_id)
+            finish[o.request_id] = o.finish_reason
+        shape = dec.last_pass
+        if shape is not None:
+            assert shape.tokens + shape.dseqs <= dec.chunk_size, shape  # inside the token budget
+            hybrid += shape.tokens > 0 and shape.dseqs > 0
+    assert hybrid >= len(prompts[6]) // dec.chunk_size  # the long prompt ran beside decodes, chunk by chunk
+    assert out["kv"] == references[2]
+    assert out["short"] == references[1]
+    assert out["long"] == references[6]
+    assert finish == {"kv": "length", "short": "length", "long": "length"}
+    assert dec.pool.free_tokens == dec.pool.total_tokens
+
+
 def test_greedy_equivalence_survives_preemption(prompts, references):
     # A pool far too small for everything at once: decodes run out of blocks and preempt.
     eng = make(kv_tokens=16 * 24, max_batch=8)

@@ -215,7 +215,12 @@ def test_sim_engine_prefill_export_import_decode():
     outs = _drain(d)["x"]
     assert len(outs) == 5 and outs[-1].finish_reason == "length"
     with pytest.raises(ValueError):
-        d.add_request(EngineRequest("y", prompt, SamplingParams(max_tokens=4), mode="full"))
+        p.add_request(EngineRequest("y", prompt, SamplingParams(max_tokens=4), mode="full"))
+    # A decode instance runs whole requests too (the orchestrator's co-located fallback).
+    d.add_request(EngineRequest("y", prompt, SamplingParams(max_tokens=4, ignore_eos=True), mode="full"))
+    outs = _drain(d)["y"]
+    assert len(outs) == 4 and outs[-1].finish_reason == "length"
+    assert d.load().free_kv_tokens == d.load().total_kv_tokens
     info = d.info()
     assert info["backend"] == "sim" and info["num_layers"] == 1
 

@@ -30,7 +30,10 @@ ROLES = ("prefill", "decode", "colocated")
 # Modes each role accepts.
 ROLE_MODES = {
     "prefill": ("prefill_only",),
-    "decode": ("decode_only",),
+    # A decode instance also runs whole requests (prefill + decode, no KV transfer): the
+    # orchestrator's co-located fallback (conditional disaggregation). Its prompt is chunked into
+    # the token budget beside the running decodes (Sarathi-style hybrid batches).
+    "decode": ("decode_only", "full"),
     "colocated": ("full", "prefill_only", "decode_only"),
 }
 DEFAULT_CPU_KV_TOKENS = 32768

@@ -35,7 +35,10 @@ from backends.sim.profiles import get_timing
 ROLES = ("prefill", "decode", "colocated")
 ROLE_MODES = {
     "prefill": ("prefill_only",),
-    "decode": ("decode_only",),
+    # A decode instance also runs whole requests (prefill + decode, no KV transfer): the
+    # orchestrator's co-located fallback (conditional disaggregation). Its prompt is chunked into
+    # the token budget beside the running decodes (Sarathi-style hybrid batches).
+    "decode": ("decode_only", "full"),
     "colocated": ("full", "prefill_only", "decode_only"),
 }
 SIM_VOCAB = 49152  # SmolLM2's vocabulary size: prompts tokenized by the orchestrator stay valid
