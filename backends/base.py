@@ -127,6 +127,10 @@ class Backend(ABC):
     """One engine instance. Implementations: native, sim (same HTTP API), sglang, tensorrt-llm."""
 
     kind: str = "abstract"
+    # Whether a decode-role instance serves `generate` (prefill + decode, no KV transfer): the
+    # orchestrator's co-located fallback onto decode instances. SGLang/TensorRT-LLM decode servers
+    # in disaggregation mode only take requests whose KV arrives from a prefill server.
+    generates_on_decode: bool = False
 
     def __init__(self, url: str, instance_id: str, role: Role, model: str | None = None) -> None:
         self.url = url.rstrip("/")

@@ -44,6 +44,7 @@ def _error_message(resp: httpx.Response) -> str:
 
 class WorkerBackend(Backend):
     kind = "native"
+    generates_on_decode = True  # the built-in engine's decode role runs full requests (hybrid batches)
 
     def __init__(self, url: str, instance_id: str, role: Role, model: str | None = None, kind: str = "native"):
         super().__init__(url, instance_id, role, model)

@@ -78,6 +78,16 @@ class Settings(BaseSettings):
     # In a mixed deployment (co-located and P/D pools), heavy-prefill requests predicted to be
     # heavy-decode run co-located: the paper's weak spot, where disaggregation does not pay.
     colocate_heavy_heavy: bool = True
+    # Conditional disaggregation (docs/scheduling.md "Co-located fallback"): when no `colocated`
+    # instance is usable for the model/backend, the co-located path runs on a decode instance
+    # (prefill chunks beside its decodes, no KV transfer). Off: such requests disaggregate.
+    colocate_on_decode: bool = True
+    # Adaptive fallback (needs colocate_on_decode): when the least-loaded prefill instance holds more
+    # than this many prompt tokens (our queue + its queued and running prompts) and a decode instance
+    # has room (free KV after reservations >= 20% of its pool + the prompt, nothing waiting), the
+    # request runs co-located there. 0: off. 1,200 ~ the simulator's 30 ms at an H100's ~40k
+    # prompt tokens/s (Llama-2-7B); on slower engines the same count is a longer wait.
+    colocate_backlog_tokens: int = Field(default=1200, ge=0)
     monitor_interval_ms: int = 100
     monitor_failures_unhealthy: int = 3
     flip_policy: Literal["none", "idle"] = "none"

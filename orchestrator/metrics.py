@@ -8,6 +8,11 @@ TTFT = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 COMPLETION_TOKENS = Counter("tetri_completion_tokens_total", "Completion tokens streamed")
+COLOCATED = Counter(
+    "tetri_colocated_requests_total",
+    "Requests run co-located (prefill and decode on one instance), by that instance's role and why",
+    ["role", "reason"],
+)
 KV_BYTES = Counter("tetri_kv_transfer_bytes_total", "KV bytes handed from prefill to decode")
 PREDICTOR_ACCURACY = Gauge("tetri_predictor_accuracy", "Live accuracy of the output-length predictor")
 PREDICTOR_SAMPLES = Gauge("tetri_predictor_samples", "Requests the live predictor accuracy covers")

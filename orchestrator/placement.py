@@ -12,8 +12,9 @@ import asyncio
 import random
 import time
 from dataclasses import replace
+from typing import Literal
 
-from backends.base import Role
+from backends.base import BackendError, Role
 from orchestrator.cluster import Cluster, Instance
 from orchestrator.config import Settings
 from orchestrator.policies.admission import make_admission
@@ -80,6 +81,10 @@ class Placement:
     ) -> Instance:
         """Queue the request at the least-loaded instance; return that instance when released."""
         inst = self.pick_prefill(req, role, model, set(exclude or ()), backend)
+        return await self.acquire_at(inst, req)
+
+    async def acquire_at(self, inst: Instance, req: RequestView) -> Instance:
+        """Queue the request at this instance's PrefillQueue; return the instance when released."""
         future: asyncio.Future[Instance] = asyncio.get_running_loop().create_future()
         self.waiters[req.id] = future
         self._enqueue(inst, req)
@@ -134,12 +139,65 @@ class Placement:
             future = self.waiters.get(req.id)
             if future is None or future.done():
                 continue
+            if inst.role == "decode":
+                # Co-located on a decode instance (the fallback chose it for its room): decide the
+                # request's route afresh rather than move it to another decode instance.
+                future.set_exception(BackendError(f"{inst.id} left placement; re-placing", 503, retryable=True))
+                continue
             try:
                 target = self.pick_prefill(req, inst.role, inst.model or None, {inst.id}, inst.spec.backend)
             except Overloaded as exc:
                 future.set_exception(exc)
                 continue
             self._enqueue(target, req)
+
+    # ---- co-located fallback on decode instances (conditional disaggregation) ------------------
+    def prefill_backlog(self, model: str | None, backend: str | None, exclude: set[str]) -> int | None:
+        """Prompt tokens ahead of a new request at the least-loaded usable prefill instance (our
+        queue + its queued and running prompts); None when there is no such instance."""
+        views = [self._prefill_view(i) for i in self.cluster.usable("prefill", model, backend) if i.id not in exclude]
+        return min((v.prefill_load for v in views), default=None)
+
+    def decode_hosts(self, model: str | None, backend: str | None, exclude: set[str]) -> list[Instance]:
+        """Usable decode instances that can run whole requests (prefill + decode) themselves."""
+        return [
+            i for i in self.cluster.usable("decode", model, backend)
+            if i.id not in exclude and getattr(i.backend, "generates_on_decode", False)
+        ]
+
+    def has_room(self, inst: Instance, req: RequestView) -> bool:
+        """The adaptive fallback's test (the simulator's): nothing waits there (engine queue or our
+        queue) and its free KV after reservations covers 20% of the pool plus this prompt."""
+        view = inst.view()
+        queue = self.queues.get(inst.id)
+        if view.queued > 0 or (queue is not None and len(queue) > 0) or view.total_kv_tokens <= 0:
+            return False
+        return view.free_kv_tokens - view.reserved_kv_tokens >= 0.2 * view.total_kv_tokens + req.prompt_tokens
+
+    def pick_decode_host(
+        self, req: RequestView, model: str | None, backend: str | None, exclude: set[str],
+        test: Literal["room", "admit"] | None,
+    ) -> Instance | None:
+        """The decode instance to run a request co-located on: among those passing `test` (the
+        adaptive fallback's room test, decode admission, or none), the one with the fewest
+        outstanding requests (running + queued there + in our queue + released to it), then the
+        most available KV, then id. None when none passes."""
+        hosts = self.decode_hosts(model, backend, exclude)
+        if test == "room":
+            hosts = [h for h in hosts if self.has_room(h, req)]
+        elif test == "admit":
+            hosts = [h for h in hosts if self.admission.admits(h.view(), req)]
+
+        def key(inst: Instance) -> tuple[int, int, str]:
+            view = inst.view()
+            queue = self.queues.get(inst.id)
+            outstanding = view.running + view.queued + (len(queue) if queue is not None else 0) + inst.inflight_prefills
+            return outstanding, -(view.free_kv_tokens - view.reserved_kv_tokens), inst.id
+
+        return min(hosts, key=key, default=None)
+
+    def reserve_kv(self, inst: Instance, req: RequestView) -> None:
+        inst.reserved_kv_tokens += req.kv_need
 
     # ---- decode instance ---------------------------------------------------------------------
     async def acquire_decode(

@@ -10,9 +10,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from backends.base import BackendError, GenRequest, SamplingParams, TokenEvent
+from backends.base import BackendError, GenRequest, Role, SamplingParams, TokenEvent
 from kvbridge.base import HandoffStats, strategy_for
 from orchestrator import metrics
 from orchestrator.cluster import Cluster, Instance
@@ -42,6 +42,17 @@ class Job:
     decode_instance: str | None = None
     backend: str | None = None
     first_token_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one attempt runs: disaggregated, or co-located on a `colocated` instance (`host` None:
+    the global scheduler picks it) or on the given decode instance."""
+
+    mode: Literal["colocated", "disaggregated"]
+    role: Role = "colocated"
+    host: Instance | None = None
+    reason: str = ""  # co-located because: "mode" (no P/D pair, or mode=colocated), "hphd", "backlog"
 
 
 class Server:
@@ -121,32 +132,82 @@ class Server:
             return None
         return self.placement.rng.choices(list(weights), weights=list(weights.values()))[0]
 
-    async def _mode(self, job: Job, backend: str | None, prediction: asyncio.Task[int | None]) -> str:
-        mode = self.settings.mode
-        if mode != "auto":
-            return mode
-        model = job.model
-        if not (self.cluster.usable("prefill", model, backend) and self.cluster.usable("decode", model, backend)):
+    def _colocated_role(self, job: Job, backend: str | None, failed: set[str]) -> Role | None:
+        """Where the co-located path runs: the `colocated` pool if usable, else decode instances
+        (`colocate_on_decode`, engines that run whole requests there), else nowhere."""
+        if self.cluster.usable("colocated", job.model, backend):
             return "colocated"
+        if self.settings.colocate_on_decode and self.placement.decode_hosts(job.model, backend, failed):
+            return "decode"
+        return None
+
+    async def _mode(
+        self, job: Job, backend: str | None, prediction: asyncio.Task[int | None], failed: set[str]
+    ) -> Route:
+        """Disaggregated, or co-located on a `colocated` instance (picked by the global scheduler)
+        or on a given decode instance (conditional disaggregation: HPHD, a backlogged prefill pool)."""
+        mode = self.settings.mode
+        model = job.model
+        if mode == "disaggregated":
+            return Route("disaggregated")
+        pd = self.cluster.usable("prefill", model, backend) and self.cluster.usable("decode", model, backend)
+        if mode == "colocated" or not pd:
+            if self._colocated_role(job, backend, failed) == "decode":
+                host = self.placement.pick_decode_host(self._view(job, None), model, backend, failed, test=None)
+                return Route("colocated", "decode", host, "mode")
+            return Route("colocated", reason="mode")  # no colocated instance either: acquire answers 503
+        role = self._colocated_role(job, backend, failed)
         if (
-            self.settings.colocate_heavy_heavy
+            role is not None
+            and self.settings.colocate_heavy_heavy
             and len(job.prompt_ids) > self.settings.heavy_prefill_threshold
-            and self.cluster.usable("colocated", model, backend)
         ):
             bucket = await _result_or_none(prediction, timeout_s=0.01)
             if bucket is not None and self._view(job, bucket).heavy_decode:
                 job.predicted_bucket = bucket
-                return "colocated"
-        return "disaggregated"
+                if role == "colocated":
+                    return Route("colocated", reason="hphd")
+                # On a decode instance only where decode admission would take it anyway.
+                view = self._view(job, bucket)
+                host = self.placement.pick_decode_host(view, model, backend, failed, test="admit")
+                if host is not None:
+                    return Route("colocated", "decode", host, "hphd")
+        threshold = self.settings.colocate_backlog_tokens
+        if threshold > 0 and self.settings.colocate_on_decode:
+            backlog = self.placement.prefill_backlog(model, backend, failed)
+            if backlog is not None and backlog > threshold:
+                # Never waits for the predictor: use the prediction only if it is already there.
+                bucket = job.predicted_bucket
+                if bucket is None and prediction.done() and not prediction.cancelled():
+                    bucket = prediction.result()
+                host = self.placement.pick_decode_host(self._view(job, bucket), model, backend, failed, test="room")
+                if host is not None:
+                    job.predicted_bucket = bucket
+                    return Route("colocated", "decode", host, "backlog")
+        return Route("disaggregated")
 
     async def _one_attempt(
         self, job: Job, prediction: asyncio.Task[int | None], failed: set[str]
     ) -> AsyncIterator[TokenEvent]:
         view = self._view(job, None)
         backend = self._pick_backend(job.model)
-        if await self._mode(job, backend, prediction) == "colocated":
-            inst = await self.placement.acquire_prefill(view, "colocated", job.model, failed, backend)
-            async for event in self._colocated(job, inst, failed):
+        route = await self._mode(job, backend, prediction, failed)
+        if route.mode == "colocated":
+            metrics.COLOCATED.labels(role=route.role, reason=route.reason).inc()
+            if route.host is None:
+                inst = await self.placement.acquire_prefill(view, "colocated", job.model, failed, backend)
+                reservation = None
+            else:
+                # A decode instance: hold its KV for the request until the engine shows it.
+                reservation = self._view(job, job.predicted_bucket)
+                inst = route.host
+                self.placement.reserve_kv(inst, reservation)
+                try:
+                    await self.placement.acquire_at(inst, reservation)
+                except BaseException:
+                    self.placement.release_decode_reservation(inst, reservation)
+                    raise
+            async for event in self._colocated(job, inst, failed, reservation):
                 yield event
             return
         prefill = await self.placement.acquire_prefill(view, "prefill", job.model, failed, backend)
@@ -163,18 +224,26 @@ class Server:
         async for event in self._disaggregated(job, view, prefill, decode, failed):
             yield event
 
-    async def _colocated(self, job: Job, inst: Instance, failed: set[str]) -> AsyncIterator[TokenEvent]:
+    async def _colocated(
+        self, job: Job, inst: Instance, failed: set[str], reservation: RequestView | None = None
+    ) -> AsyncIterator[TokenEvent]:
+        """Prefill and decode on one instance: a `colocated` one, or a decode instance
+        (`reservation`: the KV the orchestrator holds there until the first token)."""
         job.prefill_instance = job.decode_instance = inst.id
         job.backend = inst.spec.backend
         self._save(job, state="prefilling", prefill_instance=inst.id, decode_instance=inst.id,
-                   prefill_started_at=time.time(), backend=job.backend)
+                   prefill_started_at=time.time(), backend=job.backend, predicted_bucket=job.predicted_bucket,
+                   predictor_granularity=self.settings.predictor_granularity)
+        view = self._view(job, job.predicted_bucket)
         released = False
         try:
-            async with contextlib.aclosing(inst.backend.generate(self._gen_request(job))) as events:
+            async with contextlib.aclosing(inst.backend.generate(self._gen_request(job, view))) as events:
                 async for event in events:
                     if not released:
                         released = True
                         self.placement.release_prefill(inst)
+                        if reservation is not None:
+                            self.placement.release_decode_reservation(inst, reservation)
                         self._first_token(job)
                     self._count(job, event)
                     yield event
@@ -184,6 +253,8 @@ class Server:
         finally:
             if not released:
                 self.placement.release_prefill(inst)
+                if reservation is not None:
+                    self.placement.release_decode_reservation(inst, reservation)
 
     async def _disaggregated(
         self, job: Job, view: RequestView, prefill: Instance, decode: Instance, failed: set[str]

@@ -298,3 +298,81 @@ def test_mixed_deployment_runs_heavy_prefill_heavy_decode_colocated(tiny_pd_flee
             assert record["prefill_instance"] == expected, (prompt_kind, max_tokens, record)
     finally:
         extra.stop()
+
+
+def _token_prompt(i: int, n: int) -> list[int]:
+    return [100 + (i * 37 + k * 11) % 20000 for k in range(n)]
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_tokenizer():
+    from backends.native.model_source import load_model
+
+    return load_model(TINY, device="cpu")[1]
+
+
+def _hf_text(prompt_ids: list[int], n: int) -> str:
+    """What the orchestrator should stream for a greedy request: transformers' tokens, decoded."""
+    return _tiny_tokenizer().decode(hf_greedy(prompt_ids, n), skip_special_tokens=True)
+
+
+def test_plain_pd_runs_heavy_prefill_heavy_decode_on_the_decode_worker(tiny_pd_fleet, orchestrator_for):
+    """Conditional disaggregation without a co-located pool: HPHD runs prefill + decode on the decode
+    worker (no KV transfer), the other shapes still go prefill -> decode; greedy text equals HF's."""
+    url, state = orchestrator_for(pd_specs(tiny_pd_fleet), predictor="oracle", heavy_prefill_threshold=64,
+                                  colocate_backlog_tokens=0)
+    cases = [(100, 210, "decode-1"), (100, 20, "prefill-0"), (20, 210, "prefill-0")]
+    for i, (prompt_len, max_tokens, expected_prefill) in enumerate(cases):
+        prompt = _token_prompt(i, prompt_len)
+        body = {"model": TINY, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        resp = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert resp.status_code == 200, resp.text
+        data = resp.json()
+        assert data["usage"]["completion_tokens"] == max_tokens
+        assert data["choices"][0]["finish_reason"] == "length"
+        assert data["choices"][0]["text"] == _hf_text(prompt, max_tokens), (prompt_len, max_tokens)
+        record = httpx.get(f"{url}/admin/requests/{data['id']}", headers=AUTH, timeout=10).json()
+        assert record["state"] == "finished" and record["completion_tokens"] == max_tokens
+        assert record["prefill_instance"] == expected_prefill, (prompt_len, max_tokens, record)
+        if expected_prefill == "decode-1":
+            assert record["decode_instance"] == "decode-1" and not record["kv_bytes"]
+            assert record["predicted_bucket"] == 1
+        else:
+            assert record["decode_instance"] == "decode-1" and record["kv_bytes"] > 0
+    assert all(i.reserved_kv_tokens == 0 and i.inflight_prefills == 0 for i in state.cluster.instances.values())
+    loads = wait_pools_empty([w.url for w in tiny_pd_fleet.workers])
+    assert all(ld["free_kv_tokens"] == ld["total_kv_tokens"] and ld["running"] == 0 for ld in loads), loads
+
+
+def test_backlogged_prefill_falls_back_to_the_decode_worker(tiny_pd_fleet, orchestrator_for):
+    """Adaptive fallback: with the prefill queue holding more than colocate_backlog_tokens, requests
+    run co-located on the decode worker while it has room; none is lost, the pools end empty."""
+    url, state = orchestrator_for(pd_specs(tiny_pd_fleet), colocate_backlog_tokens=50)
+    bodies = [{"model": TINY, "prompt": _token_prompt(i, 200), "max_tokens": 8, "temperature": 0,
+               "ignore_eos": True} for i in range(16)]
+
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(client.post(f"{url}/v1/completions", json=b) for b in bodies))
+
+    responses = asyncio.run(main())
+    ids = []
+    for resp, body in zip(responses, bodies, strict=True):
+        assert resp.status_code == 200, resp.text
+        data = resp.json()
+        assert data["usage"]["completion_tokens"] == 8 and data["choices"][0]["finish_reason"] == "length"
+        assert data["choices"][0]["text"] == _hf_text(body["prompt"], 8)
+        ids.append(data["id"])
+    assert len(set(ids)) == 16
+    state.store.flush(timeout=10)
+    rows = [state.store.get_request(rid) for rid in ids]
+    assert all(row is not None and row["state"] == "finished" and row["completion_tokens"] == 8 for row in rows)
+    on_decode = [r for r in rows if r["prefill_instance"] == "decode-1"]
+    disaggregated = [r for r in rows if r["prefill_instance"] == "prefill-0"]
+    assert len(on_decode) + len(disaggregated) == 16
+    assert on_decode and disaggregated, [r["prefill_instance"] for r in rows]
+    assert all(r["decode_instance"] == "decode-1" and not r["kv_bytes"] for r in on_decode)
+    assert all(r["decode_instance"] == "decode-1" and r["kv_bytes"] > 0 for r in disaggregated)
+    assert all(i.reserved_kv_tokens == 0 and i.inflight_prefills == 0 for i in state.cluster.instances.values())
+    loads = wait_pools_empty([w.url for w in tiny_pd_fleet.workers])
+    assert all(ld["free_kv_tokens"] == ld["total_kv_tokens"] and ld["running"] == 0 for ld in loads), loads

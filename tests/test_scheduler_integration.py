@@ -141,6 +141,8 @@ def test_config_show_prints_every_knob_env_and_yaml(tmp_path, monkeypatch):
     assert shown["heavy_decode_threshold"] == 128 and shown["heavy_prefill_threshold"] == 512
     assert shown["predictor_granularity"] == 200 and shown["prefill_sched_batch"] == 16
     assert shown["monitor_interval_ms"] == 100
+    # conditional disaggregation (co-located fallback onto decode instances)
+    assert shown["colocate_on_decode"] is True and shown["colocate_backlog_tokens"] == 1200
 
     # TETRI_CONFIG names the file when --config is absent; a bad value is refused, not ignored.
     monkeypatch.setenv("TETRI_CONFIG", str(cfg))
@@ -336,3 +338,55 @@ def test_decode_kv_refusal_does_not_exclude_the_only_prefill_instance():
     events = asyncio.run(run())
     assert calls == ["decode-0", "decode-0"] and job.finish_reason == "length"
     assert [t for e in events for t in e.token_ids] == [7]
+
+
+def test_colocated_fallback_room_test_and_backlog_measure():
+    """Placement's pieces of the adaptive fallback: the prefill backlog counts our queue and the load
+    report; a decode instance has room only with >= 20% of its pool + the prompt free after
+    reservations and nothing waiting; decode servers that cannot run whole requests never host one."""
+    from backends.base import LoadReport
+    from orchestrator.cluster import Cluster
+    from orchestrator.config import Settings
+    from orchestrator.placement import Placement
+    from orchestrator.policies.types import RequestView
+
+    class Fake:
+        generates_on_decode = True
+
+        def __init__(self, role: str) -> None:
+            self.role = role
+
+    class NoGenerate(Fake):
+        generates_on_decode = False
+
+    settings = Settings(database_url="sqlite://", model=TINY)
+    cluster = Cluster()
+    for iid, backend in (("p", Fake("prefill")), ("d1", Fake("decode")), ("d2", Fake("decode")),
+                         ("sg", NoGenerate("decode"))):
+        inst = cluster.add(InstanceSpec(url=f"http://{iid}.invalid", role=backend.role, model=TINY, id=iid))
+        inst.backend = backend  # type: ignore[assignment]
+        inst.state = "healthy"
+    placement = Placement(settings, cluster, seed=0)
+    p, d1, d2, sg = (cluster.instances[i] for i in ("p", "d1", "d2", "sg"))
+    p.load = LoadReport(role="prefill", queued_prompt_tokens=300, running_prompt_tokens=100)
+    placement.queue_of(p).push(RequestView(id="q", arrival=0.0, prompt_tokens=250, max_tokens=8), 0.0)
+    assert placement.prefill_backlog(TINY, None, set()) == 650
+    assert placement.prefill_backlog(TINY, None, {"p"}) is None
+
+    req = RequestView(id="r", arrival=0.0, prompt_tokens=200, max_tokens=8)
+    for inst in (d1, d2, sg):
+        inst.load = LoadReport(role="decode", free_kv_tokens=900, total_kv_tokens=4000, running=2)
+    assert not placement.has_room(d1, req)  # 900 < 0.2 * 4000 + 200
+    d1.load = LoadReport(role="decode", free_kv_tokens=1000, total_kv_tokens=2000, running=3)
+    assert placement.has_room(d1, req)  # 1000 >= 400 + 200
+    d1.reserved_kv_tokens = 401
+    assert not placement.has_room(d1, req)
+    d1.reserved_kv_tokens = 0
+    d2.load = LoadReport(role="decode", free_kv_tokens=1900, total_kv_tokens=2000, running=0, queued=1)
+    assert not placement.has_room(d2, req)  # something waits there
+    sg.load = LoadReport(role="decode", free_kv_tokens=2000, total_kv_tokens=2000)
+    assert [i.id for i in placement.decode_hosts(TINY, None, set())] == ["d1", "d2"]
+    assert placement.pick_decode_host(req, TINY, None, set(), test="room") is d1
+    assert placement.pick_decode_host(req, TINY, None, {"d1"}, test="room") is None
+    # Without a test: the least outstanding (d2: 0 running + 1 queued < d1: 3 running).
+    assert placement.pick_decode_host(req, TINY, None, set(), test=None) is d2
