@@ -31,7 +31,9 @@ SETUPS = {
     "disaggregated": (["--prefill", "1", "--decode", "1"],
                       {"TETRI_MODE": "disaggregated", "TETRI_PREFILL_POLICY": "fcfs",
                        "TETRI_DISPATCH_POLICY": "least_loaded", "TETRI_DECODE_ADMISSION": "greedy",
-                       "TETRI_PREDICTOR": "constant", "TETRI_FLIP_POLICY": "none"},
+                       "TETRI_PREDICTOR": "constant", "TETRI_FLIP_POLICY": "none",
+                       "TETRI_COLOCATE_HEAVY_HEAVY": "false", "TETRI_COLOCATE_ON_DECODE": "false",
+                       "TETRI_COLOCATE_BACKLOG_TOKENS": "0"},
                       "disagg-simple+pd_ratio=1:1,ttft_at=handoff", 2),
 }  # fmt: skip
 

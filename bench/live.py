@@ -6,9 +6,11 @@ System → deployment (same instance count N for all):
 * ``colocated-vllm``: ``tetri up --colocated N --batching vllm``
 * ``colocated-sarathi``: ``tetri up --colocated N --batching sarathi``
 * ``disagg-simple``: ``--prefill P --decode D`` with FCFS, least-loaded dispatch, greedy admission,
-  constant predictor, no flip
+  constant predictor, no flip, no co-located fallback
 * ``tetri``: ``--prefill P --decode D`` with SJF, power-of-two dispatch, reserve-dynamic admission,
-  the oracle predictor (the request's ``max_tokens`` under ``ignore_eos``), idle flip
+  the oracle predictor (the request's ``max_tokens`` under ``ignore_eos``), idle flip, and the
+  orchestrator's default conditional disaggregation (HPHD and a backlogged prefill pool run
+  co-located on a decode worker)
 
 P:D comes from the simulator's planner (``plan_split``) with the cpu-smollm2 profile at the
 workload's rate, or from ``name+pd_ratio=P:D``. Workers run the built-in engine (``native``) or the
@@ -38,6 +40,10 @@ SYSTEM_ENV: dict[str, dict[str, str]] = {
         "TETRI_DECODE_ADMISSION": "greedy",
         "TETRI_PREDICTOR": "constant",
         "TETRI_FLIP_POLICY": "none",
+        # plain disaggregation, as the simulator's disagg-simple: never co-locate on a decode worker
+        "TETRI_COLOCATE_HEAVY_HEAVY": "false",
+        "TETRI_COLOCATE_ON_DECODE": "false",
+        "TETRI_COLOCATE_BACKLOG_TOKENS": "0",
     },
     "tetri": {
         "TETRI_PREFILL_POLICY": "sjf",
