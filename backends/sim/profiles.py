@@ -68,27 +68,6 @@ def cpu_profile_path() -> Path:
     return root / "sim" / "cpu-smollm2.json"
 
 
-def _native_curve() -> dict[str, Any] | None:
-    """Coefficients from the native engine's cached profile, if it exposes a fitted curve."""
-    try:
-        from backends.native import profile as nprof  # type: ignore[attr-defined]
-    except Exception:
-        return None
-    for fn in ("sim_coefficients", "load_cached_profile", "cached_profile", "load_profile"):
-        f = getattr(nprof, fn, None)
-        if f is None:
-            continue
-        try:
-            data = f()
-        except Exception:
-            continue
-        if isinstance(data, dict) and "per_token_ms" in data and "base_ms" in data:
-            return data
-        if hasattr(data, "__dict__") and hasattr(data, "per_token_ms"):
-            return dict(vars(data))
-    return None
-
-
 def _native_prefill_curve() -> dict[str, float] | None:
     """Prefill coefficients from the native engine's cached knee profile (tokens/s per pass size),
     when one exists for this machine: fits base + tok·N + unit·N² to its curve."""
@@ -130,7 +109,7 @@ def cpu_model(kv_tokens: int | None = None, **overrides: Any) -> LinearTimingMod
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable CPU profile %s: %s", path, exc)
     else:
-        native = _native_curve() or _native_prefill_curve()
+        native = _native_prefill_curve()
         if native:
             coeffs.update({k: v for k, v in native.items() if k in CPU_DEFAULT})
             source = "backends.native.profile (prefill curve) + documented decode defaults"
