@@ -2,15 +2,18 @@
 
 The worker runs the core in one thread (`backends.runner.EngineRunner`) and exposes it over HTTP
 (`backends.worker_server`). Cores are synchronous and single-threaded: every call below is made
-from the runner's thread only.
+from the runner's thread only, except `import_kv` (see there).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from backends.base import LoadReport, Role, SamplingParams
+
+if TYPE_CHECKING:
+    from backends.native.scheduler import PassShape
 
 Mode = Literal["full", "prefill_only", "decode_only"]
 
@@ -57,6 +60,7 @@ class EngineCore(Protocol):
     role: Role
     model_name: str
     chunk_size: int
+    last_pass: PassShape | None  # the latest step's pass (None: it ran none); the runner logs it
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request. Raises ValueError on a request the engine can never serve."""

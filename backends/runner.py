@@ -133,7 +133,7 @@ class EngineRunner:
                 self._loop.call_soon_threadsafe(_set_result, future, result)  # type: ignore[union-attr]
 
     def _log_pass(self, seconds: float) -> None:
-        shape = getattr(self.core, "last_pass", None)
+        shape = self.core.last_pass
         if shape is not None:
             self.passes.append({"ms": seconds * 1e3, "at": time.time(), **shape.as_dict()})
 

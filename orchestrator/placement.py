@@ -162,7 +162,7 @@ class Placement:
         """Usable decode instances that can run whole requests (prefill + decode) themselves."""
         return [
             i for i in self.cluster.usable("decode", model, backend)
-            if i.id not in exclude and getattr(i.backend, "generates_on_decode", False)
+            if i.id not in exclude and i.backend.generates_on_decode
         ]
 
     def has_room(self, inst: Instance, req: RequestView) -> bool:
@@ -216,7 +216,7 @@ class Placement:
                 view = next(v for v in views if v.id == chosen)
                 if self.admission.admits(view, req):
                     inst = self.cluster.instances[chosen]
-                    inst.reserved_kv_tokens += req.kv_need
+                    self.reserve_kv(inst, req)
                     return inst
             if time.monotonic() >= deadline:
                 raise Overloaded("no decode instance has room for the request", retry_after=2.0)

@@ -323,6 +323,7 @@ def test_decode_kv_refusal_does_not_exclude_the_only_prefill_instance():
         role = "decode"
         url = "http://decode.invalid"
         instance_id = "decode-0"
+        generates_on_decode = False  # Backend's attribute: this fake cannot host a co-located request
 
     for iid, role, backend in (("prefill-0", "prefill", FlakyPrefill()), ("decode-0", "decode", Decode())):
         inst = cluster.add(InstanceSpec(url=backend.url, backend="native", role=role, model=TINY, id=iid))
