@@ -10,7 +10,7 @@ runs). Measured passes:
 Each pass gives (ms, prefill tokens, Σ(c²+2ck), Σctx, sequences); ``fit_linear`` fits
 ``iter_ms = base + tok·N + unit·U + ctx·C + seq·S`` by relative least squares.
 
-``calibrate_from_worker(url)`` fits the same model to the passes a *running* worker logged while it
+``calibrate_from_workers(urls)`` fits the same model to the passes *running* workers logged while they
 served real traffic (``GET /passes``): the machine's speed at that minute, with the serving stack's
 own per-pass costs (sampling, detokenization, the HTTP relay competing for the cores) included.
 """
@@ -100,12 +100,17 @@ def worker_passes(url: str, since: float = 0.0, timeout_s: float = 10.0) -> tupl
     return passes, info
 
 
-def calibrate_from_worker(
-    url: str, since: float = 0.0, save: bool = True, path: Any = None
+def calibrate_from_workers(
+    urls: list[str], since: float = 0.0, save: bool = True, path: Any = None
 ) -> dict[str, Any]:
-    samples, info = worker_passes(url, since)
+    """One profile from the passes of several workers (e.g. a deployment's prefill and decode)."""
+    samples: list[dict[str, float]] = []
+    info: dict = {}
+    for url in urls:
+        passes, info = worker_passes(url, since)
+        samples += passes
     coeffs = _fit_and_save(samples, info, save, path)
-    coeffs["source_url"] = url
+    coeffs["source_urls"] = urls
     return coeffs
 
 

@@ -232,14 +232,23 @@ def calibrate(
     save: Annotated[bool, typer.Option(help="Save as the cpu-smollm2 profile.")] = True,
     out: Annotated[Path | None, typer.Option(help="Where to save (default: cache_dir()/sim/cpu-smollm2.json; "
                                                   "point TETRI_SIM_CPU_PROFILE at another path to use it).")] = None,
-    url: Annotated[str | None, typer.Option(help="Fit to the passes a running worker logged (GET URL/passes) "
-                                                 "instead of measuring a fresh engine.")] = None,
+    url: Annotated[list[str] | None, typer.Option(help="Fit to the passes running workers logged (GET URL/passes) "
+                                                       "instead of measuring a fresh engine; repeatable.")] = None,
     since: Annotated[float, typer.Option(help="With --url: only passes after this unix time.")] = 0.0,
 ) -> None:
     """Fit the cpu-smollm2 timing profile from measured forward passes of the built-in engine."""
-    from bench.calibrate import calibrate_cpu, calibrate_from_worker
+    from bench.calibrate import calibrate_cpu, calibrate_from_workers
 
-    coeffs = calibrate_from_worker(url, since, save, out) if url else calibrate_cpu(save=save, path=out)
+    if url:
+        import httpx
+
+        try:
+            coeffs = calibrate_from_workers(url, since, save, out)
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            msg = f"cannot fit to the passes of {', '.join(url)}: {exc}"
+            raise typer.BadParameter(msg, param_hint="--url") from exc
+    else:
+        coeffs = calibrate_cpu(save=save, path=out)
     typer.echo(json.dumps(coeffs, indent=2))
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from backends.sim.cluster import simulate
 from backends.sim.profiles import get_timing
+from bench.calibrate import calibrate_cpu, calibrate_from_workers
 from bench.live import Deployment, _free_port
 from bench.metrics import ratio, summarize
 from bench.runner import run_workload
@@ -57,8 +58,6 @@ def run(
     profile_path = out / "cpu-smollm2.json"
     if calibrate == "engine":
         # Back to back with the live run: this machine's speed moves with its load (shared cores).
-        from bench.calibrate import calibrate_cpu
-
         calibrate_cpu(save=True, path=profile_path)
         os.environ["TETRI_SIM_CPU_PROFILE"] = str(profile_path)
     wl = _workload(requests, rate, max_prompt, max_output, seed)
@@ -74,7 +73,7 @@ def run(
             # (calibrating at 4x the rate was tried: its own CPU contention biased the fit by 50%).
             calib = _workload(requests, rate, max_prompt, max_output, seed + 1000)
             run_workload(dep.url, calib, instances=n, show_progress=False)
-            _fit_live(dep.url, since, profile_path)
+            calibrate_from_workers([w["url"] for w in _worker_infos(dep.url)], since, path=profile_path)
             os.environ["TETRI_SIM_CPU_PROFILE"] = str(profile_path)
         t = time.perf_counter()
         live = run_workload(dep.url, wl, instances=n, show_progress=False)
@@ -133,21 +132,6 @@ def _worker_infos(url: str) -> list[dict[str, Any]]:
         info = httpx.get(f"{inst['url'].rstrip('/')}/info", timeout=10).raise_for_status().json()
         infos.append({**info, "url": inst["url"]})
     return infos
-
-
-def _fit_live(url: str, since: float, path: Path) -> None:
-    """Fit cpu-smollm2 to the passes every worker of the deployment logged since ``since``."""
-    from backends.sim.profiles import fit_linear, save_cpu_profile
-    from bench.calibrate import worker_passes
-
-    samples: list[dict[str, float]] = []
-    info: dict[str, Any] = {}
-    for worker in _worker_infos(url):
-        passes, info = worker_passes(worker["url"], since)
-        samples += passes
-    coeffs: dict[str, Any] = fit_linear(samples)
-    coeffs.update(samples=len(samples), source="live passes", total_kv_tokens=info.get("total_kv_tokens", 32768))
-    save_cpu_profile(coeffs, path)
 
 
 def main() -> None:  # pragma: no cover - CLI

@@ -313,7 +313,7 @@ def test_calibrate_from_a_running_worker_recovers_its_timing_model():
     import httpx
 
     from backends.worker_server import create_worker_app
-    from bench.calibrate import calibrate_from_worker
+    from bench.calibrate import calibrate_from_workers
     from tests.conftest import serve_app
 
     core = SimEngine(profile="cpu-smollm2", speed=5.0)  # passes of 30-400 ms: sleep jitter stays small
@@ -325,7 +325,7 @@ def test_calibrate_from_a_running_worker_recovers_its_timing_model():
             with httpx.stream("POST", f"{url}/generate", json=body, timeout=30) as resp:
                 assert resp.status_code == 200
                 resp.read()
-        coeffs = calibrate_from_worker(url, save=False)
+        coeffs = calibrate_from_workers([url], save=False)
     assert coeffs["samples"] >= 16
     # Passes were timed around real sleeps of iter_s / speed: scale back and compare a few shapes.
     for shape in ((96, 96.0**2, 1, 0, 0), (0, 0.0, 0, 1, 100), (150, 150.0**2, 1, 0, 0)):
@@ -343,3 +343,4 @@ def test_ttft_at_handoff_adds_the_kv_transfer_to_disaggregated_first_tokens(h100
     assert at_prefill["mean_ttft_ms"] + 1.0 < at_handoff["mean_ttft_ms"] < at_prefill["mean_ttft_ms"] + 100.0
     with pytest.raises(ValueError, match="ttft_at"):
         simulate("disagg-simple+ttft_at=never", h100, 4, reqs, seed=1)
+
