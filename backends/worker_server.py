@@ -22,6 +22,7 @@ from backends.runner import EngineRunner
 from kvbridge.native import KVReceiver, encode_kv_chunks, encoded_size
 from kvbridge.socket_channel import KVRefused, KVSocketServer
 from kvbridge.socket_channel import push_kv as socket_push_kv
+from orchestrator.errors import error_response, install_error_handlers
 
 _LEASE_REAP_INTERVAL_S = 0.5
 _PUSH_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=120.0, pool=10.0)
@@ -93,10 +94,8 @@ class KVLease:
 
 
 def _error(status: int, message: str, code: str = "invalid_request", retry_after: float | None = None):
-    headers = {"Retry-After": str(int(max(1, retry_after)))} if retry_after else None
-    body = {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
-                      "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    type_ = "invalid_request_error" if status < 500 else "server_error"
+    return error_response(status, message, type_, code=code, retry_after=retry_after or None)
 
 
 def _event(out: StepOutput, phase: str) -> TokenEvent:
@@ -203,6 +202,7 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
         await state.http.aclose()
 
     app = FastAPI(title="tetri worker", lifespan=lifespan)
+    install_error_handlers(app)  # validation errors in the contract's {"error": {...}} shape, as the orchestrator's
     app.state.worker = state
 
     def refuse_if_draining() -> JSONResponse | None:

@@ -344,3 +344,19 @@ def test_ttft_at_handoff_adds_the_kv_transfer_to_disaggregated_first_tokens(h100
     with pytest.raises(ValueError, match="ttft_at"):
         simulate("disagg-simple+ttft_at=never", h100, 4, reqs, seed=1)
 
+
+def test_worker_answers_bad_input_in_the_contract_error_shape_and_keeps_serving():
+    import httpx
+
+    from backends.worker_server import create_worker_app
+    from tests.conftest import serve_app
+
+    with serve_app(create_worker_app(SimEngine(profile="cpu-smollm2", speed=50.0), backend="sim", kv_port=None)) as url:
+        bad = httpx.get(f"{url}/passes", params={"since": "yesterday"}, timeout=10)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "query.since"
+        empty = httpx.post(f"{url}/generate", json={"request_id": "e", "prompt_ids": []}, timeout=10)
+        assert empty.status_code == 400 and "prompt_ids" in empty.json()["error"]["message"]
+        ok = httpx.post(f"{url}/generate", json={"request_id": "g", "prompt_ids": [5, 6, 7],
+                                                 "sampling": {"max_tokens": 2, "ignore_eos": True}}, timeout=30)
+        assert ok.status_code == 200 and ok.text.count("\n") >= 2
+        assert httpx.get(f"{url}/passes", timeout=10).json()["passes"]
