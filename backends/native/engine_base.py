@@ -1,0 +1,346 @@
+"""ScheduledEngine: the EngineCore bookkeeping the native and sim engines share.
+
+Both engines plan passes with the native `Scheduler` over a paged `KVPool`; they differ only in what
+a pass *is* (a PyTorch forward pass plus sampling, or a timing model's sleep plus deterministic
+tokens). This class owns everything around the pass: validation and admission, the decode_only
+hand-over of imported KV, finishing and aborting, KV export/import bookkeeping, role changes, the
+load report and the static facts. A subclass sets `model_name`, `max_context` and `eos_ids`, builds
+its pool, calls `ScheduledEngine.__init__` and implements `_run_pass` and the small hooks below.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from backends.base import LoadReport, Role
+from backends.engine_api import EngineRequest, KVPayload, StepOutput
+from backends.native.detokenize import IncrementalDetokenizer
+from backends.native.kv_cache import BLOCK_SIZE, BlockTable, KVPool, blocks_for
+from backends.native.scheduler import PassShape, Scheduler
+from backends.native.sequence import Sequence, Status
+
+ROLES = ("prefill", "decode", "colocated")
+# Modes each role accepts.
+ROLE_MODES = {
+    "prefill": ("prefill_only",),
+    # A decode instance also runs whole requests (prefill + decode, no KV transfer): the
+    # orchestrator's co-located fallback (conditional disaggregation). Its prompt is chunked into
+    # the token budget beside the running decodes (Sarathi-style hybrid batches).
+    "decode": ("decode_only", "full"),
+    "colocated": ("full", "prefill_only", "decode_only"),
+}
+
+
+def check_role(role: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+
+
+class ScheduledEngine:
+    """EngineCore around the native Scheduler. Synchronous: call everything from one thread
+    (except `import_kv`, see engine_api)."""
+
+    backend: str
+    # Set by the subclass before ScheduledEngine.__init__ (the scheduler's token cap reads max_context).
+    model_name: str
+    max_context: int
+    eos_ids: set[int]
+
+    def __init__(
+        self,
+        pool: KVPool,
+        role: Role,
+        batching: str,
+        chunk_size: int,
+        max_batch: int,
+        max_batched_tokens: int | None,
+    ) -> None:
+        check_role(role)
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be a positive number of tokens")
+        self.pool = pool
+        self.role: Role = role
+        self.batching = batching
+        self.chunk_size = chunk_size
+        self.max_batch = max_batch
+        self.scheduler = Scheduler(
+            pool, chunk_size, max_batch, batching,  # type: ignore[arg-type]
+            max_batched_tokens=max_batched_tokens or max(chunk_size, self.max_context),
+        )  # fmt: skip
+        self._apply_style()
+        self._seqs: dict[str, Sequence] = {}  # every request the engine knows: queued..held
+        self._imported: dict[str, tuple[BlockTable, int]] = {}  # KV waiting for its decode request
+        self._pending: list[StepOutput] = []  # outputs produced outside a pass
+        self._order = itertools.count()
+        self.steps = 0
+        self.last_pass: PassShape | None = None  # the latest step's shape (None: it ran no pass)
+        self.tokens_processed = 0
+
+    # ---- what a subclass supplies ---------------------------------------------------------
+    def _run_pass(self, plan: list[tuple[Sequence, int]], shape: PassShape) -> list[tuple[Sequence, int]]:
+        """Execute `plan` (before its sequences' `num_computed` advance); return (sequence, next
+        token) for each sequence the pass brings to its newest token, in plan order."""
+        raise NotImplementedError
+
+    def _detokenizer(self, request: EngineRequest) -> IncrementalDetokenizer:
+        raise NotImplementedError
+
+    def _validate_for_model(self, request: EngineRequest) -> None:
+        """Checks only a real model needs (sampling ranges, vocabulary); none by default."""
+
+    def _plan(self) -> list[tuple[Sequence, int]]:
+        return self.scheduler.schedule()
+
+    def _idle(self, has_outputs: bool) -> None:
+        """Called when the scheduler planned no pass; a subclass may wait here instead of letting a
+        caller that loops on has_work() spin."""
+
+    def _kv_data(self, seq: Sequence) -> Any:
+        """The exported KV of a held sequence."""
+        raise NotImplementedError
+
+    def _kv_extra(self) -> dict[str, Any]:
+        """`KVPayload.extra` beyond dtype, block size and first token."""
+        return {}
+
+    def _import_data(self, payload: KVPayload) -> Any:
+        """Check (and convert) an imported payload's data before any block is allocated."""
+        return payload.data
+
+    def _write_kv(self, table: BlockTable, data: Any) -> None:
+        """Copy imported data into freshly allocated blocks (outside the pool lock)."""
+
+    def _on_import(self, request_id: str, num_tokens: int) -> None:
+        """Runs under the pool lock right after an import is registered."""
+
+    def _load_extra(self) -> dict[str, Any]:
+        return {}
+
+    def _model_info(self) -> dict[str, Any]:
+        """The `info()` facts of the model and device (layers, vocabulary, device...)."""
+        raise NotImplementedError
+
+    # ---- EngineCore -----------------------------------------------------------------------
+    def _apply_style(self) -> None:
+        self.scheduler.whole_prompts = self.role == "colocated" and self.batching == "vllm"
+
+    def _validate(self, request: EngineRequest) -> None:
+        rid = request.request_id
+        if rid in self._seqs:
+            raise ValueError(f"request {rid!r} is already in the engine")
+        if request.mode not in ROLE_MODES[self.role]:
+            raise ValueError(
+                f"a {self.role} engine does not take {request.mode} requests "
+                f"(accepts: {', '.join(ROLE_MODES[self.role])})"
+            )
+        n = len(request.prompt_ids)
+        sp = request.sampling
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if sp.max_tokens is None or sp.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        self._validate_for_model(request)
+        if n + sp.max_tokens > self.max_context:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({sp.max_tokens}) exceeds the model's context "
+                f"of {self.max_context} tokens"
+            )
+        if blocks_for(n + sp.max_tokens) > self.pool.num_blocks:
+            raise ValueError(
+                f"prompt + max_tokens ({n + sp.max_tokens} tokens) is more than this engine's whole "
+                f"KV pool ({self.pool.total_tokens} tokens)"
+            )
+
+    def add_request(self, request: EngineRequest) -> None:
+        self._validate(request)
+        rid = request.request_id
+        seq = Sequence(
+            req=request,
+            tokens=list(request.prompt_ids),
+            prompt_len=len(request.prompt_ids),
+            detok=self._detokenizer(request),
+            order=next(self._order),
+        )
+        if request.mode == "decode_only":
+            imported = self._imported.get(rid)
+            if imported is None:
+                raise ValueError(f"no imported KV for request {rid!r}")
+            if request.first_token is None:
+                raise ValueError("a decode_only request needs first_token (sampled by the prefill side)")
+            table, num_tokens = imported
+            if num_tokens != len(request.prompt_ids):
+                raise ValueError(f"imported KV holds {num_tokens} tokens but the prompt has {len(request.prompt_ids)}")
+            del self._imported[rid]
+            seq.table = table
+            seq.num_computed = num_tokens
+            first = int(request.first_token)
+            seq.tokens.append(first)
+            seq.outputs.append(first)
+            # Replay the prefill side's detokenizer step so text deltas continue where it stopped.
+            _delta, stopped = seq.detok.push(first)
+            reason = self._end_reason(seq, first, stopped)
+            if reason is not None:  # the prefill side's token already ended it: nothing to decode
+                self._finish(seq)
+                self._pending.append(StepOutput(rid, None, "", reason))
+                return
+            seq.status = Status.READY
+        self._seqs[rid] = seq
+        self.scheduler.add(seq)
+
+    def has_work(self) -> bool:
+        return bool(self._pending) or self.scheduler.has_work()
+
+    def step(self) -> list[StepOutput]:
+        outputs, self._pending = self._pending, []
+        self.last_pass = None
+        plan = self._plan()
+        if not plan:
+            self._idle(bool(outputs))
+            return outputs
+        shape = self.last_pass = PassShape.of(plan)
+        sampled = self._run_pass(plan, shape)
+        for seq, n in plan:
+            seq.num_computed += n
+        self.steps += 1
+        self.tokens_processed += shape.tokens + shape.dseqs  # every token the pass fed
+        for seq, tok in sampled:
+            outputs.append(self._append(seq, tok))
+        return outputs
+
+    def abort(self, request_id: str) -> None:
+        seq = self._seqs.get(request_id)
+        if seq is not None:
+            self._finish(seq)
+        self._pending = [o for o in self._pending if o.request_id != request_id]
+        self.release_kv(request_id)
+
+    def export_kv(self, request_id: str) -> KVPayload:
+        """Copy a prefilled request's KV out. The blocks stay held until `release_kv` (or `abort`)."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is not Status.HELD:
+            raise KeyError(f"no prefilled KV held for request {request_id!r}")
+        return KVPayload(
+            request_id=request_id,
+            num_tokens=seq.num_computed,
+            data=self._kv_data(seq),
+            model=self.model_name,
+            extra={
+                "dtype": self._dtype_name,
+                "block_size": BLOCK_SIZE,
+                "first_token": seq.outputs[0] if seq.outputs else None,
+                **self._kv_extra(),
+            },
+        )
+
+    def import_kv(self, payload: KVPayload) -> None:
+        rid = payload.request_id
+        if rid in self._imported or rid in self._seqs:
+            raise ValueError(f"request {rid!r} already has KV or is running here")
+        data = self._import_data(payload)
+        if payload.num_tokens < 1 or payload.num_tokens >= self.max_context:
+            raise ValueError(f"KV of {payload.num_tokens} tokens does not fit the model's context")
+        need = blocks_for(payload.num_tokens)
+        try:
+            table = BlockTable(self.pool.allocate(need))
+        except MemoryError:
+            raise MemoryError(
+                f"KV pool full: {payload.num_tokens} tokens need {need} blocks, {self.pool.free_blocks} free"
+            ) from None
+        # The blocks are this import's alone until registered: the copy runs beside the forward pass.
+        self._write_kv(table, data)
+        with self.pool.lock:
+            if rid in self._imported or rid in self._seqs:  # a second import of the same id raced us
+                self.pool.release(table)
+                raise ValueError(f"request {rid!r} already has KV or is running here")
+            self._imported[rid] = (table, payload.num_tokens)
+            self._on_import(rid, payload.num_tokens)
+
+    def release_kv(self, request_id: str) -> None:
+        imported = self._imported.pop(request_id, None)
+        if imported is not None:
+            self.pool.release(imported[0])
+        seq = self._seqs.get(request_id)
+        if seq is not None and seq.status is Status.HELD:
+            self._finish(seq)
+
+    def set_role(self, role: Role) -> None:
+        check_role(role)
+        if self.scheduler.has_work():
+            raise RuntimeError("set_role needs an idle engine (drain it first)")
+        self.role = role
+        self._apply_style()
+
+    def load(self) -> LoadReport:
+        sched = self.scheduler
+        held = [s for s in self._seqs.values() if s.status is Status.HELD]
+        return LoadReport(
+            role=self.role,
+            free_kv_tokens=self.pool.free_tokens,
+            total_kv_tokens=self.pool.total_tokens,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+            model=self.model_name,
+            **sched.load_fields(),  # type: ignore[arg-type]
+            extra={
+                "batching": self.batching,
+                "held_kv_requests": len(held),
+                "held_kv_tokens": sum(s.num_computed for s in held),
+                "imported_kv_requests": len(self._imported),
+                "imported_kv_tokens": sum(n for _t, n in self._imported.values()),
+                "preemptions": sched.preemptions,
+                "steps": self.steps,
+                **self._load_extra(),
+            },
+        )
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": self.model_name,
+            "backend": self.backend,
+            "block_size": BLOCK_SIZE,
+            "total_kv_tokens": self.pool.total_tokens,
+            "dtype": self._dtype_name,
+            "chunk_size": self.chunk_size,
+            "max_context": self.max_context,
+            "role": self.role,
+            "batching": self.batching,
+            "max_batch": self.max_batch,
+            "eos_token_ids": sorted(self.eos_ids),
+            **self._model_info(),
+        }
+
+    # ---- internals ------------------------------------------------------------------------
+    @property
+    def _dtype_name(self) -> str:
+        return str(self.pool.dtype).removeprefix("torch.")
+
+    def _end_reason(self, seq: Sequence, tok: int, stopped: bool) -> str | None:
+        """Why `seq` ends with its newest token `tok` (a stop string hit: `stopped`), or None."""
+        sp = seq.req.sampling
+        if stopped or (tok in self.eos_ids and not sp.ignore_eos):
+            return "stop"
+        if len(seq.outputs) >= sp.max_tokens or len(seq.tokens) >= self.max_context:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        self.pool.release(seq.table)
+        seq.status = Status.FINISHED
+        self._seqs.pop(seq.request_id, None)
+
+    def _append(self, seq: Sequence, tok: int) -> StepOutput:
+        seq.tokens.append(tok)
+        seq.outputs.append(tok)
+        delta, stopped = seq.detok.push(tok)
+        reason = self._end_reason(seq, tok, stopped)
+        if reason is not None:
+            if not stopped:
+                delta += seq.detok.flush()
+            self._finish(seq)
+        elif seq.req.mode == "prefill_only":
+            reason = "prefilled"
+            self.scheduler.remove(seq)
+            seq.status = Status.HELD
+        return StepOutput(seq.request_id, tok, delta, reason)
