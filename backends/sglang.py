@@ -32,7 +32,6 @@ from urllib.parse import urlsplit
 import httpx
 
 from backends.base import (
-    Backend,
     BackendError,
     GenRequest,
     Handoff,
@@ -43,10 +42,10 @@ from backends.base import (
     SamplingParams,
     TokenEvent,
 )
+from backends.http import HTTPBackend, engine_timeout, error_message, http_error, iter_sse
 
 log = logging.getLogger("tetri.backends.sglang")
 
-_TIMEOUT = httpx.Timeout(connect=5.0, read=900.0, write=60.0, pool=30.0)
 _SHORT = 5.0
 DEFAULT_BOOTSTRAP_PORT = 8998
 MAX_ROOM = 2**63 - 1
@@ -62,28 +61,8 @@ class RestartRequired(BackendError):
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers shared with backends/tensorrt_llm.py
+# helpers shared with backends/tensorrt_llm.py and kvbridge (the HTTP ones are in backends/http.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def error_message(resp: httpx.Response) -> str:
-    """The message of any engine error body: `{"error": {...}}`, `{"error": "..."}`,
-    `{"object": "error", "message": ...}`, FastAPI's `{"detail": ...}` or plain text."""
-    try:
-        data = resp.json()
-    except Exception:  # noqa: BLE001
-        return resp.text[:500] or f"HTTP {resp.status_code}"
-    if isinstance(data, dict):
-        err = data.get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-        if isinstance(err, str):
-            return err
-        if data.get("message"):
-            return str(data["message"])
-        if data.get("detail"):
-            return str(data["detail"])
-    return json.dumps(data)[:500]
 
 
 def tag(exc: BackendError, instance_id: str) -> BackendError:
@@ -92,34 +71,6 @@ def tag(exc: BackendError, instance_id: str) -> BackendError:
     if getattr(exc, "instance_id", None) is None:
         exc.instance_id = instance_id  # type: ignore[attr-defined]
     return exc
-
-
-def http_error(instance_id: str, resp: httpx.Response, message: str | None = None) -> BackendError:
-    status = resp.status_code
-    msg = message if message is not None else error_message(resp)
-    return BackendError(f"{instance_id}: HTTP {status}: {msg}", status=status, retryable=status in (429, 502, 503, 504))
-
-
-async def iter_sse(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    """JSON objects of a `data: ...` event stream, up to `data: [DONE]`.
-
-    Tolerates a space before the blank line (TensorRT-LLM chat) and ignores comments and blank lines.
-    """
-    async for line in resp.aiter_lines():
-        line = line.strip()
-        if not line or not line.startswith("data:"):
-            continue
-        payload = line[5:].strip()
-        if payload == "[DONE]":
-            return
-        try:
-            data = json.loads(payload)
-        except json.JSONDecodeError:
-            log.warning("unparseable stream line: %.200s", payload)
-            continue
-        if isinstance(data, list):  # a batch answer; we never send batches
-            data = data[0] if data else {}
-        yield data
 
 
 def host_of(url: str) -> str:
@@ -320,7 +271,7 @@ def check_pd_pair(prefill_info: dict[str, Any], decode_info: dict[str, Any]) -> 
 # ---------------------------------------------------------------------------------------------
 
 
-class SGLangBackend(Backend):
+class SGLangBackend(HTTPBackend):
     """One SGLang server (`python -m sglang.launch_server` / `sglang serve`).
 
     Options (InstanceSpec.options): `bootstrap_host` (address of this prefill as the decode servers
@@ -333,6 +284,7 @@ class SGLangBackend(Backend):
     """
 
     kind = "sglang"
+    health_timeout_s = 30.0
 
     def __init__(
         self,
@@ -354,7 +306,7 @@ class SGLangBackend(Backend):
         max_context: int | None = None,
         **unknown: Any,
     ) -> None:
-        super().__init__(url, instance_id, role, model)
+        super().__init__(url, instance_id, role, model, timeout=engine_timeout(timeout_s), bearer=admin_key or api_key)
         self.max_context = max_context
         if unknown:
             log.warning("sglang instance %s: ignoring unknown options %s", instance_id, sorted(unknown))
@@ -364,12 +316,6 @@ class SGLangBackend(Backend):
         self.decode_cuda_graph_memory_gb = decode_cuda_graph_memory_gb
         self.decode_cuda_graph_bs = decode_cuda_graph_bs
         self.drain_timeout_s = drain_timeout_s
-        headers = {}
-        key = admin_key or api_key
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        timeout = httpx.Timeout(connect=5.0, read=timeout_s, write=60.0, pool=30.0) if timeout_s else _TIMEOUT
-        self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=headers)
         self._info: dict[str, Any] | None = None
         self._load_path: str | None = None
         self.accepting = True
@@ -384,16 +330,6 @@ class SGLangBackend(Backend):
         if self._info and self._info.get("bootstrap_port") is not None:
             return int(self._info["bootstrap_port"])
         return DEFAULT_BOOTSTRAP_PORT
-
-    async def close(self) -> None:
-        await self._client.aclose()
-
-    async def health(self) -> bool:
-        try:
-            resp = await self._client.get("/health", timeout=30.0)
-        except httpx.HTTPError:
-            return False
-        return resp.status_code == 200
 
     async def _get_json(self, *paths: str, timeout: float = _SHORT) -> tuple[str, Any]:
         """The first of `paths` that answers 200 with JSON; 404/405 fall through to the next."""

@@ -40,7 +40,6 @@ from typing import Any
 import httpx
 
 from backends.base import (
-    Backend,
     BackendError,
     GenRequest,
     Handoff,
@@ -50,11 +49,11 @@ from backends.base import (
     Role,
     TokenEvent,
 )
-from backends.sglang import InflightLedger, RestartRequired, http_error, iter_sse
+from backends.http import HTTPBackend, engine_timeout, http_error, iter_sse
+from backends.sglang import InflightLedger, RestartRequired
 
 log = logging.getLogger("tetri.backends.tensorrt_llm")
 
-_TIMEOUT = httpx.Timeout(connect=5.0, read=900.0, write=60.0, pool=30.0)
 _SHORT = 5.0
 PLACEHOLDER_ID = -1
 AUTH_HEADER = "x-trtllm-disagg-auth"
@@ -118,7 +117,7 @@ def _first_error(chunk: dict[str, Any]) -> str | None:
     return str(err)
 
 
-class TensorRTLLMBackend(Backend):
+class TensorRTLLMBackend(HTTPBackend):
     """One `trtllm-serve` worker.
 
     Options (InstanceSpec.options): `served_model` (the `model` string of requests; default
@@ -131,6 +130,7 @@ class TensorRTLLMBackend(Backend):
     """
 
     kind = "tensorrt-llm"
+    health_timeout_s = 10.0
 
     def __init__(
         self,
@@ -152,7 +152,7 @@ class TensorRTLLMBackend(Backend):
         max_context: int | None = None,
         **unknown: Any,
     ) -> None:
-        super().__init__(url, instance_id, role, model)
+        super().__init__(url, instance_id, role, model, timeout=engine_timeout(timeout_s), bearer=api_key)
         self.max_context = max_context
         if unknown:
             log.warning("tensorrt-llm instance %s: ignoring unknown options %s", instance_id, sorted(unknown))
@@ -163,9 +163,6 @@ class TensorRTLLMBackend(Backend):
         self.allow_flip = allow_flip
         self.metrics_timeout_s = metrics_timeout_s
         self.drain_timeout_s = drain_timeout_s
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        timeout = httpx.Timeout(connect=5.0, read=timeout_s, write=60.0, pool=30.0) if timeout_s else _TIMEOUT
-        self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=headers)
         self.ledger = InflightLedger(heavy_decode_threshold)
         self.accepting = True
         self._stats: dict[int, dict[str, Any]] = {}   # last iteration stats per attention-DP rank
@@ -176,17 +173,7 @@ class TensorRTLLMBackend(Backend):
         self._no_disagg_id = False
         self._warmed = False
 
-    async def close(self) -> None:
-        await self._client.aclose()
-
-    # ---- registration, health, load ---------------------------------------------------------
-    async def health(self) -> bool:
-        try:
-            resp = await self._client.get("/health", timeout=10.0)
-        except httpx.HTTPError:
-            return False
-        return resp.status_code == 200
-
+    # ---- registration, load (health, close: HTTPBackend) ---------------------------------------
     async def info(self, refresh: bool = False) -> dict[str, Any]:
         if self._info is not None and not refresh:
             return self._info

@@ -10,7 +10,6 @@ from typing import Any
 import httpx
 
 from backends.base import (
-    Backend,
     BackendError,
     GenRequest,
     Handoff,
@@ -20,7 +19,9 @@ from backends.base import (
     Role,
     TokenEvent,
 )
+from backends.http import HTTPBackend, error_message
 
+# tetri's own workers keep their own limits (the GPU engines' are backends.http.ENGINE_TIMEOUT).
 _TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=10.0)
 
 
@@ -35,24 +36,14 @@ def _body(request: GenRequest, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _error_message(resp: httpx.Response) -> str:
-    try:
-        return str(resp.json()["error"]["message"])
-    except Exception:  # noqa: BLE001
-        return resp.text[:500] or f"HTTP {resp.status_code}"
-
-
-class WorkerBackend(Backend):
+class WorkerBackend(HTTPBackend):
     kind = "native"
     generates_on_decode = True  # the built-in engine's decode role runs full requests (hybrid batches)
+    health_timeout_s = 2.0
 
     def __init__(self, url: str, instance_id: str, role: Role, model: str | None = None, kind: str = "native"):
-        super().__init__(url, instance_id, role, model)
+        super().__init__(url, instance_id, role, model, timeout=_TIMEOUT)
         self.kind = kind
-        self._client = httpx.AsyncClient(base_url=self.url, timeout=_TIMEOUT)
-
-    async def close(self) -> None:
-        await self._client.aclose()
 
     async def _post(self, path: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         try:
@@ -60,15 +51,8 @@ class WorkerBackend(Backend):
         except httpx.HTTPError as exc:
             raise BackendError(f"{self.instance_id}: {exc!r}", status=503, retryable=True) from exc
         if resp.status_code >= 400:
-            raise BackendError(_error_message(resp), status=resp.status_code, retryable=resp.status_code >= 500)
+            raise BackendError(error_message(resp), status=resp.status_code, retryable=resp.status_code >= 500)
         return resp.json()
-
-    async def health(self) -> bool:
-        try:
-            resp = await self._client.get("/health", timeout=2.0)
-        except httpx.HTTPError:
-            return False
-        return resp.status_code == 200
 
     async def load(self) -> LoadReport:
         try:
@@ -101,13 +85,14 @@ class WorkerBackend(Backend):
                 if resp.status_code >= 400:
                     await resp.aread()
                     raise BackendError(
-                        _error_message(resp), status=resp.status_code, retryable=resp.status_code >= 500
+                        error_message(resp), status=resp.status_code, retryable=resp.status_code >= 500
                     )
                 async for line in resp.aiter_lines():
                     if line.strip():
                         yield TokenEvent(**json.loads(line))
         except httpx.HTTPError as exc:
-            raise BackendError(f"{self.instance_id}: stream broke: {exc!r}", status=503) from exc
+            # A broken stream is the instance failing (crash, restart): retry elsewhere, or migrate mid-stream.
+            raise BackendError(f"{self.instance_id}: stream broke: {exc!r}", status=503, retryable=True) from exc
 
     async def abort(self, request_id: str) -> None:
         await self._post("/abort", {"request_id": request_id}, timeout=5.0)
