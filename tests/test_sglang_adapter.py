@@ -6,64 +6,32 @@ import asyncio
 
 import pytest
 
-from backends.base import BackendError, GenRequest, SamplingParams, TokenEvent
+from backends.base import BackendError, GenRequest
 from backends.sglang import RestartRequired, SGLangBackend, check_pd_pair
 from kvbridge.base import HandoffStats, strategy_for
 from kvbridge.sglang import BootstrapRoomStrategy
+from tests.adapter_helpers import Node, Nodes, collect, gen_request, joined, run_handoff, wait_for
 from tests.fakes import toy_model
-from tests.fakes.server import ServerThread
 from tests.fakes.sglang_fake import SGLangFake, SGLangFakeConfig
 
 PROMPT = [1, 15043, 3186, 42]
 
 
-class Node:
-    def __init__(self, fake: SGLangFake, server: ServerThread, backend: SGLangBackend) -> None:
-        self.fake, self.server, self.backend = fake, server, backend
-
-    @property
-    def config(self) -> SGLangFakeConfig:
-        return self.fake.config
-
-
 @pytest.fixture
 async def make_node():
-    nodes: list[Node] = []
+    nodes = Nodes()
 
     async def make(mode: str | None = None, role: str | None = None, **cfg) -> Node:
+        instance_id, role = f"{mode or 'colo'}-{len(nodes)}", role or (mode or "colocated")
         fake = SGLangFake(SGLangFakeConfig(mode=mode, **cfg))
-        server = ServerThread(fake.app).start()
-        backend = SGLangBackend(server.url, f"{mode or 'colo'}-{len(nodes)}",
-                                role or (mode or "colocated"), "toy-model")
-        node = Node(fake, server, backend)
-        nodes.append(node)
-        return node
+        return nodes.start(fake, lambda url: SGLangBackend(url, instance_id, role, "toy-model"))
 
     yield make
-    for node in nodes:
-        await node.backend.close()
-        node.server.stop()
+    await nodes.close()
 
 
 def req(max_tokens: int = 8, prompt: list[int] | None = None, rid: str = "r1", **kw) -> GenRequest:
-    return GenRequest(request_id=rid, prompt_ids=list(prompt or PROMPT),
-                      sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw))
-
-
-async def collect(agen) -> list[TokenEvent]:
-    return [event async for event in agen]
-
-
-def joined(events: list[TokenEvent]) -> tuple[list[int], str]:
-    return [t for e in events for t in e.token_ids], "".join(e.text for e in events)
-
-
-async def wait_for(cond, timeout: float = 3.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
+    return gen_request(prompt or PROMPT, max_tokens, rid, **kw)
 
 
 # ---- co-located -----------------------------------------------------------------------------
@@ -144,10 +112,7 @@ async def pd(make_node):
 
 
 async def run_pd(p: Node, d: Node, request: GenRequest, strategy=None):
-    stats = HandoffStats()
-    strategy = strategy or strategy_for("sglang")
-    events = await collect(strategy.run(request, p.backend, d.backend, stats))
-    return events, stats
+    return await run_handoff(strategy or strategy_for("sglang"), p, d, request)
 
 
 @pytest.mark.parametrize("first_chunk_tokens", [1, 2])

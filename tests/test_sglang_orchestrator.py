@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 
 from orchestrator.config import InstanceSpec
-from tests.conftest import ADMIN_TOKEN, make_settings, serve_app
+from tests.adapter_helpers import chat_body as shared_chat_body
+from tests.adapter_helpers import orchestrator_over, settled, wait_until
+from tests.conftest import ADMIN_TOKEN
 from tests.fakes import toy_model
-from tests.fakes.harness import fakes, register, settle, sse_events
+from tests.fakes.harness import fakes, sse_events
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 PD_MODEL = "toy-sglang-pd"
@@ -20,38 +20,24 @@ COLO_MODEL = "toy-sglang-colo"
 @pytest.fixture(scope="module")
 def sglang_module(tmp_path_factory):
     """One orchestrator and its fake SGLang servers for the whole module (startup is the slow part)."""
-    from orchestrator.app import create_app
-
     with fakes() as group:
         p = group.sglang("prefill")
         d = group.sglang("decode")
         c = group.sglang(None)
-        app = create_app(make_settings(tmp_path_factory.mktemp("sglang-orch"), []))
-        with serve_app(app) as url:
-            register(url, ADMIN_TOKEN, p.url, "sglang", "prefill", PD_MODEL, "sg-prefill")
-            register(url, ADMIN_TOKEN, d.url, "sglang", "decode", PD_MODEL, "sg-decode")
-            register(url, ADMIN_TOKEN, c.url, "sglang", "colocated", COLO_MODEL, "sg-colo")
-            yield url, app.state.tetri, p, d, c
+        with orchestrator_over(tmp_path_factory.mktemp("sglang-orch"),
+                               (p, "sglang", "prefill", PD_MODEL, "sg-prefill"),
+                               (d, "sglang", "decode", PD_MODEL, "sg-decode"),
+                               (c, "sglang", "colocated", COLO_MODEL, "sg-colo")) as (url, state):
+            yield url, state, p, d, c
 
 
 @pytest.fixture
 def sglang_cluster(sglang_module):
-    settle(*sglang_module[2:])
-    yield sglang_module
-    settle(*sglang_module[2:])
+    yield from settled(sglang_module)
 
 
-def wait_until(cond, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
-
-
-def chat_body(model: str, stream: bool = False, max_tokens: int = 12, **kw) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": "Tell me about KV caches."}],
-            "max_tokens": max_tokens, "temperature": 0, "stream": stream, **kw}
+def chat_body(model: str, **kw) -> dict:
+    return shared_chat_body(model, "Tell me about KV caches.", **kw)
 
 
 def test_chat_disaggregated_non_streamed(sglang_cluster):

@@ -7,43 +7,29 @@ import time
 
 import pytest
 
-from backends.base import BackendError, GenRequest, SamplingParams, TokenEvent
+from backends.base import BackendError, GenRequest
 from backends.sglang import RestartRequired
 from backends.tensorrt_llm import PLACEHOLDER_ID, TensorRTLLMBackend, new_disagg_request_id
 from kvbridge.base import HandoffStats, strategy_for
 from kvbridge.tensorrt_llm import DisaggregatedParamsStrategy
+from tests.adapter_helpers import Node, Nodes, collect, gen_request, joined, run_handoff, wait_for
 from tests.fakes import toy_model
-from tests.fakes.server import ServerThread
 from tests.fakes.trtllm_fake import TRTFake, TRTFakeConfig
 
 PROMPT = [1, 450, 7483, 310, 3444, 338]
 
 
-class Node:
-    def __init__(self, fake: TRTFake, server: ServerThread, backend: TensorRTLLMBackend) -> None:
-        self.fake, self.server, self.backend = fake, server, backend
-
-    @property
-    def config(self) -> TRTFakeConfig:
-        return self.fake.config
-
-
 @pytest.fixture
 async def make_node():
-    nodes: list[Node] = []
+    nodes = Nodes()
 
     async def make(role: str = "colocated", options: dict | None = None, **cfg) -> Node:
+        instance_id = f"{role}-{len(nodes)}"
         fake = TRTFake(TRTFakeConfig(**cfg))
-        server = ServerThread(fake.app).start()
-        backend = TensorRTLLMBackend(server.url, f"{role}-{len(nodes)}", role, "toy-model", **(options or {}))
-        node = Node(fake, server, backend)
-        nodes.append(node)
-        return node
+        return nodes.start(fake, lambda url: TensorRTLLMBackend(url, instance_id, role, "toy-model", **(options or {})))
 
     yield make
-    for node in nodes:
-        await node.backend.close()
-        node.server.stop()
+    await nodes.close()
 
 
 @pytest.fixture
@@ -52,30 +38,11 @@ async def pd(make_node):
 
 
 def req(max_tokens: int = 8, prompt: list[int] | None = None, rid: str = "r1", **kw) -> GenRequest:
-    return GenRequest(request_id=rid, prompt_ids=list(prompt or PROMPT),
-                      sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw))
-
-
-async def collect(agen) -> list[TokenEvent]:
-    return [event async for event in agen]
-
-
-def joined(events: list[TokenEvent]) -> tuple[list[int], str]:
-    return [t for e in events for t in e.token_ids], "".join(e.text for e in events)
+    return gen_request(prompt or PROMPT, max_tokens, rid, **kw)
 
 
 async def run_pd(p: Node, d: Node, request: GenRequest):
-    stats = HandoffStats()
-    events = await collect(strategy_for("tensorrt-llm").run(request, p.backend, d.backend, stats))
-    return events, stats
-
-
-async def wait_for(cond, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
+    return await run_handoff(strategy_for("tensorrt-llm"), p, d, request)
 
 
 # ---- ids ----------------------------------------------------------------------------------------

@@ -3,15 +3,15 @@ and one deployment holding an SGLang pool and a TensorRT-LLM pool."""
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 
 from orchestrator.config import InstanceSpec
-from tests.conftest import ADMIN_TOKEN, make_settings, serve_app
+from tests.adapter_helpers import chat_body as shared_chat_body
+from tests.adapter_helpers import orchestrator_over, settled, wait_until
+from tests.conftest import ADMIN_TOKEN
 from tests.fakes import toy_model
-from tests.fakes.harness import fakes, register, settle, sse_events
+from tests.fakes.harness import fakes, sse_events
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 PD_MODEL = "toy-trtllm-pd"
@@ -21,38 +21,24 @@ COLO_MODEL = "toy-trtllm-colo"
 @pytest.fixture(scope="module")
 def trt_module(tmp_path_factory):
     """One orchestrator and its fake trtllm-serve workers for the whole module."""
-    from orchestrator.app import create_app
-
     with fakes() as group:
         ctx = group.trtllm(model=PD_MODEL)
         gen = group.trtllm(model=PD_MODEL)
         colo = group.trtllm(model=COLO_MODEL)
-        app = create_app(make_settings(tmp_path_factory.mktemp("trt-orch"), []))
-        with serve_app(app) as url:
-            register(url, ADMIN_TOKEN, ctx.url, "tensorrt-llm", "prefill", PD_MODEL, "trt-ctx")
-            register(url, ADMIN_TOKEN, gen.url, "tensorrt-llm", "decode", PD_MODEL, "trt-gen")
-            register(url, ADMIN_TOKEN, colo.url, "tensorrt-llm", "colocated", COLO_MODEL, "trt-colo")
-            yield url, app.state.tetri, ctx, gen, colo
+        with orchestrator_over(tmp_path_factory.mktemp("trt-orch"),
+                               (ctx, "tensorrt-llm", "prefill", PD_MODEL, "trt-ctx"),
+                               (gen, "tensorrt-llm", "decode", PD_MODEL, "trt-gen"),
+                               (colo, "tensorrt-llm", "colocated", COLO_MODEL, "trt-colo")) as (url, state):
+            yield url, state, ctx, gen, colo
 
 
 @pytest.fixture
 def trt_cluster(trt_module):
-    settle(*trt_module[2:])
-    yield trt_module
-    settle(*trt_module[2:])
+    yield from settled(trt_module)
 
 
-def wait_until(cond, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
-
-
-def chat_body(model: str, stream: bool = False, max_tokens: int = 12, **kw) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": "What is disaggregated serving?"}],
-            "max_tokens": max_tokens, "temperature": 0, "stream": stream, **kw}
+def chat_body(model: str, **kw) -> dict:
+    return shared_chat_body(model, "What is disaggregated serving?", **kw)
 
 
 def test_chat_disaggregated_non_streamed(trt_cluster):
