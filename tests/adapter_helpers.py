@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,11 @@ from tests.fakes.server import ServerThread
 
 
 # ---- adapter tests ----------------------------------------------------------------------------
-class Node:
-    """One protocol fake, the server it runs on and the adapter under test that talks to it."""
+@dataclass
+class Node(Running):
+    """A running protocol fake and the adapter under test that talks to it."""
 
-    def __init__(self, fake: Any, server: ServerThread, backend: Any) -> None:
-        self.fake, self.server, self.backend = fake, server, backend
+    backend: Any = None
 
     @property
     def config(self) -> Any:
