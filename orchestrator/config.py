@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     # request runs co-located there. 0: off. 1,200 ~ the simulator's 30 ms at an H100's ~40k
     # prompt tokens/s (Llama-2-7B); on slower engines the same count is a longer wait.
     colocate_backlog_tokens: int = Field(default=1200, ge=0)
+    # Request migration: when an instance fails after tokens reached the client (a worker crash,
+    # a broken stream), the request continues elsewhere from the prompt plus the tokens already
+    # sent (a re-prefill of that prefix), instead of ending with an error. Off: it ends with an error.
+    migrate_on_failure: bool = True
     monitor_interval_ms: int = 100
     monitor_failures_unhealthy: int = 3
     flip_policy: Literal["none", "idle"] = "none"

@@ -13,6 +13,10 @@ COLOCATED = Counter(
     "Requests run co-located (prefill and decode on one instance), by that instance's role and why",
     ["role", "reason"],
 )
+MIGRATIONS = Counter(
+    "tetri_migrations_total",
+    "Requests continued on another instance after a failure mid-stream (prompt + tokens so far re-prefilled)",
+)
 KV_BYTES = Counter("tetri_kv_transfer_bytes_total", "KV bytes handed from prefill to decode")
 PREDICTOR_ACCURACY = Gauge("tetri_predictor_accuracy", "Live accuracy of the output-length predictor")
 PREDICTOR_SAMPLES = Gauge("tetri_predictor_samples", "Requests the live predictor accuracy covers")

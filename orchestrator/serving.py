@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from backends.base import BackendError, GenRequest, Role, SamplingParams, TokenEvent
@@ -42,6 +42,18 @@ class Job:
     decode_instance: str | None = None
     backend: str | None = None
     first_token_at: float | None = None
+    # Every token id sent so far: after a failure mid-stream the request continues from them.
+    generated_ids: list[int] = field(default_factory=list)
+    migrations: int = 0
+
+    @property
+    def attempt_prompt_ids(self) -> list[int]:
+        """What the next attempt prefills: the prompt, plus the tokens already sent after a migration."""
+        return self.prompt_ids + self.generated_ids if self.generated_ids else self.prompt_ids
+
+    @property
+    def remaining_tokens(self) -> int:
+        return max(1, self.sampling.max_tokens - self.completion_tokens)
 
 
 @dataclass(frozen=True)
@@ -109,7 +121,10 @@ class Server:
                 self.on_finished(job)
 
     async def _attempts(self, job: Job, prediction: asyncio.Task[int | None]) -> AsyncIterator[TokenEvent]:
-        """Try up to _MAX_ATTEMPTS instances while nothing has reached the client yet."""
+        """Try up to _MAX_ATTEMPTS instances. Before the first token a failed attempt is simply
+        re-placed; after it, the request migrates (`migrate_on_failure`): the next attempt prefills
+        the prompt plus the tokens already sent and generates only the rest, so the client's stream
+        goes on where it stopped (as NVIDIA Dynamo's request migration does)."""
         failed: set[str] = set()
         for attempt in range(_MAX_ATTEMPTS):
             try:
@@ -117,13 +132,21 @@ class Server:
                     yield event
                 return
             except BackendError as exc:
-                if job.completion_tokens > 0 or not exc.retryable or attempt == _MAX_ATTEMPTS - 1:
-                    if job.completion_tokens == 0:
+                last = not exc.retryable or attempt == _MAX_ATTEMPTS - 1
+                if job.completion_tokens == 0:
+                    if last:
                         raise
+                    log.warning("request %s: attempt %d failed (%s); re-placing", job.id, attempt + 1, exc)
+                    continue
+                # Token ids must account for every token sent, or the continuation would skip some.
+                resumable = self.settings.migrate_on_failure and len(job.generated_ids) == job.completion_tokens
+                if last or not resumable:
                     job.finish_reason = "error"
                     yield TokenEvent([], "", finish_reason="error", error=str(exc))
                     return
-                log.warning("request %s: attempt %d failed (%s); re-placing", job.id, attempt + 1, exc)
+                job.migrations += 1
+                metrics.MIGRATIONS.inc()
+                log.warning("request %s: failed after %d tokens (%s); migrating", job.id, job.completion_tokens, exc)
 
     def _pick_backend(self, model: str) -> str | None:
         """A/B split (`ab_split`: backend -> weight) over the backends serving this model now."""
@@ -160,7 +183,7 @@ class Server:
         if (
             role is not None
             and self.settings.colocate_heavy_heavy
-            and len(job.prompt_ids) > self.settings.heavy_prefill_threshold
+            and len(job.attempt_prompt_ids) > self.settings.heavy_prefill_threshold
         ):
             bucket = await _result_or_none(prediction, timeout_s=0.01)
             if bucket is not None and self._view(job, bucket).heavy_decode:
@@ -307,15 +330,18 @@ class Server:
     # ---- helpers -------------------------------------------------------------------------------
     def _view(self, job: Job, bucket: int | None) -> RequestView:
         return RequestView(
-            id=job.id, arrival=job.arrival, prompt_tokens=len(job.prompt_ids),
-            max_tokens=job.sampling.max_tokens, predicted_bucket=bucket,
+            id=job.id, arrival=job.arrival, prompt_tokens=len(job.attempt_prompt_ids),
+            max_tokens=job.remaining_tokens, predicted_bucket=bucket,
             granularity=self.settings.predictor_granularity,
             heavy_decode_threshold=self.settings.heavy_decode_threshold,
         )
 
     def _gen_request(self, job: Job, view: RequestView | None = None) -> GenRequest:
+        sampling = job.sampling
+        if job.generated_ids:  # a migrated request: generate only what the client has not had yet
+            sampling = replace(sampling, max_tokens=job.remaining_tokens)
         return GenRequest(
-            request_id=job.id, prompt_ids=job.prompt_ids, sampling=job.sampling, prompt_text=job.prompt_text,
+            request_id=job.id, prompt_ids=job.attempt_prompt_ids, sampling=sampling, prompt_text=job.prompt_text,
             predicted_output_lo=view.predicted_output_lo if view and view.predicted_bucket is not None else None,
             heavy_decode=view.heavy_decode if view and view.predicted_bucket is not None else None,
         )
@@ -333,6 +359,8 @@ class Server:
             return None
 
     def _first_token(self, job: Job) -> None:
+        if job.first_token_at is not None:  # a migrated request's next attempt
+            return
         job.first_token_at = time.time()
         metrics.TTFT.observe(job.first_token_at - job.arrival)
         self._save(job, first_token_at=job.first_token_at)
@@ -340,6 +368,7 @@ class Server:
     @staticmethod
     def _count(job: Job, event: TokenEvent) -> None:
         job.completion_tokens += len(event.token_ids)
+        job.generated_ids.extend(event.token_ids)
         if event.finish_reason is not None:
             job.finish_reason = event.finish_reason
 

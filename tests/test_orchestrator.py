@@ -286,6 +286,13 @@ def test_mixed_deployment_runs_heavy_prefill_heavy_decode_colocated(tiny_pd_flee
         extra.wait_healthy()
         specs = [*pd_specs(tiny_pd_fleet), InstanceSpec(url=colo.url, role="colocated", model=TINY, id="colo")]
         url, _ = orchestrator_for(specs, predictor="oracle")
+        # Routing reads the monitor's health: on a busy machine its first poll of `colo` can lag.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            listed = httpx.get(f"{url}/admin/instances", headers=AUTH, timeout=10).json()["instances"]
+            if all(i["state"] == "healthy" for i in listed):
+                break
+            time.sleep(0.1)
         long_prompt = "tell me everything about the sea " * 100  # > 512 tokens
         cases = {("heavy", 240): "colo", ("heavy", 20): "prefill-0", ("light", 240): "prefill-0"}
         for (prompt_kind, max_tokens), expected in cases.items():
