@@ -579,14 +579,15 @@ class SGLangBackend(HTTPBackend):
             raise BackendError(message, status=502, retryable=True)
         yield TokenEvent([], "", "error", phase, message)  # type: ignore[arg-type]
 
-    async def generate(self, request: GenRequest) -> AsyncIterator[TokenEvent]:
-        """Co-located: one streamed `/generate`."""
-        rid = new_rid()
+    async def _tracked_events(self, request: GenRequest, rid: str, body: dict[str, Any], phase: str,
+                              **skip: Any) -> AsyncIterator[TokenEvent]:
+        """`_events` of one streamed call, in the ledger and tracked for `abort` while it runs; a
+        stream left before its finish (client gone, error) aborts the rid on the server."""
         self.track(request.request_id, rid)
         self.ledger.start(request)
         finished = False
         try:
-            async with contextlib.aclosing(self._events(request, self.build_body(request, rid), "generate")) as events:
+            async with contextlib.aclosing(self._events(request, body, phase, **skip)) as events:
                 async for event in events:
                     finished = event.finish_reason is not None
                     yield event
@@ -595,6 +596,14 @@ class SGLangBackend(HTTPBackend):
             self.untrack(request.request_id, rid)
             if not finished:
                 await self.abort_rids([rid])
+
+    async def generate(self, request: GenRequest) -> AsyncIterator[TokenEvent]:
+        """Co-located: one streamed `/generate`."""
+        rid = new_rid()
+        events = self._tracked_events(request, rid, self.build_body(request, rid), "generate")
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event
 
     async def prefill(self, request: GenRequest, handoff: Handoff) -> PrefillResult:
         """Prefill half of a PD request. SGLang's prefill waits until the decode server has
@@ -627,20 +636,11 @@ class SGLangBackend(HTTPBackend):
         body = self.build_body(request, rid, room=kv.extra["bootstrap_room"],
                                bootstrap_host=kv.extra.get("bootstrap_host"),
                                bootstrap_port=kv.extra.get("bootstrap_port"))
-        self.track(request.request_id, rid)
-        self.ledger.start(request)
-        finished = False
-        try:
-            events = self._events(request, body, "decode", skip_tokens=1, skip_text=kv.extra.get("first_text", ""))
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    finished = event.finish_reason is not None
-                    yield event
-        finally:
-            self.ledger.finish(request.request_id)
-            self.untrack(request.request_id, rid)
-            if not finished:
-                await self.abort_rids([rid])
+        events = self._tracked_events(request, rid, body, "decode", skip_tokens=1,
+                                      skip_text=kv.extra.get("first_text", ""))
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event
 
     async def abort_rids(self, rids: Iterable[str]) -> None:
         for rid in rids:
