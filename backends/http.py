@@ -32,16 +32,8 @@ class HTTPBackend(Backend):
 
     health_timeout_s: float = 5.0  # engines differ in how long /health may take when busy
 
-    def __init__(
-        self,
-        url: str,
-        instance_id: str,
-        role: Role,
-        model: str | None = None,
-        *,
-        timeout: httpx.Timeout = ENGINE_TIMEOUT,
-        bearer: str | None = None,
-    ) -> None:
+    def __init__(self, url: str, instance_id: str, role: Role, model: str | None = None, *,
+                 timeout: httpx.Timeout = ENGINE_TIMEOUT, bearer: str | None = None) -> None:
         super().__init__(url, instance_id, role, model)
         headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
         self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=headers)
