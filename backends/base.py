@@ -151,6 +151,15 @@ class Backend(ABC):
     @abstractmethod
     async def prefill(self, request: GenRequest, handoff: Handoff) -> PrefillResult: ...
 
+    async def prefill_stream(self, request: GenRequest, handoff: Handoff) -> AsyncIterator[TokenEvent | KVHandle]:
+        """`prefill` in two steps: the first token as soon as it is sampled, then the KV's handle once
+        the handoff is done (nothing more when the prefill finished the request). This default gives
+        both after the handoff; engines that can answer earlier override it."""
+        result = await self.prefill(request, handoff)
+        yield result.first
+        if result.kv is not None:
+            yield result.kv
+
     @abstractmethod
     def decode(self, request: GenRequest, kv: KVHandle) -> AsyncIterator[TokenEvent]: ...
 

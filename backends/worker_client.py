@@ -72,6 +72,18 @@ class WorkerBackend(HTTPBackend):
         kv = KVHandle(**data["kv"]) if data.get("kv") else None
         return PrefillResult(first=TokenEvent(**data["first"]), kv=kv)
 
+    async def prefill_stream(self, request: GenRequest, handoff: Handoff) -> AsyncIterator[TokenEvent | KVHandle]:
+        """The streamed /prefill: the first token arrives before the worker pushes the KV."""
+        async for data in self._lines("/prefill", _body(request, handoff=asdict(handoff), stream=True)):
+            if "error" in data:  # the push failed after the first token went out
+                status = int(data.get("status") or 502)
+                message = str(data["error"].get("message", data["error"]))
+                raise BackendError(message, status=status, retryable=status >= 500)
+            if "first" in data:
+                yield TokenEvent(**data["first"])
+            if data.get("kv"):
+                yield KVHandle(**data["kv"])
+
     def decode(self, request: GenRequest, kv: KVHandle) -> AsyncIterator[TokenEvent]:
         body = _body(request, first_token=kv.first_token_id, lease_id=kv.lease_id)
         return self._stream("/decode", body)
@@ -80,6 +92,11 @@ class WorkerBackend(HTTPBackend):
         return self._stream("/generate", _body(request))
 
     async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[TokenEvent]:
+        async for data in self._lines(path, body):
+            yield TokenEvent(**data)
+
+    async def _lines(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The JSON objects of an NDJSON answer; HTTP errors and broken streams as BackendError."""
         try:
             async with self._client.stream("POST", path, json=body) as resp:
                 if resp.status_code >= 400:
@@ -89,7 +106,7 @@ class WorkerBackend(HTTPBackend):
                     )
                 async for line in resp.aiter_lines():
                     if line.strip():
-                        yield TokenEvent(**json.loads(line))
+                        yield json.loads(line)
         except httpx.HTTPError as exc:
             # A broken stream is the instance failing (crash, restart): retry elsewhere, or migrate mid-stream.
             raise BackendError(f"{self.instance_id}: stream broke: {exc!r}", status=503, retryable=True) from exc

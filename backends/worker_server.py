@@ -57,6 +57,8 @@ class WorkBody(BaseModel):
     handoff: HandoffBody | None = None
     first_token: int | None = None
     lease_id: str | None = None
+    # /prefill only: answer in NDJSON, the first token as soon as it is sampled, then the KV handoff.
+    stream: bool = False
 
     def engine_request(self, mode: Mode) -> EngineRequest:
         return EngineRequest(
@@ -91,6 +93,19 @@ class KVLease:
     num_tokens: int
     nbytes: int
     deadline: float
+
+
+class KVPushFailed(Exception):
+    """The prefill side could not hand a KV to its decode worker: refused (503/507) or unreachable (502)."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+    @property
+    def retry_after(self) -> float | None:
+        return 1.0 if self.status in (503, 507) else None
 
 
 def _error(status: int, message: str, code: str = "invalid_request", retry_after: float | None = None):
@@ -278,11 +293,31 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
             # Finished at the first token (EOS, stop, max_tokens=1, error): nothing to hand off.
             if event.finish_reason is None:
                 event.finish_reason = "stop"
-            return {"first": asdict(event), "kv": None}
+            done = {"first": asdict(event), "kv": None}
+            if body.stream:
+                return StreamingResponse(iter([json.dumps(done) + "\n"]), media_type="application/x-ndjson")
+            return done
         assert first.kv is not None, "the runner exports a prefilled request's KV"
-        return await push_kv(body, event, first.kv)
+        if body.stream:
+            return StreamingResponse(prefill_lines(body, event, first.kv), media_type="application/x-ndjson")
+        try:
+            return {"first": asdict(event), "kv": await push_kv(body, event, first.kv)}
+        except KVPushFailed as exc:
+            return _error(exc.status, str(exc), code=exc.code, retry_after=exc.retry_after)
 
-    async def push_kv(body: WorkBody, event: TokenEvent, payload: KVPayload) -> Any:
+    async def prefill_lines(body: WorkBody, event: TokenEvent, payload: KVPayload) -> AsyncIterator[str]:
+        """The streamed /prefill: the first token goes out before the KV push starts."""
+        yield json.dumps({"first": asdict(event)}) + "\n"
+        try:
+            kv = await push_kv(body, event, payload)
+        except KVPushFailed as exc:
+            error = {"message": str(exc), "type": "server_error", "code": exc.code}
+            yield json.dumps({"error": error, "status": exc.status}) + "\n"
+            return
+        yield json.dumps({"kv": kv}) + "\n"
+
+    async def push_kv(body: WorkBody, event: TokenEvent, payload: KVPayload) -> dict[str, Any]:
+        """Push the KV to the decode worker; the handle the decode call claims it with."""
         rid = body.request_id
         assert body.handoff is not None
         nbytes = encoded_size(payload)
@@ -302,16 +337,14 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
                 lease = resp.json()
         except KVRefused as exc:
             status = exc.status if exc.status in (503, 507) else 502
-            return _error(status, f"decode worker refused KV: {exc}", code="kv_push_refused",
-                          retry_after=1 if status in (503, 507) else None)
+            raise KVPushFailed(status, f"decode worker refused KV: {exc}", "kv_push_refused") from exc
         except (OSError, httpx.HTTPError) as exc:
-            return _error(502, f"KV push to {decode_url} failed: {exc!r}", code="kv_push_failed")
+            raise KVPushFailed(502, f"KV push to {decode_url} failed: {exc!r}", "kv_push_failed") from exc
         transfer_s = time.perf_counter() - started
-        kv = {"request_id": rid, "num_tokens": payload.num_tokens, "first_token_id": event.token_ids[0],
-              "lease_id": lease["lease_id"], "lease_deadline": lease["deadline"], "nbytes": nbytes,
-              "transfer_s": transfer_s,
-              "extra": {k: lease[k] for k in ("wire_s", "import_s") if k in lease}}
-        return {"first": asdict(event), "kv": kv}
+        return {"request_id": rid, "num_tokens": payload.num_tokens, "first_token_id": event.token_ids[0],
+                "lease_id": lease["lease_id"], "lease_deadline": lease["deadline"], "nbytes": nbytes,
+                "transfer_s": transfer_s,
+                "extra": {k: lease[k] for k in ("wire_s", "import_s") if k in lease}}
 
     @app.put("/kv/{request_id}")
     async def receive_kv(request_id: str, request: Request, lease_s: float = 30.0):

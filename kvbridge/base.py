@@ -42,12 +42,14 @@ class HandoffStrategy(ABC):
         """
 
 
-def strategy_for(backend_kind: str, lease_s: float = 30.0) -> HandoffStrategy:
-    """The handoff strategy for a prefill/decode pair of one backend kind."""
+def strategy_for(backend_kind: str, lease_s: float = 30.0, early_first_token: bool = True) -> HandoffStrategy:
+    """The handoff strategy for a prefill/decode pair of one backend kind. `early_first_token`
+    (native): relay the first token before the KV push is done; safe only where the control plane
+    can resume a request whose push then fails (request migration)."""
     if backend_kind in ("native", "sim"):
         from kvbridge.native import NativePushStrategy
 
-        return NativePushStrategy(lease_s)
+        return NativePushStrategy(lease_s, early_first_token)
     if backend_kind == "sglang":
         from kvbridge.sglang import BootstrapRoomStrategy
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from backends.base import Backend, GenRequest, Handoff, TokenEvent
+from backends.base import Backend, GenRequest, Handoff, KVHandle, TokenEvent
 from backends.engine_api import KVPayload
 from kvbridge.base import HandoffStats, HandoffStrategy
 
@@ -116,27 +116,45 @@ def decode_kv(blob: bytes | bytearray | np.ndarray) -> KVPayload:
 
 
 class NativePushStrategy(HandoffStrategy):
-    """Prefill (which pushes the KV itself), relay the first token at once, then stream the decode."""
+    """Prefill (which pushes the KV itself), relay the first token, then stream the decode.
+
+    With `early_first_token` the first token is relayed the moment the prefill worker samples it,
+    while the worker still pushes the KV (its streamed /prefill); otherwise after the push. If the
+    push then fails, the error arrives after the first token and the control plane resumes the
+    request from it (request migration)."""
 
     name = "native-push"
+
+    def __init__(self, lease_s: float = 30.0, early_first_token: bool = True) -> None:
+        super().__init__(lease_s)
+        self.early_first_token = early_first_token
 
     async def run(
         self, request: GenRequest, prefill: Backend, decode: Backend, stats: HandoffStats
     ) -> AsyncIterator[TokenEvent]:
         handoff = Handoff(decode_url=decode.url, decode_instance_id=decode.instance_id, lease_s=self.lease_s)
         started = time.perf_counter()
-        result = await prefill.prefill(request, handoff)
-        first = result.first
-        first.phase = "prefill"
-        yield first
-        if result.kv is None:
+        kv: KVHandle | None = None
+        if self.early_first_token:
+            async for item in prefill.prefill_stream(request, handoff):
+                if isinstance(item, KVHandle):
+                    kv = item
+                else:
+                    item.phase = "prefill"
+                    yield item
+        else:
+            result = await prefill.prefill(request, handoff)
+            result.first.phase = "prefill"
+            yield result.first
+            kv = result.kv
+        if kv is None:
             return
-        stats.kv_tokens = result.kv.num_tokens
-        stats.kv_bytes = result.kv.nbytes
-        stats.transfer_s = result.kv.transfer_s or (time.perf_counter() - started)
+        stats.kv_tokens = kv.num_tokens
+        stats.kv_bytes = kv.nbytes
+        stats.transfer_s = kv.transfer_s or (time.perf_counter() - started)
         finished = False
         try:
-            async for event in decode.decode(request, result.kv):
+            async for event in decode.decode(request, kv):
                 event.phase = "decode"
                 yield event
                 if event.finish_reason is not None:

@@ -22,6 +22,9 @@ from orchestrator.policies.types import RequestView
 
 log = logging.getLogger("tetri.serving")
 _MAX_ATTEMPTS = 3
+# How long placement waits for a prediction it needs (HPHD test, decode dispatch). The model takes
+# 2-4 ms; the rest is the thread hop, which on a loaded machine alone can exceed 10 ms.
+_PREDICTION_WAIT_S = 0.05
 
 
 @dataclass
@@ -185,7 +188,7 @@ class Server:
             and self.settings.colocate_heavy_heavy
             and len(job.attempt_prompt_ids) > self.settings.heavy_prefill_threshold
         ):
-            bucket = await _result_or_none(prediction, timeout_s=0.01)
+            bucket = await _result_or_none(prediction, timeout_s=_PREDICTION_WAIT_S)
             if bucket is not None and self._view(job, bucket).heavy_decode:
                 job.predicted_bucket = bucket
                 if role == "colocated":
@@ -236,7 +239,7 @@ class Server:
         prefill = await self.placement.acquire_prefill(view, "prefill", job.model, failed, backend)
         try:
             # The predictor has run beside the queue wait; give it a moment if it is still going.
-            job.predicted_bucket = await _result_or_none(prediction, timeout_s=0.05)
+            job.predicted_bucket = await _result_or_none(prediction, timeout_s=_PREDICTION_WAIT_S)
             view = self._view(job, job.predicted_bucket)
             decode = await self.placement.acquire_decode(
                 view, job.model, self.settings.request_timeout_s, backend=prefill.spec.backend
@@ -289,7 +292,7 @@ class Server:
                    predicted_bucket=job.predicted_bucket,
                    predictor_granularity=self.settings.predictor_granularity)
         stats = HandoffStats()
-        strategy = strategy_for(prefill.spec.backend, self.settings.kv_lease_s)
+        strategy = strategy_for(prefill.spec.backend, self.settings.kv_lease_s, self.settings.migrate_on_failure)
         prefill_done = decode_started = False
         try:
             async with contextlib.aclosing(

@@ -106,3 +106,59 @@ def _migrations(url: str) -> float:
         if line.startswith("tetri_migrations_total "):
             return float(line.split()[1])
     return 0.0
+
+
+def test_push_refused_after_the_early_first_token_resumes_from_it():
+    """The first token goes out before the KV push; when the decode side then refuses the KV (507),
+    the next attempt prefills the prompt plus that token and generates only the rest."""
+    from backends.base import Backend, BackendError, KVHandle, LoadReport, SamplingParams, TokenEvent
+    from orchestrator.cluster import Cluster
+    from orchestrator.config import Settings
+    from orchestrator.placement import Placement
+    from orchestrator.serving import Job, Server
+
+    seen: list[tuple[list[int], int]] = []
+
+    class Prefill:
+        role = "prefill"
+        url = "http://prefill.invalid"
+        instance_id = "prefill-0"
+
+        async def prefill_stream(self, request, handoff):
+            seen.append((list(request.prompt_ids), request.sampling.max_tokens))
+            if len(seen) == 1:
+                yield TokenEvent([7], "a")
+                raise BackendError("decode worker refused KV: KV pool full", status=507, retryable=True)
+            yield TokenEvent([8], "b")
+            yield KVHandle(request.request_id, len(request.prompt_ids), 8, lease_id="L")
+
+    class Decode:
+        role = "decode"
+        url = "http://decode.invalid"
+        instance_id = "decode-0"
+        generates_on_decode = False
+
+        async def decode(self, request, kv):
+            assert kv.lease_id == "L"
+            yield TokenEvent([9], "c", finish_reason="length")
+
+        abort = Backend.abort
+
+    settings = Settings(database_url="sqlite://", model=TINY, decode_admission="greedy")
+    cluster = Cluster()
+    for iid, role, backend in (("prefill-0", "prefill", Prefill()), ("decode-0", "decode", Decode())):
+        inst = cluster.add(InstanceSpec(url=backend.url, backend="native", role=role, model=TINY, id=iid))
+        inst.backend = backend  # type: ignore[assignment]
+        inst.state = "healthy"
+        inst.load = LoadReport(role=role, free_kv_tokens=4096, total_kv_tokens=4096)  # type: ignore[arg-type]
+    server = Server(settings, cluster, Placement(settings, cluster, seed=0), None, None)
+    job = Job(TINY, [5, 6], SamplingParams(max_tokens=3, temperature=0))
+
+    async def run() -> list[TokenEvent]:
+        return [e async for e in server.run(job)]
+
+    events = asyncio.run(run())
+    assert [t for e in events for t in e.token_ids] == [7, 8, 9]
+    assert seen == [([5, 6], 3), ([5, 6, 7], 2)]
+    assert job.migrations == 1 and job.completion_tokens == 3 and job.finish_reason == "length"
+    assert events[0].phase == "prefill"  # relayed before the push failed

@@ -189,6 +189,33 @@ def test_fifty_concurrent_requests_then_pools_empty(pd_orchestrator, tiny_pd_fle
     assert all(ld["free_kv_tokens"] == ld["total_kv_tokens"] for ld in loads), loads
 
 
+def test_streamed_prefill_sends_the_first_token_before_the_kv_handle(tiny_pd_fleet):
+    """`stream: true`: one NDJSON line with the first token, then one with the KV handle (or the push
+    error); the decode then continues from it exactly as after the one-shot /prefill."""
+    prefill, decode = tiny_pd_fleet.workers
+    prompt = list(range(30, 75))
+    body = {"request_id": "streamed-1", "prompt_ids": prompt,
+            "sampling": {"temperature": 0, "max_tokens": 12, "ignore_eos": True}}
+    with httpx.stream("POST", f"{prefill.url}/prefill", timeout=60,
+                      json={**body, "handoff": {"decode_url": decode.url}, "stream": True}) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in resp.iter_lines() if line]
+    assert [sorted(line) for line in lines] == [["first"], ["kv"]]
+    tokens = lines[0]["first"]["token_ids"]
+    assert lines[1]["kv"]["first_token_id"] == tokens[0] and lines[1]["kv"]["num_tokens"] == len(prompt)
+    with httpx.stream("POST", f"{decode.url}/decode", timeout=60,
+                      json={**body, "first_token": tokens[0], "lease_id": lines[1]["kv"]["lease_id"]}) as resp:
+        tokens += [t for line in resp.iter_lines() if line for t in json.loads(line)["token_ids"]]
+    assert tokens == hf_greedy(prompt, 12)
+    # A decode worker that cannot be reached: the first token, then the push error; nothing held.
+    dead = {**body, "request_id": "streamed-2", "handoff": {"decode_url": "http://127.0.0.1:9"}, "stream": True}
+    with httpx.stream("POST", f"{prefill.url}/prefill", timeout=60, json=dead) as resp:
+        lines = [json.loads(line) for line in resp.iter_lines() if line]
+    assert lines[0]["first"]["token_ids"] == tokens[:1]
+    assert lines[1]["status"] == 502 and lines[1]["error"]["code"] == "kv_push_failed"
+    wait_pools_empty([prefill.url, decode.url])
+
+
 def test_unclaimed_kv_push_is_freed_when_its_lease_ends(tiny_pd_fleet):
     prefill, decode = tiny_pd_fleet.workers
     body = {"request_id": "orphan-1", "prompt_ids": list(range(10, 60)),
@@ -286,13 +313,6 @@ def test_mixed_deployment_runs_heavy_prefill_heavy_decode_colocated(tiny_pd_flee
         extra.wait_healthy()
         specs = [*pd_specs(tiny_pd_fleet), InstanceSpec(url=colo.url, role="colocated", model=TINY, id="colo")]
         url, _ = orchestrator_for(specs, predictor="oracle")
-        # Routing reads the monitor's health: on a busy machine its first poll of `colo` can lag.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            listed = httpx.get(f"{url}/admin/instances", headers=AUTH, timeout=10).json()["instances"]
-            if all(i["state"] == "healthy" for i in listed):
-                break
-            time.sleep(0.1)
         long_prompt = "tell me everything about the sea " * 100  # > 512 tokens
         cases = {("heavy", 240): "colo", ("heavy", 20): "prefill-0", ("light", 240): "prefill-0"}
         for (prompt_kind, max_tokens), expected in cases.items():

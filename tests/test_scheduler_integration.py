@@ -298,7 +298,7 @@ def test_unhealthy_prefill_is_skipped_and_its_queue_replaced(fleet3, orchestrato
 def test_decode_kv_refusal_does_not_exclude_the_only_prefill_instance():
     """A decode worker that refuses the pushed KV (507, pool full) fails the prefill call; the retry
     must not exclude the (blameless) prefill instance, or a one-prefill cluster answers 503."""
-    from backends.base import BackendError, LoadReport, PrefillResult, SamplingParams, TokenEvent
+    from backends.base import Backend, BackendError, LoadReport, PrefillResult, SamplingParams, TokenEvent
     from orchestrator.cluster import Cluster
     from orchestrator.config import Settings
     from orchestrator.placement import Placement
@@ -312,6 +312,7 @@ def test_decode_kv_refusal_does_not_exclude_the_only_prefill_instance():
         role = "prefill"
         url = "http://prefill.invalid"
         instance_id = "prefill-0"
+        prefill_stream = Backend.prefill_stream  # the first token after the push, from prefill()
 
         async def prefill(self, request, handoff):
             calls.append(handoff.decode_instance_id)
