@@ -51,6 +51,9 @@ class TokenEvent:
     # Which side produced it: lets the control plane mark first-token and decode-start times.
     phase: Literal["prefill", "decode", "generate"] = "generate"
     error: str | None = None
+    # On an "error" event: another instance could get past this failure (a broken stream, an
+    # engine's 503 retraction), so the control plane may continue the request there (migration).
+    retryable: bool = False
 
 
 @dataclass

@@ -566,18 +566,20 @@ class SGLangBackend(HTTPBackend):
                         sent_text = state.text if len(state.text) >= len(sent_text) else sent_text
                         self.ledger.progress(request.request_id, len(new_ids), phase)
                         yielded = True
-                        yield TokenEvent(list(new_ids), new_text, state.finish, phase, state.error)  # type: ignore[arg-type]
+                        retry = state.finish == "error" and state.status == 503  # a retraction
+                        yield TokenEvent(list(new_ids), new_text, state.finish, phase, state.error,  # type: ignore[arg-type]
+                                         retryable=retry)
                     if state.finish is not None:
                         return
         except BackendError as exc:
             if not yielded:
                 raise
-            yield TokenEvent([], "", "error", phase, str(exc))  # type: ignore[arg-type]
+            yield TokenEvent([], "", "error", phase, str(exc), retryable=exc.retryable)  # type: ignore[arg-type]
             return
         message = f"{self.instance_id}: stream ended without a finish reason"
         if not yielded:
             raise BackendError(message, status=502, retryable=True)
-        yield TokenEvent([], "", "error", phase, message)  # type: ignore[arg-type]
+        yield TokenEvent([], "", "error", phase, message, retryable=True)  # type: ignore[arg-type]
 
     async def _tracked_events(self, request: GenRequest, rid: str, body: dict[str, Any], phase: str,
                               **skip: Any) -> AsyncIterator[TokenEvent]:

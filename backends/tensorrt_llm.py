@@ -502,12 +502,13 @@ class TensorRTLLMBackend(HTTPBackend):
                     return
                 if not yielded:
                     raise fail(f"stream broke: {exc!r}", 503) from exc
-                yield TokenEvent([], "", "error", phase, f"{self.instance_id}: stream broke: {exc!r}")  # type: ignore[arg-type]
+                yield TokenEvent([], "", "error", phase, f"{self.instance_id}: stream broke: {exc!r}",  # type: ignore[arg-type]
+                                 retryable=True)
                 return
             if not yielded:
                 raise fail("stream ended without a finish reason")
             yield TokenEvent([], "", "error", phase,  # type: ignore[arg-type]
-                             f"{self.instance_id}: stream ended without a finish reason")
+                             f"{self.instance_id}: stream ended without a finish reason", retryable=True)
         finally:
             self.ledger.finish(rid)
             if resp is not None:

@@ -60,4 +60,4 @@ class DisaggregatedParamsStrategy(HandoffStrategy):
                     yield event
         except BackendError as exc:
             # the first token is already out: a failed generation step ends the stream with an error
-            yield TokenEvent([], "", "error", "decode", str(exc))
+            yield TokenEvent([], "", "error", "decode", str(exc), retryable=exc.retryable)

@@ -141,8 +141,13 @@ class Server:
                         raise
                     log.warning("request %s: attempt %d failed (%s); re-placing", job.id, attempt + 1, exc)
                     continue
-                # Token ids must account for every token sent, or the continuation would skip some.
-                resumable = self.settings.migrate_on_failure and len(job.generated_ids) == job.completion_tokens
+                # Token ids must account for every token sent (not placeholders of an engine that
+                # streams text only), or the continuation would skip or garble some.
+                resumable = (
+                    self.settings.migrate_on_failure
+                    and len(job.generated_ids) == job.completion_tokens
+                    and all(t >= 0 for t in job.generated_ids)
+                )
                 if last or not resumable:
                     job.finish_reason = "error"
                     yield TokenEvent([], "", finish_reason="error", error=str(exc))
@@ -263,7 +268,8 @@ class Server:
         view = self._view(job, job.predicted_bucket)
         released = False
         try:
-            async with contextlib.aclosing(inst.backend.generate(self._gen_request(job, view))) as events:
+            stream = _raise_retryable_errors(inst.backend.generate(self._gen_request(job, view)))
+            async with contextlib.aclosing(stream) as events:
                 async for event in events:
                     if not released:
                         released = True
@@ -295,9 +301,8 @@ class Server:
         strategy = strategy_for(prefill.spec.backend, self.settings.kv_lease_s, self.settings.migrate_on_failure)
         prefill_done = decode_started = False
         try:
-            async with contextlib.aclosing(
-                strategy.run(self._gen_request(job, view), prefill.backend, decode.backend, stats)
-            ) as events:
+            handoff = strategy.run(self._gen_request(job, view), prefill.backend, decode.backend, stats)
+            async with contextlib.aclosing(_raise_retryable_errors(handoff)) as events:
                 async for event in events:
                     if event.phase == "prefill" and not prefill_done:
                         prefill_done = True
@@ -378,6 +383,19 @@ class Server:
     def _save(self, job: Job, **fields: Any) -> None:
         if self.store is not None:
             self.store.save_request(job.id, **fields)
+
+
+async def _raise_retryable_errors(events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
+    """Engines report some failures after their first token as a last "error" event marked
+    `retryable` (a broken stream, an SGLang 503 retraction). Raise those as BackendError, after
+    passing on any tokens the event carries, so the attempt fails over and the request migrates."""
+    async with contextlib.aclosing(events) as inner:
+        async for event in inner:
+            if event.finish_reason == "error" and event.retryable:
+                if event.token_ids or event.text:
+                    yield TokenEvent(event.token_ids, event.text, None, event.phase)
+                raise BackendError(event.error or "engine failed mid-stream", status=503, retryable=True)
+            yield event
 
 
 async def _result_or_none(task: asyncio.Task[int | None], timeout_s: float) -> int | None:

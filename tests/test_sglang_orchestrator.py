@@ -118,13 +118,17 @@ def test_decode_failure_before_first_token_is_an_openai_error(sglang_cluster):
     assert resp.status_code == 200
 
 
-def test_decode_retraction_mid_stream_ends_with_error(sglang_cluster):
+def test_decode_retracted_on_every_attempt_ends_with_error(sglang_cluster):
+    """Every attempt is retracted after 2 tokens: the request migrates twice (3 attempts in all),
+    then the stream ends with an error event after the 6 tokens it got."""
     url, _, _, d, _ = sglang_cluster
-    d.fake.config.retract_503_after = 4
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat_body(PD_MODEL, stream=True), timeout=30) as r:
+    d.fake.config.retract_503_after = 2
+    body = chat_body(PD_MODEL, stream=True, stream_options={"include_usage": True})
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
         events = sse_events(r)
     assert any("error" in e for e in events)
     assert [e["choices"][0]["finish_reason"] for e in events if e.get("choices")][-1] == "error"
+    assert len(d.fake.bodies) == 3
 
 
 def test_instances_from_config_and_load_reports(orchestrator_for):
@@ -163,3 +167,23 @@ def test_flip_through_admin_api(orchestrator_for):
         assert resp.json()["role"] == "prefill" and d1.fake.config.mode == "prefill"
         resp = httpx.post(f"{url}/admin/instances/d2/flip", json={"role": "prefill"}, headers=AUTH, timeout=30)
         assert resp.status_code == 409 and "restart" in resp.text
+
+
+def test_decode_retraction_mid_stream_migrates_the_request(sglang_cluster):
+    """SGLang retracts a running decode with an in-stream 503 after 3 tokens: the orchestrator
+    continues the request (prompt + the 3 tokens sent, 3 more to go) and the client gets all 6."""
+    url, state, _, d, _ = sglang_cluster
+    d.fake.config.retract_503_after = 3
+    resp = httpx.post(f"{url}/v1/chat/completions", json=chat_body(PD_MODEL, max_tokens=6), timeout=30)
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    prompt = d.fake.bodies[0]["input_ids"]
+    sent = toy_model.expected(prompt, 6).tokens[:3]
+    # The continuation is a new request for the prompt plus the tokens already sent.
+    assert d.fake.bodies[1]["input_ids"] == prompt + sent
+    assert d.fake.bodies[1]["sampling_params"]["max_new_tokens"] == 3
+    rest = toy_model.expected(prompt + sent, 3)
+    assert data["choices"][0]["message"]["content"] == toy_model.detokenize(sent) + rest.text
+    assert data["choices"][0]["finish_reason"] == "length" and data["usage"]["completion_tokens"] == 6
+    record = httpx.get(f"{url}/admin/requests/{data['id']}", headers=AUTH, timeout=10).json()
+    assert record["state"] == "finished" and record["completion_tokens"] == 6
