@@ -360,3 +360,20 @@ def test_worker_answers_bad_input_in_the_contract_error_shape_and_keeps_serving(
                                                  "sampling": {"max_tokens": 2, "ignore_eos": True}}, timeout=30)
         assert ok.status_code == 200 and ok.text.count("\n") >= 2
         assert httpx.get(f"{url}/passes", timeout=10).json()["passes"]
+
+
+def test_ttft_floor_bounds_every_system_and_is_the_mean_solo_prefill(h100):
+    """The reproduction report's TTFT floor: no system's per-request TTFT beats its prompt's solo
+    prefill on an idle instance, at a light or a heavy load; the floor is their mean."""
+    from bench.reproduce import ttft_floor_ms
+
+    two = [BenchRequest("a", 0.0, 100, 10), BenchRequest("b", 1.0, 1000, 10)]
+    assert ttft_floor_ms(h100, two) == pytest.approx(500.0 * (h100.prefill_s(100) + h100.prefill_s(1000)))
+    for rate in (5.0, 60.0):
+        reqs = _requests(200, rate=rate)
+        solo = {q.id: h100.prefill_s(q.prompt_tokens) for q in reqs}
+        for system in ("colocated-vllm", "colocated-sarathi", "disagg-simple", "tetri"):
+            recs = simulate(system, h100, 4, reqs, seed=1).requests
+            assert all(r["ttft_s"] >= solo[r["id"]] * (1 - 1e-9) for r in recs), (system, rate)
+            mean_ttft_ms = 1000.0 * sum(r["ttft_s"] for r in recs) / len(recs)
+            assert mean_ttft_ms >= ttft_floor_ms(h100, reqs)
