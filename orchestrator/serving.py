@@ -48,6 +48,12 @@ class Job:
     # Every token id sent so far: after a failure mid-stream the request continues from them.
     generated_ids: list[int] = field(default_factory=list)
     migrations: int = 0
+    # The end of the text sent so far (as long as the longest stop string), and after a migration
+    # the text sent just before it and just after it: the new engine cannot see a stop string that
+    # straddles the break, so the orchestrator looks for it there.
+    text_tail: str = ""
+    break_before: str = ""
+    break_after: str = ""
 
     @property
     def attempt_prompt_ids(self) -> list[int]:
@@ -131,8 +137,15 @@ class Server:
         failed: set[str] = set()
         for attempt in range(_MAX_ATTEMPTS):
             try:
-                async for event in self._one_attempt(job, prediction, failed):
-                    yield event
+                async with contextlib.aclosing(self._one_attempt(job, prediction, failed)) as events:
+                    async for event in events:
+                        cut = bool(job.break_before) and _stop_straddles_break(job, event.text)
+                        if cut:
+                            event = TokenEvent([], "", "stop", event.phase)
+                        self._count(job, event)
+                        yield event
+                        if cut:
+                            return  # leaving the attempt closes it: the engine aborts the rest
                 return
             except BackendError as exc:
                 last = not exc.retryable or attempt == _MAX_ATTEMPTS - 1
@@ -153,6 +166,7 @@ class Server:
                     yield TokenEvent([], "", finish_reason="error", error=str(exc))
                     return
                 job.migrations += 1
+                job.break_before, job.break_after = job.text_tail, ""
                 metrics.MIGRATIONS.inc()
                 log.warning("request %s: failed after %d tokens (%s); migrating", job.id, job.completion_tokens, exc)
 
@@ -277,7 +291,6 @@ class Server:
                         if reservation is not None:
                             self.placement.release_decode_reservation(inst, reservation)
                         self._first_token(job)
-                    self._count(job, event)
                     yield event
         except BackendError:
             failed.add(inst.id)
@@ -316,7 +329,6 @@ class Server:
                                    kv_bytes=stats.kv_bytes, kv_transfer_s=stats.transfer_s)
                         if stats.kv_bytes:
                             metrics.KV_BYTES.inc(stats.kv_bytes)
-                    self._count(job, event)
                     yield event
         except BackendError as exc:
             # 507: the decode worker refused the pushed KV (its pool is full). The prefill call
@@ -377,12 +389,28 @@ class Server:
     def _count(job: Job, event: TokenEvent) -> None:
         job.completion_tokens += len(event.token_ids)
         job.generated_ids.extend(event.token_ids)
+        keep = max((len(s) for s in job.sampling.stop), default=0)
+        if keep and event.text:
+            job.text_tail = (job.text_tail + event.text)[-keep:]
         if event.finish_reason is not None:
             job.finish_reason = event.finish_reason
 
     def _save(self, job: Job, **fields: Any) -> None:
         if self.store is not None:
             self.store.save_request(job.id, **fields)
+
+
+def _stop_straddles_break(job: Job, text: str) -> bool:
+    """Whether a stop string starts in the text sent before a migration and ends in `text`, the
+    continuation's output (the continuation's engine only sees its own output)."""
+    before, after = job.break_before, job.break_after + text
+    joined = before + after
+    # A straddling match starts in the last len(stop) - 1 characters of `before`.
+    hit = any(0 <= joined.find(stop, max(0, len(before) - len(stop) + 1)) < len(before) for stop in job.sampling.stop)
+    job.break_after = after
+    if len(after) >= max(len(s) for s in job.sampling.stop):
+        job.break_before = ""  # no stop string can straddle the break any more
+    return hit
 
 
 async def _raise_retryable_errors(events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:

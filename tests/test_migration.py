@@ -162,3 +162,59 @@ def test_push_refused_after_the_early_first_token_resumes_from_it():
     assert seen == [([5, 6], 3), ([5, 6, 7], 2)]
     assert job.migrations == 1 and job.completion_tokens == 3 and job.finish_reason == "length"
     assert events[0].phase == "prefill"  # relayed before the push failed
+
+
+def test_stop_string_straddling_the_migration_still_stops_the_stream():
+    """' world' is split by the break: ' wor' before, 'ld' after. The continuation's engine never
+    sees ' wor', so the orchestrator finds the stop string across the break and ends the stream."""
+    from backends.base import LoadReport, SamplingParams, TokenEvent
+    from orchestrator.cluster import Cluster
+    from orchestrator.config import Settings
+    from orchestrator.placement import Placement
+    from orchestrator.serving import Job, Server
+
+    calls: list[list[int]] = []
+    aborted: list[str] = []
+
+    class Colocated:
+        role = "colocated"
+        url = "http://colo.invalid"
+        generates_on_decode = True
+
+        def __init__(self, iid: str) -> None:
+            self.instance_id = iid
+
+        async def generate(self, request):
+            calls.append(list(request.prompt_ids))
+            if len(calls) == 1:
+                yield TokenEvent([11], " Hello")
+                yield TokenEvent([12], " wor")
+                yield TokenEvent([], "", "error", "generate", "c0: stream broke", retryable=True)
+                return
+            try:
+                yield TokenEvent([13], "ld")
+                yield TokenEvent([14], " and more")
+                yield TokenEvent([15], " text", finish_reason="length")
+            finally:
+                aborted.append(self.instance_id)
+
+    settings = Settings(database_url="sqlite://", model=TINY, mode="colocated")
+    cluster = Cluster()
+    for iid in ("c0", "c1"):
+        backend = Colocated(iid)
+        inst = cluster.add(InstanceSpec(url=backend.url, backend="native", role="colocated", model=TINY, id=iid))
+        inst.backend = backend  # type: ignore[assignment]
+        inst.state = "healthy"
+        inst.load = LoadReport(role="colocated", free_kv_tokens=4096, total_kv_tokens=4096)  # type: ignore[arg-type]
+    server = Server(settings, cluster, Placement(settings, cluster, seed=0), None, None)
+    job = Job(TINY, [5, 6], SamplingParams(max_tokens=8, temperature=0, stop=[" world"]))
+
+    async def run() -> list[TokenEvent]:
+        return [e async for e in server.run(job)]
+
+    events = asyncio.run(run())
+    assert calls == [[5, 6], [5, 6, 11, 12]]
+    assert "".join(e.text for e in events) == " Hello wor"  # nothing after the break's stop string
+    assert events[-1].finish_reason == "stop" and job.finish_reason == "stop"
+    assert job.completion_tokens == 2 and job.migrations == 1
+    assert aborted == ["c0"] or aborted == ["c1"]  # the continuation was closed, not run to its end
