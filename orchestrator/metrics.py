@@ -17,6 +17,12 @@ MIGRATIONS = Counter(
     "tetri_migrations_total",
     "Requests continued on another instance after a failure mid-stream (prompt + tokens so far re-prefilled)",
 )
+HANDOFF_FAILURES = Counter(
+    "tetri_handoff_failures_total",
+    "Disaggregated attempts that failed between the first token and the decode's first output (KV hand-off), "
+    "by backend and status (507: decode pool full, 502: decode unreachable, 404: lease gone)",
+    ["backend", "status"],
+)
 KV_BYTES = Counter("tetri_kv_transfer_bytes_total", "KV bytes handed from prefill to decode")
 PREDICTOR_ACCURACY = Gauge("tetri_predictor_accuracy", "Live accuracy of the output-length predictor")
 PREDICTOR_SAMPLES = Gauge("tetri_predictor_samples", "Requests the live predictor accuracy covers")

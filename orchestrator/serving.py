@@ -335,6 +335,9 @@ class Server:
             # carries that error, but the prefill instance is not at fault: excluding it would leave
             # a single-prefill cluster with nowhere to retry (503 to the client).
             # Adapters that know which side failed say so (exc.instance_id).
+            if prefill_done and not decode_started:
+                # Between the first token and the decode's first output: the KV hand-off failed.
+                metrics.HANDOFF_FAILURES.labels(backend=job.backend or "", status=str(exc.status)).inc()
             named = getattr(exc, "instance_id", None)
             if named in (prefill.id, decode.id):
                 failed.add(named)

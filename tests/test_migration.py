@@ -157,7 +157,12 @@ def test_push_refused_after_the_early_first_token_resumes_from_it():
     async def run() -> list[TokenEvent]:
         return [e async for e in server.run(job)]
 
+    from orchestrator import metrics
+
+    refused = metrics.HANDOFF_FAILURES.labels(backend="native", status="507")
+    before = refused._value.get()
     events = asyncio.run(run())
+    assert refused._value.get() == before + 1  # counted as a hand-off failure, by status
     assert [t for e in events for t in e.token_ids] == [7, 8, 9]
     assert seen == [([5, 6], 3), ([5, 6, 7], 2)]
     assert job.migrations == 1 and job.completion_tokens == 3 and job.finish_reason == "length"
