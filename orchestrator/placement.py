@@ -201,13 +201,18 @@ class Placement:
 
     # ---- decode instance ---------------------------------------------------------------------
     async def acquire_decode(
-        self, req: RequestView, model: str | None, timeout_s: float, backend: str | None = None
+        self, req: RequestView, model: str | None, timeout_s: float, backend: str | None = None,
+        avoid: set[str] | frozenset[str] = frozenset(),
     ) -> Instance:
         """Dispatcher pick, gated by admission; waits (bounded) while no decode instance admits.
-        `backend`: the prefill side's backend, since a KV handoff never crosses backends."""
+        `backend`: the prefill side's backend, since a KV handoff never crosses backends. `avoid`:
+        instances this request already failed on, used only if no other decode instance is usable
+        (one that crashed may still look healthy until the monitor's next polls; one that refused
+        the KV for lack of room may be the only decode instance there is)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            decodes = self.cluster.usable("decode", model, backend)
+            usable = self.cluster.usable("decode", model, backend)
+            decodes = [d for d in usable if d.id not in avoid] or usable
             if not decodes:
                 raise Overloaded(f"no healthy decode instance for model {model!r}")
             views = [d.view() for d in decodes]

@@ -261,7 +261,7 @@ class Server:
             job.predicted_bucket = await _result_or_none(prediction, timeout_s=_PREDICTION_WAIT_S)
             view = self._view(job, job.predicted_bucket)
             decode = await self.placement.acquire_decode(
-                view, job.model, self.settings.request_timeout_s, backend=prefill.spec.backend
+                view, job.model, self.settings.request_timeout_s, backend=prefill.spec.backend, avoid=failed
             )
         except BaseException:
             self.placement.release_prefill(prefill)

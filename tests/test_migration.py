@@ -223,3 +223,30 @@ def test_stop_string_straddling_the_migration_still_stops_the_stream():
     assert events[-1].finish_reason == "stop" and job.finish_reason == "stop"
     assert job.completion_tokens == 2 and job.migrations == 1
     assert aborted == ["c0"] or aborted == ["c1"]  # the continuation was closed, not run to its end
+
+
+def test_decode_pick_avoids_instances_the_request_failed_on_unless_none_is_left():
+    from backends.base import LoadReport
+    from orchestrator.cluster import Cluster
+    from orchestrator.config import Settings
+    from orchestrator.placement import Placement
+    from orchestrator.policies.types import RequestView
+
+    settings = Settings(database_url="sqlite://", model=TINY, decode_admission="greedy")
+    cluster = Cluster()
+    for iid in ("d0", "d1"):
+        inst = cluster.add(InstanceSpec(url=f"http://{iid}.invalid", backend="native", role="decode", model=TINY,
+                                        id=iid))
+        inst.state = "healthy"
+        inst.load = LoadReport(role="decode", free_kv_tokens=4096, total_kv_tokens=4096)  # type: ignore[arg-type]
+    placement = Placement(settings, cluster, seed=0)
+    req = RequestView(id="r", arrival=0.0, prompt_tokens=10, max_tokens=5)
+
+    async def pick(avoid: set[str]) -> str:
+        inst = await placement.acquire_decode(req, TINY, 1.0, avoid=avoid)
+        placement.release_decode_reservation(inst, req)
+        return inst.id
+
+    assert {asyncio.run(pick({"d0"})) for _ in range(20)} == {"d1"}
+    assert {asyncio.run(pick({"d1"})) for _ in range(20)} == {"d0"}
+    assert asyncio.run(pick({"d0", "d1"})) in ("d0", "d1")  # nowhere else: retry where it failed
