@@ -35,7 +35,7 @@ SETUPS = {
                        "TETRI_PREDICTOR": "constant", "TETRI_FLIP_POLICY": "none",
                        "TETRI_COLOCATE_HEAVY_HEAVY": "false", "TETRI_COLOCATE_ON_DECODE": "false",
                        "TETRI_COLOCATE_BACKLOG_TOKENS": "0"},
-                      "disagg-simple+pd_ratio=1:1,ttft_at=handoff", 2),
+                      "disagg-simple+pd_ratio=1:1,ttft_at=prefill", 2),  # the first token leaves before the hand-off
 }  # fmt: skip
 
 
