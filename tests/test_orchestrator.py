@@ -214,6 +214,20 @@ def test_streamed_prefill_sends_the_first_token_before_the_kv_handle(tiny_pd_fle
     assert lines[0]["first"]["token_ids"] == tokens[:1]
     assert lines[1]["status"] == 502 and lines[1]["error"]["code"] == "kv_push_failed"
     wait_pools_empty([prefill.url, decode.url])
+    # A decode "worker" that accepts connections and never answers: the push cannot finish, yet the
+    # first token arrives at once (a push made before the first line would hold it for >= 5 s).
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        hung = {**body, "request_id": "streamed-3", "stream": True,
+                "handoff": {"decode_url": f"http://127.0.0.1:{silent.getsockname()[1]}"}}
+        with httpx.stream("POST", f"{prefill.url}/prefill", json=hung, timeout=httpx.Timeout(4.0)) as resp:
+            first_line = json.loads(next(line for line in resp.iter_lines() if line))
+        assert first_line["first"]["token_ids"] == tokens[:1]
+    wait_pools_empty([prefill.url])
+    assert httpx.get(f"{prefill.url}/health", timeout=5).status_code == 200
 
 
 def test_unclaimed_kv_push_is_freed_when_its_lease_ends(tiny_pd_fleet):
