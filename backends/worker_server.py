@@ -22,7 +22,7 @@ from backends.runner import EngineRunner
 from kvbridge.native import KVReceiver, encode_kv_chunks, encoded_size
 from kvbridge.socket_channel import KVRefused, KVSocketServer
 from kvbridge.socket_channel import push_kv as socket_push_kv
-from orchestrator.errors import error_response, install_error_handlers
+from orchestrator.errors import error_body, error_response, install_error_handlers
 
 _LEASE_REAP_INTERVAL_S = 0.5
 _PUSH_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=120.0, pool=10.0)
@@ -311,8 +311,7 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
         try:
             kv = await push_kv(body, event, payload)
         except KVPushFailed as exc:
-            error = {"message": str(exc), "type": "server_error", "code": exc.code}
-            yield json.dumps({"error": error, "status": exc.status}) + "\n"
+            yield json.dumps({**error_body(str(exc), "server_error", code=exc.code), "status": exc.status}) + "\n"
             return
         yield json.dumps({"kv": kv}) + "\n"
 

@@ -135,18 +135,18 @@ class NativePushStrategy(HandoffStrategy):
         handoff = Handoff(decode_url=decode.url, decode_instance_id=decode.instance_id, lease_s=self.lease_s)
         started = time.perf_counter()
         kv: KVHandle | None = None
-        if self.early_first_token:
-            async for item in prefill.prefill_stream(request, handoff):
-                if isinstance(item, KVHandle):
-                    kv = item
-                else:
-                    item.phase = "prefill"
-                    yield item
-        else:
-            result = await prefill.prefill(request, handoff)
-            result.first.phase = "prefill"
-            yield result.first
-            kv = result.kv
+        held: TokenEvent | None = None  # the first token, when it must wait for the hand-off
+        async for item in prefill.prefill_stream(request, handoff):
+            if isinstance(item, KVHandle):
+                kv = item
+                continue
+            item.phase = "prefill"
+            if self.early_first_token:
+                yield item
+            else:
+                held = item
+        if held is not None:
+            yield held
         if kv is None:
             return
         stats.kv_tokens = kv.num_tokens

@@ -108,9 +108,12 @@ def _migrations(url: str) -> float:
     return 0.0
 
 
-def test_push_refused_after_the_early_first_token_resumes_from_it():
+@pytest.mark.parametrize("migrate", [True, False])
+def test_push_refused_after_the_early_first_token_resumes_from_it(migrate: bool):
     """The first token goes out before the KV push; when the decode side then refuses the KV (507),
-    the next attempt prefills the prompt plus that token and generates only the rest."""
+    the next attempt prefills the prompt plus that token and generates only the rest. With
+    migration off the first token is held until the hand-off, so the refusal is an ordinary retry
+    before the client has seen anything."""
     from backends.base import Backend, BackendError, KVHandle, LoadReport, SamplingParams, TokenEvent
     from orchestrator.cluster import Cluster
     from orchestrator.config import Settings
@@ -144,7 +147,7 @@ def test_push_refused_after_the_early_first_token_resumes_from_it():
 
         abort = Backend.abort
 
-    settings = Settings(database_url="sqlite://", model=TINY, decode_admission="greedy")
+    settings = Settings(database_url="sqlite://", model=TINY, decode_admission="greedy", migrate_on_failure=migrate)
     cluster = Cluster()
     for iid, role, backend in (("prefill-0", "prefill", Prefill()), ("decode-0", "decode", Decode())):
         inst = cluster.add(InstanceSpec(url=backend.url, backend="native", role=role, model=TINY, id=iid))
@@ -162,11 +165,16 @@ def test_push_refused_after_the_early_first_token_resumes_from_it():
     refused = metrics.HANDOFF_FAILURES.labels(backend="native", status="507")
     before = refused._value.get()
     events = asyncio.run(run())
-    assert refused._value.get() == before + 1  # counted as a hand-off failure, by status
-    assert [t for e in events for t in e.token_ids] == [7, 8, 9]
-    assert seen == [([5, 6], 3), ([5, 6, 7], 2)]
-    assert job.migrations == 1 and job.completion_tokens == 3 and job.finish_reason == "length"
-    assert events[0].phase == "prefill"  # relayed before the push failed
+    assert events[0].phase == "prefill"
+    if migrate:
+        assert refused._value.get() == before + 1  # counted as a hand-off failure, by status
+        assert [t for e in events for t in e.token_ids] == [7, 8, 9]  # 7 was relayed before the push failed
+        assert seen == [([5, 6], 3), ([5, 6, 7], 2)]
+        assert job.migrations == 1 and job.completion_tokens == 3 and job.finish_reason == "length"
+    else:
+        assert [t for e in events for t in e.token_ids] == [8, 9]  # 7 never left: held for the hand-off
+        assert seen == [([5, 6], 3), ([5, 6], 3)]
+        assert job.migrations == 0 and job.completion_tokens == 2
 
 
 def test_stop_string_straddling_the_migration_still_stops_the_stream():
