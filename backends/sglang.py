@@ -187,6 +187,11 @@ class ChunkState:
     status: int | None = None           # the engine's status code of an abort/error, if any
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def retryable_error(self) -> bool:
+        """An in-stream 503 (a retraction): another instance can continue the request."""
+        return self.finish == "error" and self.status == 503
+
     def failure(self, who: str) -> BackendError:
         """This output's error as a BackendError (5xx: retryable on another instance)."""
         status = self.status or 502
@@ -566,9 +571,8 @@ class SGLangBackend(HTTPBackend):
                         sent_text = state.text if len(state.text) >= len(sent_text) else sent_text
                         self.ledger.progress(request.request_id, len(new_ids), phase)
                         yielded = True
-                        retry = state.finish == "error" and state.status == 503  # a retraction
                         yield TokenEvent(list(new_ids), new_text, state.finish, phase, state.error,  # type: ignore[arg-type]
-                                         retryable=retry)
+                                         retryable=state.retryable_error)
                     if state.finish is not None:
                         return
         except BackendError as exc:

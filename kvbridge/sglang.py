@@ -152,9 +152,8 @@ class BootstrapRoomStrategy(HandoffStrategy):
                     sent_text = d_state.text or sent_text
                 new_text = d_state.text[len(sent_text):]
                 if new_ids or new_text or d_state.finish is not None:
-                    retry = d_state.finish == "error" and d_state.status == 503  # a retraction
                     events.append(TokenEvent(list(new_ids), new_text, d_state.finish,  # type: ignore[arg-type]
-                                             "decode", d_state.error, retryable=retry))
+                                             "decode", d_state.error, retryable=d_state.retryable_error))
                     sent_ids += len(new_ids)
                     sent_text = d_state.text if len(d_state.text) >= len(sent_text) else sent_text
                     decode.ledger.progress(request.request_id, len(new_ids))
