@@ -183,3 +183,32 @@ def test_ab_split_same_model_across_sglang_and_tensorrt_llm(orchestrator_for):
         assert set(seen) == {"sglang", "tensorrt-llm"}  # P(one backend only in 16 draws) = 2^-15
         assert len(sp.fake.bodies) == len(sd.fake.bodies) == seen["sglang"]
         assert len(tg.fake.bodies) == seen["tensorrt-llm"]
+
+
+def test_generation_server_drops_the_stream_mid_decode_and_the_request_migrates(trt_cluster):
+    """The generation server drops the connection after 3 tokens. With real token ids
+    (`detokenize: false`) the orchestrator runs a new context + generation pair for the prompt plus
+    the tokens sent and the client gets all 6; with the default text-only stream (placeholder ids)
+    it cannot, and the stream ends with an error."""
+    url, state, ctx, gen, _ = trt_cluster
+    gen.fake.config.disconnect_after = 3
+    resp = httpx.post(f"{url}/v1/chat/completions", json=chat_body(PD_MODEL, max_tokens=6), timeout=30)
+    assert resp.json()["choices"][0]["finish_reason"] == "error" and len(ctx.fake.bodies) == 1
+    ctx.fake.bodies.clear()
+    adapters = [state.cluster.instances[i].backend for i in ("trt-ctx", "trt-gen")]
+    for adapter in adapters:
+        adapter.detokenize = False
+    try:
+        resp = httpx.post(f"{url}/v1/chat/completions", json=chat_body(PD_MODEL, max_tokens=6), timeout=30)
+    finally:
+        for adapter in adapters:
+            adapter.detokenize = True
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    prompt = ctx.fake.bodies[0]["prompt"]
+    assert data["choices"][0]["finish_reason"] == "length" and data["usage"]["completion_tokens"] == 6
+    assert len(ctx.fake.bodies) == 2 and len(ctx.fake.bodies[1]["prompt"]) > len(prompt)  # the continuation
+    sent = ctx.fake.bodies[1]["prompt"][len(prompt):]
+    assert ctx.fake.bodies[1]["prompt"][: len(prompt)] == prompt
+    assert sent == toy_model.expected(prompt, len(sent)).tokens  # the ids sent, real ones (no text without detokenize)
+    assert ctx.fake.bodies[1]["max_tokens"] == 6 - len(sent)
