@@ -254,8 +254,10 @@ def test_idle_flip_policy_flips_one_idle_prefill_when_decode_is_loaded(fleet3, o
 
 def test_unhealthy_prefill_is_skipped_and_its_queue_replaced(fleet3, orchestrator_for):
     """Runs last: it kills a worker of the shared fleet."""
+    # No backlog fallback: a re-placed request must go to the surviving prefill instance, not run
+    # co-located on the decode worker because the survivor's queue is long (that path has its own tests).
     url, state = orchestrator_for(specs_in_roles(fleet3), monitor_interval_ms=100, prefill_engine_backlog=1,
-                                  monitor_failures_unhealthy=3)
+                                  monitor_failures_unhealthy=3, colocate_backlog_tokens=0)
     victim = fleet3.workers[1]
     n = 16
     bodies = [completion(200 + i, 360 + 8 * (i % 5), 6) for i in range(n)]
