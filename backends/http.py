@@ -27,6 +27,19 @@ def engine_timeout(read_s: float | None = None) -> httpx.Timeout:
     return httpx.Timeout(connect=5.0, read=read_s, write=60.0, pool=30.0) if read_s else ENGINE_TIMEOUT
 
 
+class PeerGoneTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport, except that a peer dying while httpcore connects is the httpx.ConnectError
+    it is: anyio 4.x raises AttributeError there ('NoneType' object has no attribute 'getpeername'),
+    which no `except httpx.HTTPError` catches, so a worker killed at the wrong moment answered 500
+    instead of being retried elsewhere."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await super().handle_async_request(request)
+        except AttributeError as exc:
+            raise httpx.ConnectError(f"connection lost while connecting: {exc!r}", request=request) from exc
+
+
 class HTTPBackend(Backend):
     """A Backend that reaches its engine through one pooled HTTP client (`self._client`)."""
 
@@ -36,7 +49,8 @@ class HTTPBackend(Backend):
                  timeout: httpx.Timeout = ENGINE_TIMEOUT, bearer: str | None = None) -> None:
         super().__init__(url, instance_id, role, model)
         headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
-        self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=headers)
+        self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=headers,
+                                         transport=PeerGoneTransport())
 
     async def close(self) -> None:
         await self._client.aclose()

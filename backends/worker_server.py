@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from backends.base import LoadReport, Role, SamplingParams, TokenEvent
 from backends.engine_api import EngineCore, EngineRequest, KVPayload, Mode, StepOutput
+from backends.http import PeerGoneTransport
 from backends.runner import EngineRunner
 from kvbridge.native import KVReceiver, encode_kv_chunks, encoded_size
 from kvbridge.socket_channel import KVRefused, KVSocketServer
@@ -131,7 +132,7 @@ class WorkerState:
         self.runner = EngineRunner(core)
         self.accepting = True
         self.leases: dict[str, KVLease] = {}
-        self.http = httpx.AsyncClient(timeout=_PUSH_TIMEOUT)
+        self.http = httpx.AsyncClient(timeout=_PUSH_TIMEOUT, transport=PeerGoneTransport())
         self.ready = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.kv_ports: dict[str, int | None] = {}

@@ -258,3 +258,31 @@ def test_decode_pick_avoids_instances_the_request_failed_on_unless_none_is_left(
     assert {asyncio.run(pick({"d0"})) for _ in range(20)} == {"d1"}
     assert {asyncio.run(pick({"d1"})) for _ in range(20)} == {"d0"}
     assert asyncio.run(pick({"d0", "d1"})) in ("d0", "d1")  # nowhere else: retry where it failed
+
+
+def test_a_peer_dying_while_connecting_is_a_connect_error(monkeypatch):
+    """anyio reports a socket that died mid-connect as AttributeError; the shared transport turns
+    it into httpx.ConnectError, which every adapter already handles as a retryable failure."""
+    import httpx
+
+    from backends.base import BackendError, GenRequest, SamplingParams
+    from backends.worker_client import WorkerBackend
+
+    async def dies(self, request):
+        raise AttributeError("'NoneType' object has no attribute 'getpeername'")
+
+    monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", dies)
+    backend = WorkerBackend("http://127.0.0.1:9", "w0", "colocated")
+
+    async def run() -> BackendError:
+        try:
+            async for _ in backend.generate(GenRequest("r", [1, 2], SamplingParams())):
+                pass
+        except BackendError as exc:
+            return exc
+        finally:
+            await backend.close()
+        raise AssertionError("no error")
+
+    err = asyncio.run(run())
+    assert err.retryable and "connection lost while connecting" in str(err)
