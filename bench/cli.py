@@ -228,6 +228,60 @@ def ab(
 
 
 @app.command()
+def plan(
+    workload_name: Annotated[
+        str, typer.Option("--workload", "-w", help="Traffic to plan for (see `bench workload`; trace:PATH too).")
+    ] = "Mixed",
+    rate: Annotated[float, typer.Option(help="Offered load, req/s.")] = 100.0,
+    instances: Annotated[int, typer.Option(help="Instances to divide.")] = 16,
+    profile: Annotated[str, typer.Option(help="Timing profile of one instance.")] = "h100-llama-2-7b",
+    objective: Annotated[str, typer.Option(help="balanced (TTFT x JCT), ttft or jct.")] = "balanced",
+    requests: Annotated[int, typer.Option("--requests", "-n", help="Length samples drawn from the workload.")] = 4000,
+    seed: Annotated[int, typer.Option()] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """The prefill:decode split (P = 0: every request co-located) to run for this traffic, chosen by
+    simulating the candidates: what `tetri` does in `bench compare`, and `GET /admin/plan` live."""
+    from backends.sim.cluster import system_config
+    from backends.sim.planner import OBJECTIVES, recommend_split
+    from backends.sim.profiles import get_timing, profile_names
+    from bench.workloads import build_workload
+
+    if objective not in OBJECTIVES:
+        raise typer.BadParameter(f"choose one of {', '.join(OBJECTIVES)}", param_hint="--objective")
+    if profile not in profile_names():
+        raise typer.BadParameter(f"known: {', '.join(profile_names())}", param_hint="--profile")
+    tm = get_timing(profile)
+    wl = build_workload(workload_name, requests, rate=None, seed=seed, max_context=tm.max_context)
+    prompts = [r.prompt_tokens for r in wl.requests]
+    outputs = [r.output_tokens for r in wl.requests]
+    try:
+        cfg = system_config("tetri", plan_objective=objective)
+        choice = recommend_split(instances, prompts, outputs, rate, tm, cfg, seed=seed)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    doc = {"recommended": {"prefill": choice.prefill, "decode": choice.decode}, "instances": instances,
+           "rate_rps": rate, "workload": workload_name, "profile": profile, "objective": objective,
+           "candidates": choice.candidates}  # fmt: skip
+    if json_out:
+        typer.echo(json.dumps(doc))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{workload_name} at {rate:g} req/s on {instances} x {profile} ({objective})")
+    for col in ("P:D", "mean TTFT ms", "mean JCT ms", "score", ""):
+        t.add_column(col)
+    chosen = f"{choice.prefill}:{choice.decode}"
+    for split, c in choice.candidates.items():
+        label = split + (" (all co-located)" if split.startswith("0:") else "")
+        mark = "<- recommended" if split == chosen else ""
+        t.add_row(label, f"{c['mean_ttft_ms']:.1f}", f"{c['mean_jct_ms']:.0f}", f"{c['score']:.3f}", mark)
+    Console().print(t)
+    typer.echo(f"recommended prefill:decode = {chosen}")
+
+
+@app.command()
 def calibrate(
     save: Annotated[bool, typer.Option(help="Save as the cpu-smollm2 profile.")] = True,
     out: Annotated[Path | None, typer.Option(help="Where to save (default: cache_dir()/sim/cpu-smollm2.json; "

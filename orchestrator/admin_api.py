@@ -97,8 +97,63 @@ def build_admin_router(app_state: Any) -> APIRouter:
     async def events(kind: str | None = None, limit: int = 100) -> dict[str, Any]:
         return {"events": await asyncio.to_thread(app_state.store.list_events, kind=kind, limit=limit)}
 
+    @router.get("/plan")
+    async def plan(
+        window_s: float = 900.0, objective: str = "balanced", profile: str | None = None, instances: int | None = None
+    ) -> dict[str, Any]:
+        """The prefill:decode split (P = 0: every request co-located) the recent traffic calls for,
+        simulated on the deployment's timing profile. Advice only: apply it with /instances/{id}/flip."""
+        return await asyncio.to_thread(
+            recommend_for_traffic, app_state, window_s, objective, profile or app_state.settings.plan_profile, instances
+        )
+
     @router.get("/stats")
     async def stats() -> dict[str, Any]:
         return await asyncio.to_thread(app_state.stats)
 
     return router
+
+
+def recommend_for_traffic(
+    app_state: Any, window_s: float, objective: str, profile: str, instances: int | None
+) -> dict[str, Any]:
+    from backends.sim.cluster import system_config
+    from backends.sim.planner import OBJECTIVES, recommend_split
+    from backends.sim.profiles import get_timing, profile_names
+
+    if objective not in OBJECTIVES:
+        raise APIError(400, f"objective must be one of {', '.join(OBJECTIVES)}", param="objective")
+    if profile not in profile_names():
+        raise APIError(400, f"unknown profile {profile!r}; known: {', '.join(profile_names())}", param="profile")
+    if not window_s > 0:
+        raise APIError(400, "window_s must be positive", param="window_s")
+    current: dict[str, int] = {}
+    for inst in app_state.cluster.instances.values():
+        if inst.state != "unhealthy":
+            current[inst.role] = current.get(inst.role, 0) + 1
+    n = instances if instances is not None else sum(current.values())
+    if n < 1:
+        raise APIError(409, "no instances to plan for", code="no_instances")
+    app_state.store.flush()
+    rows = app_state.store.recent_traffic(time.time() - window_s)
+    if len(rows) < 2:
+        raise APIError(409, f"only {len(rows)} finished requests in the last {window_s:g} s; need at least 2",
+                       code="not_enough_traffic")  # fmt: skip
+    span = rows[-1]["arrival"] - rows[0]["arrival"]
+    rate = (len(rows) - 1) / span if span > 0 else float(len(rows))
+    s = app_state.settings
+    cfg = system_config(
+        "tetri", plan_objective=objective, heavy_prefill_threshold=s.heavy_prefill_threshold,
+        heavy_decode_threshold=s.heavy_decode_threshold,
+    )  # fmt: skip
+    choice = recommend_split(n, [r["prompt_tokens"] for r in rows], [r["completion_tokens"] for r in rows], rate,
+                             get_timing(profile), cfg)  # fmt: skip
+    return {
+        "recommended": {"prefill": choice.prefill, "decode": choice.decode},
+        "current": current,
+        "instances": n,
+        "traffic": {"requests": len(rows), "window_s": window_s, "rate_rps": rate},
+        "profile": profile,
+        "objective": objective,
+        "candidates": choice.candidates,
+    }

@@ -12,6 +12,7 @@ from backends.base import SamplingParams
 from backends.engine_api import EngineRequest
 from backends.sim.cluster import SYSTEMS, ClusterSim, plan_split, simulate, system_config
 from backends.sim.engine import SimEngine
+from backends.sim.planner import plan_layout, planning_sample
 from backends.sim.profiles import get_timing, profile_names
 from bench.metrics import summarize
 from bench.workloads import BenchRequest, poisson_arrivals
@@ -104,12 +105,13 @@ def test_every_system_finishes_every_request(h100, system):
 
 def test_simulator_is_deterministic_for_a_seed(h100):
     reqs = _requests(400, rate=60.0)
-    a = simulate("tetri", h100, 4, reqs, seed=7)
-    b = simulate("tetri", h100, 4, reqs, seed=7)
+    tetri = "tetri+pd_ratio=1:3"  # a fixed split: the seed must reach the predictor and the dispatcher
+    a = simulate(tetri, h100, 4, reqs, seed=7)
+    b = simulate(tetri, h100, 4, reqs, seed=7)
     key = lambda res: [(r["id"], r["ttft_s"], r["jct_s"], r["d_inst"]) for r in res.requests]  # noqa: E731
     assert key(a) == key(b)
     assert a.events == b.events
-    c = simulate("tetri", h100, 4, reqs, seed=8)  # other seed: other predictor noise / dispatch samples
+    c = simulate(tetri, h100, 4, reqs, seed=8)  # other seed: other predictor noise / dispatch samples
     assert key(a) != key(c)
 
 
@@ -154,9 +156,10 @@ def test_planner_gives_prefill_instances_by_work_share(h100):
 def test_ten_minutes_of_sixteen_instances_is_fast(h100):
     # A scaled-down speed check (the full 10-minute run is in docs/benchmarks.md): ~40 simulated
     # seconds of a 16-instance cluster near capacity; CPU time, so a busy machine does not fail it.
+    # The simulated layout plan is left out: its cost is bounded by its horizon, not the run's length.
     reqs = _requests(6000, rate=200.0, seed=5)
     t = time.process_time()
-    res = simulate("tetri", h100, 16, reqs)
+    res = simulate("tetri+layout_plan=work_share", h100, 16, reqs)
     cpu = time.process_time() - t
     assert res.makespan_s > 25
     assert cpu < 4.0, cpu
@@ -377,3 +380,68 @@ def test_ttft_floor_bounds_every_system_and_is_the_mean_solo_prefill(h100):
             assert all(r["ttft_s"] >= solo[r["id"]] * (1 - 1e-9) for r in recs), (system, rate)
             mean_ttft_ms = 1000.0 * sum(r["ttft_s"] for r in recs) / len(recs)
             assert mean_ttft_ms >= ttft_floor_ms(h100, reqs)
+
+
+def _shaped(n: int, rate: float, prompts: tuple[int, int], outputs: tuple[int, int], seed: int = 0):
+    rng = random.Random(seed)
+    arr = poisson_arrivals(n, rate, seed=seed)
+    return [BenchRequest(f"r{i}", t, rng.randint(*prompts), rng.randint(*outputs)) for i, t in enumerate(arr)]
+
+
+def test_simulated_layout_plan_follows_its_objective(h100):
+    # Light prompts, long outputs, loaded: a prefill pool buys TTFT (prompts never wait behind decode
+    # batches), all-co-located buys JCT (every instance decodes). Each objective picks its side.
+    reqs = _shaped(600, 30.0, (20, 300), (200, 800))
+    by = {obj: simulate(f"tetri+plan_objective={obj}", h100, 4, reqs) for obj in ("ttft", "jct", "balanced")}
+    assert by["ttft"].split["prefill"] >= 1
+    assert by["jct"].split == {"prefill": 0, "decode": 4}
+    for res in by.values():
+        plan = res.extra["plan"]
+        chosen = f"{res.split['prefill']}:{res.split['decode']}"
+        assert "0:4" in plan["candidates"] and chosen in plan["candidates"]
+        assert plan["candidates"][chosen]["score"] == min(c["score"] for c in plan["candidates"].values())
+    m = {k: summarize(v.requests, 4) for k, v in by.items()}
+    assert m["ttft"]["mean_ttft_ms"] < m["jct"]["mean_ttft_ms"]
+    assert m["jct"]["mean_jct_ms"] < m["ttft"]["mean_jct_ms"]
+    with pytest.raises(ValueError, match="plan_objective"):
+        simulate("tetri+plan_objective=p99", h100, 4, reqs)
+
+
+def test_simulated_layout_plan_drops_a_split_whose_pools_cannot_keep_up(h100):
+    # Heavy prompts, short outputs, past what 3 prefill + 1 decode instances sustain: that candidate's
+    # queues grow without bound in the plan's steady state, so it is never chosen.
+    reqs = _shaped(400, 60.0, (900, 2000), (20, 120))
+    cfg = system_config("tetri")
+    plan = plan_layout(4, [r.prompt_tokens for r in reqs], [r.output_tokens for r in reqs], h100, cfg, 2, 60.0)
+    cands = plan.candidates
+    assert set(cands) == {"0:4", "1:3", "2:2", "3:1"}
+    assert cands["3:1"]["mean_ttft_ms"] > 10 * min(c["mean_ttft_ms"] for c in cands.values())
+    assert (plan.prefill, plan.decode) != (3, 1)
+
+
+def test_planning_sample_resamples_the_traffic_without_replaying_it():
+    prompts, outputs = [100, 2000] * 50, [10, 500] * 50
+    s = planning_sample(prompts, outputs, rate=40.0, size=4000, seed=3)
+    assert len(s) == 4000
+    assert {(r.prompt_tokens, r.output_tokens) for r in s} == {(100, 10), (2000, 500)}  # pairs kept together
+    assert abs(sum(r.prompt_tokens == 100 for r in s) / 4000 - 0.5) < 0.03
+    rate = (len(s) - 1) / (s[-1].arrival - s[0].arrival)
+    assert abs(rate / 40.0 - 1) < 0.05
+    assert planning_sample(prompts, outputs, 40.0, 100, seed=3) == s[:100]  # deterministic per seed
+    assert planning_sample(prompts, outputs, 40.0, 100, seed=4) != s[:100]
+
+
+def test_colocated_prompts_on_a_decode_instance_follow_the_prefill_policy(h100):
+    # Every request co-located on one decode instance (P = 0). Long prompts arrive first, short ones
+    # a moment later: FCFS starts them in arrival order, SJF starts the short ones first.
+    reqs = [BenchRequest(f"long{i}", 0.001 * i, 3000, 20) for i in range(6)]
+    reqs += [BenchRequest(f"short{i}", 0.01 + 0.001 * i, 50, 20) for i in range(6)]
+    first = {}
+    for policy in ("fcfs", "sjf"):
+        res = simulate(f"tetri+pd_ratio=0:1,predictor=oracle,prefill_policy={policy}", h100, 1, reqs)
+        t = {r["id"]: r["arrival"] + r["ttft_s"] for r in res.requests}
+        shorts = [t[f"short{i}"] for i in range(6)]
+        longs = [t[f"long{i}"] for i in range(1, 6)]  # long0 starts at once under either policy
+        first[policy] = (min(shorts), max(shorts), min(longs), max(longs))
+    assert first["fcfs"][0] >= first["fcfs"][3]  # the short prompts waited for every long one
+    assert first["sjf"][1] < first["sjf"][2]  # the short prompts went first

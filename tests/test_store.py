@@ -433,3 +433,19 @@ def test_in_memory_sqlite_is_shared_across_threads():
         assert out[0]["state"] == "queued"
     finally:
         s.close()
+
+
+def test_recent_traffic_is_finished_requests_since_a_time_oldest_first(store):
+    store.save_request("old", state="finished", arrival=10.0, prompt_tokens=5, completion_tokens=7)
+    store.save_request("b", state="finished", arrival=30.0, prompt_tokens=50, completion_tokens=70)
+    store.save_request("a", state="finished", arrival=20.0, prompt_tokens=40, completion_tokens=60)
+    store.save_request("failed", state="failed", arrival=25.0, prompt_tokens=40, completion_tokens=3)
+    store.save_request("running", state="decoding", arrival=26.0, prompt_tokens=40)
+    store.save_request("empty", state="finished", arrival=27.0, prompt_tokens=40, completion_tokens=0)
+    assert store.flush(5.0)
+    rows = store.recent_traffic(since=15.0)
+    assert rows == [
+        {"arrival": 20.0, "prompt_tokens": 40, "completion_tokens": 60},
+        {"arrival": 30.0, "prompt_tokens": 50, "completion_tokens": 70},
+    ]
+    assert [r["arrival"] for r in store.recent_traffic(since=0.0, limit=2)] == [20.0, 30.0]  # the newest two

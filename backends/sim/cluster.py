@@ -24,6 +24,10 @@ Systems (``SYSTEMS``):
   hybrid batches (no KV transfer, no prefill-instance time), where disaggregation cannot pay; and
   so is any prompt that the prefill pool would hold back longer than ``fallback_wait_s`` (30 ms)
   while a decode instance has room ("adaptive": conditional disaggregation, as NVIDIA Dynamo does).
+  Co-located prompts wait on their decode instance in a ``PrefillQueue`` of the same policy (SJF).
+  The split, "no prefill pool" (P = 0, every request co-located) included, is chosen by simulating
+  the candidates on a resample of the traffic (``planner.plan_layout``): disaggregation is kept where
+  it pays and dropped where the pools it creates could not keep up.
 
 Fast bookkeeping: a decode batch is never iterated per token. Each instance keeps a step counter,
 the running KV sum and a heap of finish steps, so an iteration costs O(log n) in the batch size.
@@ -32,7 +36,6 @@ the running KV sum and a heap of finish steps, so an iteration costs O(log n) in
 from __future__ import annotations
 
 import heapq
-import math
 import random
 import time
 from collections import deque
@@ -40,6 +43,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from backends.sim.planner import LayoutChoice, plan_layout, plan_split
 from backends.sim.timing import TimingModel
 from orchestrator.policies.predictors import bucket_of
 from orchestrator.policies.types import InstanceView, RequestView
@@ -74,7 +78,13 @@ class SystemConfig:
     heavy_prefill_threshold: int = 512
     fallback: str = "none"  # none | hphd | adaptive (hphd + co-locate while the prefill pool is backlogged)
     fallback_wait_s: float = 0.1  # adaptive: co-locate when the prefill queue would delay a prompt longer
-    pd_ratio: str = "auto"  # auto (work-share planner) | "P:D"
+    pd_ratio: str = "auto"  # auto (planned: layout_plan) | "P:D"
+    layout_plan: str = "work_share"  # work_share (analytic) | simulated (candidates simulated: planner.py)
+    plan_objective: str = "balanced"  # simulated plan: balanced (TTFT x JCT) | ttft | jct
+    # simulated plan: the resample of the traffic spans plan_horizon_s at the workload's rate, within bounds
+    plan_horizon_s: float = 60.0
+    plan_min_requests: int = 1000
+    plan_max_requests: int = 16000
     # When a disaggregated request's first token reaches the client: "prefill" (sampled on the prefill
     # instance: the paper's TTFT) or "handoff" (after the KV transfer: the live native path, SGLang, Dynamo)
     ttft_at: str = "prefill"
@@ -109,6 +119,8 @@ SYSTEMS: dict[str, SystemConfig] = {
         # while a decode instance has room, runs co-located on a decode instance (docs/reproduction.md).
         fallback="adaptive",
         fallback_wait_s=0.03,
+        # The split, no prefill pool included, chosen by simulating the candidates (planner.py).
+        layout_plan="simulated",
     ),
 }
 
@@ -211,7 +223,7 @@ class Inst:
         "i", "id", "role", "cap", "busy", "cur", "step", "run_kv", "kv_other", "running", "heap",
         "waiting", "prefilling", "incoming", "queue", "engine", "eng_tokens", "held", "link_free",
         "n_heavy", "inflight_res", "draining", "to_role", "busy_s", "last_busy_end", "iters",
-        "pending_prompt", "view_cache", "hseq", "flips", "kheap",
+        "pending_prompt", "view_cache", "hseq", "flips", "kheap", "cq",
     )  # fmt: skip
 
     def __init__(self, i: int, role: str, cap: int) -> None:
@@ -227,6 +239,8 @@ class Inst:
         self.running: dict[int, Req] = {}
         self.heap: list[tuple[int, int, int, Req]] = []
         self.waiting: deque[Req] = deque()  # need a (re)prefill here (co-located, fallback, recompute)
+        # decode role: co-located prompts not yet taken into `waiting`, in the prefill policy's order
+        self.cq = None
         self.prefilling: list[Req] = []  # admitted, partially prefilled (chunked)
         self.incoming: deque[Req] = deque()  # KV arrived (decode role), joins at the next pass
         self.queue = None  # PrefillQueue (prefill role)
@@ -255,8 +269,12 @@ class Inst:
     def has_work(self) -> bool:
         return bool(
             self.running or self.waiting or self.prefilling or self.incoming or self.engine
-            or (self.queue is not None and len(self.queue))
+            or (self.queue is not None and len(self.queue)) or (self.cq is not None and len(self.cq))
         )  # fmt: skip
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self.waiting) + (len(self.cq) if self.cq is not None else 0)
 
 
 @dataclass
@@ -277,59 +295,6 @@ class SimResult:
 
 
 # ---------------------------------------------------------------------------------------------------
-# planner: the disaggregated systems' prefill:decode split
-# ---------------------------------------------------------------------------------------------------
-def plan_split(
-    n: int,
-    prompts: Sequence[int],
-    outputs: Sequence[int],
-    timing: TimingModel,
-    chunk: int,
-    cfg: SystemConfig,
-    colocated_mask: Sequence[bool] | None = None,
-    rate: float | None = None,
-    prefill_util: float = 0.7,
-    decode_util: float = 0.95,
-) -> tuple[int, int]:
-    """The prefill:decode split. Work per request: prefill at the knee's tokens/s; decode at the
-    batch the KV pool sustains (min(max_num_seqs, KV / mean context)), so a decode side that is
-    memory-bound is sized as such. Requests that fall back to co-located placement count as decode
-    work. P minimises max(prefill load / (P·prefill_util), decode load / (D·decode_util)): prefill is
-    kept below ~70% busy (its queueing is TTFT), decode may run hot (throughput-bound). Without a
-    rate the split is the plain work share. An explicit ``cfg.pd_ratio = "P:D"`` wins; when most
-    requests fall back to co-located placement there is no prefill pool at all (P = 0)."""
-    if cfg.pd_ratio != "auto":
-        p, d = (int(x) for x in cfg.pd_ratio.split(":"))
-        if p + d != n:
-            raise ValueError(f"pd_ratio {cfg.pd_ratio} does not add up to {n} instances")
-        return p, d
-    if n < 2 or not prompts:
-        return 0, n
-    if colocated_mask is not None and 2 * sum(1 for m in colocated_mask if m) >= len(prompts):
-        return 0, n
-    tput = chunk / timing.prefill_s(chunk)
-    mean_ctx = max(1.0, sum(p + o / 2 for p, o in zip(prompts, outputs, strict=True)) / len(prompts))
-    batch = max(1, min(cfg.max_num_seqs, int(timing.total_kv_tokens / mean_ctx)))
-    per_tok = timing.decode_s(batch, mean_ctx) / batch
-    pw = dw = 0.0  # instance-seconds of work per request, summed
-    for k, (p, o) in enumerate(zip(prompts, outputs, strict=True)):
-        if colocated_mask is not None and colocated_mask[k]:
-            dw += p / tput + o * per_tok
-        else:
-            pw += p / tput
-            dw += o * per_tok
-    if pw <= 0:
-        return 0, n
-    if not rate or not math.isfinite(rate):
-        p = max(1, min(n - 1, round(n * pw / (pw + dw))))
-        return p, n - p
-    p_load = rate * pw / len(prompts)  # instances' worth of prefill work at this rate
-    d_load = rate * dw / len(prompts)
-    p = min(range(1, n), key=lambda k: (max(p_load / (k * prefill_util), d_load / ((n - k) * decode_util)), k))
-    return p, n - p
-
-
-# ---------------------------------------------------------------------------------------------------
 # the simulator
 # ---------------------------------------------------------------------------------------------------
 class ClusterSim:
@@ -346,6 +311,7 @@ class ClusterSim:
         if cfg.ttft_at not in ("prefill", "handoff"):
             raise ValueError(f"ttft_at must be 'prefill' or 'handoff', not {cfg.ttft_at!r}")
         self.cfg = cfg
+        self.plan: LayoutChoice | None = None
         # Views carry decode_remaining as its minimum only (all reserve_dynamic reads, with `running`
         # for the count) unless exact_views: the full per-request tuple, O(batch) per view.
         self.exact_views = exact_views
@@ -370,10 +336,11 @@ class ClusterSim:
         if disagg:
             span = self.reqs[-1].arrival - self.reqs[0].arrival if self.reqs else 0.0
             rate = (len(self.reqs) - 1) / span if span > 0 else None
-            p, d = plan_split(
-                instances, [r.prompt for r in self.reqs], [r.output for r in self.reqs], timing, self.chunk, cfg,
-                mask, rate=rate,
-            )  # fmt: skip
+            prompts, outputs = [r.prompt for r in self.reqs], [r.output for r in self.reqs]
+            p, d = plan_split(instances, prompts, outputs, timing, self.chunk, cfg, mask, rate=rate)
+            if cfg.pd_ratio == "auto" and cfg.layout_plan == "simulated" and rate and instances > 1:
+                self.plan = plan_layout(instances, prompts, outputs, timing, cfg, p, rate, seed=seed)
+                p, d = self.plan.prefill, self.plan.decode
         else:
             p, d = 0, instances
         self.split = {"prefill": p, "decode": d} if disagg else {"colocated": instances}
@@ -482,7 +449,11 @@ class ClusterSim:
             events=self.events,
             flips=self.flips,
             preemptions=self.preemptions,
-            extra={"flip_log": self.flip_log, "final_roles": [i.role for i in self.insts]},
+            extra={
+                "flip_log": self.flip_log,
+                "final_roles": [i.role for i in self.insts],
+                "plan": self.plan.to_dict() if self.plan is not None else None,
+            },
         )
 
     @staticmethod
@@ -535,7 +506,7 @@ class ClusterSim:
             queued_prompt_tokens=inst.pending_prompt,
             running_prompt_tokens=sum(r.eff - r.done for r in inst.prefilling),
             running=nrun,
-            queued=len(inst.waiting) + len(inst.incoming),
+            queued=inst.n_waiting + len(inst.incoming),
             heavy_decodes=inst.n_heavy,
             light_decodes=nrun - inst.n_heavy,
             decode_remaining=rem,
@@ -553,7 +524,7 @@ class ClusterSim:
             queued_prompt_tokens=inst.pending_prompt,
             running_prompt_tokens=inst.eng_tokens,
             running=len(inst.engine),
-            queued=len(inst.queue) if inst.queue is not None else len(inst.waiting),
+            queued=len(inst.queue) if inst.queue is not None else inst.n_waiting,
         )
 
     def _decode_views(self) -> dict[str, InstanceView]:
@@ -587,7 +558,10 @@ class ClusterSim:
             if inst is not None:
                 r.colocated = True
                 r.p_inst = r.d_inst = inst.i
-                inst.waiting.append(r)
+                if inst.cq is None:
+                    inst.cq = self.pol.new_queue()
+                inst.cq.push(r.view, self.now)  # SJF for tetri: the prefill pool's policy, here too
+                self._qreq[r.id] = r
                 inst.pending_prompt += r.eff
                 self._kick(inst)
                 return
@@ -608,7 +582,7 @@ class ClusterSim:
         if backlog / self._tput < self.cfg.fallback_wait_s:
             return False
         for i in self.insts:
-            if i.role != "decode" or i.draining or i.waiting or i.incoming:
+            if i.role != "decode" or i.draining or i.n_waiting or i.incoming:
                 continue
             used = i.kv_used + i.inflight_res + r.need
             if used <= 0.8 * i.cap:  # the decode side has memory and no queue of its own
@@ -621,7 +595,7 @@ class ClusterSim:
         best = None
         best_load = 0
         for inst in insts:
-            load = len(inst.running) + len(inst.waiting) + len(inst.prefilling) + len(inst.incoming)
+            load = len(inst.running) + inst.n_waiting + len(inst.prefilling) + len(inst.incoming)
             if best is None or load < best_load:
                 best, best_load = inst, load
         return best
@@ -723,7 +697,7 @@ class ClusterSim:
             pf.append((r, c))
             budget -= c
         gate = inst.role == "decode"
-        while budget > 0 and inst.waiting and nrun + len(inst.prefilling) < cfg.max_num_seqs:
+        while budget > 0 and self._next_waiting(inst) and nrun + len(inst.prefilling) < cfg.max_num_seqs:
             r = inst.waiting[0]
             if inst.run_kv + inst.kv_other + r.eff + nrun > inst.cap:
                 break
@@ -739,6 +713,13 @@ class ClusterSim:
         if not pf and not nrun:
             return None
         return pf, nrun, inst.run_kv
+
+    def _next_waiting(self, inst: Inst) -> bool:
+        """Recomputes first (in `waiting`), then co-located prompts released by the instance's queue."""
+        if not inst.waiting and inst.cq is not None and len(inst.cq):
+            for v in inst.cq.pop_ready(self.now, 0, 1):
+                inst.waiting.append(self._qreq.pop(v.id))
+        return bool(inst.waiting)
 
     def _form_prefill(self, inst: Inst):
         q = inst.queue
@@ -916,7 +897,7 @@ class ClusterSim:
                 v = InstanceView(
                     id=inst.id, role=inst.role, total_kv_tokens=inst.cap,  # type: ignore[arg-type]
                     free_kv_tokens=max(0, inst.cap - inst.kv_used), accepting=not inst.draining,
-                    running=len(inst.running), queued=len(inst.waiting) + len(inst.incoming),
+                    running=len(inst.running), queued=inst.n_waiting + len(inst.incoming),
                     heavy_decodes=inst.n_heavy, light_decodes=len(inst.running) - inst.n_heavy,
                     reserved_kv_tokens=inst.inflight_res,
                 )  # fmt: skip

@@ -667,6 +667,25 @@ class Store:
         with self._db(), self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
 
+    def recent_traffic(self, since: float, limit: int = 20000) -> list[dict[str, Any]]:
+        """Finished requests that arrived at or after ``since`` (epoch seconds), oldest first, with
+        their arrival, prompt and completion token counts: the traffic a split is planned for."""
+        r = _REQUESTS.c
+        q = (
+            select(r.arrival, r.prompt_tokens, r.completion_tokens)
+            .where(
+                r.state == "finished",
+                r.arrival >= since,
+                r.prompt_tokens.is_not(None),
+                r.completion_tokens > 0,
+            )
+            .order_by(r.arrival.desc())
+            .limit(limit)
+        )
+        with self._db(), self.engine.connect() as conn:
+            rows = [dict(x) for x in conn.execute(q).mappings()]
+        return rows[::-1]
+
     def request_stats(self) -> dict[str, int]:
         """Number of requests per state (every known state present, zero when none)."""
         q = select(_REQUESTS.c.state, func.count()).group_by(_REQUESTS.c.state)

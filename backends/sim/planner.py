@@ -1,0 +1,189 @@
+"""How a disaggregated system divides its instances between prefill and decode.
+
+Two planners, both from the workload's rate and lengths (what an operator sizing the pools knows):
+
+* ``plan_split``: analytic. Prefill work at the knee's tokens/s, decode work at the batch the KV
+  pool sustains; the split that keeps both pools below their target utilisation.
+* ``plan_layout``: simulated. The analytic split is a good first guess but blind to queueing and
+  back-pressure: a decode pool past its capacity stops taking prefilled KV, the prefill pool fills
+  and TTFT explodes, where the same instances all co-located (stall-free hybrid batches) would have
+  kept up. So it simulates the candidates (the analytic split, its neighbours and no prefill pool at
+  all) on a resample of the traffic and keeps the best by the objective (``plan_objective``):
+  ``balanced`` (the product of mean TTFT and mean JCT: equal weight to their relative changes),
+  ``ttft`` or ``jct``.
+
+The resample has the workload's length mix and rate but its own draws and arrival times, so the
+planner does not see the run it plans for, as a live planner would only see recent traffic.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from backends.sim.timing import TimingModel
+
+if TYPE_CHECKING:
+    from backends.sim.cluster import SystemConfig
+
+OBJECTIVES = ("balanced", "ttft", "jct")
+
+
+def plan_split(
+    n: int,
+    prompts: Sequence[int],
+    outputs: Sequence[int],
+    timing: TimingModel,
+    chunk: int,
+    cfg: SystemConfig,
+    colocated_mask: Sequence[bool] | None = None,
+    rate: float | None = None,
+    prefill_util: float = 0.7,
+    decode_util: float = 0.95,
+) -> tuple[int, int]:
+    """The prefill:decode split. Work per request: prefill at the knee's tokens/s; decode at the
+    batch the KV pool sustains (min(max_num_seqs, KV / mean context)), so a decode side that is
+    memory-bound is sized as such. Requests that fall back to co-located placement count as decode
+    work. P minimises max(prefill load / (P·prefill_util), decode load / (D·decode_util)): prefill is
+    kept below ~70% busy (its queueing is TTFT), decode may run hot (throughput-bound). Without a
+    rate the split is the plain work share. An explicit ``cfg.pd_ratio = "P:D"`` wins; when most
+    requests fall back to co-located placement there is no prefill pool at all (P = 0)."""
+    if cfg.pd_ratio != "auto":
+        p, d = (int(x) for x in cfg.pd_ratio.split(":"))
+        if p + d != n:
+            raise ValueError(f"pd_ratio {cfg.pd_ratio} does not add up to {n} instances")
+        return p, d
+    if n < 2 or not prompts:
+        return 0, n
+    if colocated_mask is not None and 2 * sum(1 for m in colocated_mask if m) >= len(prompts):
+        return 0, n
+    tput = chunk / timing.prefill_s(chunk)
+    mean_ctx = max(1.0, sum(p + o / 2 for p, o in zip(prompts, outputs, strict=True)) / len(prompts))
+    batch = max(1, min(cfg.max_num_seqs, int(timing.total_kv_tokens / mean_ctx)))
+    per_tok = timing.decode_s(batch, mean_ctx) / batch
+    pw = dw = 0.0  # instance-seconds of work per request, summed
+    for k, (p, o) in enumerate(zip(prompts, outputs, strict=True)):
+        if colocated_mask is not None and colocated_mask[k]:
+            dw += p / tput + o * per_tok
+        else:
+            pw += p / tput
+            dw += o * per_tok
+    if pw <= 0:
+        return 0, n
+    if not rate or not math.isfinite(rate):
+        p = max(1, min(n - 1, round(n * pw / (pw + dw))))
+        return p, n - p
+    p_load = rate * pw / len(prompts)  # instances' worth of prefill work at this rate
+    d_load = rate * dw / len(prompts)
+    p = min(range(1, n), key=lambda k: (max(p_load / (k * prefill_util), d_load / ((n - k) * decode_util)), k))
+    return p, n - p
+
+
+@dataclass(frozen=True)
+class _SampleRequest:
+    id: str
+    arrival: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class LayoutChoice:
+    prefill: int
+    decode: int
+    objective: str
+    candidates: dict[str, dict[str, float]]  # "P:D" -> mean_ttft_ms, mean_jct_ms, score
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prefill": self.prefill, "decode": self.decode, "objective": self.objective,
+                "candidates": self.candidates}  # fmt: skip
+
+
+def planning_sample(
+    prompts: Sequence[int], outputs: Sequence[int], rate: float, size: int, seed: int
+) -> list[_SampleRequest]:
+    """`size` (prompt, output) pairs drawn with replacement, Poisson arrivals at `rate`."""
+    rng = random.Random(seed)
+    t = 0.0
+    out = []
+    for i in range(size):
+        k = rng.randrange(len(prompts))
+        out.append(_SampleRequest(f"plan{i}", t, int(prompts[k]), int(outputs[k])))
+        t += rng.expovariate(rate)
+    return out
+
+
+def _score(objective: str, ttft: float, jct: float) -> float:
+    if objective == "ttft":
+        return ttft
+    if objective == "jct":
+        return jct
+    return math.log(max(ttft, 1e-9)) + math.log(max(jct, 1e-9))
+
+
+def plan_layout(
+    n: int,
+    prompts: Sequence[int],
+    outputs: Sequence[int],
+    timing: TimingModel,
+    cfg: SystemConfig,
+    first_guess: int,
+    rate: float,
+    seed: int = 0,
+) -> LayoutChoice:
+    """Simulate the candidate splits on a resample of the traffic; keep the best by the objective.
+    Candidates: the analytic split ``first_guess`` and its neighbours, and P = 0 (every request
+    co-located on the decode instances, in stall-free hybrid batches)."""
+    from backends.sim.cluster import ClusterSim  # the planner runs the simulator it plans for
+
+    if cfg.plan_objective not in OBJECTIVES:
+        raise ValueError(f"plan_objective must be one of {', '.join(OBJECTIVES)}, not {cfg.plan_objective!r}")
+    size = max(cfg.plan_min_requests, min(cfg.plan_max_requests, int(rate * cfg.plan_horizon_s)))
+    sample = planning_sample(prompts, outputs, rate, size, seed + 4243)
+    warm = sample[len(sample) // 2].arrival  # scored on the second half: past the start-up transient
+    cands = sorted({0, first_guess - 1, first_guess, first_guess + 1} & set(range(0, n)))
+    scores: dict[str, dict[str, float]] = {}
+    best: tuple[float, int] | None = None
+    for p in cands:
+        sub = replace(cfg, pd_ratio=f"{p}:{n - p}", layout_plan="work_share")
+        res = ClusterSim(sub, timing, n, sample, seed=seed).run()
+        done = [r for r in res.requests if r["jct_s"] is not None and r["arrival"] >= warm]
+        if not done:
+            continue
+        ttft = 1000.0 * sum(r["ttft_s"] for r in done) / len(done)
+        jct = 1000.0 * sum(r["jct_s"] for r in done) / len(done)
+        sc = _score(cfg.plan_objective, ttft, jct)
+        scores[f"{p}:{n - p}"] = {"mean_ttft_ms": ttft, "mean_jct_ms": jct, "score": sc}
+        if best is None or sc < best[0]:
+            best = (sc, p)
+    p = best[1] if best is not None else first_guess
+    return LayoutChoice(p, n - p, cfg.plan_objective, scores)
+
+
+def recommend_split(
+    instances: int,
+    prompts: Sequence[int],
+    outputs: Sequence[int],
+    rate: float,
+    timing: TimingModel,
+    cfg: SystemConfig,
+    seed: int = 0,
+) -> LayoutChoice:
+    """The split a deployment of ``instances`` should run for traffic of these lengths at ``rate``
+    req/s: the analytic first guess, then the simulated choice (``tetri bench plan``, ``GET
+    /admin/plan``). Requests with a heavy prompt and a heavy output count as co-located, as the
+    fallback places them."""
+    if instances < 1 or not prompts or len(prompts) != len(outputs):
+        raise ValueError("need at least one instance and matching, non-empty prompt and output lengths")
+    if not (rate > 0 and math.isfinite(rate)):
+        raise ValueError(f"rate must be a positive number of requests per second, not {rate!r}")
+    chunk = cfg.chunk_size or timing.knee()
+    hp, hd = cfg.heavy_prefill_threshold, cfg.heavy_decode_threshold
+    mask = [p > hp and o > hd for p, o in zip(prompts, outputs, strict=True)]
+    p, _ = plan_split(instances, prompts, outputs, timing, chunk, cfg, mask, rate=rate)
+    if instances < 2:
+        return LayoutChoice(0, instances, cfg.plan_objective, {})
+    return plan_layout(instances, prompts, outputs, timing, cfg, p, rate, seed=seed)
