@@ -12,9 +12,10 @@ System → deployment (same instance count N for all):
   orchestrator's default conditional disaggregation (HPHD and a backlogged prefill pool run
   co-located on a decode worker)
 
-P:D comes from the simulator's planner (``plan_split``) with the cpu-smollm2 profile at the
-workload's rate, or from ``name+pd_ratio=P:D``. Workers run the built-in engine (``native``) or the
-sim engine (``--live-backend sim``).
+P:D comes from the simulator's planners with the cpu-smollm2 profile at the workload's rate, as in
+the simulated compare: the analytic split (``plan_split``) for ``disagg-simple``, the simulated
+choice (``recommend_split``, P = 0 possible) for ``tetri``; or from ``name+pd_ratio=P:D``. Workers
+run the built-in engine (``native``) or the sim engine (``--live-backend sim``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from bench.runner import run_workload
 
 SYSTEM_ENV: dict[str, dict[str, str]] = {
     "disagg-simple": {
+        "TETRI_MODE": "disaggregated",
         "TETRI_PREFILL_POLICY": "fcfs",
         "TETRI_DISPATCH_POLICY": "least_loaded",
         "TETRI_DECODE_ADMISSION": "greedy",
@@ -46,6 +48,9 @@ SYSTEM_ENV: dict[str, dict[str, str]] = {
         "TETRI_COLOCATE_BACKLOG_TOKENS": "0",
     },
     "tetri": {
+        # auto: disaggregated, with the conditional fallback (HPHD, backlog) to co-located on a decode
+        # worker; with no prefill worker (a planned P = 0) every request runs co-located there
+        "TETRI_MODE": "auto",
         "TETRI_PREFILL_POLICY": "sjf",
         "TETRI_DISPATCH_POLICY": "power_of_two",
         "TETRI_DECODE_ADMISSION": "reserve_dynamic",
@@ -121,7 +126,6 @@ def deployment_args(system: str, n: int, split: tuple[int, int], spec: Any) -> t
     if "pd_ratio" in overrides:
         p, d = (int(x) for x in overrides["pd_ratio"].split(":"))
     env = dict(SYSTEM_ENV[base])
-    env["TETRI_MODE"] = "disaggregated"
     for k, v in overrides.items():
         if k != "pd_ratio":
             env[f"TETRI_{k.upper()}"] = v
@@ -130,6 +134,7 @@ def deployment_args(system: str, n: int, split: tuple[int, int], spec: Any) -> t
 
 def compare_live(spec: Any, progress: Any = None) -> dict[str, Any]:
     from backends.sim.cluster import SYSTEMS, plan_split
+    from backends.sim.planner import recommend_split
     from backends.sim.profiles import get_timing
     from bench.compare import _load_workload, _rate_value, _relative
 
@@ -147,12 +152,19 @@ def compare_live(spec: Any, progress: Any = None) -> dict[str, Any]:
         wl = base.with_arrivals(rate, spec.seed + 1)
         prompts = [r.prompt_tokens for r in wl.requests]
         outputs = [r.output_tokens for r in wl.requests]
-        split = plan_split(n, prompts, outputs, tm, tm.knee(), SYSTEMS["tetri"],
-                           rate=rate if math.isfinite(rate) else None)  # fmt: skip
+        finite = rate if math.isfinite(rate) else None
+        simple = plan_split(n, prompts, outputs, tm, tm.knee(), SYSTEMS["disagg-simple"], rate=finite)
+        splits = {"disagg-simple": simple}
+        if finite:
+            choice = recommend_split(n, prompts, outputs, finite, tm, SYSTEMS["tetri"], seed=spec.seed)
+            splits["tetri"] = (choice.prefill, choice.decode)
+        else:
+            splits["tetri"] = plan_split(n, prompts, outputs, tm, tm.knee(), SYSTEMS["tetri"])
         wres: dict[str, Any] = {"workload": wl.stats(), "rate": rate if math.isfinite(rate) else "inf",
                                 "rate_source": "given" if spec.rate != "auto" else "live default 1 req/s",
                                 "systems": {}}  # fmt: skip
         for sname in spec.systems:
+            split = splits.get(sname.partition("+")[0], splits["disagg-simple"])
             args, env = deployment_args(sname, n, split, spec)
             dep = Deployment(args, env, _free_port(), log_dir / f"bench-{sname.replace('+', '_')}.log")
             try:

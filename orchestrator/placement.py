@@ -179,20 +179,22 @@ class Placement:
         test: Literal["room", "admit"] | None,
     ) -> Instance | None:
         """The decode instance to run a request co-located on: among those passing `test` (the
-        adaptive fallback's room test, decode admission, or none), the one with the fewest
-        outstanding requests (running + queued there + in our queue + released to it), then the
-        most available KV, then id. None when none passes."""
+        adaptive fallback's room test, decode admission, or none), the one with the least prefill
+        load (prompt tokens queued or prefilling there + in our queue for it: the global scheduler's
+        least-loaded rule, since that is what the new prompt waits behind), then the fewest
+        outstanding requests (running + queued there + in our queue + released to it), then the most
+        available KV, then id. None when none passes."""
         hosts = self.decode_hosts(model, backend, exclude)
         if test == "room":
             hosts = [h for h in hosts if self.has_room(h, req)]
         elif test == "admit":
             hosts = [h for h in hosts if self.admission.admits(h.view(), req)]
 
-        def key(inst: Instance) -> tuple[int, int, str]:
-            view = inst.view()
+        def key(inst: Instance) -> tuple[int, int, int, str]:
+            view = self._prefill_view(inst)
             queue = self.queues.get(inst.id)
             outstanding = view.running + view.queued + (len(queue) if queue is not None else 0) + inst.inflight_prefills
-            return outstanding, -(view.free_kv_tokens - view.reserved_kv_tokens), inst.id
+            return view.prefill_load, outstanding, -(view.free_kv_tokens - view.reserved_kv_tokens), inst.id
 
         return min(hosts, key=key, default=None)
 

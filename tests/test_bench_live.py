@@ -37,3 +37,23 @@ def test_live_compare_writes_the_report_files(tmp_path, monkeypatch, live_backen
     raw = json.loads((out / "results.json").read_text())
     recs = raw["workloads"]["synthetic:24:4"]["systems"]["tetri"]["requests"]
     assert all(r["output_tokens"] == 4 and len(r["gaps_s"]) >= 1 for r in recs)
+
+
+def test_live_deployments_match_the_simulated_systems():
+    # tetri runs with mode=auto (its co-located fallback on; a planned P = 0 runs all co-located),
+    # disagg-simple pinned to plain disaggregation; the baselines co-located.
+    from types import SimpleNamespace
+
+    from bench.live import deployment_args
+
+    spec = SimpleNamespace(live_backend="native", model="m", kv_tokens=None)
+    args, env = deployment_args("tetri", 2, (0, 2), spec)
+    assert args[:4] == ["--prefill", "0", "--decode", "2"] and env["TETRI_MODE"] == "auto"
+    assert "TETRI_COLOCATE_ON_DECODE" not in env  # the orchestrator's default: on
+    args, env = deployment_args("disagg-simple", 2, (1, 1), spec)
+    assert args[:4] == ["--prefill", "1", "--decode", "1"] and env["TETRI_MODE"] == "disaggregated"
+    assert env["TETRI_COLOCATE_ON_DECODE"] == "false"
+    args, env = deployment_args("tetri+pd_ratio=1:1,prefill_policy=fcfs", 2, (0, 2), spec)
+    assert args[:4] == ["--prefill", "1", "--decode", "1"] and env["TETRI_PREFILL_POLICY"] == "fcfs"
+    args, env = deployment_args("colocated-sarathi", 2, (1, 1), spec)
+    assert "--colocated" in args and env == {"TETRI_MODE": "colocated"}

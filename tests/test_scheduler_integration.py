@@ -394,3 +394,11 @@ def test_colocated_fallback_room_test_and_backlog_measure():
     assert placement.pick_decode_host(req, TINY, None, {"d1"}, test="room") is None
     # Without a test: the least outstanding (d2: 0 running + 1 queued < d1: 3 running).
     assert placement.pick_decode_host(req, TINY, None, set(), test=None) is d2
+    # ...unless its prefill load is higher: prompt tokens waiting there come first.
+    d2.load = LoadReport(role="decode", free_kv_tokens=1900, total_kv_tokens=2000, running=0, queued=1,
+                         queued_prompt_tokens=500)  # fmt: skip
+    d1.load = LoadReport(role="decode", free_kv_tokens=1000, total_kv_tokens=2000, running=3,
+                         running_prompt_tokens=100)  # fmt: skip
+    assert placement.pick_decode_host(req, TINY, None, set(), test=None) is d1
+    placement.queue_of(d1).push(RequestView(id="w", arrival=0.0, prompt_tokens=450, max_tokens=8), 0.0)
+    assert placement.pick_decode_host(req, TINY, None, set(), test=None) is d2  # 100 + 450 > 500

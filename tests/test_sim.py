@@ -445,3 +445,19 @@ def test_colocated_prompts_on_a_decode_instance_follow_the_prefill_policy(h100):
         first[policy] = (min(shorts), max(shorts), min(longs), max(longs))
     assert first["fcfs"][0] >= first["fcfs"][3]  # the short prompts waited for every long one
     assert first["sjf"][1] < first["sjf"][2]  # the short prompts went first
+
+
+def test_prefill_load_placement_keeps_short_prompts_off_a_long_prefill(h100):
+    # Two decode instances, all co-located. A 6,000-token prompt lands on i0, a short one on i1; the
+    # next short prompt ties on request count and would queue behind the long prefill on i0.
+    reqs = [BenchRequest("long", 0.0, 6000, 10), BenchRequest("s1", 0.001, 50, 200),
+            BenchRequest("s2", 0.002, 50, 200)]  # fmt: skip
+    got = {}
+    for pick in ("outstanding", "prefill_load"):
+        res = simulate(f"tetri+pd_ratio=0:2,predictor=oracle,colocate_pick={pick}", h100, 2, reqs)
+        got[pick] = {r["id"]: r for r in res.requests}
+    assert got["outstanding"]["s2"]["d_inst"] == got["outstanding"]["long"]["d_inst"]
+    assert got["prefill_load"]["s2"]["d_inst"] != got["prefill_load"]["long"]["d_inst"]
+    assert got["prefill_load"]["s2"]["ttft_s"] < got["outstanding"]["s2"]["ttft_s"] / 3
+    with pytest.raises(ValueError, match="colocate_pick"):
+        simulate("tetri+pd_ratio=0:2,colocate_pick=random", h100, 2, reqs)

@@ -24,7 +24,8 @@ Systems (``SYSTEMS``):
   hybrid batches (no KV transfer, no prefill-instance time), where disaggregation cannot pay; and
   so is any prompt that the prefill pool would hold back longer than ``fallback_wait_s`` (30 ms)
   while a decode instance has room ("adaptive": conditional disaggregation, as NVIDIA Dynamo does).
-  Co-located prompts wait on their decode instance in a ``PrefillQueue`` of the same policy (SJF).
+  Co-located prompts go to the decode instance with the least prefill load (the global scheduler's
+  rule) and wait there in a ``PrefillQueue`` of the same policy (SJF), as in the live placement.
   The split, "no prefill pool" (P = 0, every request co-located) included, is chosen by simulating
   the candidates on a resample of the traffic (``planner.plan_layout``): disaggregation is kept where
   it pays and dropped where the pools it creates could not keep up.
@@ -77,6 +78,10 @@ class SystemConfig:
     heavy_decode_threshold: int = 128
     heavy_prefill_threshold: int = 512
     fallback: str = "none"  # none | hphd | adaptive (hphd + co-locate while the prefill pool is backlogged)
+    # Which instance a co-located request goes to: "outstanding" (fewest requests: a plain load
+    # balancer, as in front of vLLM) or "prefill_load" (fewest prompt tokens waiting or prefilling,
+    # then fewest requests: the global scheduler's least-loaded rule, applied to co-located hosts)
+    colocate_pick: str = "outstanding"
     fallback_wait_s: float = 0.1  # adaptive: co-locate when the prefill queue would delay a prompt longer
     pd_ratio: str = "auto"  # auto (planned: layout_plan) | "P:D"
     layout_plan: str = "work_share"  # work_share (analytic) | simulated (candidates simulated: planner.py)
@@ -121,6 +126,7 @@ SYSTEMS: dict[str, SystemConfig] = {
         fallback_wait_s=0.03,
         # The split, no prefill pool included, chosen by simulating the candidates (planner.py).
         layout_plan="simulated",
+        colocate_pick="prefill_load",
     ),
 }
 
@@ -538,7 +544,7 @@ class ClusterSim:
     def _on_arrival(self, r: Req) -> None:
         cfg = self.cfg
         if cfg.layout == "colocated":
-            best = self._least_outstanding(self.insts)
+            best = self._pick_colocated(self.insts)
             assert best is not None
             r.p_inst = r.d_inst = best.i
             best.waiting.append(r)
@@ -552,9 +558,9 @@ class ClusterSim:
         if not prefills or self._wants_colocated(r) or backlogged:
             # Co-located fallback: prefill and decode on one decode instance (stall-free hybrid
             # batches, no KV transfer), placed like the co-located baselines: least outstanding.
-            inst = self._least_outstanding([i for i in self.insts if i.role == "decode" and not i.draining])
+            inst = self._pick_colocated([i for i in self.insts if i.role == "decode" and not i.draining])
             if inst is None and not prefills:
-                inst = self._least_outstanding([i for i in self.insts if i.role == "decode"])
+                inst = self._pick_colocated([i for i in self.insts if i.role == "decode"])
             if inst is not None:
                 r.colocated = True
                 r.p_inst = r.d_inst = inst.i
@@ -588,6 +594,17 @@ class ClusterSim:
             if used <= 0.8 * i.cap:  # the decode side has memory and no queue of its own
                 return True
         return False
+
+    def _pick_colocated(self, insts: Sequence[Inst]) -> Inst | None:
+        if self.cfg.colocate_pick == "prefill_load":
+            def load(i: Inst) -> tuple[int, int, int]:
+                prompt = i.pending_prompt + sum(q.eff - q.done for q in i.prefilling)
+                return prompt, len(i.running) + i.n_waiting + len(i.incoming), i.i
+
+            return min(insts, key=load, default=None)
+        if self.cfg.colocate_pick != "outstanding":
+            raise ValueError(f"colocate_pick must be 'outstanding' or 'prefill_load', not {self.cfg.colocate_pick!r}")
+        return self._least_outstanding(insts)
 
     @staticmethod
     def _least_outstanding(insts: Sequence[Inst]) -> Inst | None:
