@@ -125,7 +125,12 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
             m = s["summary"]
             bits = []
             if cfg.get("layout") == "disaggregated":
-                how = "stated ratio" if cfg.get("pd_ratio", "auto") != "auto" else "work-share/load planner"
+                if cfg.get("pd_ratio", "auto") != "auto":
+                    how = "stated ratio"
+                elif cfg.get("layout_plan") == "simulated":
+                    how = f"simulated layout planner, {cfg.get('plan_objective')} objective"
+                else:
+                    how = "work-share/load planner"
                 bits.append(f"prefill:decode {_split(s.get('split'))} ({how}), flip policy {cfg.get('flip_policy')}")
                 bits.append(
                     f"prefill {cfg.get('prefill_policy')}, dispatch {cfg.get('dispatch_policy')}, admission "

@@ -214,6 +214,10 @@ class AppState:
         }
 
 
+def _import_transformers() -> None:
+    from transformers import AutoTokenizer  # noqa: F401
+
+
 def _live_accuracy(predictor: Any, granularity: int) -> Any:
     from predictor.live import LiveAccuracy
 
@@ -232,6 +236,9 @@ def create_app(
         await asyncio.to_thread(state.store.upgrade)
         state.store.start()
         # Load the tokenizer and the predictor now, off the event loop, not in the first request.
+        # Both import transformers, whose lazy names do not resolve thread-safely: two threads
+        # importing AutoTokenizer at once can fail ("cannot import name"), so import it first.
+        await asyncio.to_thread(_import_transformers)
         _, state.predictor = await asyncio.gather(
             asyncio.to_thread(state.prompt_builder, settings.public_model_name),
             asyncio.to_thread(make_predictor, settings.predictor, settings.predictor_granularity),
