@@ -107,6 +107,35 @@ def build_admin_router(app_state: Any) -> APIRouter:
             recommend_for_traffic, app_state, window_s, objective, profile or app_state.settings.plan_profile, instances
         )
 
+    @router.post("/plan/apply")
+    async def apply_plan(
+        window_s: float = 900.0, objective: str = "balanced", profile: str | None = None
+    ) -> dict[str, Any]:
+        """Plan the prefill/decode pools (co-located instances stay as they are) and flip instances,
+        one at a time, until the pools have the recommended split."""
+        pool = _pd_pool(app_state)
+        if not pool:
+            raise APIError(409, "no healthy prefill or decode instances to divide", code="no_instances")
+        plan = await asyncio.to_thread(
+            recommend_for_traffic, app_state, window_s, objective, profile or app_state.settings.plan_profile, len(pool)
+        )
+        target = plan["recommended"]["prefill"]
+        prefill = [i for i in pool if i.role == "prefill"]
+        decode = [i for i in pool if i.role == "decode"]
+        # Flip the least busy instances of the pool that is too large.
+        flips = []
+        if len(prefill) > target:
+            moves, to_role = sorted(prefill, key=_busy)[: len(prefill) - target], "decode"
+        else:
+            moves, to_role = sorted(decode, key=_busy)[: target - len(prefill)], "prefill"
+        for inst in moves:
+            try:
+                flips.append(await app_state.flip(inst, to_role))
+            except BackendError as exc:
+                raise APIError(exc.status if exc.status < 500 else 502, f"flip of {inst.id} failed: {exc}",
+                               code="flip_failed") from exc  # fmt: skip
+        return {**plan, "flips": flips}
+
     @router.get("/stats")
     async def stats() -> dict[str, Any]:
         return await asyncio.to_thread(app_state.stats)
@@ -131,6 +160,10 @@ def recommend_for_traffic(
     for inst in app_state.cluster.instances.values():
         if inst.state != "unhealthy":
             current[inst.role] = current.get(inst.role, 0) + 1
+    # P = 0 runs every request co-located on the decode instances: only where their engines can.
+    decodes = [i for i in _pd_pool(app_state) if i.role == "decode"]
+    whole = app_state.settings.colocate_on_decode and all(i.backend.generates_on_decode for i in decodes)
+    allow_no_prefill = bool(current.get("colocated")) or whole
     n = instances if instances is not None else sum(current.values())
     if n < 1:
         raise APIError(409, "no instances to plan for", code="no_instances")
@@ -146,8 +179,11 @@ def recommend_for_traffic(
         "tetri", plan_objective=objective, heavy_prefill_threshold=s.heavy_prefill_threshold,
         heavy_decode_threshold=s.heavy_decode_threshold,
     )  # fmt: skip
-    choice = recommend_split(n, [r["prompt_tokens"] for r in rows], [r["completion_tokens"] for r in rows], rate,
-                             get_timing(profile), cfg)  # fmt: skip
+    try:
+        choice = recommend_split(n, [r["prompt_tokens"] for r in rows], [r["completion_tokens"] for r in rows], rate,
+                                 get_timing(profile), cfg, allow_no_prefill=allow_no_prefill)  # fmt: skip
+    except ValueError as exc:
+        raise APIError(409, str(exc), code="cannot_plan") from exc
     return {
         "recommended": {"prefill": choice.prefill, "decode": choice.decode},
         "current": current,
@@ -157,3 +193,12 @@ def recommend_for_traffic(
         "objective": objective,
         "candidates": choice.candidates,
     }
+
+
+def _pd_pool(app_state: Any) -> list[Any]:
+    return [i for i in app_state.cluster.instances.values() if i.role in ("prefill", "decode") and i.state == "healthy"]
+
+
+def _busy(inst: Any) -> tuple[int, int, str]:
+    view = inst.view()
+    return view.running + view.queued, view.queued_prompt_tokens + view.running_prompt_tokens, inst.id

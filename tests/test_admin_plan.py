@@ -53,3 +53,49 @@ def test_plan_recommends_a_split_for_the_recorded_traffic(tiny_pd_fleet, orchest
     # Without `instances` it plans for the registered, healthy instances.
     own = httpx.get(plan, headers=AUTH, params={"profile": "h100-llama-2-7b"}, timeout=120).json()
     assert own["instances"] == 2 and set(own["candidates"]) <= {"0:2", "1:1"}
+
+
+def test_a_deployment_whose_decode_engines_cannot_run_whole_requests_keeps_a_prefill_pool():
+    from backends.sim.cluster import system_config
+    from backends.sim.planner import recommend_split
+    from backends.sim.profiles import get_timing
+
+    rng = random.Random(0)
+    prompts = [rng.randint(20, 300) for _ in range(900)]
+    outputs = [rng.randint(200, 800) for _ in range(900)]
+    cfg = system_config("tetri", plan_objective="jct")
+    h100 = get_timing("h100-llama-2-7b")
+    free = recommend_split(4, prompts, outputs, 30.0, h100, cfg)
+    assert (free.prefill, free.decode) == (0, 4)  # co-locating everything is best for JCT here...
+    kept = recommend_split(4, prompts, outputs, 30.0, h100, cfg, allow_no_prefill=False)
+    assert kept.prefill >= 1 and "0:4" not in kept.candidates  # ...but SGLang decode servers cannot
+    with pytest.raises(ValueError):
+        recommend_split(1, prompts, outputs, 30.0, h100, cfg, allow_no_prefill=False)
+
+
+@pytest.mark.slow
+def test_plan_apply_flips_the_pools_to_the_recommended_split(tiny_pd_fleet, orchestrator_for):
+    url, state = orchestrator_for(pd_specs(tiny_pd_fleet))
+    # Light prompts, long outputs, 20 req/s on 2 H100-class instances: one decode instance could
+    # not keep up, so every objective drops the prefill pool (candidates 0:2 and 1:1).
+    _record_traffic(state.store, 900, 20.0, (20, 300), (200, 800))
+    try:
+        resp = httpx.post(f"{url}/admin/plan/apply", headers=AUTH, params={"profile": "h100-llama-2-7b"},
+                          timeout=180)  # fmt: skip
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["recommended"] == {"prefill": 0, "decode": 2}
+        assert [(f["id"], f["from"], f["to"]) for f in body["flips"]] == [("prefill-0", "prefill", "decode")]
+        roles = {i["id"]: i["role"] for i in httpx.get(f"{url}/admin/instances", headers=AUTH).json()["instances"]}
+        assert roles == {"prefill-0": "decode", "decode-1": "decode"}
+        # With no prefill pool every request runs co-located on a decode instance.
+        done = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": "random:tiny-llama", "prompt": [5, 6, 7, 8], "max_tokens": 4, "ignore_eos": True})
+        assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 4
+        again = httpx.post(f"{url}/admin/plan/apply", headers=AUTH, params={"profile": "h100-llama-2-7b"},
+                           timeout=180).json()  # fmt: skip
+        assert again["flips"] == []  # already there
+    finally:  # the fleet is shared by the session: give the worker its role back
+        back = httpx.post(f"{url}/admin/instances/prefill-0/flip", headers=AUTH, json={"role": "prefill"},
+                          timeout=120)  # fmt: skip
+        assert back.status_code == 200, back.text

@@ -133,10 +133,12 @@ def plan_layout(
     first_guess: int,
     rate: float,
     seed: int = 0,
+    allow_no_prefill: bool = True,
 ) -> LayoutChoice:
     """Simulate the candidate splits on a resample of the traffic; keep the best by the objective.
     Candidates: the analytic split ``first_guess`` and its neighbours, and P = 0 (every request
-    co-located on the decode instances, in stall-free hybrid batches)."""
+    co-located on the decode instances, in stall-free hybrid batches) unless ``allow_no_prefill`` is
+    False (decode engines that cannot run whole requests)."""
     from backends.sim.cluster import ClusterSim  # the planner runs the simulator it plans for
 
     if cfg.plan_objective not in OBJECTIVES:
@@ -144,7 +146,8 @@ def plan_layout(
     size = max(cfg.plan_min_requests, min(cfg.plan_max_requests, int(rate * cfg.plan_horizon_s)))
     sample = planning_sample(prompts, outputs, rate, size, seed + 4243)
     warm = sample[len(sample) // 2].arrival  # scored on the second half: past the start-up transient
-    cands = sorted({0, first_guess - 1, first_guess, first_guess + 1} & set(range(0, n)))
+    lowest = 0 if allow_no_prefill else 1
+    cands = sorted({lowest, first_guess - 1, first_guess, first_guess + 1} & set(range(lowest, n)))
     scores: dict[str, dict[str, float]] = {}
     best: tuple[float, int] | None = None
     for p in cands:
@@ -171,6 +174,7 @@ def recommend_split(
     timing: TimingModel,
     cfg: SystemConfig,
     seed: int = 0,
+    allow_no_prefill: bool = True,
 ) -> LayoutChoice:
     """The split a deployment of ``instances`` should run for traffic of these lengths at ``rate``
     req/s: the analytic first guess, then the simulated choice (``tetri bench plan``, ``GET
@@ -184,6 +188,10 @@ def recommend_split(
     hp, hd = cfg.heavy_prefill_threshold, cfg.heavy_decode_threshold
     mask = [p > hp and o > hd for p, o in zip(prompts, outputs, strict=True)]
     p, _ = plan_split(instances, prompts, outputs, timing, chunk, cfg, mask, rate=rate)
-    if instances < 2:
+    if not allow_no_prefill:
+        if instances < 2:
+            raise ValueError("a deployment whose decode engines cannot run whole requests needs 2+ instances")
+        p = max(p, 1)
+    elif instances < 2:
         return LayoutChoice(0, instances, cfg.plan_objective, {})
-    return plan_layout(instances, prompts, outputs, timing, cfg, p, rate, seed=seed)
+    return plan_layout(instances, prompts, outputs, timing, cfg, p, rate, seed=seed, allow_no_prefill=allow_no_prefill)
