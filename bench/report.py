@@ -144,6 +144,13 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
                 bits.append(f"{m['preemptions']} preemptions, {m.get('flips', 0)} flips")
             if m.get("sim_wall_s") is not None:
                 bits.append(f"simulated in {m['sim_wall_s']:.2f} s")
+            plan = (s.get("extra") or {}).get("plan")
+            if plan and plan.get("candidates"):
+                tried = ", ".join(
+                    f"{split} {c['mean_ttft_ms']:.0f} / {c['mean_jct_ms']:.0f} ms"
+                    for split, c in plan["candidates"].items()
+                )
+                bits.append(f"candidates simulated (mean TTFT / JCT on a resample of the traffic): {tried}")
             if bits:
                 notes.append(f"- **{name}**: " + "; ".join(bits))
         if notes:

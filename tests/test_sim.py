@@ -259,7 +259,13 @@ def test_small_compare_writes_the_report_files(tmp_path, monkeypatch):
             assert s[k] is not None and s[k] > 0
     raw = json.loads((tmp_path / "results.json").read_text())
     assert len(raw["workloads"]["Mixed"]["systems"]["tetri"]["requests"]) == 120
-    assert "perf/$" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "perf/$" in report
+    # tetri says how it chose its split, and what it tried
+    plan = raw["workloads"]["Mixed"]["systems"]["tetri"]["extra"]["plan"]
+    assert "0:4" in plan["candidates"]
+    assert "simulated layout planner, balanced objective" in report
+    assert f"0:4 {plan['candidates']['0:4']['mean_ttft_ms']:.0f} / " in report
 
 
 def test_idle_prefill_instance_flips_to_decode(h100):
