@@ -38,6 +38,18 @@ def build_admin_router(app_state: Any) -> APIRouter:
                            "authentication_error", code="invalid_admin_token")
 
     router = APIRouter(prefix="/admin", dependencies=[Depends(require_token)])
+    # A plan simulates thousands of requests per candidate (seconds of CPU): one at a time.
+    planning = asyncio.Lock()
+
+    async def planned(window_s: float, objective: str, profile: str | None, instances: int | None) -> dict[str, Any]:
+        if planning.locked():
+            raise APIError(429, "a plan is already being computed; retry shortly", "rate_limit_error",
+                           code="plan_in_progress", retry_after=5)  # fmt: skip
+        async with planning:
+            return await asyncio.to_thread(
+                recommend_for_traffic, app_state, window_s, objective, profile or app_state.settings.plan_profile,
+                instances,
+            )  # fmt: skip
 
     def instance_or_404(instance_id: str):
         inst = app_state.cluster.get(instance_id)
@@ -103,9 +115,7 @@ def build_admin_router(app_state: Any) -> APIRouter:
     ) -> dict[str, Any]:
         """The prefill:decode split (P = 0: every request co-located) the recent traffic calls for,
         simulated on the deployment's timing profile. Advice only: apply it with /instances/{id}/flip."""
-        return await asyncio.to_thread(
-            recommend_for_traffic, app_state, window_s, objective, profile or app_state.settings.plan_profile, instances
-        )
+        return await planned(window_s, objective, profile, instances)
 
     @router.post("/plan/apply")
     async def apply_plan(
@@ -116,9 +126,7 @@ def build_admin_router(app_state: Any) -> APIRouter:
         pool = _pd_pool(app_state)
         if not pool:
             raise APIError(409, "no healthy prefill or decode instances to divide", code="no_instances")
-        plan = await asyncio.to_thread(
-            recommend_for_traffic, app_state, window_s, objective, profile or app_state.settings.plan_profile, len(pool)
-        )
+        plan = await planned(window_s, objective, profile, len(pool))
         target = plan["recommended"]["prefill"]
         prefill = [i for i in pool if i.role == "prefill"]
         decode = [i for i in pool if i.role == "decode"]

@@ -50,6 +50,20 @@ def test_plan_recommends_a_split_for_the_recorded_traffic(tiny_pd_fleet, orchest
         assert rec["prefill"] + rec["decode"] == 4 and f"{rec['prefill']}:{rec['decode']}" in body["candidates"]
     assert got["ttft"]["recommended"]["prefill"] >= 1
     assert got["jct"]["recommended"] == {"prefill": 0, "decode": 4}
+    # One plan at a time: a second request while one runs is told to come back (429, Retry-After).
+    import concurrent.futures
+
+    def ask() -> httpx.Response:
+        return httpx.get(plan, headers=AUTH, timeout=120,
+                         params={"profile": "h100-llama-2-7b", "objective": "jct", "instances": 16})  # fmt: skip
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        started = time.monotonic()
+        both = sorted((f.result() for f in [pool.submit(ask), pool.submit(ask)]), key=lambda r: r.status_code)
+        took = time.monotonic() - started
+    assert took > 0.5  # the plan runs long enough for the two requests to overlap
+    assert [r.status_code for r in both] == [200, 429]
+    assert both[1].headers["retry-after"] == "5" and both[1].json()["error"]["code"] == "plan_in_progress"
     # Without `instances` it plans for the registered, healthy instances.
     own = httpx.get(plan, headers=AUTH, params={"profile": "h100-llama-2-7b"}, timeout=120).json()
     assert own["instances"] == 2 and set(own["candidates"]) <= {"0:2", "1:1"}
