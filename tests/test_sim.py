@@ -467,3 +467,13 @@ def test_prefill_load_placement_keeps_short_prompts_off_a_long_prefill(h100):
     assert got["prefill_load"]["s2"]["ttft_s"] < got["outstanding"]["s2"]["ttft_s"] / 3
     with pytest.raises(ValueError, match="colocate_pick"):
         simulate("tetri+pd_ratio=0:2,colocate_pick=random", h100, 2, reqs)
+
+
+def test_backlog_fallback_disaggregates_hphd_while_the_prefill_pool_keeps_up(h100):
+    # Heavy prompts and heavy outputs, spaced out: the prefill pool is idle at every arrival.
+    reqs = [BenchRequest(f"r{i}", i * 0.5, 1500, 300) for i in range(10)]
+    hphd = simulate("tetri+pd_ratio=1:3,predictor=oracle,fallback=adaptive", h100, 4, reqs)
+    backlog = simulate("tetri+pd_ratio=1:3,predictor=oracle,fallback=backlog", h100, 4, reqs)
+    assert all(r["colocated"] for r in hphd.requests)  # the HPHD rule co-locates them all
+    assert not any(r["colocated"] for r in backlog.requests)  # the backlog rule never fires
+    assert all(r["p_inst"] == 0 and r["d_inst"] != 0 for r in backlog.requests)

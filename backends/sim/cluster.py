@@ -77,7 +77,10 @@ class SystemConfig:
     granularity: int = 200
     heavy_decode_threshold: int = 128
     heavy_prefill_threshold: int = 512
-    fallback: str = "none"  # none | hphd | adaptive (hphd + co-locate while the prefill pool is backlogged)
+    # none | hphd | adaptive (hphd + co-locate while the prefill pool is backlogged) | backlog (the
+    # backlog rule only: HPHD is disaggregated like the rest, and the layout planner decides whether
+    # there is a prefill pool at all) | all
+    fallback: str = "none"
     # Which instance a co-located request goes to: "outstanding" (fewest requests: a plain load
     # balancer, as in front of vLLM) or "prefill_load" (fewest prompt tokens waiting or prefilling,
     # then fewest requests: the global scheduler's least-loaded rule, applied to co-located hosts)
@@ -404,6 +407,8 @@ class ClusterSim:
             return False
         if cfg.fallback in ("hphd", "adaptive"):
             return r.prompt > cfg.heavy_prefill_threshold and r.heavy
+        if cfg.fallback == "backlog":
+            return False
         if cfg.fallback == "all":
             return True
         raise ValueError(f"unknown fallback {cfg.fallback!r}")
@@ -554,7 +559,8 @@ class ClusterSim:
         prefills = [i for i in self.insts if i.role == "prefill" and not i.draining]
         if not prefills:
             prefills = [i for i in self.insts if i.role == "prefill"]
-        backlogged = cfg.fallback == "adaptive" and bool(prefills) and self._prefill_backlogged(prefills, r)
+        backlog_rule = cfg.fallback in ("adaptive", "backlog")
+        backlogged = backlog_rule and bool(prefills) and self._prefill_backlogged(prefills, r)
         if not prefills or self._wants_colocated(r) or backlogged:
             # Co-located fallback: prefill and decode on one decode instance (stall-free hybrid
             # batches, no KV transfer), placed like the co-located baselines: least outstanding.
