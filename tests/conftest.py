@@ -85,6 +85,21 @@ def orchestrator_for(tmp_path: Path) -> Callable:
         ctx.__exit__(None, None, None)
 
 
+def fake_cluster(members: list[tuple[str, str, object]], kv_tokens: int = 4096):
+    """A control-plane Cluster over in-process fake backends: (instance id, role, backend) each,
+    healthy, with a load report of `kv_tokens` free KV."""
+    from backends.base import LoadReport
+    from orchestrator.cluster import Cluster
+
+    cluster = Cluster()
+    for iid, role, backend in members:
+        inst = cluster.add(InstanceSpec(url=f"http://{iid}.invalid", backend="native", role=role, model=TINY, id=iid))
+        inst.backend = backend  # type: ignore[assignment]
+        inst.state = "healthy"
+        inst.load = LoadReport(role=role, free_kv_tokens=kv_tokens, total_kv_tokens=kv_tokens)  # type: ignore[arg-type]
+    return cluster
+
+
 def pd_specs(fleet: Fleet) -> list[InstanceSpec]:
     return [InstanceSpec(url=w.url, backend="native", role=w.role, model=TINY, id=f"{w.role}-{i}")
             for i, w in enumerate(fleet.workers)]

@@ -17,7 +17,7 @@ import pytest
 
 from orchestrator.config import InstanceSpec
 from orchestrator.launcher import Fleet
-from tests.conftest import TINY
+from tests.conftest import TINY, fake_cluster
 
 PROMPT = [100 + (k * 37) % 20000 for k in range(40)]
 MAX_TOKENS = 400
@@ -114,8 +114,7 @@ def test_push_refused_after_the_early_first_token_resumes_from_it(migrate: bool)
     the next attempt prefills the prompt plus that token and generates only the rest. With
     migration off the first token is held until the hand-off, so the refusal is an ordinary retry
     before the client has seen anything."""
-    from backends.base import Backend, BackendError, KVHandle, LoadReport, SamplingParams, TokenEvent
-    from orchestrator.cluster import Cluster
+    from backends.base import Backend, BackendError, KVHandle, SamplingParams, TokenEvent
     from orchestrator.config import Settings
     from orchestrator.placement import Placement
     from orchestrator.serving import Job, Server
@@ -148,12 +147,7 @@ def test_push_refused_after_the_early_first_token_resumes_from_it(migrate: bool)
         abort = Backend.abort
 
     settings = Settings(database_url="sqlite://", model=TINY, decode_admission="greedy", migrate_on_failure=migrate)
-    cluster = Cluster()
-    for iid, role, backend in (("prefill-0", "prefill", Prefill()), ("decode-0", "decode", Decode())):
-        inst = cluster.add(InstanceSpec(url=backend.url, backend="native", role=role, model=TINY, id=iid))
-        inst.backend = backend  # type: ignore[assignment]
-        inst.state = "healthy"
-        inst.load = LoadReport(role=role, free_kv_tokens=4096, total_kv_tokens=4096)  # type: ignore[arg-type]
+    cluster = fake_cluster([("prefill-0", "prefill", Prefill()), ("decode-0", "decode", Decode())])
     server = Server(settings, cluster, Placement(settings, cluster, seed=0), None, None)
     job = Job(TINY, [5, 6], SamplingParams(max_tokens=3, temperature=0))
 
@@ -180,8 +174,7 @@ def test_push_refused_after_the_early_first_token_resumes_from_it(migrate: bool)
 def test_stop_string_straddling_the_migration_still_stops_the_stream():
     """' world' is split by the break: ' wor' before, 'ld' after. The continuation's engine never
     sees ' wor', so the orchestrator finds the stop string across the break and ends the stream."""
-    from backends.base import LoadReport, SamplingParams, TokenEvent
-    from orchestrator.cluster import Cluster
+    from backends.base import SamplingParams, TokenEvent
     from orchestrator.config import Settings
     from orchestrator.placement import Placement
     from orchestrator.serving import Job, Server
@@ -212,13 +205,7 @@ def test_stop_string_straddling_the_migration_still_stops_the_stream():
                 aborted.append(self.instance_id)
 
     settings = Settings(database_url="sqlite://", model=TINY, mode="colocated")
-    cluster = Cluster()
-    for iid in ("c0", "c1"):
-        backend = Colocated(iid)
-        inst = cluster.add(InstanceSpec(url=backend.url, backend="native", role="colocated", model=TINY, id=iid))
-        inst.backend = backend  # type: ignore[assignment]
-        inst.state = "healthy"
-        inst.load = LoadReport(role="colocated", free_kv_tokens=4096, total_kv_tokens=4096)  # type: ignore[arg-type]
+    cluster = fake_cluster([(iid, "colocated", Colocated(iid)) for iid in ("c0", "c1")])
     server = Server(settings, cluster, Placement(settings, cluster, seed=0), None, None)
     job = Job(TINY, [5, 6], SamplingParams(max_tokens=8, temperature=0, stop=[" world"]))
 

@@ -20,7 +20,7 @@ import pytest
 
 from orchestrator.config import InstanceSpec
 from orchestrator.launcher import Fleet
-from tests.conftest import ADMIN_TOKEN, TINY
+from tests.conftest import ADMIN_TOKEN, TINY, fake_cluster
 
 pytestmark = pytest.mark.slow
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -300,14 +300,12 @@ def test_unhealthy_prefill_is_skipped_and_its_queue_replaced(fleet3, orchestrato
 def test_decode_kv_refusal_does_not_exclude_the_only_prefill_instance():
     """A decode worker that refuses the pushed KV (507, pool full) fails the prefill call; the retry
     must not exclude the (blameless) prefill instance, or a one-prefill cluster answers 503."""
-    from backends.base import Backend, BackendError, LoadReport, PrefillResult, SamplingParams, TokenEvent
-    from orchestrator.cluster import Cluster
+    from backends.base import Backend, BackendError, PrefillResult, SamplingParams, TokenEvent
     from orchestrator.config import Settings
     from orchestrator.placement import Placement
     from orchestrator.serving import Job, Server
 
     settings = Settings(database_url="sqlite://", model=TINY, decode_admission="greedy")
-    cluster = Cluster()
     calls: list[str] = []
 
     class FlakyPrefill:
@@ -328,11 +326,7 @@ def test_decode_kv_refusal_does_not_exclude_the_only_prefill_instance():
         instance_id = "decode-0"
         generates_on_decode = False  # Backend's attribute: this fake cannot host a co-located request
 
-    for iid, role, backend in (("prefill-0", "prefill", FlakyPrefill()), ("decode-0", "decode", Decode())):
-        inst = cluster.add(InstanceSpec(url=backend.url, backend="native", role=role, model=TINY, id=iid))
-        inst.backend = backend  # type: ignore[assignment]
-        inst.state = "healthy"
-        inst.load = LoadReport(role=role, free_kv_tokens=4096, total_kv_tokens=4096)  # type: ignore[arg-type]
+    cluster = fake_cluster([("prefill-0", "prefill", FlakyPrefill()), ("decode-0", "decode", Decode())])
     server = Server(settings, cluster, Placement(settings, cluster, seed=0), None, None)
     job = Job(TINY, [5, 6, 7], SamplingParams(max_tokens=1, temperature=0))
 
