@@ -42,6 +42,7 @@ def build_admin_router(app_state: Any) -> APIRouter:
     planning = asyncio.Lock()
 
     async def planned(window_s: float, objective: str, profile: str | None, instances: int | None) -> dict[str, Any]:
+        _check_plan_args(window_s, objective, profile or app_state.settings.plan_profile, instances)
         if planning.locked():
             raise APIError(429, "a plan is already being computed; retry shortly", "rate_limit_error",
                            code="plan_in_progress", retry_after=5)  # fmt: skip
@@ -155,24 +156,20 @@ def recommend_for_traffic(
     app_state: Any, window_s: float, objective: str, profile: str, instances: int | None
 ) -> dict[str, Any]:
     from backends.sim.cluster import system_config
-    from backends.sim.planner import OBJECTIVES, recommend_split
-    from backends.sim.profiles import get_timing, profile_names
+    from backends.sim.planner import recommend_split
+    from backends.sim.profiles import get_timing
 
-    if objective not in OBJECTIVES:
-        raise APIError(400, f"objective must be one of {', '.join(OBJECTIVES)}", param="objective")
-    if profile not in profile_names():
-        raise APIError(400, f"unknown profile {profile!r}; known: {', '.join(profile_names())}", param="profile")
-    if not window_s > 0:
-        raise APIError(400, "window_s must be positive", param="window_s")
     current: dict[str, int] = {}
     for inst in app_state.cluster.instances.values():
         if inst.state != "unhealthy":
             current[inst.role] = current.get(inst.role, 0) + 1
+    pool = _pd_pool(app_state)
     # P = 0 runs every request co-located on the decode instances: only where their engines can.
-    decodes = [i for i in _pd_pool(app_state) if i.role == "decode"]
-    whole = app_state.settings.colocate_on_decode and all(i.backend.generates_on_decode for i in decodes)
-    allow_no_prefill = bool(current.get("colocated")) or whole
-    n = instances if instances is not None else sum(current.values())
+    allow_no_prefill = app_state.settings.colocate_on_decode and all(
+        i.backend.generates_on_decode for i in pool if i.role == "decode"
+    )
+    # The prefill and decode pools are what a split divides; with none, every instance.
+    n = instances if instances is not None else (len(pool) or sum(current.values()))
     if n < 1:
         raise APIError(409, "no instances to plan for", code="no_instances")
     app_state.store.flush()
@@ -201,6 +198,23 @@ def recommend_for_traffic(
         "objective": objective,
         "candidates": choice.candidates,
     }
+
+
+_MAX_PLAN_INSTANCES = 512  # a plan simulates every instance: bound the work one request can ask for
+
+
+def _check_plan_args(window_s: float, objective: str, profile: str, instances: int | None) -> None:
+    from backends.sim.planner import OBJECTIVES
+    from backends.sim.profiles import profile_names
+
+    if objective not in OBJECTIVES:
+        raise APIError(400, f"objective must be one of {', '.join(OBJECTIVES)}", param="objective")
+    if profile not in profile_names():
+        raise APIError(400, f"unknown profile {profile!r}; known: {', '.join(profile_names())}", param="profile")
+    if not window_s > 0:
+        raise APIError(400, "window_s must be positive", param="window_s")
+    if instances is not None and not 1 <= instances <= _MAX_PLAN_INSTANCES:
+        raise APIError(400, f"instances must be between 1 and {_MAX_PLAN_INSTANCES}", param="instances")
 
 
 def _pd_pool(app_state: Any) -> list[Any]:

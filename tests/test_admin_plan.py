@@ -30,7 +30,9 @@ def test_plan_recommends_a_split_for_the_recorded_traffic(tiny_pd_fleet, orchest
     assert httpx.get(plan, timeout=30).status_code == 401
     empty = httpx.get(plan, headers=AUTH, params={"profile": "h100-llama-2-7b"}, timeout=30)
     assert empty.status_code == 409 and empty.json()["error"]["code"] == "not_enough_traffic"
-    for params, field in (({"profile": "tpu-v9"}, "profile"), ({"objective": "p99"}, "objective")):
+    bad = (({"profile": "tpu-v9"}, "profile"), ({"objective": "p99"}, "objective"), ({"instances": 0}, "instances"),
+           ({"instances": 100000}, "instances"), ({"window_s": -5}, "window_s"))  # fmt: skip
+    for params, field in bad:
         bad = httpx.get(plan, headers=AUTH, params=params, timeout=30)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == field
 
