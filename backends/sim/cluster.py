@@ -319,6 +319,8 @@ class ClusterSim:
     ) -> None:
         if cfg.ttft_at not in ("prefill", "handoff"):
             raise ValueError(f"ttft_at must be 'prefill' or 'handoff', not {cfg.ttft_at!r}")
+        if cfg.colocate_pick not in ("outstanding", "prefill_load"):
+            raise ValueError(f"colocate_pick must be 'outstanding' or 'prefill_load', not {cfg.colocate_pick!r}")
         self.cfg = cfg
         self.plan: LayoutChoice | None = None
         # Views carry decode_remaining as its minimum only (all reserve_dynamic reads, with `running`
@@ -608,8 +610,6 @@ class ClusterSim:
                 return prompt, len(i.running) + i.n_waiting + len(i.incoming), i.i
 
             return min(insts, key=load, default=None)
-        if self.cfg.colocate_pick != "outstanding":
-            raise ValueError(f"colocate_pick must be 'outstanding' or 'prefill_load', not {self.cfg.colocate_pick!r}")
         return self._least_outstanding(insts)
 
     @staticmethod
