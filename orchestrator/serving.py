@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Literal
 
 from backends.base import BackendError, GenRequest, Role, SamplingParams, TokenEvent
@@ -54,6 +55,11 @@ class Job:
     text_tail: str = ""
     break_before: str = ""
     break_after: str = ""
+
+    @cached_property
+    def stop_window(self) -> int:
+        """Characters of sent text a stop string could still need: the longest stop string."""
+        return max((len(s) for s in self.sampling.stop), default=0)
 
     @property
     def attempt_prompt_ids(self) -> list[int]:
@@ -392,9 +398,8 @@ class Server:
     def _count(job: Job, event: TokenEvent) -> None:
         job.completion_tokens += len(event.token_ids)
         job.generated_ids.extend(event.token_ids)
-        keep = max((len(s) for s in job.sampling.stop), default=0)
-        if keep and event.text:
-            job.text_tail = (job.text_tail + event.text)[-keep:]
+        if job.stop_window and event.text:
+            job.text_tail = (job.text_tail + event.text)[-job.stop_window :]
         if event.finish_reason is not None:
             job.finish_reason = event.finish_reason
 
@@ -411,7 +416,7 @@ def _stop_straddles_break(job: Job, text: str) -> bool:
     # A straddling match starts in the last len(stop) - 1 characters of `before`.
     hit = any(0 <= joined.find(stop, max(0, len(before) - len(stop) + 1)) < len(before) for stop in job.sampling.stop)
     job.break_after = after
-    if len(after) >= max(len(s) for s in job.sampling.stop):
+    if len(after) >= job.stop_window:
         job.break_before = ""  # no stop string can straddle the break any more
     return hit
 
