@@ -411,6 +411,8 @@ def test_simulated_layout_plan_follows_its_objective(h100):
     assert m["jct"]["mean_jct_ms"] < m["ttft"]["mean_jct_ms"]
     with pytest.raises(ValueError, match="plan_objective"):
         simulate("tetri+plan_objective=p99", h100, 4, reqs)
+    with pytest.raises(ValueError, match="layout_plan"):
+        simulate("tetri+layout_plan=guess", h100, 4, reqs)
 
 
 def test_simulated_layout_plan_drops_a_split_whose_pools_cannot_keep_up(h100):

@@ -319,6 +319,8 @@ class ClusterSim:
     ) -> None:
         if cfg.ttft_at not in ("prefill", "handoff"):
             raise ValueError(f"ttft_at must be 'prefill' or 'handoff', not {cfg.ttft_at!r}")
+        if cfg.layout_plan not in ("work_share", "simulated"):
+            raise ValueError(f"layout_plan must be 'work_share' or 'simulated', not {cfg.layout_plan!r}")
         if cfg.colocate_pick not in ("outstanding", "prefill_load"):
             raise ValueError(f"colocate_pick must be 'outstanding' or 'prefill_load', not {cfg.colocate_pick!r}")
         self.cfg = cfg
