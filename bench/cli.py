@@ -262,7 +262,7 @@ def plan(
         raise typer.BadParameter(str(exc)) from exc
     doc = {"recommended": {"prefill": choice.prefill, "decode": choice.decode}, "instances": instances,
            "rate_rps": rate, "workload": workload_name, "profile": profile, "objective": objective,
-           "candidates": choice.candidates}  # fmt: skip
+           "candidates": choice.candidates, "rejected": choice.rejected}  # fmt: skip
     if json_out:
         typer.echo(json.dumps(doc))
         return
@@ -270,15 +270,52 @@ def plan(
     from rich.table import Table
 
     t = Table(title=f"{workload_name} at {rate:g} req/s on {instances} x {profile} ({objective})")
-    for col in ("P:D", "mean TTFT ms", "mean JCT ms", "score", ""):
+    for col in ("P:D", "mean TTFT ms", "mean JCT ms", "score", "steady-state utilisation", ""):
         t.add_column(col)
     chosen = f"{choice.prefill}:{choice.decode}"
     for split, c in choice.candidates.items():
         label = split + (" (all co-located)" if split.startswith("0:") else "")
         mark = "<- recommended" if split == chosen else ""
-        t.add_row(label, f"{c['mean_ttft_ms']:.1f}", f"{c['mean_jct_ms']:.0f}", f"{c['score']:.3f}", mark)
+        util = f"{c['util']:.2f}" + (" (over capacity)" if c["util"] >= 1 else "")
+        t.add_row(label, f"{c['mean_ttft_ms']:.1f}", f"{c['mean_jct_ms']:.0f}", f"{c['score']:.3f}", util, mark)
+    for split, util in choice.rejected.items():
+        t.add_row(split, "–", "–", "–", f"{util:.2f} (over capacity)", "not simulated: a pool falls behind")
     Console().print(t)
     typer.echo(f"recommended prefill:decode = {chosen}")
+
+
+@app.command()
+def headroom(
+    out: Annotated[Path, typer.Option(help="Directory for headroom.md, headroom.json and the plot.")] = Path(
+        "bench-headroom"
+    ),
+    profile: Annotated[str, typer.Option(help="Timing profile of one instance.")] = "h100-llama-2-7b",
+    instances: Annotated[int, typer.Option(help="Instances, the same for every system.")] = 4,
+    workload_names: Annotated[str, typer.Option("--workload", "-w", help="Comma-separated.")] = "LPHD,Mixed",
+    loads: Annotated[str, typer.Option(help="Fractions of the decode capacity, comma-separated.")] = "0.3,0.6,0.9",
+    systems: Annotated[str, typer.Option(help="Comma-separated systems.")] = (
+        "colocated-vllm,colocated-sarathi,disagg-simple,tetri"
+    ),
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Steady-state mean JCT of each system next to the floor no scheduler can beat, at loads set as
+    fractions of the cluster's decode capacity (simulator)."""
+    from backends.sim.profiles import profile_names
+    from bench.headroom import headroom as run_headroom
+    from bench.headroom import markdown
+
+    if profile not in profile_names():
+        raise typer.BadParameter(f"known: {', '.join(profile_names())}", param_hint="--profile")
+    try:
+        fractions = tuple(float(x) for x in _split_list(loads))
+    except ValueError as exc:
+        raise typer.BadParameter("loads are numbers, e.g. 0.3,0.6,0.9", param_hint="--loads") from exc
+    if not fractions or any(not 0 < f < 1.5 for f in fractions):
+        raise typer.BadParameter("each load is a fraction of capacity in (0, 1.5)", param_hint="--loads")
+    doc = run_headroom(out, profile, instances, tuple(_split_list(workload_names)), fractions,
+                       tuple(_split_systems(systems)), seed)  # fmt: skip
+    typer.echo(markdown(doc))
+    typer.echo(f"wrote {out}/headroom.md, headroom.json, headroom_jct.png")
 
 
 @app.command()

@@ -151,6 +151,9 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
                     for split, c in plan["candidates"].items()
                 )
                 bits.append(f"candidates simulated (mean TTFT / JCT on a resample of the traffic): {tried}")
+            if plan and plan.get("rejected"):
+                over = ", ".join(f"{split} at {u:.2f}" for split, u in plan["rejected"].items())
+                bits.append(f"rejected, a pool over its steady-state capacity: {over}")
             if bits:
                 notes.append(f"- **{name}**: " + "; ".join(bits))
         if notes:

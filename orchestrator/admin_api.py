@@ -197,6 +197,7 @@ def recommend_for_traffic(
         "profile": profile,
         "objective": objective,
         "candidates": choice.candidates,
+        "rejected": choice.rejected,
     }
 
 

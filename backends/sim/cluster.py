@@ -352,7 +352,8 @@ class ClusterSim:
             prompts, outputs = [r.prompt for r in self.reqs], [r.output for r in self.reqs]
             p, d = plan_split(instances, prompts, outputs, timing, self.chunk, cfg, mask, rate=rate)
             if cfg.pd_ratio == "auto" and cfg.layout_plan == "simulated" and rate and instances > 1:
-                self.plan = plan_layout(instances, prompts, outputs, timing, cfg, p, rate, seed=seed)
+                self.plan = plan_layout(instances, prompts, outputs, timing, cfg, p, rate, seed=seed,
+                                        colocated_mask=mask)
                 p, d = self.plan.prefill, self.plan.decode
         else:
             p, d = 0, instances

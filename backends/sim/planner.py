@@ -10,7 +10,10 @@ Two planners, both from the workload's rate and lengths (what an operator sizing
   kept up. So it simulates the candidates (the analytic split, its neighbours and no prefill pool at
   all) on a resample of the traffic and keeps the best by the objective (``plan_objective``):
   ``balanced`` (the product of mean TTFT and mean JCT: equal weight to their relative changes),
-  ``ttft`` or ``jct``.
+  ``ttft`` or ``jct``. A finite resample cannot see a decode pool that falls behind slowly (its
+  backlog grows by a few percent a minute), so a candidate with a pool over its steady-state capacity
+  (decode: ``capacity.decode_floor``; prefill: its work at the knee's tokens/s) is dropped while
+  another can keep up; when none can, the one that falls behind slowest (least utilised) is chosen.
 
 The resample has the workload's length mix and rate but its own draws and arrival times, so the
 planner does not see the run it plans for, as a live planner would only see recent traffic.
@@ -21,9 +24,10 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from backends.sim.capacity import decode_floor
 from backends.sim.timing import TimingModel
 
 if TYPE_CHECKING:
@@ -95,11 +99,12 @@ class LayoutChoice:
     prefill: int
     decode: int
     objective: str
-    candidates: dict[str, dict[str, float]]  # "P:D" -> mean_ttft_ms, mean_jct_ms, score
+    candidates: dict[str, dict[str, float]]  # "P:D" -> mean_ttft_ms, mean_jct_ms, score, util
+    rejected: dict[str, float] = field(default_factory=dict)  # "P:D" -> util (>= 1), not simulated
 
     def to_dict(self) -> dict[str, Any]:
         return {"prefill": self.prefill, "decode": self.decode, "objective": self.objective,
-                "candidates": self.candidates}  # fmt: skip
+                "candidates": self.candidates, "rejected": self.rejected}  # fmt: skip
 
 
 def planning_sample(
@@ -134,11 +139,15 @@ def plan_layout(
     rate: float,
     seed: int = 0,
     allow_no_prefill: bool = True,
+    colocated_mask: Sequence[bool] | None = None,
 ) -> LayoutChoice:
     """Simulate the candidate splits on a resample of the traffic; keep the best by the objective.
     Candidates: the analytic split ``first_guess`` and its neighbours, and P = 0 (every request
     co-located on the decode instances, in stall-free hybrid batches) unless ``allow_no_prefill`` is
-    False (decode engines that cannot run whole requests)."""
+    False (decode engines that cannot run whole requests). ``colocated_mask`` marks the requests the
+    fallback prefills on decode instances even when there is a prefill pool. Candidates with a pool
+    that cannot sustain the rate are dropped while any candidate can; when none can, the least
+    overloaded one is kept."""
     from backends.sim.cluster import ClusterSim  # the planner runs the simulator it plans for
 
     if cfg.plan_objective not in OBJECTIVES:
@@ -148,6 +157,12 @@ def plan_layout(
     warm = sample[len(sample) // 2].arrival  # scored on the second half: past the start-up transient
     lowest = 0 if allow_no_prefill else 1
     cands = sorted({lowest, first_guess - 1, first_guess, first_guess + 1} & set(range(lowest, n)))
+    utils = {p: _layout_util(p, n, prompts, outputs, timing, cfg, rate, colocated_mask) for p in cands}
+    keep = [p for p in cands if utils[p] < 1.0]
+    if not keep:  # no layout keeps up: the one that falls behind slowest, whatever a short resample says
+        keep = [p for p in cands if utils[p] <= min(utils.values()) * (1 + 1e-9)]
+    rejected = {f"{p}:{n - p}": utils[p] for p in cands if p not in keep}
+    cands = keep
     scores: dict[str, dict[str, float]] = {}
     best: tuple[float, int] | None = None
     for p in cands:
@@ -159,11 +174,34 @@ def plan_layout(
         ttft = 1000.0 * sum(r["ttft_s"] for r in done) / len(done)
         jct = 1000.0 * sum(r["jct_s"] for r in done) / len(done)
         sc = _score(cfg.plan_objective, ttft, jct)
-        scores[f"{p}:{n - p}"] = {"mean_ttft_ms": ttft, "mean_jct_ms": jct, "score": sc}
+        scores[f"{p}:{n - p}"] = {"mean_ttft_ms": ttft, "mean_jct_ms": jct, "score": sc, "util": utils[p]}
         if best is None or sc < best[0]:
             best = (sc, p)
     p = best[1] if best is not None else first_guess
-    return LayoutChoice(p, n - p, cfg.plan_objective, scores)
+    return LayoutChoice(p, n - p, cfg.plan_objective, scores, rejected)
+
+
+def _layout_util(
+    p: int,
+    n: int,
+    prompts: Sequence[int],
+    outputs: Sequence[int],
+    timing: TimingModel,
+    cfg: SystemConfig,
+    rate: float,
+    colocated_mask: Sequence[bool] | None,
+) -> float:
+    """Steady-state utilisation of layout P:(n - P), the busier pool's: decode demand over what the
+    decode instances sustain (the prompts they prefill taking their share), and prefill work at the
+    knee's tokens/s over the prefill instances. At 1 or more that pool falls behind for good."""
+    here = [True] * len(prompts) if p == 0 else list(colocated_mask or [False] * len(prompts))
+    floor = decode_floor(timing, prompts, outputs, rate, n - p, prefilled_here=here, max_batch=cfg.max_num_seqs)
+    if p == 0:
+        return floor.utilisation
+    chunk = cfg.chunk_size or timing.knee()
+    per_token = timing.prefill_s(chunk) / chunk
+    work = sum(q for q, h in zip(prompts, here, strict=True) if not h) * per_token / len(prompts)
+    return max(floor.utilisation, rate * work / p)
 
 
 def recommend_split(
@@ -194,4 +232,5 @@ def recommend_split(
         p = max(p, 1)
     elif instances < 2:
         return LayoutChoice(0, instances, cfg.plan_objective, {})
-    return plan_layout(instances, prompts, outputs, timing, cfg, p, rate, seed=seed, allow_no_prefill=allow_no_prefill)
+    return plan_layout(instances, prompts, outputs, timing, cfg, p, rate, seed=seed,
+                       allow_no_prefill=allow_no_prefill, colocated_mask=mask)
