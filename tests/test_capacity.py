@@ -54,6 +54,14 @@ def test_floor_matches_the_closed_form_on_a_linear_model():
     ttft = (tm.prefill_s(100) + tm.prefill_s(300)) / 2 * 1000
     assert f.jct_floor_ms == pytest.approx(ttft + 200 * f.tpot_ms)
     assert f.sustainable and 0 < f.utilisation < 1
+    # prompts prefilled elsewhere (on a prefill pool) take none of these instances' time: the share
+    # is the prefilled-here prompts' cost spread over every request
+    half = decode_floor(tm, prompts, outputs, rate, m, prefilled_here=[True, False])
+    rho_half = rate / m * (0.01 * 100 + 1e-5 * 100 * 100 + 0.5) / 2 / 1000
+    assert half.prefill_share == pytest.approx(rho_half)
+    assert half.batch < f.batch and half.utilisation < f.utilisation
+    none = decode_floor(tm, prompts, outputs, rate, m, prefilled_here=[False, False])
+    assert none.prefill_share == 0.0 and none.utilisation == pytest.approx(none.demand_tok_s / none.capacity_tok_s)
 
 
 def test_over_capacity_has_no_floor_and_capacity_rate_is_the_boundary(h100, lphd):

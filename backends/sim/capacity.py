@@ -74,8 +74,8 @@ def token_weighted_context(prompts: Sequence[int], outputs: Sequence[int]) -> fl
 class _Steps:
     """Step time and marginal prefill cost at a (fractional) batch, cached per integer batch."""
 
-    def __init__(self, tm: TimingModel, ctx: float, prompts: Counter[int]) -> None:
-        self.tm, self.ctx, self.prompts = tm, ctx, prompts
+    def __init__(self, tm: TimingModel, ctx: float, prompts: Counter[int], requests: int) -> None:
+        self.tm, self.ctx, self.prompts, self.requests = tm, ctx, prompts, requests
         self._step: dict[int, float] = {}
 
     def step_int(self, k: int) -> float:
@@ -91,15 +91,15 @@ class _Steps:
         return self.step_int(lo) + (b - lo) * (self.step_int(lo + 1) - self.step_int(lo))
 
     def prefill_share_s(self, b: float) -> float:
-        """Mean prefill seconds per request that a decode batch of ``b`` absorbs."""
+        """Mean prefill seconds per request (of all requests, prefilled here or not) that a decode
+        batch of ``b`` absorbs."""
+        if not self.prompts:
+            return 0.0
         k = max(1, round(b))
         decode = self.step_int(k)
-        n = sum(self.prompts.values())
-        if n == 0:
-            return 0.0
         cost = sum(c * (self.tm.iter_s(p, float(p * p), 1, k, int(k * self.ctx)) - decode)
                    for p, c in self.prompts.items())  # fmt: skip
-        return max(0.0, cost) / n
+        return max(0.0, cost) / self.requests
 
 
 def decode_floor(
@@ -120,7 +120,7 @@ def decode_floor(
     ttft = 1000.0 * sum(tm.prefill_s(p) for p in prompts) / n
     mask = prefilled_here if prefilled_here is not None else [True] * n
     ctx = token_weighted_context(prompts, outputs)
-    steps = _Steps(tm, ctx, Counter(p for p, m in zip(prompts, mask, strict=True) if m))
+    steps = _Steps(tm, ctx, Counter(p for p, m in zip(prompts, mask, strict=True) if m), n)
     decode_tokens = sum(max(0, o - 1) for o in outputs) / n
     demand = rate * decode_tokens / instances
     b_max = tm.total_kv_tokens / ctx if ctx > 0 else math.inf
