@@ -50,6 +50,9 @@ def test_plan_recommends_a_split_for_the_recorded_traffic(tiny_pd_fleet, orchest
         assert body["traffic"]["requests"] == 900 and 25 < body["traffic"]["rate_rps"] < 36
         rec = body["recommended"]
         assert rec["prefill"] + rec["decode"] == 4 and f"{rec['prefill']}:{rec['decode']}" in body["candidates"]
+        # every layout tried is listed with its steady-state utilisation; only ones that keep up are simulated
+        assert all(0 < c["util"] < 1 for c in body["candidates"].values())
+        assert all(u >= 1 for u in body["rejected"].values())
     assert got["ttft"]["recommended"]["prefill"] >= 1
     assert got["jct"]["recommended"] == {"prefill": 0, "decode": 4}
     # One plan at a time: a second request while one runs is told to come back (429, Retry-After).
