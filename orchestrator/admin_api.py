@@ -156,7 +156,7 @@ def recommend_for_traffic(
     app_state: Any, window_s: float, objective: str, profile: str, instances: int | None
 ) -> dict[str, Any]:
     from backends.sim.cluster import system_config
-    from backends.sim.planner import recommend_split
+    from backends.sim.planner import colocated_by_rule, layout_utilisation, recommend_split
     from backends.sim.profiles import get_timing
 
     current: dict[str, int] = {}
@@ -184,14 +184,23 @@ def recommend_for_traffic(
         "tetri", plan_objective=objective, heavy_prefill_threshold=s.heavy_prefill_threshold,
         heavy_decode_threshold=s.heavy_decode_threshold,
     )  # fmt: skip
+    prompts, outputs = [r["prompt_tokens"] for r in rows], [r["completion_tokens"] for r in rows]
+    timing = get_timing(profile)
     try:
-        choice = recommend_split(n, [r["prompt_tokens"] for r in rows], [r["completion_tokens"] for r in rows], rate,
-                                 get_timing(profile), cfg, allow_no_prefill=allow_no_prefill)  # fmt: skip
+        choice = recommend_split(n, prompts, outputs, rate, timing, cfg, allow_no_prefill=allow_no_prefill)
     except ValueError as exc:
         raise APIError(409, str(exc), code="cannot_plan") from exc
+    # Does the layout running now keep up with this traffic? (>= 1: a pool falls behind for good.)
+    p_now = sum(1 for i in pool if i.role == "prefill")
+    d_now = len(pool) - p_now
+    now_util = None
+    if d_now >= 1:
+        mask = colocated_by_rule(prompts, outputs, cfg)
+        now_util = layout_utilisation(p_now, len(pool), prompts, outputs, timing, cfg, rate, mask)
     return {
         "recommended": {"prefill": choice.prefill, "decode": choice.decode},
         "current": current,
+        "current_utilisation": now_util,
         "instances": n,
         "traffic": {"requests": len(rows), "window_s": window_s, "rate_rps": rate},
         "profile": profile,

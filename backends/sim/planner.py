@@ -157,7 +157,7 @@ def plan_layout(
     warm = sample[len(sample) // 2].arrival  # scored on the second half: past the start-up transient
     lowest = 0 if allow_no_prefill else 1
     cands = sorted({lowest, first_guess - 1, first_guess, first_guess + 1} & set(range(lowest, n)))
-    utils = {p: _layout_util(p, n, prompts, outputs, timing, cfg, rate, colocated_mask) for p in cands}
+    utils = {p: layout_utilisation(p, n, prompts, outputs, timing, cfg, rate, colocated_mask) for p in cands}
     keep = [p for p in cands if utils[p] < 1.0]
     if not keep:  # no layout keeps up: the one that falls behind slowest, whatever a short resample says
         keep = [p for p in cands if utils[p] <= min(utils.values()) * (1 + 1e-9)]
@@ -181,7 +181,7 @@ def plan_layout(
     return LayoutChoice(p, n - p, cfg.plan_objective, scores, rejected)
 
 
-def _layout_util(
+def layout_utilisation(
     p: int,
     n: int,
     prompts: Sequence[int],
@@ -204,6 +204,12 @@ def _layout_util(
     return max(floor.utilisation, rate * work / p)
 
 
+def colocated_by_rule(prompts: Sequence[int], outputs: Sequence[int], cfg: SystemConfig) -> list[bool]:
+    """The requests the HPHD rule prefills on their decode instance even beside a prefill pool."""
+    hp, hd = cfg.heavy_prefill_threshold, cfg.heavy_decode_threshold
+    return [p > hp and o > hd for p, o in zip(prompts, outputs, strict=True)]
+
+
 def recommend_split(
     instances: int,
     prompts: Sequence[int],
@@ -223,8 +229,7 @@ def recommend_split(
     if not (rate > 0 and math.isfinite(rate)):
         raise ValueError(f"rate must be a positive number of requests per second, not {rate!r}")
     chunk = cfg.chunk_size or timing.knee()
-    hp, hd = cfg.heavy_prefill_threshold, cfg.heavy_decode_threshold
-    mask = [p > hp and o > hd for p, o in zip(prompts, outputs, strict=True)]
+    mask = colocated_by_rule(prompts, outputs, cfg)
     p, _ = plan_split(instances, prompts, outputs, timing, chunk, cfg, mask, rate=rate)
     if not allow_no_prefill:
         if instances < 2:
