@@ -191,9 +191,10 @@ def layout_utilisation(
     rate: float,
     colocated_mask: Sequence[bool] | None,
 ) -> float:
-    """Steady-state utilisation of layout P:(n - P), the busier pool's: decode demand over what the
-    decode instances sustain (the prompts they prefill taking their share), and prefill work at the
-    knee's tokens/s over the prefill instances. At 1 or more that pool falls behind for good."""
+    """Steady-state utilisation of layout P:(n - P): the busier pool's seconds of work per second.
+    Decode instances: the steps their decode demand needs at the largest batch they hold, plus the
+    prompts they prefill (``capacity.decode_floor``). Prefill instances: their prompts at the knee's
+    tokens/s. At 1 or more that pool falls behind for as long as the load lasts."""
     here = [True] * len(prompts) if p == 0 else list(colocated_mask or [False] * len(prompts))
     floor = decode_floor(timing, prompts, outputs, rate, n - p, prefilled_here=here, max_batch=cfg.max_num_seqs)
     if p == 0:
