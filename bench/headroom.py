@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,12 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{x * 100:+.0f}%"
 
 
+OVER_CAPACITY_JCT_S = 10.0  # past capacity there is no floor: size the run as if the JCT were this
+
+
 def steady_window(floor_jct_s: float) -> tuple[float, float, float]:
     """(warm-up end, window end, arrival span) in seconds for a run whose JCT floor is given."""
-    j = max(floor_jct_s, 0.5)
+    j = max(floor_jct_s, 0.5) if math.isfinite(floor_jct_s) else OVER_CAPACITY_JCT_S
     return 4 * j, 12 * j, 14 * j
 
 
@@ -130,8 +134,12 @@ def markdown(doc: dict[str, Any]) -> str:
             if v and t:
                 jct, ttft = (ratio(t[k], v[k]) for k in ("mean_jct_ms", "mean_ttft_ms"))
                 vs = f"{_pct(jct)}, {_pct(ttft)}"
-            lines.append(f"| {wl} | {load}{mark} | {pt['rate']:.1f} | {floor:.0f} | " + " | ".join(cells)
-                         + f" | {_pct(ratio(floor, v.get('mean_jct_ms')))} | {vs} |")
+            if math.isfinite(floor):
+                floor_cell, best = f"{floor:.0f}", _pct(ratio(floor, v.get("mean_jct_ms")))
+            else:
+                floor_cell, best = "none: over capacity", "–"
+            lines.append(f"| {wl} | {load}{mark} | {pt['rate']:.1f} | {floor_cell} | " + " | ".join(cells)
+                         + f" | {best} | {vs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -146,7 +154,9 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     for ax, wl in zip(axes[0], wls, strict=True):
         pts = doc["workloads"][wl]["loads"]
         xs = [float(k) for k in pts]
-        ax.plot(xs, [p["floor"]["jct_floor_ms"] / 1000 for p in pts.values()], "k--", label="floor (any scheduler)")
+        floors = [p["floor"]["jct_floor_ms"] / 1000 for p in pts.values()]
+        floors = [f if math.isfinite(f) else math.nan for f in floors]  # past capacity: no floor
+        ax.plot(xs, floors, "k--", label="floor (any scheduler)")
         for name in next(iter(pts.values()))["systems"]:
             ax.plot(xs, [p["systems"][name]["mean_jct_ms"] / 1000 for p in pts.values()], "o-", label=name)
         ax.set_title(f"{wl}: steady-state mean JCT")
