@@ -312,8 +312,13 @@ def headroom(
         raise typer.BadParameter("loads are numbers, e.g. 0.3,0.6,0.9", param_hint="--loads") from exc
     if not fractions or any(not 0 < f < 1.5 for f in fractions):
         raise typer.BadParameter("each load is a fraction of capacity in (0, 1.5)", param_hint="--loads")
-    doc = run_headroom(out, profile, instances, tuple(_split_list(workload_names)), fractions,
-                       tuple(_split_systems(systems)), seed)  # fmt: skip
+    if not 1 <= instances <= 512:
+        raise typer.BadParameter("between 1 and 512", param_hint="--instances")
+    try:
+        doc = run_headroom(out, profile, instances, tuple(_split_list(workload_names)), fractions,
+                           tuple(_split_systems(systems)), seed)  # fmt: skip
+    except ValueError as exc:  # an unknown workload or system, named by the message
+        raise typer.BadParameter(str(exc)) from exc
     typer.echo(markdown(doc))
     typer.echo(f"wrote {out}/headroom.md, headroom.json, headroom_jct.png")
 

@@ -25,15 +25,12 @@ from rich.progress import Progress
 from backends.sim.capacity import capacity_rate, decode_floor
 from backends.sim.cluster import simulate
 from backends.sim.profiles import get_timing
-from bench.metrics import ratio, summarize
+from bench.metrics import pct, ratio, summarize
 from bench.workloads import build_workload
 
 SYSTEMS = ("colocated-vllm", "colocated-sarathi", "disagg-simple", "tetri")
 VLLM_MAX_SEQS = 256  # SystemConfig.max_num_seqs of colocated-vllm
 
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{x * 100:+.0f}%"
 
 
 OVER_CAPACITY_JCT_S = 10.0  # past capacity there is no floor: size the run as if the JCT were this
@@ -133,9 +130,9 @@ def markdown(doc: dict[str, Any]) -> str:
             vs = "–"
             if v and t:
                 jct, ttft = (ratio(t[k], v[k]) for k in ("mean_jct_ms", "mean_ttft_ms"))
-                vs = f"{_pct(jct)}, {_pct(ttft)}"
+                vs = f"{pct(jct)}, {pct(ttft)}"
             if math.isfinite(floor):
-                floor_cell, best = f"{floor:.0f}", _pct(ratio(floor, v.get("mean_jct_ms")))
+                floor_cell, best = f"{floor:.0f}", pct(ratio(floor, v.get("mean_jct_ms")))
             else:
                 floor_cell, best = "none: over capacity", "–"
             lines.append(f"| {wl} | {load}{mark} | {pt['rate']:.1f} | {floor_cell} | " + " | ".join(cells)

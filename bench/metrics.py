@@ -143,6 +143,11 @@ def by_class(records: Iterable[dict[str, Any]], instances: int = 1) -> dict[str,
     return {k: summarize(v, instances) for k, v in sorted(groups.items())}
 
 
+def pct(x: float | None) -> str:
+    """A relative change as a signed percentage for a report ("–" when unknown)."""
+    return "–" if x is None else f"{x * 100:+.0f}%"
+
+
 def ratio(new: float | None, base: float | None) -> float | None:
     """Relative change new vs base (−0.9 = 90% lower)."""
     if new is None or base is None or base == 0:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.metrics import pct
+
 DEFINITIONS = """\
 **Definitions.** TTFT: arrival (simulator) or send (live) to first token. TPOT: (last token − first
 token) / (output tokens − 1), per request. JCT: arrival to last token. Throughput: completed requests /
@@ -25,9 +27,6 @@ def _fmt(v: Any, digits: int = 1) -> str:
         return f"{v:.{digits}f}"
     return str(v)
 
-
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{v * 100:+.0f}%"
 
 
 def _split(s: dict[str, Any] | None) -> str:
@@ -102,10 +101,10 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
                     continue
                 r = s.get("relative", {}).get(key, {})
                 lines.append(
-                    f"| {name} | {_pct(r.get('mean_ttft_ms'))} | {_pct(r.get('p99_ttft_ms'))} | "
-                    f"{_pct(r.get('mean_tpot_ms'))} | {_pct(r.get('mean_jct_ms'))} | "
-                    f"{_pct(r.get('instance_seconds'))} | {_pct(r.get('busy_instance_seconds'))} | "
-                    f"{_pct(r.get('perf_per_instance_s'))} |"
+                    f"| {name} | {pct(r.get('mean_ttft_ms'))} | {pct(r.get('p99_ttft_ms'))} | "
+                    f"{pct(r.get('mean_tpot_ms'))} | {pct(r.get('mean_jct_ms'))} | "
+                    f"{pct(r.get('instance_seconds'))} | {pct(r.get('busy_instance_seconds'))} | "
+                    f"{pct(r.get('perf_per_instance_s'))} |"
                 )
         classes = sorted({c for s in systems.values() for c in (s.get("by_class") or {})})
         if len(classes) > 1:

@@ -22,7 +22,7 @@ from typing import Any
 
 from backends.sim.cluster import simulate
 from backends.sim.profiles import get_timing
-from bench.metrics import ratio, summarize
+from bench.metrics import pct, ratio, summarize
 from bench.workloads import build_workload
 
 WORKLOADS = ("LPLD", "LPHD", "HPLD", "HPHD", "Mixed", "Mixed-natural")
@@ -101,9 +101,6 @@ def table(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, 
     return out
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{x * 100:+.0f}%"
-
 
 def markdown(doc: dict[str, Any]) -> str:
     lines = [f"Profile **{doc['profile']}**, seed {doc['seed']}. Simulated in {doc['wall_s']:.0f} s.\n"]
@@ -121,9 +118,9 @@ def markdown(doc: dict[str, Any]) -> str:
                 pp = rel[name]["perf_per_dollar_x"]
                 lines.append(
                     f"| {wl} | {setting['rates'][wl]:.1f} | {name} | {pd} | {s['mean_ttft_ms']:.1f} | "
-                    f"{s['mean_jct_ms']:.0f} | {s['mean_tpot_ms']:.1f} | {_pct(rel[name]['ttft_vs_vllm'])} | "
-                    f"{_pct(rel[name]['jct_vs_vllm'])} | {_pct(rel[name]['busy_vs_vllm'])} | "
-                    f"{'–' if pp is None else f'{pp:.2f}x'} | {_pct(rel[name]['ttft_vs_sarathi'])} |"
+                    f"{s['mean_jct_ms']:.0f} | {s['mean_tpot_ms']:.1f} | {pct(rel[name]['ttft_vs_vllm'])} | "
+                    f"{pct(rel[name]['jct_vs_vllm'])} | {pct(rel[name]['busy_vs_vllm'])} | "
+                    f"{'–' if pp is None else f'{pp:.2f}x'} | {pct(rel[name]['ttft_vs_sarathi'])} |"
                 )
         floors = setting.get("ttft_floor_ms") or {}
         if floors:
@@ -134,7 +131,7 @@ def markdown(doc: dict[str, Any]) -> str:
             for wl, floor in floors.items():
                 v = setting["results"][wl]["colocated-vllm"]["mean_ttft_ms"]
                 tetri = setting["relative"][wl].get("tetri", {}).get("ttft_vs_vllm")
-                lines.append(f"| {wl} | {v:.1f} | {floor:.1f} | {_pct(ratio(floor, v))} | {_pct(tetri)} |")
+                lines.append(f"| {wl} | {v:.1f} | {floor:.1f} | {pct(ratio(floor, v))} | {pct(tetri)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -129,10 +129,26 @@ def test_headroom_past_capacity_has_no_floor_but_still_a_report():
     JCT and the report says "over capacity" instead of printing infinities."""
     assert steady_window(math.inf) == (4 * OVER_CAPACITY_JCT_S, 12 * OVER_CAPACITY_JCT_S, 14 * OVER_CAPACITY_JCT_S)
     assert steady_window(2.0) == (8.0, 24.0, 28.0)
-    sys = {"mean_jct_ms": 9000.0, "mean_ttft_ms": 400.0, "split": {"colocated": 4}, "queue_growing": True}
+    row = {"mean_jct_ms": 9000.0, "mean_ttft_ms": 400.0, "split": {"colocated": 4}, "queue_growing": True}
     doc = {"profile": "p", "instances": 4, "seed": 0, "wall_s": 1.0, "workloads": {"LPHD": {"loads": {"1.2": {
         "rate": 130.0, "floor": {"jct_floor_ms": math.inf}, "baseline_over_capacity": True,
-        "systems": {"colocated-vllm": sys, "tetri": {**sys, "mean_jct_ms": 8000.0}}}}}}}
+        "systems": {"colocated-vllm": row, "tetri": {**row, "mean_jct_ms": 8000.0}}}}}}}
     md = markdown(doc)
     assert "none: over capacity" in md and "inf" not in md
     assert "| LPHD | 1.2 † |" in md and "9000 / 400 ↑" in md and "-11%" in md
+
+
+def test_headroom_cli_answers_bad_input_with_a_usage_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    cases = (
+        ["--loads", "2"], ["--loads", "x"], ["--instances", "0"], ["--profile", "tpu-v9"],
+        ["--workload", "Nope", "--loads", "0.3"], ["--systems", "bogus", "--loads", "0.3", "--instances", "1"],
+    )  # fmt: skip
+    for args in cases:
+        res = CliRunner().invoke(app, ["headroom", "--out", str(tmp_path), *args])
+        assert res.exit_code == 2, (args, res.output)  # a usage error, not a traceback (exit 1)
+        assert "Invalid value" in res.output, (args, res.output)
+    assert not (tmp_path / "headroom.md").exists()

@@ -36,22 +36,24 @@ class DecodeFloor:
     rate: float  # offered load, req/s
     instances: int
     demand_tok_s: float  # decode tokens/s each instance must generate
-    capacity_tok_s: float  # the most it can, at the largest batch KV (or max_batch) allows
-    prefill_share: float  # of each instance's time, prefilling at that batch
+    peak_tok_s: float  # decode tokens/s one instance makes at the largest batch KV (or max_batch) allows
+    prefill_share: float  # of each instance's time, prefilling at that batch (may exceed 1: overload)
     batch: float  # smallest mean batch that keeps up (inf when none does)
     tpot_ms: float  # the step time at that batch: no lower mean TPOT keeps up
     ttft_floor_ms: float  # every prompt prefilled alone on an idle instance
     jct_floor_ms: float  # inf when the load is over capacity
 
     @property
+    def capacity_tok_s(self) -> float:
+        """Decode tokens/s an instance can make in the time prefill leaves free."""
+        return max(0.0, 1.0 - self.prefill_share) * self.peak_tok_s
+
+    @property
     def utilisation(self) -> float:
         """Instance-seconds of work per second, at the largest batch: prefill's share plus the
         decode steps the demand needs. Past 1 it says how much faster the backlog grows than the
         work gets done, so two layouts that both fall behind can be ranked."""
-        decode_rate = self.capacity_tok_s / (1.0 - self.prefill_share) if self.prefill_share < 1.0 else 0.0
-        if decode_rate <= 0:
-            return math.inf
-        return self.prefill_share + self.demand_tok_s / decode_rate
+        return self.prefill_share + self.demand_tok_s / self.peak_tok_s if self.peak_tok_s > 0 else math.inf
 
     @property
     def sustainable(self) -> bool:
@@ -60,7 +62,7 @@ class DecodeFloor:
     def to_dict(self) -> dict[str, float]:
         return {
             "rate": self.rate, "instances": self.instances, "demand_tok_s": self.demand_tok_s,
-            "capacity_tok_s": self.capacity_tok_s, "prefill_share": self.prefill_share,
+            "peak_tok_s": self.peak_tok_s, "capacity_tok_s": self.capacity_tok_s, "prefill_share": self.prefill_share,
             "utilisation": self.utilisation, "batch": self.batch,
             "tpot_ms": self.tpot_ms, "ttft_floor_ms": self.ttft_floor_ms, "jct_floor_ms": self.jct_floor_ms,
         }  # fmt: skip
@@ -130,20 +132,20 @@ def decode_floor(
     if max_batch is not None:
         b_max = min(b_max, max_batch)
     b_max = max(1.0, min(b_max, 1e5))
-    share = min(1.0, rate / instances * steps.prefill_share_s(b_max))
-    capacity = (1.0 - share) * b_max / steps.step(b_max)
+    share = rate / instances * steps.prefill_share_s(b_max)
+    peak = b_max / steps.step(b_max)
 
     def over() -> DecodeFloor:
-        return DecodeFloor(rate, instances, demand, capacity, share, math.inf, math.inf, ttft, math.inf)
+        return DecodeFloor(rate, instances, demand, peak, share, math.inf, math.inf, ttft, math.inf)
 
     if demand <= 0:
-        return DecodeFloor(rate, instances, 0.0, capacity, share, 0.0, 0.0, ttft, ttft)
-    if demand >= capacity:
+        return DecodeFloor(rate, instances, 0.0, peak, share, 0.0, 0.0, ttft, ttft)
+    if share + demand / peak >= 1.0:
         return over()
     b = 1.0
     for _ in range(12):  # prefill's share grows with the batch it rides in: iterate to the fixed point
         busy = 1.0 - rate / instances * steps.prefill_share_s(b)
-        if busy <= 0 or busy * b_max / steps.step(b_max) <= demand:
+        if busy * peak <= demand:
             return over()
         lo, hi = 0.0, b_max
         for _ in range(50):
@@ -157,7 +159,7 @@ def decode_floor(
             break
         b = hi
     tpot = 1000.0 * steps.step(b)
-    return DecodeFloor(rate, instances, demand, capacity, share, b, tpot, ttft, ttft + decode_tokens * tpot)
+    return DecodeFloor(rate, instances, demand, peak, share, b, tpot, ttft, ttft + decode_tokens * tpot)
 
 
 def capacity_rate(
