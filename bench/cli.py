@@ -17,7 +17,7 @@ def _split_list(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
-def _split_systems(s: str) -> list[str]:
+def split_systems(s: str) -> list[str]:
     """Comma-separated systems, where ``tetri+a=1,b=2`` is one system: an item with ``=`` but no ``+``
     continues the previous system's overrides."""
     out: list[str] = []
@@ -170,7 +170,7 @@ def compare(
 
     spec = CompareSpec(
         workloads=_split_list(workload_name), backend=backend, profile=profile, instances=instances,
-        requests=requests, rate=rate, load=load, systems=_split_systems(systems), seed=seed, network=network,
+        requests=requests, rate=rate, load=load, systems=split_systems(systems), seed=seed, network=network,
         kv_tokens=kv_tokens, length_scale=length_scale, max_prompt=max_prompt, max_output=max_output, model=model,
         live_backend=live_backend,
     )  # fmt: skip
@@ -316,7 +316,7 @@ def headroom(
         raise typer.BadParameter("between 1 and 512", param_hint="--instances")
     try:
         doc = run_headroom(out, profile, instances, tuple(_split_list(workload_names)), fractions,
-                           tuple(_split_systems(systems)), seed)  # fmt: skip
+                           tuple(split_systems(systems)), seed)  # fmt: skip
     except ValueError as exc:  # an unknown workload or system, named by the message
         raise typer.BadParameter(str(exc)) from exc
     typer.echo(markdown(doc))

@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     prefill_policy: Literal["fcfs", "sjf", "ljf"] = "fcfs"
     prefill_sched_batch: int = 16
     prefill_engine_backlog: int = 2
+    # Late binding: an instance with room and an empty queue takes the next prompt queued for its
+    # busiest peer of the same pool (orchestrator/policies/late_binding.py); "none" keeps every
+    # prompt where the global scheduler put it, as in the paper.
+    late_binding: Literal["none", "busiest"] = "busiest"
     dispatch_policy: Literal["power_of_two", "random", "round_robin", "least_loaded", "imbalanced"] = (
         "power_of_two"
     )

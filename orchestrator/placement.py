@@ -2,8 +2,9 @@
 
 Level 1: the global scheduler picks a prefill (or co-located) instance; that instance's
 PrefillQueue holds the request and releases it in policy order while keeping the engine's own
-backlog shallow. The dispatcher then picks a decode instance, gated by decode admission (the same
-capacity test as the dispatcher's α).
+backlog shallow. Until released a request is not bound: an instance of the same pool with room and
+an empty queue takes the next one queued for its busiest peer (late binding). The dispatcher then
+picks a decode instance, gated by decode admission (the same capacity test as the dispatcher's α).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from orchestrator.config import Settings
 from orchestrator.policies.admission import make_admission
 from orchestrator.policies.dispatch import make_dispatcher
 from orchestrator.policies.global_scheduler import make_global_scheduler
+from orchestrator.policies.late_binding import make_late_binding
 from orchestrator.policies.prefill_queue import PrefillQueue, make_prefill_queue
 from orchestrator.policies.types import InstanceView, RequestView
 
@@ -46,9 +48,12 @@ class Placement:
             ratio_objective=settings.dispatch_ratio_objective,
         )
         self.admission = make_admission(settings.decode_admission)
+        self.late_binding = make_late_binding(settings.late_binding)
         self.queues: dict[str, PrefillQueue] = {}
         self.waiters: dict[str, asyncio.Future[Instance]] = {}
         self.queued_at: dict[str, str] = {}  # request id -> instance id whose queue holds it
+        self.avoid: dict[str, frozenset[str]] = {}  # request id -> instances it must not move to
+        self.steals = 0
 
     # ---- level 1: prefill (or co-located) instance -------------------------------------------
     def queue_of(self, inst: Instance) -> PrefillQueue:
@@ -81,17 +86,21 @@ class Placement:
     ) -> Instance:
         """Queue the request at the least-loaded instance; return that instance when released."""
         inst = self.pick_prefill(req, role, model, set(exclude or ()), backend)
-        return await self.acquire_at(inst, req)
+        return await self.acquire_at(inst, req, exclude)
 
-    async def acquire_at(self, inst: Instance, req: RequestView) -> Instance:
-        """Queue the request at this instance's PrefillQueue; return the instance when released."""
+    async def acquire_at(self, inst: Instance, req: RequestView, exclude: set[str] | None = None) -> Instance:
+        """Queue the request at this instance's PrefillQueue; return the instance that releases it:
+        this one, or (late binding) a peer of its pool that had room first. `exclude`: instances the
+        request must not move to (those it already failed on)."""
         future: asyncio.Future[Instance] = asyncio.get_running_loop().create_future()
         self.waiters[req.id] = future
+        self.avoid[req.id] = frozenset(exclude or ())
         self._enqueue(inst, req)
         try:
             return await future
         finally:
             self.waiters.pop(req.id, None)
+            self.avoid.pop(req.id, None)
             held_by = self.queued_at.pop(req.id, None)
             if held_by is not None and not future.done():
                 # Cancelled while still queued: leave no trace in the queue.
@@ -101,21 +110,53 @@ class Placement:
         self.queue_of(inst).push(req, time.monotonic())
         self.queued_at[req.id] = inst.id
         self.pump(inst)
+        if req.id in self.queued_at:  # still waiting here: a peer with room and no queue may take it
+            for peer in list(self.cluster.instances.values()):
+                if peer is not inst and peer.role == inst.role and not len(self.queues.get(peer.id) or ()):
+                    self.pump(peer)
 
     def pump(self, inst: Instance) -> None:
-        queue = self.queues.get(inst.id)
-        if queue is None or not len(queue) or not inst.usable:
+        if not inst.usable:
             return
         # A co-located engine batches decodes too: let it hold a few more prompts.
         backlog = self.settings.prefill_engine_backlog
         max_backlog = backlog if inst.role == "prefill" else 4 * backlog
-        for req in queue.pop_ready(time.monotonic(), inst.inflight_prefills, max_backlog):
-            self.queued_at.pop(req.id, None)
-            future = self.waiters.get(req.id)
-            if future is None or future.done():
-                continue
-            inst.inflight_prefills += 1
-            future.set_result(inst)
+        queue = self.queues.get(inst.id)
+        if queue is not None and len(queue):
+            for req in queue.pop_ready(time.monotonic(), inst.inflight_prefills, max_backlog):
+                self._release(inst, req)
+        if queue is None or not len(queue):
+            self._steal(inst, max_backlog)
+
+    def _release(self, inst: Instance, req: RequestView) -> None:
+        self.queued_at.pop(req.id, None)
+        future = self.waiters.get(req.id)
+        if future is None or future.done():
+            return
+        inst.inflight_prefills += 1
+        future.set_result(inst)
+
+    def _steal(self, thief: Instance, max_backlog: int) -> None:
+        """Late binding: while the thief's engine has room, take the next request queued for its
+        busiest peer (same role, model and backend: any of them could run it). On a decode instance
+        the request must pass decode admission there, as it did where it was queued."""
+        while thief.inflight_prefills < max_backlog:
+            peers = {
+                pid: q for pid, q in self.queues.items()
+                if pid != thief.id and len(q) and (peer := self.cluster.instances.get(pid)) is not None
+                and peer.role == thief.role and peer.model == thief.model and peer.spec.backend == thief.spec.backend
+            }  # fmt: skip
+            victim = self.late_binding.victim(thief.id, {pid: q.queued_prompt_tokens for pid, q in peers.items()})
+            if victim is None:
+                return
+            req = peers[victim].peek()
+            if req is None or thief.id in self.avoid.get(req.id, ()):
+                return
+            if thief.role == "decode" and not self.admission.admits(thief.view(), req):
+                return
+            peers[victim].remove(req.id)
+            self.steals += 1
+            self._release(thief, req)
 
     def release_prefill(self, inst: Instance) -> None:
         """The engine finished this instance's part of a prefill: let the next one in."""

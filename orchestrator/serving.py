@@ -254,10 +254,14 @@ class Server:
                 inst = route.host
                 self.placement.reserve_kv(inst, reservation)
                 try:
-                    await self.placement.acquire_at(inst, reservation)
+                    got = await self.placement.acquire_at(inst, reservation, failed)
                 except BaseException:
                     self.placement.release_decode_reservation(inst, reservation)
                     raise
+                if got is not inst:  # late binding: a peer with room took it; the KV hold moves too
+                    self.placement.release_decode_reservation(inst, reservation)
+                    self.placement.reserve_kv(got, reservation)
+                    inst = got
             async for event in self._colocated(job, inst, failed, reservation):
                 yield event
             return

@@ -279,9 +279,9 @@ def test_idle_prefill_instance_flips_to_decode(h100):
 
 
 def test_compare_reads_systems_with_several_overrides():
-    from bench.cli import _split_systems
+    from bench.cli import split_systems
 
-    got = _split_systems("colocated-vllm, tetri+predictor=oracle,dispatch_policy=random ,tetri+pd_ratio=2:2,tetri")
+    got = split_systems("colocated-vllm, tetri+predictor=oracle,dispatch_policy=random ,tetri+pd_ratio=2:2,tetri")
     assert got == ["colocated-vllm", "tetri+predictor=oracle,dispatch_policy=random", "tetri+pd_ratio=2:2", "tetri"]
     cfg = system_config(got[1])
     assert (cfg.predictor, cfg.dispatch_policy, cfg.admission) == ("oracle", "random", "reserve_dynamic")
@@ -465,12 +465,13 @@ def test_colocated_prompts_on_a_decode_instance_follow_the_prefill_policy(h100):
 
 def test_prefill_load_placement_keeps_short_prompts_off_a_long_prefill(h100):
     # Two decode instances, all co-located. A 6,000-token prompt lands on i0, a short one on i1; the
-    # next short prompt ties on request count and would queue behind the long prefill on i0.
+    # next short prompt ties on request count and would queue behind the long prefill on i0 (late
+    # binding off: it would move s2 away; tests/test_late_binding.py).
     reqs = [BenchRequest("long", 0.0, 6000, 10), BenchRequest("s1", 0.001, 50, 200),
             BenchRequest("s2", 0.002, 50, 200)]  # fmt: skip
     got = {}
     for pick in ("outstanding", "prefill_load"):
-        res = simulate(f"tetri+pd_ratio=0:2,predictor=oracle,colocate_pick={pick}", h100, 2, reqs)
+        res = simulate(f"tetri+pd_ratio=0:2,predictor=oracle,late_binding=none,colocate_pick={pick}", h100, 2, reqs)
         got[pick] = {r["id"]: r for r in res.requests}
     assert got["outstanding"]["s2"]["d_inst"] == got["outstanding"]["long"]["d_inst"]
     assert got["prefill_load"]["s2"]["d_inst"] != got["prefill_load"]["long"]["d_inst"]

@@ -162,6 +162,19 @@ def decode_floor(
     return DecodeFloor(rate, instances, demand, peak, share, b, tpot, ttft, ttft + decode_tokens * tpot)
 
 
+def jct_floor_of(floor: DecodeFloor, tm: TimingModel, prompts: Sequence[int], outputs: Sequence[int]) -> float:
+    """The floor's mean JCT, ms, for these requests (a sample of the traffic ``floor`` was computed
+    for): each one's solo prefill, then its decode tokens at the floor's TPOT. A scored window holds
+    a sample whose mean output differs from the whole run's by a few percent, and so does its floor."""
+    if not prompts or len(prompts) != len(outputs):
+        raise ValueError("need matching, non-empty lengths")
+    if not math.isfinite(floor.tpot_ms):
+        return math.inf  # past capacity: no floor
+    n = len(prompts)
+    ttft = 1000.0 * sum(tm.prefill_s(p) for p in prompts) / n
+    return ttft + sum(max(0, o - 1) for o in outputs) / n * floor.tpot_ms
+
+
 def capacity_rate(
     tm: TimingModel, prompts: Sequence[int], outputs: Sequence[int], instances: int, max_batch: float | None = None
 ) -> float:

@@ -26,6 +26,8 @@ Systems (``SYSTEMS``):
   while a decode instance has room ("adaptive": conditional disaggregation, as NVIDIA Dynamo does).
   Co-located prompts go to the decode instance with the least prefill load (the global scheduler's
   rule) and wait there in a ``PrefillQueue`` of the same policy (SJF), as in the live placement.
+  Late binding: an instance with room and nothing queued takes the next prompt queued for its
+  busiest peer of the same pool (prefill or decode), as the live placement does.
   The split, "no prefill pool" (P = 0, every request co-located) included, is chosen by simulating
   the candidates on a resample of the traffic (``planner.plan_layout``): disaggregation is kept where
   it pays and dropped where the pools it creates could not keep up.
@@ -85,6 +87,9 @@ class SystemConfig:
     # balancer, as in front of vLLM) or "prefill_load" (fewest prompt tokens waiting or prefilling,
     # then fewest requests: the global scheduler's least-loaded rule, applied to co-located hosts)
     colocate_pick: str = "outstanding"
+    # Late binding (orchestrator/policies/late_binding.py): an instance with room and nothing queued
+    # takes the next prompt queued for its busiest peer of the same pool: none | busiest
+    late_binding: str = "none"
     fallback_wait_s: float = 0.1  # adaptive: co-locate when the prefill queue would delay a prompt longer
     pd_ratio: str = "auto"  # auto (planned: layout_plan) | "P:D"
     layout_plan: str = "work_share"  # work_share (analytic) | simulated (candidates simulated: planner.py)
@@ -130,6 +135,8 @@ SYSTEMS: dict[str, SystemConfig] = {
         # The split, no prefill pool included, chosen by simulating the candidates (planner.py).
         layout_plan="simulated",
         colocate_pick="prefill_load",
+        # A queued prompt is not bound until its engine starts it: an idle peer takes it first.
+        late_binding="busiest",
     ),
 }
 
@@ -170,6 +177,7 @@ class _Policies:
         from orchestrator.policies.dispatch import make_dispatcher
         from orchestrator.policies.flip import make_flip_policy
         from orchestrator.policies.global_scheduler import make_global_scheduler
+        from orchestrator.policies.late_binding import make_late_binding
         from orchestrator.policies.prefill_queue import make_prefill_queue
 
         self.global_scheduler = make_global_scheduler("least_loaded")
@@ -182,6 +190,7 @@ class _Policies:
             if cfg.flip_policy != "none"
             else None
         )
+        self.late_binding = make_late_binding(cfg.late_binding)
         self._mkq = lambda: make_prefill_queue(cfg.prefill_policy, sched_batch=cfg.prefill_sched_batch)
 
     def new_queue(self):
@@ -372,6 +381,7 @@ class ClusterSim:
         self.unfinished = len(self.reqs)
         self.events = 0
         self.preemptions = 0
+        self.steals = 0  # late binding: prompts taken from a peer's queue
         self.flips = 0
         self._views_at = -1.0
         self._dviews: dict[str, InstanceView] = {}
@@ -467,6 +477,7 @@ class ClusterSim:
             preemptions=self.preemptions,
             extra={
                 "flip_log": self.flip_log,
+                "steals": self.steals,
                 "final_roles": [i.role for i in self.insts],
                 "plan": self.plan.to_dict() if self.plan is not None else None,
             },
@@ -581,6 +592,7 @@ class ClusterSim:
                 self._qreq[r.id] = r
                 inst.pending_prompt += r.eff
                 self._kick(inst)
+                self._wake_thieves(inst)
                 return
         views = [self._prefill_view(i) for i in prefills]
         pick = self.pol.global_scheduler.pick(views, r.view)
@@ -590,6 +602,7 @@ class ClusterSim:
         inst.pending_prompt += r.prompt
         self._qreq[r.id] = r
         self._kick(inst)
+        self._wake_thieves(inst)
 
     def _prefill_backlogged(self, prefills: Sequence[Inst], r: Req) -> bool:
         """Adaptive fallback: the least-loaded prefill instance would start this prompt only after
@@ -741,11 +754,65 @@ class ClusterSim:
         return pf, nrun, inst.run_kv
 
     def _next_waiting(self, inst: Inst) -> bool:
-        """Recomputes first (in `waiting`), then co-located prompts released by the instance's queue."""
-        if not inst.waiting and inst.cq is not None and len(inst.cq):
-            for v in inst.cq.pop_ready(self.now, 0, 1):
-                inst.waiting.append(self._qreq.pop(v.id))
+        """Recomputes first (in `waiting`), then co-located prompts released by the instance's queue,
+        then (late binding) the next co-located prompt queued for the busiest peer, if it fits here."""
+        if not inst.waiting:
+            if inst.cq is not None and len(inst.cq):
+                for v in inst.cq.pop_ready(self.now, 0, 1):
+                    inst.waiting.append(self._qreq.pop(v.id))
+            elif inst.role == "decode" and not inst.draining:
+                self._steal_colocated(inst)
         return bool(inst.waiting)
+
+    # ---- late binding -----------------------------------------------------------------------------
+    def _victim(self, thief: Inst, queue_of) -> Inst | None:
+        if self.cfg.late_binding == "none":
+            return None
+        queued = {}
+        for j in self.insts:
+            q = queue_of(j) if j.role == thief.role else None
+            if q is not None and len(q):
+                queued[j.id] = q.queued_prompt_tokens
+        pick = self.pol.late_binding.victim(thief.id, queued) if queued else None
+        return self.insts[int(pick[1:])] if pick is not None else None
+
+    def _steal_colocated(self, inst: Inst) -> None:
+        victim = self._victim(inst, lambda j: j.cq)
+        if victim is None:
+            return
+        r = self._qreq[victim.cq.peek().id]
+        nrun = len(inst.running)
+        if inst.run_kv + inst.kv_other + r.eff + nrun > inst.cap:
+            return
+        if r.preempt == 0 and not self.pol.admission.admits(self._decode_view(inst), r.view):
+            return
+        victim.cq.pop_ready(self.now, 0, 1)
+        del self._qreq[r.id]
+        victim.pending_prompt -= r.eff
+        inst.pending_prompt += r.eff
+        r.p_inst = r.d_inst = inst.i
+        inst.waiting.append(r)
+        self.steals += 1
+
+    def _steal_prefill(self, inst: Inst) -> None:
+        victim = self._victim(inst, lambda j: j.queue)
+        if victim is None:
+            return
+        (v,) = victim.queue.pop_ready(self.now, 0, 1)
+        r = self._qreq.pop(v.id)
+        victim.pending_prompt -= r.prompt
+        r.p_inst = inst.i
+        inst.engine.append(r)
+        inst.eng_tokens += r.eff
+        self.steals += 1
+
+    def _wake_thieves(self, inst: Inst) -> None:
+        """A prompt queued behind a busy instance: idle peers of its pool may take it now."""
+        if self.cfg.late_binding == "none" or not inst.busy:
+            return
+        for j in self.insts:
+            if j is not inst and j.role == inst.role and not j.busy and not j.draining:
+                self._kick(j)
 
     def _form_prefill(self, inst: Inst):
         q = inst.queue
@@ -759,6 +826,11 @@ class ClusterSim:
                 inst.pending_prompt -= r.prompt
                 inst.engine.append(r)
                 inst.eng_tokens += r.eff
+        while not len(q) and inst.eng_tokens < self.chunk and not inst.draining:
+            n = len(inst.engine)
+            self._steal_prefill(inst)
+            if len(inst.engine) == n:
+                break
         budget = self.chunk
         pf = []
         free = inst.cap - inst.kv_used

@@ -16,6 +16,7 @@ from orchestrator.policies.dispatch import (
 )
 from orchestrator.policies.flip import FLIP_POLICY_NAMES, FLIP_SCOPE_NAMES, FlipPolicy, make_flip_policy
 from orchestrator.policies.global_scheduler import GLOBAL_SCHEDULER_NAMES, LeastLoadedPrefill, make_global_scheduler
+from orchestrator.policies.late_binding import LATE_BINDING_NAMES, LateBinding, make_late_binding
 from orchestrator.policies.predictors import (
     PREDICTOR_NAMES,
     ConstantPredictor,
@@ -33,6 +34,7 @@ POLICY_NAMES: dict[str, tuple[str, ...]] = {
     "decode_admission": ADMISSION_POLICY_NAMES,
     "flip_policy": FLIP_POLICY_NAMES,
     "predictor": PREDICTOR_NAMES,
+    "late_binding": LATE_BINDING_NAMES,
 }
 
 # Choices the policies expose that Settings does not have (yet): knob -> names. Their defaults are
@@ -54,6 +56,7 @@ __all__ = [
     "FlipDecision",
     "FlipPolicy",
     "InstanceView",
+    "LateBinding",
     "LeastLoadedPrefill",
     "LengthPredictor",
     "OraclePredictor",
@@ -65,6 +68,7 @@ __all__ = [
     "make_dispatcher",
     "make_flip_policy",
     "make_global_scheduler",
+    "make_late_binding",
     "make_predictor",
     "make_prefill_queue",
     "split_alpha_beta",

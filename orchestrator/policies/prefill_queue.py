@@ -62,6 +62,8 @@ class PrefillQueue:
     * ``pop_ready(now, engine_backlog, max_backlog)``: release up to ``max_backlog - engine_backlog``
       requests. When the current batch is empty, the next batch is formed from the (at most)
       ``sched_batch`` oldest raw requests and sorted by the policy.
+    * ``peek()``: the request ``pop_ready`` would release next, left in place (late binding looks
+      before it takes).
     * ``remove(request_id)``: take a request out (abort, re-placement); returns it or ``None``.
 
     Waiting time is measured on the injected clock from ``push`` to release (``now`` values of the
@@ -125,6 +127,14 @@ class PrefillQueue:
             out.append(entry.req)
             room -= 1
         return out
+
+    def peek(self) -> RequestView | None:
+        """The request ``pop_ready`` would release next (if nothing arrives first), left in place."""
+        if self._batch:
+            return self._batch[0].req
+        if not self._raw:
+            return None
+        return min(self._raw[: self.sched_batch], key=self._key).req
 
     def remove(self, request_id: str) -> RequestView | None:
         if request_id not in self._ids:
