@@ -169,3 +169,46 @@ def test_sim_late_binding_in_a_prefill_pool_finishes_everything_once_and_is_dete
     ]
     assert sorted(r["id"] for r in a.requests if r["error"] is None) == sorted(q.id for q in reqs)
     assert {r["p_inst"] for r in a.requests} == {0, 1}  # only the prefill pool prefills
+
+
+def test_serving_moves_the_kv_reservation_with_a_stolen_colocated_request():
+    """Through the request path (Server.run): a request co-located on decode host d1, whose engine
+    backlog is full, is taken by idle d2; it runs on d2, d2 holds its KV reservation until the first
+    token, and d1 holds none."""
+    from backends.base import SamplingParams, TokenEvent
+    from orchestrator.serving import Job, Server
+    from tests.conftest import fake_cluster
+
+    seen: dict[str, tuple[int, int]] = {}
+
+    class Host:
+        role = "decode"
+        generates_on_decode = True
+
+        def __init__(self, iid: str) -> None:
+            self.iid = iid
+
+        async def generate(self, request):
+            d1, d2 = cluster.instances["d1"], cluster.instances["d2"]
+            seen[self.iid] = (d1.reserved_kv_tokens, d2.reserved_kv_tokens)
+            yield TokenEvent([7], "x", finish_reason="length")
+
+    settings = Settings(database_url="sqlite://", model=TINY, prefill_engine_backlog=1, decode_admission="greedy")
+    cluster = fake_cluster([("d1", "decode", Host("d1")), ("d2", "decode", Host("d2"))])
+    d1, d2 = cluster.instances["d1"], cluster.instances["d2"]
+    # d2 looks busier (prompt tokens waiting in its engine), so the request is placed on d1, whose
+    # engine already holds its 4 co-located prompts: it queues there, and idle-queued d2 takes it.
+    d2.load = LoadReport(role="decode", free_kv_tokens=4096, total_kv_tokens=4096, queued_prompt_tokens=900)
+    d1.inflight_prefills = 4
+    placement = Placement(settings, cluster, seed=0)
+    server = Server(settings, cluster, placement, None, None)
+    job = Job(TINY, [5, 6, 7], SamplingParams(max_tokens=1, temperature=0))
+
+    async def run() -> list:
+        return [e async for e in server.run(job)]
+
+    events = asyncio.run(run())
+    assert [t for e in events for t in e.token_ids] == [7]
+    assert placement.steals == 1 and job.decode_instance == "d2" and list(seen) == ["d2"]
+    assert seen["d2"][0] == 0 and seen["d2"][1] > 0  # the reservation moved to d2 before it ran
+    assert d1.reserved_kv_tokens == 0 and d2.reserved_kv_tokens == 0  # released at the first token
