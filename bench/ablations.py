@@ -4,6 +4,7 @@
     python -m bench.ablations dispatch   # total decoding time, power_of_two vs random vs imbalanced
     python -m bench.ablations admission  # mean JCT, greedy vs reserve_dynamic under KV pressure
     python -m bench.ablations flip       # flip latency excluding drain (the worker's flip_s)
+    python -m bench.ablations late-binding  # TTFT with two prefill instances, late binding none vs busiest
     python -m bench.ablations all        # the four, one after the other
 
 Each command starts real worker processes (``tetri worker``; ``--backend sim`` by default: the
@@ -183,9 +184,10 @@ def run_config(ws: Workers, reqs: list[Req], seed: int, **knobs: Any) -> dict[st
                         "batches": q.batches_formed}
                   for iid, q in state.placement.queues.items()}
         preemptions = _preemptions(ws) - preempt_before
+        steals = state.placement.steals
     bad = [r for r in rows if r["status"] != 200 or r.get("completion_tokens") != reqs[r["i"]].max_tokens]
     return {"knobs": knobs, "rows": rows, "queues": queues, "makespan_s": makespan, "failed": len(bad),
-            "preemptions": preemptions}
+            "preemptions": preemptions, "moved": steals}
 
 
 def _preemptions(ws: Workers) -> int:
@@ -517,6 +519,57 @@ def _cold_start(backend: str, model: str) -> float:
         return time.monotonic() - started
     finally:
         fleet.stop()
+
+
+# ---- 5. late binding ----------------------------------------------------------------------------
+@app.command("late-binding")
+def late_binding(
+    requests: Annotated[int, typer.Option("-n", "--requests")] = 160,
+    rate: Annotated[float, typer.Option(help="Poisson arrivals req/s.")] = 16.0,
+    short: Annotated[str, typer.Option(help="Short prompt lengths lo:hi.")] = "16:64",
+    long: Annotated[str, typer.Option(help="Long prompt lengths lo:hi.")] = "1536:2048",
+    repeats: Annotated[int, typer.Option(help="Runs of each configuration (interleaved), averaged.")] = 2,
+    backend: BackendOpt = "sim", model: ModelOpt = TINY, seed: SeedOpt = 0, json_path: JsonOpt = None,
+    sim_profile: ProfileOpt = SIM_PROFILE,
+) -> str:
+    """TTFT with two prefill instances and one decode instance, late binding `none` vs `busiest`:
+    half short, half long prompts, 2 output tokens, Poisson arrivals, one prompt in each prefill
+    engine at a time (prefill_engine_backlog 1), no co-located fallback, so every prompt waits in
+    our queues and the only difference is whether a queued prompt may move."""
+    s_lo, s_hi = (int(x) for x in short.split(":"))
+    l_lo, l_hi = (int(x) for x in long.split(":"))
+    reqs = prefill_workload(requests, seed, (s_lo, s_hi), (l_lo, l_hi), 0.5, rate)
+    configs = {name: {"late_binding": name, "prefill_policy": "sjf", "prefill_engine_backlog": 1,
+                      "colocate_backlog_tokens": 0, "colocate_heavy_heavy": False, "decode_admission": "greedy"}
+               for name in ("none", "busiest")}  # fmt: skip
+    with workers(["prefill", "prefill", "decode"], backend, model, sim_profile=sim_profile) as ws:
+        runs = run_repeats(ws, reqs, seed, repeats, configs)
+    summaries: dict[str, dict[str, Any]] = {}
+    for name, rs in runs.items():
+        ttfts = [_mean([r["first_token_at"] - r["arrival"] for r in _ok(res["rows"])]) for res in rs]
+        rows = [r for res in rs for r in _ok(res["rows"])]
+        waits = [q["mean_wait_s"] for res in rs for q in res["queues"].values() if q["released"]]
+        summaries[name] = {
+            "ttft_mean_s": _mean(ttfts), "ttft_runs_s": ttfts,
+            "ttft_p99_s": _p([r["first_token_at"] - r["arrival"] for r in rows], 0.99),
+            "queue_wait_mean_s": _mean(waits), "moved": [res["moved"] for res in rs],
+            "failed": sum(res["failed"] for res in rs), "makespan_s": _mean([res["makespan_s"] for res in rs]),
+        }
+    base = summaries["none"]
+    table = [[name, f"{sm['ttft_mean_s'] * 1000:.0f}", _range(sm["ttft_runs_s"]),
+              f"**{sm['ttft_mean_s'] / base['ttft_mean_s']:.2f}**", f"{sm['ttft_p99_s'] * 1000:.0f}",
+              f"{sm['queue_wait_mean_s'] * 1000:.0f}", " / ".join(str(m) for m in sm["moved"]),
+              f"{sm['makespan_s']:.1f}", str(sm["failed"])] for name, sm in summaries.items()]  # fmt: skip
+    _save(json_path, "late_binding", {"summaries": summaries, "runs": runs})
+    cmd = (f"python -m bench.ablations late-binding -n {requests} --rate {rate:g} --short {short} --long {long} "
+           f"--repeats {repeats} --backend {backend} --sim-profile {sim_profile} --seed {seed}")
+    return _emit(
+        "Late binding: none vs busiest (two prefill instances)", cmd,
+        ["late_binding", "TTFT mean (ms)", "per run", "ratio vs none", "TTFT p99 (ms)", "queue wait mean (ms)",
+         "prompts moved per run", "makespan (s)", "failed"], table,
+        [f"{requests} requests (half {short}-token prompts, half {long}), 2 output tokens, Poisson {rate:g} req/s, "
+         f"2 prefill + 1 decode {backend} worker, SJF, prefill_engine_backlog 1, no co-located fallback, "
+         f"{repeats} interleaved runs per row."])
 
 
 @app.command("all")

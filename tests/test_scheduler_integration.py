@@ -252,6 +252,29 @@ def test_idle_flip_policy_flips_one_idle_prefill_when_decode_is_loaded(fleet3, o
     assert listed[ev["instance_id"]]["role"] == "decode"
 
 
+def test_late_binding_moves_queued_prompts_to_an_idle_prefill_worker(fleet3, orchestrator_for):
+    """Real workers: prefill-1's engine is made to look full (one prompt in flight that never
+    returns), so what the global scheduler queues there waits; prefill-0 takes those prompts as it
+    frees up. Every request completes exactly once, and the store names the worker that ran it."""
+    url, state = orchestrator_for(specs_in_roles(fleet3), monitor_interval_ms=100, prefill_engine_backlog=1,
+                                  colocate_backlog_tokens=0, colocate_heavy_heavy=False, late_binding="busiest")
+    held = state.cluster.instances["prefill-1"]
+    held.inflight_prefills = 1
+    n = 10
+    bodies = [completion(400 + i, 120 + 16 * (i % 4), 4) for i in range(n)]
+    try:
+        # Without late binding what waits at prefill-1 never starts: fail in a minute, not hang.
+        responses = asyncio.run(asyncio.wait_for(post_all(url, bodies), timeout=60))
+    finally:
+        held.inflight_prefills = 0  # the monitor's next tick pumps it (on the orchestrator's loop)
+    ids = assert_all_complete(responses, bodies)
+    rows = records(state, ids)
+    assert all(r["state"] == "finished" for r in rows.values())
+    assert state.placement.steals > 0
+    assert {r["prefill_instance"] for r in rows.values()} == {"prefill-0"}  # nothing ran on the held one
+    assert not len(state.placement.queue_of(held))
+
+
 def test_unhealthy_prefill_is_skipped_and_its_queue_replaced(fleet3, orchestrator_for):
     """Runs last: it kills a worker of the shared fleet."""
     # No backlog fallback: a re-placed request must go to the surviving prefill instance, not run
