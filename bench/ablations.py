@@ -244,6 +244,14 @@ ModelOpt = Annotated[str, typer.Option(help="Model for --backend native (e.g. ra
 SeedOpt = Annotated[int, typer.Option(help="Workload seed.")]
 ProfileOpt = Annotated[str, typer.Option(help="Timing profile of sim workers.")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write raw numbers to this JSON file.")]
+ShortOpt = Annotated[str, typer.Option(help="Short prompt lengths lo:hi.")]
+LongOpt = Annotated[str, typer.Option(help="Long prompt lengths lo:hi.")]
+RepeatsOpt = Annotated[int, typer.Option(help="Runs of each configuration (interleaved), averaged.")]
+
+
+def _span(lo_hi: str) -> tuple[int, int]:
+    lo, hi = (int(x) for x in lo_hi.split(":"))
+    return lo, hi
 
 
 # ---- 1. prefill scheduler ---------------------------------------------------------------------
@@ -269,17 +277,15 @@ def prefill(
     requests: Annotated[int, typer.Option("-n", "--requests")] = 128,
     rate: Annotated[float, typer.Option(help="Poisson arrivals req/s (0: one burst).")] = 0.0,
     batches: Annotated[str, typer.Option(help="prefill_sched_batch values.")] = "16,128",
-    short: Annotated[str, typer.Option(help="Short prompt lengths lo:hi.")] = "16:64",
-    long: Annotated[str, typer.Option(help="Long prompt lengths lo:hi.")] = "1536:2048",
-    repeats: Annotated[int, typer.Option(help="Runs of each configuration (interleaved), averaged.")] = 2,
+    short: ShortOpt = "16:64",
+    long: LongOpt = "1536:2048",
+    repeats: RepeatsOpt = 2,
     backend: BackendOpt = "sim", model: ModelOpt = TINY, seed: SeedOpt = 0, json_path: JsonOpt = None,
     sim_profile: ProfileOpt = SIM_PROFILE,
 ) -> str:
     """Prefill waiting time under fcfs vs sjf: one prefill instance, mixed prompt lengths (half
     short, half long), 2 output tokens, all arriving in one burst so that a queue forms."""
-    s_lo, s_hi = (int(x) for x in short.split(":"))
-    l_lo, l_hi = (int(x) for x in long.split(":"))
-    reqs = prefill_workload(requests, seed, (s_lo, s_hi), (l_lo, l_hi), 0.5, rate)
+    reqs = prefill_workload(requests, seed, _span(short), _span(long), 0.5, rate)
     sizes = [int(x) for x in batches.split(",")]
     runs: dict[str, list[dict[str, Any]]] = {f"{p}/{b}": [] for b in sizes for p in ("fcfs", "sjf")}
     with workers(["prefill", "decode"], backend, model, sim_profile=sim_profile) as ws:
@@ -526,9 +532,9 @@ def _cold_start(backend: str, model: str) -> float:
 def late_binding(
     requests: Annotated[int, typer.Option("-n", "--requests")] = 160,
     rate: Annotated[float, typer.Option(help="Poisson arrivals req/s.")] = 16.0,
-    short: Annotated[str, typer.Option(help="Short prompt lengths lo:hi.")] = "16:64",
-    long: Annotated[str, typer.Option(help="Long prompt lengths lo:hi.")] = "1536:2048",
-    repeats: Annotated[int, typer.Option(help="Runs of each configuration (interleaved), averaged.")] = 2,
+    short: ShortOpt = "16:64",
+    long: LongOpt = "1536:2048",
+    repeats: RepeatsOpt = 2,
     backend: BackendOpt = "sim", model: ModelOpt = TINY, seed: SeedOpt = 0, json_path: JsonOpt = None,
     sim_profile: ProfileOpt = SIM_PROFILE,
 ) -> str:
@@ -536,9 +542,7 @@ def late_binding(
     half short, half long prompts, 2 output tokens, Poisson arrivals, one prompt in each prefill
     engine at a time (prefill_engine_backlog 1), no co-located fallback, so every prompt waits in
     our queues and the only difference is whether a queued prompt may move."""
-    s_lo, s_hi = (int(x) for x in short.split(":"))
-    l_lo, l_hi = (int(x) for x in long.split(":"))
-    reqs = prefill_workload(requests, seed, (s_lo, s_hi), (l_lo, l_hi), 0.5, rate)
+    reqs = prefill_workload(requests, seed, _span(short), _span(long), 0.5, rate)
     configs = {name: {"late_binding": name, "prefill_policy": "sjf", "prefill_engine_backlog": 1,
                       "colocate_backlog_tokens": 0, "colocate_heavy_heavy": False, "decode_admission": "greedy"}
                for name in ("none", "busiest")}  # fmt: skip
