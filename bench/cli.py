@@ -235,7 +235,10 @@ def plan(
     rate: Annotated[float, typer.Option(help="Offered load, req/s.")] = 100.0,
     instances: Annotated[int, typer.Option(help="Instances to divide.")] = 16,
     profile: Annotated[str, typer.Option(help="Timing profile of one instance.")] = "h100-llama-2-7b",
-    objective: Annotated[str, typer.Option(help="balanced (TTFT x JCT), ttft or jct.")] = "balanced",
+    objective: Annotated[
+        str, typer.Option(help="balanced (TTFT x JCT), ttft, jct, or slo (least JCT meeting --ttft-slo-ms at p99).")
+    ] = "balanced",
+    ttft_slo_ms: Annotated[float, typer.Option(help="p99 TTFT target of --objective slo, ms.")] = 200.0,
     requests: Annotated[int, typer.Option("--requests", "-n", help="Length samples drawn from the workload.")] = 4000,
     seed: Annotated[int, typer.Option()] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
@@ -251,17 +254,20 @@ def plan(
         raise typer.BadParameter(f"choose one of {', '.join(OBJECTIVES)}", param_hint="--objective")
     if profile not in profile_names():
         raise typer.BadParameter(f"known: {', '.join(profile_names())}", param_hint="--profile")
+    if not 0 < ttft_slo_ms < float("inf"):
+        raise typer.BadParameter("a positive number of milliseconds", param_hint="--ttft-slo-ms")
     tm = get_timing(profile)
     wl = build_workload(workload_name, requests, rate=None, seed=seed, max_context=tm.max_context)
     prompts = [r.prompt_tokens for r in wl.requests]
     outputs = [r.output_tokens for r in wl.requests]
     try:
-        cfg = system_config("tetri", plan_objective=objective)
+        cfg = system_config("tetri", plan_objective=objective, plan_ttft_slo_ms=ttft_slo_ms)
         choice = recommend_split(instances, prompts, outputs, rate, tm, cfg, seed=seed)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     doc = {"recommended": {"prefill": choice.prefill, "decode": choice.decode}, "instances": instances,
            "rate_rps": rate, "workload": workload_name, "profile": profile, "objective": objective,
+           **({"ttft_slo_ms": ttft_slo_ms} if objective == "slo" else {}),
            "candidates": choice.candidates, "rejected": choice.rejected}  # fmt: skip
     if json_out:
         typer.echo(json.dumps(doc))
@@ -269,17 +275,19 @@ def plan(
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{workload_name} at {rate:g} req/s on {instances} x {profile} ({objective})")
-    for col in ("P:D", "mean TTFT ms", "mean JCT ms", "score", "steady-state utilisation", ""):
+    goal = f"slo: p99 TTFT <= {ttft_slo_ms:g} ms" if objective == "slo" else objective
+    t = Table(title=f"{workload_name} at {rate:g} req/s on {instances} x {profile} ({goal})")
+    for col in ("P:D", "mean TTFT ms", "p99 TTFT ms", "mean JCT ms", "score", "steady-state utilisation", ""):
         t.add_column(col)
     chosen = f"{choice.prefill}:{choice.decode}"
     for split, c in choice.candidates.items():
         label = split + (" (all co-located)" if split.startswith("0:") else "")
-        mark = "<- recommended" if split == chosen else ""
+        mark = "<- recommended" if split == chosen else ("misses the SLO" if c.get("meets_slo") is False else "")
         util = f"{c['util']:.2f}" + (" (over capacity)" if c["util"] >= 1 else "")
-        t.add_row(label, f"{c['mean_ttft_ms']:.1f}", f"{c['mean_jct_ms']:.0f}", f"{c['score']:.3f}", util, mark)
+        t.add_row(label, f"{c['mean_ttft_ms']:.1f}", f"{c['p99_ttft_ms']:.0f}", f"{c['mean_jct_ms']:.0f}",
+                  f"{c['score']:.3f}", util, mark)  # fmt: skip
     for split, util in choice.rejected.items():
-        t.add_row(split, "–", "–", "–", f"{util:.2f} (over capacity)", "not simulated: a pool falls behind")
+        t.add_row(split, "–", "–", "–", "–", f"{util:.2f} (over capacity)", "not simulated: a pool falls behind")
     Console().print(t)
     typer.echo(f"recommended prefill:decode = {chosen}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 import time
 from typing import Any
 
@@ -41,15 +42,18 @@ def build_admin_router(app_state: Any) -> APIRouter:
     # A plan simulates thousands of requests per candidate (seconds of CPU): one at a time.
     planning = asyncio.Lock()
 
-    async def planned(window_s: float, objective: str, profile: str | None, instances: int | None) -> dict[str, Any]:
-        _check_plan_args(window_s, objective, profile or app_state.settings.plan_profile, instances)
+    async def planned(
+        window_s: float, objective: str, profile: str | None, instances: int | None, ttft_slo_ms: float | None
+    ) -> dict[str, Any]:
+        slo = ttft_slo_ms if ttft_slo_ms is not None else app_state.settings.plan_ttft_slo_ms
+        _check_plan_args(window_s, objective, profile or app_state.settings.plan_profile, instances, slo)
         if planning.locked():
             raise APIError(429, "a plan is already being computed; retry shortly", "rate_limit_error",
                            code="plan_in_progress", retry_after=5)  # fmt: skip
         async with planning:
             return await asyncio.to_thread(
                 recommend_for_traffic, app_state, window_s, objective, profile or app_state.settings.plan_profile,
-                instances,
+                instances, slo,
             )  # fmt: skip
 
     def instance_or_404(instance_id: str):
@@ -112,22 +116,26 @@ def build_admin_router(app_state: Any) -> APIRouter:
 
     @router.get("/plan")
     async def plan(
-        window_s: float = 900.0, objective: str = "balanced", profile: str | None = None, instances: int | None = None
+        window_s: float = 900.0, objective: str = "balanced", profile: str | None = None, instances: int | None = None,
+        ttft_slo_ms: float | None = None,
     ) -> dict[str, Any]:
         """The prefill:decode split (P = 0: every request co-located) the recent traffic calls for,
-        simulated on the deployment's timing profile. Advice only: apply it with /instances/{id}/flip."""
-        return await planned(window_s, objective, profile, instances)
+        simulated on the deployment's timing profile. Advice only: apply it with /instances/{id}/flip.
+        `objective=slo`: the least mean JCT whose p99 TTFT meets `ttft_slo_ms` (default: the
+        deployment's `plan_ttft_slo_ms`)."""
+        return await planned(window_s, objective, profile, instances, ttft_slo_ms)
 
     @router.post("/plan/apply")
     async def apply_plan(
-        window_s: float = 900.0, objective: str = "balanced", profile: str | None = None
+        window_s: float = 900.0, objective: str = "balanced", profile: str | None = None,
+        ttft_slo_ms: float | None = None,
     ) -> dict[str, Any]:
         """Plan the prefill/decode pools (co-located instances stay as they are) and flip instances,
         one at a time, until the pools have the recommended split."""
         pool = _pd_pool(app_state)
         if not pool:
             raise APIError(409, "no healthy prefill or decode instances to divide", code="no_instances")
-        plan = await planned(window_s, objective, profile, len(pool))
+        plan = await planned(window_s, objective, profile, len(pool), ttft_slo_ms)
         target = plan["recommended"]["prefill"]
         prefill = [i for i in pool if i.role == "prefill"]
         decode = [i for i in pool if i.role == "decode"]
@@ -153,7 +161,7 @@ def build_admin_router(app_state: Any) -> APIRouter:
 
 
 def recommend_for_traffic(
-    app_state: Any, window_s: float, objective: str, profile: str, instances: int | None
+    app_state: Any, window_s: float, objective: str, profile: str, instances: int | None, ttft_slo_ms: float = 200.0
 ) -> dict[str, Any]:
     from backends.sim.cluster import system_config
     from backends.sim.planner import colocated_by_rule, layout_utilisation, recommend_split
@@ -181,8 +189,8 @@ def recommend_for_traffic(
     rate = (len(rows) - 1) / span if span > 0 else float(len(rows))
     s = app_state.settings
     cfg = system_config(
-        "tetri", plan_objective=objective, heavy_prefill_threshold=s.heavy_prefill_threshold,
-        heavy_decode_threshold=s.heavy_decode_threshold,
+        "tetri", plan_objective=objective, plan_ttft_slo_ms=ttft_slo_ms,
+        heavy_prefill_threshold=s.heavy_prefill_threshold, heavy_decode_threshold=s.heavy_decode_threshold,
     )  # fmt: skip
     prompts, outputs = [r["prompt_tokens"] for r in rows], [r["completion_tokens"] for r in rows]
     timing = get_timing(profile)
@@ -205,6 +213,7 @@ def recommend_for_traffic(
         "traffic": {"requests": len(rows), "window_s": window_s, "rate_rps": rate},
         "profile": profile,
         "objective": objective,
+        **({"ttft_slo_ms": ttft_slo_ms} if objective == "slo" else {}),
         "candidates": choice.candidates,
         "rejected": choice.rejected,
     }
@@ -213,7 +222,7 @@ def recommend_for_traffic(
 _MAX_PLAN_INSTANCES = 512  # a plan simulates every instance: bound the work one request can ask for
 
 
-def _check_plan_args(window_s: float, objective: str, profile: str, instances: int | None) -> None:
+def _check_plan_args(window_s: float, objective: str, profile: str, instances: int | None, ttft_slo_ms: float) -> None:
     from backends.sim.planner import OBJECTIVES
     from backends.sim.profiles import profile_names
 
@@ -223,6 +232,8 @@ def _check_plan_args(window_s: float, objective: str, profile: str, instances: i
         raise APIError(400, f"unknown profile {profile!r}; known: {', '.join(profile_names())}", param="profile")
     if not window_s > 0:
         raise APIError(400, "window_s must be positive", param="window_s")
+    if not 0 < ttft_slo_ms < math.inf:
+        raise APIError(400, "ttft_slo_ms must be a positive number of milliseconds", param="ttft_slo_ms")
     if instances is not None and not 1 <= instances <= _MAX_PLAN_INSTANCES:
         raise APIError(400, f"instances must be between 1 and {_MAX_PLAN_INSTANCES}", param="instances")
 

@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     # The timing profile (backends/sim/profiles.py) `GET /admin/plan` simulates this deployment with:
     # cpu-smollm2 for the built-in engine here, e.g. h100-llama-2-7b for SGLang on H100s.
     plan_profile: str = "cpu-smollm2"
+    # GET /admin/plan?objective=slo: the p99 TTFT (ms) a layout must meet; the least mean JCT among those.
+    plan_ttft_slo_ms: float = 200.0
     monitor_interval_ms: int = 100
     monitor_failures_unhealthy: int = 3
     flip_policy: Literal["none", "idle"] = "none"

@@ -31,7 +31,9 @@ def test_plan_recommends_a_split_for_the_recorded_traffic(tiny_pd_fleet, orchest
     empty = httpx.get(plan, headers=AUTH, params={"profile": "h100-llama-2-7b"}, timeout=30)
     assert empty.status_code == 409 and empty.json()["error"]["code"] == "not_enough_traffic"
     bad = (({"profile": "tpu-v9"}, "profile"), ({"objective": "p99"}, "objective"), ({"instances": 0}, "instances"),
-           ({"instances": 100000}, "instances"), ({"window_s": -5}, "window_s"))  # fmt: skip
+           ({"instances": 100000}, "instances"), ({"window_s": -5}, "window_s"),
+           ({"objective": "slo", "ttft_slo_ms": 0}, "ttft_slo_ms"),
+           ({"ttft_slo_ms": "inf"}, "ttft_slo_ms"))  # fmt: skip
     for params, field in bad:
         bad = httpx.get(plan, headers=AUTH, params=params, timeout=30)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == field
@@ -55,6 +57,13 @@ def test_plan_recommends_a_split_for_the_recorded_traffic(tiny_pd_fleet, orchest
         assert all(u >= 1 for u in body["rejected"].values())
     assert got["ttft"]["recommended"]["prefill"] >= 1
     assert got["jct"]["recommended"] == {"prefill": 0, "decode": 4}
+    # An SLO objective: with a p99 TTFT target no layout can meet, the least p99 TTFT; the target and
+    # whether each candidate meets it are in the answer.
+    slo = httpx.get(plan, headers=AUTH, timeout=120, params={"profile": "h100-llama-2-7b", "objective": "slo",
+                                                              "ttft_slo_ms": 0.001, "instances": 4}).json()  # fmt: skip
+    assert slo["ttft_slo_ms"] == 0.001 and not any(c["meets_slo"] for c in slo["candidates"].values())
+    best = min(slo["candidates"], key=lambda k: slo["candidates"][k]["p99_ttft_ms"])
+    assert f"{slo['recommended']['prefill']}:{slo['recommended']['decode']}" == best
     # The 1:1 pool running now cannot keep up with 30 req/s of ~500-token answers on H100 timing
     # (one decode instance would need ~15k tokens/s); the plan says so.
     assert got["jct"]["current_utilisation"] > 1

@@ -415,6 +415,28 @@ def test_simulated_layout_plan_follows_its_objective(h100):
         simulate("tetri+layout_plan=guess", h100, 4, reqs)
 
 
+def test_slo_objective_takes_the_least_jct_that_meets_the_ttft_target(h100):
+    # The same traffic: the JCT-best layout (0:4) has the worst p99 TTFT. A loose SLO takes it; an
+    # SLO between the candidates' p99s takes the least JCT among those under it; an SLO none meets
+    # takes the least p99 TTFT.
+    reqs = _shaped(600, 30.0, (20, 300), (200, 800))
+    loose = simulate("tetri+plan_objective=slo,plan_ttft_slo_ms=100000", h100, 4, reqs).extra["plan"]
+    cands = loose["candidates"]
+    assert loose["prefill"] == 0 and all(c["meets_slo"] for c in cands.values())
+    p99 = {k: c["p99_ttft_ms"] for k, c in cands.items()}
+    assert p99["0:4"] == max(p99.values()) > min(p99.values())
+    between = (min(v for k, v in p99.items() if k != "0:4") + p99["0:4"]) / 2
+    mid = simulate(f"tetri+plan_objective=slo,plan_ttft_slo_ms={between}", h100, 4, reqs).extra["plan"]
+    meets = {k for k, c in mid["candidates"].items() if c["p99_ttft_ms"] <= between}
+    assert "0:4" not in meets and meets
+    chosen = f"{mid['prefill']}:{mid['decode']}"
+    assert chosen == min(meets, key=lambda k: mid["candidates"][k]["mean_jct_ms"])
+    tight = simulate("tetri+plan_objective=slo,plan_ttft_slo_ms=0.001", h100, 4, reqs).extra["plan"]
+    assert not any(c["meets_slo"] for c in tight["candidates"].values())
+    chosen = f"{tight['prefill']}:{tight['decode']}"
+    assert chosen == min(tight["candidates"], key=lambda k: tight["candidates"][k]["p99_ttft_ms"])
+
+
 def test_simulated_layout_plan_drops_a_split_whose_pools_cannot_keep_up(h100):
     # Heavy prompts, short outputs, past what 3 prefill + 1 decode instances sustain: that candidate's
     # queues grow without bound in the plan's steady state, so it is never chosen.

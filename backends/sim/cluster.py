@@ -93,7 +93,8 @@ class SystemConfig:
     fallback_wait_s: float = 0.1  # adaptive: co-locate when the prefill queue would delay a prompt longer
     pd_ratio: str = "auto"  # auto (planned: layout_plan) | "P:D"
     layout_plan: str = "work_share"  # work_share (analytic) | simulated (candidates simulated: planner.py)
-    plan_objective: str = "balanced"  # simulated plan: balanced (TTFT x JCT) | ttft | jct
+    plan_objective: str = "balanced"  # simulated plan: balanced (TTFT x JCT) | ttft | jct | slo
+    plan_ttft_slo_ms: float = 200.0  # slo: the p99 TTFT a layout must meet; the least mean JCT among those
     # simulated plan: the resample of the traffic spans plan_horizon_s at the workload's rate, within bounds
     plan_horizon_s: float = 60.0
     plan_min_requests: int = 1000

@@ -10,10 +10,13 @@ Two planners, both from the workload's rate and lengths (what an operator sizing
   kept up. So it simulates the candidates (the analytic split, its neighbours and no prefill pool at
   all) on a resample of the traffic and keeps the best by the objective (``plan_objective``):
   ``balanced`` (the product of mean TTFT and mean JCT: equal weight to their relative changes),
-  ``ttft`` or ``jct``. A finite resample cannot see a decode pool that falls behind slowly (its
-  backlog grows by a few percent a minute), so a candidate with a pool over its steady-state capacity
-  (decode: ``capacity.decode_floor``; prefill: its work at the knee's tokens/s) is dropped while
-  another can keep up; when none can, the one that falls behind slowest (least utilised) is chosen.
+  ``ttft``, ``jct``, or ``slo``: the least mean JCT among the candidates whose p99 TTFT meets
+  ``plan_ttft_slo_ms`` (as an SLO-driven planner, e.g. NVIDIA Dynamo's, sizes pools to a TTFT
+  target), or the least p99 TTFT when none does. A finite resample cannot see a decode pool that
+  falls behind slowly (its backlog grows by a few percent a minute), so a candidate with a pool
+  over its steady-state capacity (decode: ``capacity.decode_floor``; prefill: its work at the
+  knee's tokens/s) is dropped while another can keep up; when none can, the one that falls behind
+  slowest (least utilised) is chosen.
 
 The resample has the workload's length mix and rate but its own draws and arrival times, so the
 planner does not see the run it plans for, as a live planner would only see recent traffic.
@@ -33,7 +36,7 @@ from backends.sim.timing import TimingModel
 if TYPE_CHECKING:
     from backends.sim.cluster import SystemConfig
 
-OBJECTIVES = ("balanced", "ttft", "jct")
+OBJECTIVES = ("balanced", "ttft", "jct", "slo")
 
 
 def plan_split(
@@ -121,12 +124,16 @@ def planning_sample(
     return out
 
 
-def _score(objective: str, ttft: float, jct: float) -> float:
+def _rank(objective: str, ttft: float, p99_ttft: float, jct: float, slo_ms: float) -> tuple[int, float]:
+    """(tier, score), least first: a candidate that misses the TTFT SLO ranks after every one that
+    meets it, and among those by its p99 TTFT."""
     if objective == "ttft":
-        return ttft
+        return 0, ttft
     if objective == "jct":
-        return jct
-    return math.log(max(ttft, 1e-9)) + math.log(max(jct, 1e-9))
+        return 0, jct
+    if objective == "slo":
+        return (0, jct) if p99_ttft <= slo_ms else (1, p99_ttft)
+    return 0, math.log(max(ttft, 1e-9)) + math.log(max(jct, 1e-9))
 
 
 def plan_layout(
@@ -164,7 +171,7 @@ def plan_layout(
     rejected = {f"{p}:{n - p}": utils[p] for p in cands if p not in keep}
     cands = keep
     scores: dict[str, dict[str, float]] = {}
-    best: tuple[float, int] | None = None
+    best: tuple[tuple[int, float], int] | None = None
     for p in cands:
         sub = replace(cfg, pd_ratio=f"{p}:{n - p}", layout_plan="work_share")
         res = ClusterSim(sub, timing, n, sample, seed=seed).run()
@@ -172,11 +179,15 @@ def plan_layout(
         if not done:
             continue
         ttft = 1000.0 * sum(r["ttft_s"] for r in done) / len(done)
+        p99 = 1000.0 * sorted(r["ttft_s"] for r in done)[int(0.99 * (len(done) - 1))]
         jct = 1000.0 * sum(r["jct_s"] for r in done) / len(done)
-        sc = _score(cfg.plan_objective, ttft, jct)
-        scores[f"{p}:{n - p}"] = {"mean_ttft_ms": ttft, "mean_jct_ms": jct, "score": sc, "util": utils[p]}
-        if best is None or sc < best[0]:
-            best = (sc, p)
+        rank = _rank(cfg.plan_objective, ttft, p99, jct, cfg.plan_ttft_slo_ms)
+        scores[f"{p}:{n - p}"] = {"mean_ttft_ms": ttft, "p99_ttft_ms": p99, "mean_jct_ms": jct, "score": rank[1],
+                                  "util": utils[p]}  # fmt: skip
+        if cfg.plan_objective == "slo":
+            scores[f"{p}:{n - p}"]["meets_slo"] = rank[0] == 0
+        if best is None or rank < best[0]:
+            best = (rank, p)
     p = best[1] if best is not None else first_guess
     return LayoutChoice(p, n - p, cfg.plan_objective, scores, rejected)
 
