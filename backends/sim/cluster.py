@@ -42,13 +42,14 @@ import heapq
 import random
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from backends.sim.planner import LayoutChoice, plan_layout, plan_split
 from backends.sim.timing import TimingModel
 from orchestrator.policies.predictors import bucket_of
+from orchestrator.policies.prefill_queue import PrefillQueue
 from orchestrator.policies.types import InstanceView, RequestView
 
 _ARR, _END, _XFER, _TICK, _FLIP = 0, 1, 2, 3, 4
@@ -766,10 +767,11 @@ class ClusterSim:
         return bool(inst.waiting)
 
     # ---- late binding -----------------------------------------------------------------------------
-    def _victim(self, thief: Inst, queue_of) -> Inst | None:
+    def _victim(self, thief: Inst, queue_of: Callable[[Inst], PrefillQueue | None]) -> Inst | None:
+        """The peer of the thief's pool whose queue (`queue_of`) it takes from, by the policy."""
         if self.cfg.late_binding == "none":
             return None
-        queued = {}
+        queued: dict[str, int] = {}
         for j in self.insts:
             q = queue_of(j) if j.role == thief.role else None
             if q is not None and len(q):
