@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from backends.base import BackendError, Role
 from orchestrator.config import BackendKind, InstanceSpec
 from orchestrator.errors import APIError
+from orchestrator.pool_planner import flip_to_split, pd_pool, recommend_for_traffic
 
 
 class RegisterBody(BaseModel):
@@ -40,11 +41,12 @@ def build_admin_router(app_state: Any) -> APIRouter:
 
     router = APIRouter(prefix="/admin", dependencies=[Depends(require_token)])
     # A plan simulates thousands of requests per candidate (seconds of CPU): one at a time.
-    planning = asyncio.Lock()
+    planning = app_state.planning
 
     async def planned(
-        window_s: float, objective: str, profile: str | None, instances: int | None, ttft_slo_ms: float | None
+        window_s: float, objective: str | None, profile: str | None, instances: int | None, ttft_slo_ms: float | None
     ) -> dict[str, Any]:
+        objective = objective or app_state.settings.plan_objective
         slo = ttft_slo_ms if ttft_slo_ms is not None else app_state.settings.plan_ttft_slo_ms
         _check_plan_args(window_s, objective, profile or app_state.settings.plan_profile, instances, slo)
         if planning.locked():
@@ -116,7 +118,7 @@ def build_admin_router(app_state: Any) -> APIRouter:
 
     @router.get("/plan")
     async def plan(
-        window_s: float = 900.0, objective: str = "balanced", profile: str | None = None, instances: int | None = None,
+        window_s: float = 900.0, objective: str | None = None, profile: str | None = None, instances: int | None = None,
         ttft_slo_ms: float | None = None,
     ) -> dict[str, Any]:
         """The prefill:decode split (P = 0: every request co-located) the recent traffic calls for,
@@ -127,30 +129,16 @@ def build_admin_router(app_state: Any) -> APIRouter:
 
     @router.post("/plan/apply")
     async def apply_plan(
-        window_s: float = 900.0, objective: str = "balanced", profile: str | None = None,
+        window_s: float = 900.0, objective: str | None = None, profile: str | None = None,
         ttft_slo_ms: float | None = None,
     ) -> dict[str, Any]:
         """Plan the prefill/decode pools (co-located instances stay as they are) and flip instances,
         one at a time, until the pools have the recommended split."""
-        pool = _pd_pool(app_state)
+        pool = pd_pool(app_state)
         if not pool:
             raise APIError(409, "no healthy prefill or decode instances to divide", code="no_instances")
         plan = await planned(window_s, objective, profile, len(pool), ttft_slo_ms)
-        target = plan["recommended"]["prefill"]
-        prefill = [i for i in pool if i.role == "prefill"]
-        decode = [i for i in pool if i.role == "decode"]
-        # Flip the least busy instances of the pool that is too large.
-        flips = []
-        if len(prefill) > target:
-            moves, to_role = sorted(prefill, key=_busy)[: len(prefill) - target], "decode"
-        else:
-            moves, to_role = sorted(decode, key=_busy)[: target - len(prefill)], "prefill"
-        for inst in moves:
-            try:
-                flips.append(await app_state.flip(inst, to_role))
-            except BackendError as exc:
-                raise APIError(exc.status if exc.status < 500 else 502, f"flip of {inst.id} failed: {exc}",
-                               code="flip_failed") from exc  # fmt: skip
+        flips = await flip_to_split(app_state, plan["recommended"]["prefill"])
         return {**plan, "flips": flips}
 
     @router.get("/stats")
@@ -158,65 +146,6 @@ def build_admin_router(app_state: Any) -> APIRouter:
         return await asyncio.to_thread(app_state.stats)
 
     return router
-
-
-def recommend_for_traffic(
-    app_state: Any, window_s: float, objective: str, profile: str, instances: int | None, ttft_slo_ms: float = 200.0
-) -> dict[str, Any]:
-    from backends.sim.cluster import system_config
-    from backends.sim.planner import colocated_by_rule, layout_utilisation, recommend_split
-    from backends.sim.profiles import get_timing
-
-    current: dict[str, int] = {}
-    for inst in app_state.cluster.instances.values():
-        if inst.state != "unhealthy":
-            current[inst.role] = current.get(inst.role, 0) + 1
-    pool = _pd_pool(app_state)
-    # P = 0 runs every request co-located on the decode instances: only where their engines can.
-    allow_no_prefill = app_state.settings.colocate_on_decode and all(
-        i.backend.generates_on_decode for i in pool if i.role == "decode"
-    )
-    # The prefill and decode pools are what a split divides; with none, every instance.
-    n = instances if instances is not None else (len(pool) or sum(current.values()))
-    if n < 1:
-        raise APIError(409, "no instances to plan for", code="no_instances")
-    app_state.store.flush()
-    rows = app_state.store.recent_traffic(time.time() - window_s)
-    if len(rows) < 2:
-        raise APIError(409, f"only {len(rows)} finished requests in the last {window_s:g} s; need at least 2",
-                       code="not_enough_traffic")  # fmt: skip
-    span = rows[-1]["arrival"] - rows[0]["arrival"]
-    rate = (len(rows) - 1) / span if span > 0 else float(len(rows))
-    s = app_state.settings
-    cfg = system_config(
-        "tetri", plan_objective=objective, plan_ttft_slo_ms=ttft_slo_ms,
-        heavy_prefill_threshold=s.heavy_prefill_threshold, heavy_decode_threshold=s.heavy_decode_threshold,
-    )  # fmt: skip
-    prompts, outputs = [r["prompt_tokens"] for r in rows], [r["completion_tokens"] for r in rows]
-    timing = get_timing(profile)
-    try:
-        choice = recommend_split(n, prompts, outputs, rate, timing, cfg, allow_no_prefill=allow_no_prefill)
-    except ValueError as exc:
-        raise APIError(409, str(exc), code="cannot_plan") from exc
-    # Does the layout running now keep up with this traffic? (>= 1: a pool falls behind for good.)
-    p_now = sum(1 for i in pool if i.role == "prefill")
-    d_now = len(pool) - p_now
-    now_util = None
-    if d_now >= 1:
-        mask = colocated_by_rule(prompts, outputs, cfg)
-        now_util = layout_utilisation(p_now, len(pool), prompts, outputs, timing, cfg, rate, mask)
-    return {
-        "recommended": {"prefill": choice.prefill, "decode": choice.decode},
-        "current": current,
-        "current_utilisation": now_util,
-        "instances": n,
-        "traffic": {"requests": len(rows), "window_s": window_s, "rate_rps": rate},
-        "profile": profile,
-        "objective": objective,
-        **({"ttft_slo_ms": ttft_slo_ms} if objective == "slo" else {}),
-        "candidates": choice.candidates,
-        "rejected": choice.rejected,
-    }
 
 
 _MAX_PLAN_INSTANCES = 512  # a plan simulates every instance: bound the work one request can ask for
@@ -236,12 +165,3 @@ def _check_plan_args(window_s: float, objective: str, profile: str, instances: i
         raise APIError(400, "ttft_slo_ms must be a positive number of milliseconds", param="ttft_slo_ms")
     if instances is not None and not 1 <= instances <= _MAX_PLAN_INSTANCES:
         raise APIError(400, f"instances must be between 1 and {_MAX_PLAN_INSTANCES}", param="instances")
-
-
-def _pd_pool(app_state: Any) -> list[Any]:
-    return [i for i in app_state.cluster.instances.values() if i.role in ("prefill", "decode") and i.state == "healthy"]
-
-
-def _busy(inst: Any) -> tuple[int, int, str]:
-    view = inst.view()
-    return view.running + view.queued, view.queued_prompt_tokens + view.running_prompt_tokens, inst.id

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,6 +26,7 @@ from orchestrator.openai_api import build_router
 from orchestrator.placement import Placement
 from orchestrator.policies.flip import make_flip_policy
 from orchestrator.policies.predictors import make_predictor
+from orchestrator.pool_planner import AutoPlanner
 from orchestrator.serving import Job, Server
 from orchestrator.store import Store
 from orchestrator.tokenizer import DEFAULT_MODEL, PromptBuilder
@@ -53,6 +55,9 @@ class AppState:
         self.max_context = _DEFAULT_CONTEXT
         self._builders: dict[str, PromptBuilder] = {}
         self._flipping: set[str] = set()
+        # A plan simulates thousands of requests per candidate (seconds of CPU): one at a time.
+        self.planning = asyncio.Lock()
+        self.auto_planner = AutoPlanner(self)
 
     # ---- models and prompts ----------------------------------------------------------------------
     def served_models(self) -> list[str]:
@@ -166,6 +171,12 @@ class AppState:
             if inst is not None and inst.id not in self._flipping:
                 asyncio.get_running_loop().create_task(self._auto_flip(inst, decision.to_role))
 
+    async def auto_plan(self) -> None:
+        try:
+            await self.auto_planner.tick()
+        except Exception:  # a failed flip or plan must not stop the timer; the next tick retries
+            log.exception("automatic pool planning failed")
+
     async def _auto_flip(self, inst: Instance, role: Role) -> None:
         try:
             await self.flip(inst, role)
@@ -250,9 +261,17 @@ def create_app(
         for spec in settings.instances:
             await state.register(spec)
         state.monitor.start()
+        planner_job = None
+        if settings.plan_auto_interval_s > 0:
+            planner_job = AsyncIOScheduler()
+            planner_job.add_job(state.auto_plan, "interval", seconds=settings.plan_auto_interval_s, max_instances=1,
+                                coalesce=True)  # fmt: skip
+            planner_job.start()
         if on_ready is not None:
             on_ready()
         yield
+        if planner_job is not None:
+            planner_job.shutdown(wait=False)
         state.monitor.stop()
         for inst in list(state.cluster.instances.values()):
             await inst.backend.close()

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     plan_profile: str = "cpu-smollm2"
     # GET /admin/plan?objective=slo: the p99 TTFT (ms) a layout must meet; the least mean JCT among those.
     plan_ttft_slo_ms: float = 200.0
+    # The planner's objective (GET /admin/plan's default, and the automatic planner's).
+    plan_objective: Literal["balanced", "ttft", "jct", "slo"] = "balanced"
+    # Automatic pool sizing: every this many seconds plan from the last plan_auto_window_s of finished
+    # traffic and flip the pools to the split two plans in a row agree on. 0 = off (advice only).
+    plan_auto_interval_s: float = Field(default=0.0, ge=0.0)
+    plan_auto_window_s: float = Field(default=900.0, gt=0.0)
     monitor_interval_ms: int = 100
     monitor_failures_unhealthy: int = 3
     flip_policy: Literal["none", "idle"] = "none"

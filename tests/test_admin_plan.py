@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -130,3 +131,82 @@ def test_plan_apply_flips_the_pools_to_the_recommended_split(tiny_pd_fleet, orch
         back = httpx.post(f"{url}/admin/instances/prefill-0/flip", headers=AUTH, json={"role": "prefill"},
                           timeout=120)  # fmt: skip
         assert back.status_code == 200, back.text
+
+
+@pytest.mark.slow
+def test_automatic_planner_flips_the_pools_once_two_plans_agree(tiny_pd_fleet, tmp_path):
+    """plan_auto_interval_s: the orchestrator plans on a timer and applies a split only when two
+    plans in a row recommend it; once the pools match, further plans flip nothing."""
+    from orchestrator.app import create_app
+    from tests.conftest import make_settings, serve_app
+
+    settings = make_settings(tmp_path, pd_specs(tiny_pd_fleet), plan_profile="h100-llama-2-7b",
+                             plan_auto_interval_s=0.5)  # fmt: skip
+    app = create_app(settings)
+    state = app.state.tetri
+    applied = []
+    try:
+        with serve_app(app) as url:
+            # No traffic yet: nothing to plan, nothing flips.
+            time.sleep(1.5)
+            assert state.auto_planner.applied == 0
+            _record_traffic(state.store, 900, 20.0, (20, 300), (200, 800))  # calls for 0:2 (as above)
+            deadline = time.monotonic() + 120
+            while state.auto_planner.applied == 0 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            roles = {i["id"]: i["role"] for i in httpx.get(f"{url}/admin/instances", headers=AUTH).json()["instances"]}
+            assert roles == {"prefill-0": "decode", "decode-1": "decode"}
+            time.sleep(1.5)  # more plans, the same answer: the pools already match
+            assert state.auto_planner.applied == 1
+            applied = httpx.get(f"{url}/admin/events", params={"kind": "plan_applied"}, headers=AUTH).json()["events"]
+    finally:  # the fleet is shared by the session: the planner has stopped; give the worker its role back
+        httpx.post(f"{tiny_pd_fleet.workers[0].url}/role", json={"role": "prefill"}, timeout=120).raise_for_status()
+    assert len(applied) == 1
+    detail = applied[0]["detail"]
+    detail = json.loads(detail) if isinstance(detail, str) else detail
+    assert detail["from"] == [1, 1] and detail["to"] == [0, 2] and detail["flips"] == ["prefill-0"]
+
+
+def test_automatic_planner_acts_only_on_two_agreeing_plans(monkeypatch):
+    """One plan's noise flips nothing; a plan that fails for lack of traffic resets the agreement;
+    a split the pools already have is never applied."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from orchestrator import pool_planner
+    from orchestrator.errors import APIError
+
+    script = iter([(0, 2), (1, 1), (0, 2), None, (0, 2), (0, 2), (1, 1), (1, 1)])
+    flipped: list[int] = []
+
+    def recommend(*_args):
+        rec = next(script)
+        if rec is None:
+            raise APIError(409, "too little traffic", code="not_enough_traffic")
+        return {"recommended": {"prefill": rec[0], "decode": rec[1]}}
+
+    async def flip_to(_state, target):
+        flipped.append(target)
+        return [{"id": "prefill-0"}]
+
+    monkeypatch.setattr(pool_planner, "recommend_for_traffic", recommend)
+    monkeypatch.setattr(pool_planner, "flip_to_split", flip_to)
+    pool = [SimpleNamespace(role="prefill"), SimpleNamespace(role="decode")]
+    monkeypatch.setattr(pool_planner, "pd_pool", lambda _state: pool)
+    events: list[tuple] = []
+    state = SimpleNamespace(
+        settings=SimpleNamespace(plan_auto_window_s=900.0, plan_objective="balanced", plan_profile="cpu-smollm2",
+                                 plan_ttft_slo_ms=200.0),
+        planning=asyncio.Lock(), _flipping=set(), event=lambda *a: events.append(a),
+    )  # fmt: skip
+    planner = pool_planner.AutoPlanner(state)
+
+    async def run() -> list:
+        return [await planner.tick() is not None for _ in range(8)]
+
+    acted = asyncio.run(run())
+    # (0,2) new; (1,1) = the pools; (0,2) new again; no traffic; (0,2) new; (0,2) agrees -> apply;
+    # (1,1) and (1,1): agreed on the second, but the pools (1 prefill, 1 decode here) already match.
+    assert acted == [False, False, False, False, False, True, False, False]
+    assert flipped == [0] and planner.applied == 1
+    assert events == [("plan_applied", None, {"from": [1, 1], "to": [0, 2], "flips": ["prefill-0"]})]
