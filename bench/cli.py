@@ -166,8 +166,15 @@ def compare(
 ) -> None:
     """Run a workload against colocated-vllm, colocated-sarathi, disagg-simple and tetri (or any
     systems you name) at equal instance counts; write report.md, PNG plots and results.json."""
+    from backends.sim.cluster import system_config
     from bench.compare import CompareSpec, compact, run_compare
 
+    if backend == "sim":
+        for name in split_systems(systems):
+            try:
+                system_config(name)
+            except ValueError as exc:  # an unknown system, option or option value, named by the message
+                raise typer.BadParameter(str(exc), param_hint="--systems") from exc
     spec = CompareSpec(
         workloads=_split_list(workload_name), backend=backend, profile=profile, instances=instances,
         requests=requests, rate=rate, load=load, systems=split_systems(systems), seed=seed, network=network,

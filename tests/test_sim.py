@@ -510,3 +510,21 @@ def test_backlog_fallback_disaggregates_hphd_while_the_prefill_pool_keeps_up(h10
     assert all(r["colocated"] for r in hphd.requests)  # the HPHD rule co-locates them all
     assert not any(r["colocated"] for r in backlog.requests)  # the backlog rule never fires
     assert all(r["p_inst"] == 0 and r["d_inst"] != 0 for r in backlog.requests)
+
+
+def test_system_options_are_checked_before_anything_runs(tmp_path):
+    """A bad system name, option or option value is named up front: system_config raises, and
+    `tetri bench compare` answers with a usage error (exit 2), not a traceback."""
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    for name, field in (("tetri+late_binding=random", "late_binding"), ("tetri+colocate_pick=zz", "colocate_pick"),
+                        ("disagg-simple+prefill_policy=lifo", "prefill_policy"), ("tetri+ttft_at=never", "ttft_at")):
+        with pytest.raises(ValueError, match=field):
+            system_config(name)
+    assert system_config("tetri+late_binding=none,plan_objective=slo").late_binding == "none"
+    for systems in ("bogus", "colocated-vllm,tetri+late_binding=random", "tetri+nope=1"):
+        res = CliRunner().invoke(app, ["compare", "--systems", systems, "--requests", "20", "--out", str(tmp_path)])
+        assert res.exit_code == 2 and "Invalid value" in res.output, (systems, res.output)
+    assert not (tmp_path / "report.md").exists()

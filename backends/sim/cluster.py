@@ -158,7 +158,31 @@ def system_config(name: str, **overrides: Any) -> SystemConfig:
         cur = getattr(cfg, k)
         kv[k] = type(cur)(v) if cur is not None and not isinstance(cur, bool) else _auto(v)
     kv.update(overrides)
-    return replace(cfg, **kv)
+    return check_config(replace(cfg, **kv))
+
+
+def check_config(cfg: SystemConfig) -> SystemConfig:
+    """``cfg``, once every option with a fixed set of values has one of them (ValueError naming the
+    option otherwise), so that a bad one is named before anything runs."""
+    for key, allowed in _choices().items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(map(str, allowed))}, not {getattr(cfg, key)!r}")
+    return cfg
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    from backends.sim.planner import OBJECTIVES
+    from orchestrator.policies import POLICY_NAMES
+    from orchestrator.policies.flip import FLIP_POLICY_NAMES
+
+    return {
+        "layout": ("colocated", "disaggregated"), "batching": ("vllm", "sarathi"),
+        "prefill_policy": POLICY_NAMES["prefill_policy"], "dispatch_policy": POLICY_NAMES["dispatch_policy"],
+        "admission": POLICY_NAMES["decode_admission"], "flip_policy": FLIP_POLICY_NAMES,
+        "predictor": ("none", "oracle", "noisy"), "fallback": ("none", "hphd", "adaptive", "backlog", "all"),
+        "colocate_pick": ("outstanding", "prefill_load"), "late_binding": POLICY_NAMES["late_binding"],
+        "layout_plan": ("work_share", "simulated"), "plan_objective": OBJECTIVES, "ttft_at": ("prefill", "handoff"),
+    }  # fmt: skip
 
 
 def _auto(v: str) -> Any:
@@ -328,12 +352,7 @@ class ClusterSim:
         kv_tokens: int | None = None,
         exact_views: bool = False,
     ) -> None:
-        if cfg.ttft_at not in ("prefill", "handoff"):
-            raise ValueError(f"ttft_at must be 'prefill' or 'handoff', not {cfg.ttft_at!r}")
-        if cfg.layout_plan not in ("work_share", "simulated"):
-            raise ValueError(f"layout_plan must be 'work_share' or 'simulated', not {cfg.layout_plan!r}")
-        if cfg.colocate_pick not in ("outstanding", "prefill_load"):
-            raise ValueError(f"colocate_pick must be 'outstanding' or 'prefill_load', not {cfg.colocate_pick!r}")
+        check_config(cfg)
         self.cfg = cfg
         self.plan: LayoutChoice | None = None
         # Views carry decode_remaining as its minimum only (all reserve_dynamic reads, with `running`
