@@ -171,6 +171,10 @@ class AppState:
             if inst is not None and inst.id not in self._flipping:
                 asyncio.get_running_loop().create_task(self._auto_flip(inst, decision.to_role))
 
+    @property
+    def flips_running(self) -> bool:
+        return bool(self._flipping)
+
     async def auto_plan(self) -> None:
         try:
             await self.auto_planner.tick()

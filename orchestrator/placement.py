@@ -110,7 +110,8 @@ class Placement:
         self.queue_of(inst).push(req, time.monotonic())
         self.queued_at[req.id] = inst.id
         self.pump(inst)
-        if req.id in self.queued_at:  # still waiting here: a peer with room and no queue may take it
+        if self.late_binding.name != "none" and req.id in self.queued_at:
+            # Still waiting here: a peer with room and no queue of its own may take it now.
             for peer in list(self.cluster.instances.values()):
                 if peer is not inst and peer.role == inst.role and not len(self.queues.get(peer.id) or ()):
                     self.pump(peer)
@@ -140,6 +141,8 @@ class Placement:
         """Late binding: while the thief's engine has room, take the next request queued for its
         busiest peer (same role, model and backend: any of them could run it). On a decode instance
         the request must pass decode admission there, as it did where it was queued."""
+        if self.late_binding.name == "none":
+            return
         while thief.inflight_prefills < max_backlog:
             peers = {
                 pid: q for pid, q in self.queues.items()

@@ -21,7 +21,7 @@ log = logging.getLogger("tetri.plan")
 
 
 def recommend_for_traffic(
-    app_state: Any, window_s: float, objective: str, profile: str, instances: int | None, ttft_slo_ms: float = 200.0
+    app_state: Any, window_s: float, objective: str, profile: str, instances: int | None, ttft_slo_ms: float
 ) -> dict[str, Any]:
     """The split the finished requests of the last `window_s` call for (what GET /admin/plan
     answers); APIError 409 when there is too little traffic or nothing to divide."""
@@ -113,7 +113,7 @@ class AutoPlanner:
 
     async def tick(self) -> dict[str, Any] | None:
         state, s = self.app_state, self.app_state.settings
-        if state.planning.locked() or state._flipping:
+        if state.planning.locked() or state.flips_running:
             return None
         async with state.planning:
             try:

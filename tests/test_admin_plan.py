@@ -197,7 +197,7 @@ def test_automatic_planner_acts_only_on_two_agreeing_plans(monkeypatch):
     state = SimpleNamespace(
         settings=SimpleNamespace(plan_auto_window_s=900.0, plan_objective="balanced", plan_profile="cpu-smollm2",
                                  plan_ttft_slo_ms=200.0),
-        planning=asyncio.Lock(), _flipping=set(), event=lambda *a: events.append(a),
+        planning=asyncio.Lock(), flips_running=False, event=lambda *a: events.append(a),
     )  # fmt: skip
     planner = pool_planner.AutoPlanner(state)
 
