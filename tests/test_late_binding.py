@@ -107,6 +107,8 @@ def test_idle_peer_takes_the_next_queued_prompt_and_more_once_it_has_room():
 
 def test_no_move_to_an_excluded_instance_another_role_or_another_model():
     reqs = [_req(0), _req(1)]
+    got, _ = _run_queued("busiest", [("p1", "prefill", TINY), ("p2", "prefill", TINY)], "p1", reqs)
+    assert got == {"r0": "p1", "r1": "p2"}  # the control: with nothing in the way, r1 moves
     got, _ = _run_queued("busiest", [("p1", "prefill", TINY), ("p2", "prefill", TINY)], "p1", reqs, exclude={"p2"})
     assert got == {"r0": "p1"}  # r1 once failed on p2
     got, _ = _run_queued("busiest", [("p1", "prefill", TINY), ("d1", "decode", TINY)], "p1", reqs)
