@@ -42,11 +42,12 @@ from backends.base import (
     SamplingParams,
     TokenEvent,
 )
-from backends.http import HTTPBackend, engine_timeout, error_message, http_error, iter_sse
+from backends.http import HTTPBackend, PoolLimits, engine_timeout, error_message, http_error, iter_sse
 
 log = logging.getLogger("tetri.backends.sglang")
 
 _SHORT = 5.0
+_JSON = {"content-type": "application/json"}
 DEFAULT_BOOTSTRAP_PORT = 8998
 MAX_ROOM = 2**63 - 1
 
@@ -232,13 +233,14 @@ class ChunkState:
 
 def sampling_params(sp: SamplingParams, seed_field: str | None = "sampling_seed") -> dict[str, Any]:
     """Our SamplingParams → SGLang `sampling_params` (unknown keys are rejected from 0.5.22 on,
-    so only known keys, and optional ones only when set)."""
-    out: dict[str, Any] = {
-        "max_new_tokens": sp.max_tokens,
-        "temperature": sp.temperature,
-        "top_p": sp.top_p,
-        "ignore_eos": sp.ignore_eos,
-    }
+    so only known keys, and optional ones only when set). Temperature and top_p only when the
+    client gave them: otherwise SGLang applies the model's generation_config.json defaults."""
+    out: dict[str, Any] = {"max_new_tokens": sp.max_tokens}
+    if sp.temperature is not None:
+        out["temperature"] = sp.temperature
+    if sp.top_p is not None:
+        out["top_p"] = sp.top_p
+    out["ignore_eos"] = sp.ignore_eos
     if sp.stop:
         out["stop"] = list(sp.stop)
     if sp.seed is not None and seed_field:
@@ -309,9 +311,11 @@ class SGLangBackend(HTTPBackend):
         heavy_decode_threshold: int = 128,
         timeout_s: float | None = None,
         max_context: int | None = None,
+        pool: PoolLimits | None = None,
         **unknown: Any,
     ) -> None:
-        super().__init__(url, instance_id, role, model, timeout=engine_timeout(timeout_s), bearer=admin_key or api_key)
+        super().__init__(url, instance_id, role, model, timeout=engine_timeout(timeout_s), bearer=admin_key or api_key,
+                         pool=pool)
         self.max_context = max_context
         if unknown:
             log.warning("sglang instance %s: ignoring unknown options %s", instance_id, sorted(unknown))
@@ -341,7 +345,7 @@ class SGLangBackend(HTTPBackend):
         last: BackendError | None = None
         for path in paths:
             try:
-                resp = await self._client.get(path, timeout=timeout)
+                resp = await self._control.get(path, timeout=timeout)
             except httpx.HTTPError as exc:
                 raise BackendError(f"{self.instance_id}: GET {path} failed: {exc!r}", status=503,
                                    retryable=True) from exc
@@ -403,7 +407,7 @@ class SGLangBackend(HTTPBackend):
         last_exc: BackendError | None = None
         for path in paths:
             try:
-                resp = await self._client.get(path, timeout=_SHORT)
+                resp = await self._control.get(path, timeout=_SHORT)
             except httpx.HTTPError as exc:
                 raise BackendError(f"{self.instance_id}: load failed: {exc!r}", status=503, retryable=True) from exc
             if resp.status_code in (404, 405) and not self._load_path:
@@ -525,25 +529,55 @@ class SGLangBackend(HTTPBackend):
             if not rids:
                 self._rids.pop(request_id, None)
 
-    async def stream_chunks(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Raw chunks of one `/generate` call (SSE when body["stream"], else the one JSON body)."""
+    async def open_generate(self, payload: bytes) -> httpx.Response:
+        """POST an encoded `/generate` body with `stream: true`; the response once its headers are
+        in. The caller holds a `slot()` and reads the body with `chunks()`. HTTP errors raise."""
+        request = self._client.build_request("POST", "/generate", content=payload, headers=_JSON)
         try:
-            if body.get("stream"):
-                async with self._client.stream("POST", "/generate", json=body) as resp:
-                    if resp.status_code >= 400:
-                        await resp.aread()
-                        raise http_error(self.instance_id, resp)
-                    async with contextlib.aclosing(iter_sse(resp)) as chunks:
-                        async for chunk in chunks:
-                            yield chunk
-            else:
-                resp = await self._client.post("/generate", json=body)
-                if resp.status_code >= 400:
-                    raise http_error(self.instance_id, resp)
-                data = resp.json()
-                yield data[0] if isinstance(data, list) else data
+            resp = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise BackendError(f"{self.instance_id}: /generate failed: {exc!r}", status=503, retryable=True) from exc
+        if resp.status_code >= 400:
+            try:
+                await resp.aread()
+            except httpx.HTTPError:
+                pass
+            finally:
+                await resp.aclose()
+            raise http_error(self.instance_id, resp)
+        return resp
+
+    async def chunks(self, resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+        """The chunks of an opened `/generate` stream, read to the end of the body (the connection
+        goes back to the pool); a broken stream raises a retryable BackendError."""
+        try:
+            async with contextlib.aclosing(iter_sse(resp)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except httpx.HTTPError as exc:
+            raise BackendError(f"{self.instance_id}: /generate stream broke: {exc!r}", status=503,
+                               retryable=True) from exc
+        finally:
+            await resp.aclose()
+
+    async def stream_chunks(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Raw chunks of one `/generate` call (SSE when body["stream"], else the one JSON body)."""
+        async with self.slot():
+            if body.get("stream"):
+                resp = await self.open_generate(json.dumps(body).encode())
+                async with contextlib.aclosing(self.chunks(resp)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+                return
+            try:
+                resp = await self._client.post("/generate", json=body)
+            except httpx.HTTPError as exc:
+                raise BackendError(f"{self.instance_id}: /generate failed: {exc!r}", status=503,
+                                   retryable=True) from exc
+            if resp.status_code >= 400:
+                raise http_error(self.instance_id, resp)
+            data = resp.json()
+            yield data[0] if isinstance(data, list) else data
 
     async def _events(self, request: GenRequest, body: dict[str, Any], phase: str,
                       skip_tokens: int = 0, skip_text: str = "") -> AsyncIterator[TokenEvent]:
@@ -574,6 +608,9 @@ class SGLangBackend(HTTPBackend):
                         yield TokenEvent(list(new_ids), new_text, state.finish, phase, state.error,  # type: ignore[arg-type]
                                          retryable=state.retryable_error)
                     if state.finish is not None:
+                        # Read the body to its end so the connection is reused, then stop.
+                        async for _ in chunks:
+                            pass
                         return
         except BackendError as exc:
             if not yielded:
@@ -651,7 +688,7 @@ class SGLangBackend(HTTPBackend):
     async def abort_rids(self, rids: Iterable[str]) -> None:
         for rid in rids:
             try:
-                await self._client.post("/abort_request", json={"rid": rid}, timeout=_SHORT)
+                await self._control.post("/abort_request", json={"rid": rid}, timeout=_SHORT)
             except httpx.HTTPError as exc:
                 log.info("%s: abort %s failed: %r", self.instance_id, rid, exc)
 
@@ -705,7 +742,7 @@ class SGLangBackend(HTTPBackend):
             body["decode_cuda_graph_bs"] = self.decode_cuda_graph_bs
         started = time.monotonic()
         try:
-            resp = await self._client.post("/pd_role_switch", json=body, timeout=600.0)
+            resp = await self._control.post("/pd_role_switch", json=body, timeout=600.0)
         except httpx.HTTPError as exc:
             raise BackendError(f"{self.instance_id}: role switch failed: {exc!r}", status=503) from exc
         flip_s = time.monotonic() - started

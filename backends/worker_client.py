@@ -19,7 +19,7 @@ from backends.base import (
     Role,
     TokenEvent,
 )
-from backends.http import HTTPBackend, error_message
+from backends.http import HTTPBackend, PoolLimits, error_message, iter_lines
 
 # tetri's own workers keep their own limits (the GPU engines' are backends.http.ENGINE_TIMEOUT).
 _TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=10.0)
@@ -41,13 +41,15 @@ class WorkerBackend(HTTPBackend):
     generates_on_decode = True  # the built-in engine's decode role runs full requests (hybrid batches)
     health_timeout_s = 2.0
 
-    def __init__(self, url: str, instance_id: str, role: Role, model: str | None = None, kind: str = "native"):
-        super().__init__(url, instance_id, role, model, timeout=_TIMEOUT)
+    def __init__(self, url: str, instance_id: str, role: Role, model: str | None = None, kind: str = "native",
+                 pool: PoolLimits | None = None):
+        super().__init__(url, instance_id, role, model, timeout=_TIMEOUT, pool=pool)
         self.kind = kind
 
     async def _post(self, path: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """A control call (abort, drain, role): on the control pool, never queued behind streams."""
         try:
-            resp = await self._client.post(path, json=body, timeout=timeout or _TIMEOUT)
+            resp = await self._control.post(path, json=body, timeout=timeout or _TIMEOUT)
         except httpx.HTTPError as exc:
             raise BackendError(f"{self.instance_id}: {exc!r}", status=503, retryable=True) from exc
         if resp.status_code >= 400:
@@ -56,19 +58,20 @@ class WorkerBackend(HTTPBackend):
 
     async def load(self) -> LoadReport:
         try:
-            resp = await self._client.get("/load", timeout=2.0)
+            resp = await self._control.get("/load", timeout=2.0)
             resp.raise_for_status()
         except httpx.HTTPError as exc:
             raise BackendError(f"{self.instance_id}: load failed: {exc!r}", status=503) from exc
         return LoadReport.from_dict(resp.json())
 
     async def info(self) -> dict[str, Any]:
-        resp = await self._client.get("/info", timeout=5.0)
+        resp = await self._control.get("/info", timeout=5.0)
         resp.raise_for_status()
         return resp.json()
 
     async def prefill(self, request: GenRequest, handoff: Handoff) -> PrefillResult:
-        data = await self._post("/prefill", _body(request, handoff=asdict(handoff)))
+        answers = [d async for d in self._lines("/prefill", _body(request, handoff=asdict(handoff)))]
+        data = answers[-1] if answers else {}
         kv = KVHandle(**data["kv"]) if data.get("kv") else None
         return PrefillResult(first=TokenEvent(**data["first"]), kv=kv)
 
@@ -98,13 +101,13 @@ class WorkerBackend(HTTPBackend):
     async def _lines(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The JSON objects of an NDJSON answer; HTTP errors and broken streams as BackendError."""
         try:
-            async with self._client.stream("POST", path, json=body) as resp:
+            async with self.slot(), self._client.stream("POST", path, json=body) as resp:
                 if resp.status_code >= 400:
                     await resp.aread()
                     raise BackendError(
                         error_message(resp), status=resp.status_code, retryable=resp.status_code >= 500
                     )
-                async for line in resp.aiter_lines():
+                async for line in iter_lines(resp):  # to the end of the body: the connection is reused
                     if line.strip():
                         yield json.loads(line)
         except httpx.HTTPError as exc:

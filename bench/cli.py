@@ -363,5 +363,46 @@ def calibrate(
     typer.echo(json.dumps(coeffs, indent=2))
 
 
+@app.command()
+def router(
+    clients: Annotated[str, typer.Option(help="Concurrency levels, comma-separated.")] = "1,16,64",
+    requests: Annotated[int, typer.Option("--requests", "-n", help="Requests per system and level.")] = 2000,
+    tokens: Annotated[int, typer.Option(help="Tokens each request streams.")] = 16,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 64,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds per level (systems take turns).")] = 4,
+    systems: Annotated[str, typer.Option(help="Of tetri, sglang-router, floor.")] = "tetri,sglang-router,floor",
+    target: Annotated[str | None, typer.Option(help="Instead: load an already running tetri at this URL "
+                                                    "(e.g. `tetri up`).")] = None,
+    out: Annotated[Path, typer.Option(help="Report folder (report.md, results.json, router.png).")] = Path(
+        "bench-results/router"),
+) -> None:
+    """The router alone: tetri serve, sglang-router and a hand-done floor over the same SGLang fakes."""
+    from rich.console import Console
+
+    from bench.router import markdown, run_router_bench, run_target, temp_logs, write_report
+
+    levels = [int(c) for c in _split_list(clients)]
+    if not levels or min(levels) < 1:
+        raise typer.BadParameter("positive integers", param_hint="--clients")
+    console = Console(stderr=True)
+    with console.status("running") as status:
+        if target:
+            result = run_target(target.rstrip("/"), levels, requests, tokens, prompt_tokens, progress=status.update)
+            title = f"Client load against {target}"
+        else:
+            names = _split_list(systems)
+            unknown = set(names) - {"tetri", "sglang-router", "floor"}
+            if unknown:
+                raise typer.BadParameter(f"unknown systems {sorted(unknown)}", param_hint="--systems")
+            logs = temp_logs()
+            result = run_router_bench(levels, requests, tokens, prompt_tokens, rounds, names, logs,
+                                      progress=status.update)
+            result["logs"] = str(logs)
+            title = "Router alone: tetri serve vs sglang-router vs floor"
+    report = write_report(result, out, title)
+    typer.echo(markdown(result))
+    typer.echo(f"wrote {report}")
+
+
 def main() -> None:  # pragma: no cover
     app(sys.argv[1:])

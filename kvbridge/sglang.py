@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+
+import httpx
 
 from backends.base import Backend, BackendError, GenRequest, TokenEvent
 from backends.sglang import ChunkState, SGLangBackend, check_pd_pair, new_rid, new_room, tag
 from kvbridge.base import HandoffStats, HandoffStrategy
 
 log = logging.getLogger("tetri.kvbridge.sglang")
-
-_END = object()
 
 
 class BootstrapRoomStrategy(HandoffStrategy):
@@ -51,132 +52,203 @@ class BootstrapRoomStrategy(HandoffStrategy):
         rid, room = new_rid(), new_room()
         body = prefill.build_body(request, rid, stream=True, room=room,
                                   bootstrap_host=prefill.bootstrap_host, bootstrap_port=prefill.bootstrap_port)
+        payload = json.dumps(body).encode()  # one encoding, the same bytes to both servers
         stats.kv_tokens = len(request.prompt_ids)
         stats.extra.update(rid=rid, bootstrap_room=room, bootstrap_host=body["bootstrap_host"],
                            bootstrap_port=body["bootstrap_port"])
-        prefill.track(request.request_id, rid)
-        decode.track(request.request_id, rid)
-        prefill.ledger.start(request)
-        prefill.ledger.progress(request.request_id, 0, "prefill")
-        decode.ledger.start(request)
-
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-        async def pump(side: str, backend: SGLangBackend) -> None:
+        # A slot on each side first: a full pool is BackendBusy before either server sees the room.
+        async with prefill.slot(), decode.slot():
+            prefill.track(request.request_id, rid)
+            decode.track(request.request_id, rid)
+            prefill.ledger.start(request)
+            prefill.ledger.progress(request.request_id, 0, "prefill")
+            decode.ledger.start(request)
+            pair = _Pair(request, prefill, decode, rid, stats)
             try:
-                async with contextlib.aclosing(backend.stream_chunks(body)) as chunks:
-                    async for chunk in chunks:
-                        await queue.put((side, chunk))
-                await queue.put((side, _END))
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                await queue.put((side, exc))
+                async with contextlib.aclosing(pair.relay(payload)) as events:
+                    async for event in events:
+                        yield event
+            finally:
+                prefill.ledger.finish(request.request_id)
+                decode.ledger.finish(request.request_id)
+                prefill.untrack(request.request_id, rid)
+                decode.untrack(request.request_id, rid)
 
+
+class _Pair:
+    """One P/D request on the wire: both sides sent together (or neither), the first token from
+    whichever side shows it first, the rest from the decode stream, both bodies read to their end,
+    and both sides aborted unless the decode finished."""
+
+    def __init__(self, request: GenRequest, prefill: SGLangBackend, decode: SGLangBackend, rid: str,
+                 stats: HandoffStats) -> None:
+        self.request, self.prefill, self.decode, self.rid, self.stats = request, prefill, decode, rid, stats
+        self.p_state, self.d_state = ChunkState(), ChunkState()
+        self.p_error: BaseException | None = None
+
+    async def _send_both(self, payload: bytes) -> tuple[httpx.Response, httpx.Response]:
+        """Open both streams. Shielded: a client leaving now cannot leave one side sent and the other
+        not; whatever was opened is closed and both sides aborted before the error goes on."""
+        sending = asyncio.gather(self.prefill.open_generate(payload), self.decode.open_generate(payload),
+                                 return_exceptions=True)
+        try:
+            p_resp, d_resp = await asyncio.shield(sending)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await _close_all(await sending)
+            await _abort_both(self.prefill, self.decode, self.rid, prefill_finished=False)
+            raise
+        sides = ((p_resp, self.prefill), (d_resp, self.decode))
+        failed = [(r, who) for r, who in sides if isinstance(r, BaseException)]
+        if failed:
+            await _close_all([p_resp, d_resp])
+            await _abort_both(self.prefill, self.decode, self.rid, prefill_finished=False)
+            error, who = failed[-1] if isinstance(failed[-1][0], BackendError) else failed[0]
+            if isinstance(error, BackendError):
+                raise tag(error, who.instance_id)
+            raise tag(BackendError(f"{who.instance_id}: {error!r}", status=502, retryable=True), who.instance_id)
+        return p_resp, d_resp  # type: ignore[return-value]
+
+    async def _read_prefill(self, resp: httpx.Response) -> None:
+        """The prefill's whole answer (one chunk, then [DONE]); its error is kept, not raised."""
+        try:
+            async with contextlib.aclosing(self.prefill.chunks(resp)) as chunks:
+                async for chunk in chunks:
+                    self.p_state.feed(chunk)
+                    self.stats.extra["prefill_meta"] = dict(self.p_state.meta)
+                    if self.p_state.finish is not None:
+                        self.prefill.ledger.finish(self.request.request_id)
+        except Exception as exc:  # noqa: BLE001 - judged by the relay
+            self.p_error = exc
+
+    def _prefill_failure(self) -> BackendError | None:
+        """Why the prefill cannot deliver the first token (None: it did, or it ended cleanly)."""
+        p = self.p_state
+        if self.p_error is not None:
+            err = self.p_error if isinstance(self.p_error, BackendError) else \
+                BackendError(str(self.p_error), status=502, retryable=True)
+            return tag(err, self.prefill.instance_id)
+        if p.finish in ("error", "abort"):
+            return tag(p.failure(f"prefill {self.prefill.instance_id}"), self.prefill.instance_id)
+        if p.finish is None:
+            return tag(BackendError(f"prefill {self.prefill.instance_id} ended without its token", status=502,
+                                    retryable=True), self.prefill.instance_id)
+        return None
+
+    async def relay(self, payload: bytes) -> AsyncIterator[TokenEvent]:
+        p_resp, d_resp = await self._send_both(payload)
         started = time.perf_counter()
-        tasks = [asyncio.create_task(pump("P", prefill)), asyncio.create_task(pump("D", decode))]
-        p_state, d_state = ChunkState(), ChunkState()
-        p_done = False
-        first_sent = False
-        sent_ids = 0
-        sent_text = ""
-        finished = False
-        # SGLang reports no per-request transfer time or size; stats.transfer_s/kv_bytes stay 0.
+        reader = asyncio.ensure_future(self._read_prefill(p_resp))
+        d_chunks = self.decode.chunks(d_resp)
+        pending: asyncio.Future[dict[str, Any]] | None = None
+        first_sent = finished = False
+        sent_ids, sent_text = 0, ""
+        d = self.d_state
         try:
             while True:
-                side, item = await queue.get()
-                if side == "P":
-                    if first_sent or d_state.finish is not None:
-                        # the first token is out, so the KV reached the decode: the prefill's own
-                        # answer no longer matters
-                        p_done = True
-                        if not isinstance(item, BaseException) and item is not _END:
-                            p_state.feed(item)
-                        continue
-                    if isinstance(item, BaseException) or item is _END:
-                        p_done = True
-                        if item is _END and p_state.finish in ("length", "stop"):
-                            continue
-                        if isinstance(item, BackendError):
-                            raise tag(item, prefill.instance_id)
-                        msg = str(item) if isinstance(item, BaseException) else \
-                            f"prefill {prefill.instance_id} ended without its token"
-                        raise tag(BackendError(msg, status=502, retryable=True), prefill.instance_id)
-                    p_state.feed(item)
-                    stats.extra["prefill_meta"] = dict(p_state.meta)
-                    if p_state.finish in ("error", "abort"):
-                        if p_state.finish == "abort" and p_state.status is None:
-                            finished = True
-                            yield TokenEvent([], "", "abort", "prefill", p_state.error)
-                            return
-                        raise tag(p_state.failure(f"prefill {prefill.instance_id}"), prefill.instance_id)
-                    if p_state.finish is not None:
-                        prefill.ledger.finish(request.request_id)
-                    if not first_sent and p_state.ids:
+                if not first_sent and not reader.done():
+                    # Before the first token: whichever side shows it first.
+                    pending = pending or asyncio.ensure_future(anext(d_chunks))
+                    await asyncio.wait({pending, reader}, return_when=asyncio.FIRST_COMPLETED)
+                    if not pending.done():
+                        continue  # the prefill answered first: judged below
+                if not first_sent and reader.done() and (pending is None or not pending.done()):
+                    p = self.p_state
+                    if p.finish == "abort" and p.status is None and self.p_error is None:
+                        finished = True
+                        yield TokenEvent([], "", "abort", "prefill", p.error)
+                        return
+                    failure = self._prefill_failure()
+                    if failure is not None:
+                        raise failure
+                    if p.ids:
                         first_sent = True
-                        sent_ids, sent_text = 1, p_state.text
-                        stats.extra["first_token_from"] = "prefill"
-                        stats.extra["ttft_s"] = time.perf_counter() - started
-                        yield TokenEvent(p_state.ids[:1], p_state.text, None, "prefill")
-                    continue
-
-                # decode side
-                if isinstance(item, BaseException) or item is _END:
-                    error = item if isinstance(item, BaseException) else None
-                    if error is not None and not first_sent and isinstance(error, BackendError):
-                        raise tag(error, decode.instance_id)
-                    msg = str(error) if error else f"decode {decode.instance_id}: stream ended without a finish reason"
+                        sent_ids, sent_text = 1, p.text
+                        self.stats.extra.update(first_token_from="prefill", ttft_s=time.perf_counter() - started)
+                        yield TokenEvent(p.ids[:1], p.text, None, "prefill")
+                        continue
+                try:
+                    if pending is not None:
+                        fut, pending = pending, None
+                        chunk = await fut
+                    else:
+                        chunk = await anext(d_chunks)
+                except StopAsyncIteration:
+                    msg = f"decode {self.decode.instance_id}: stream ended without a finish reason"
                     if not first_sent:
-                        raise tag(BackendError(msg, status=502, retryable=True), decode.instance_id)
+                        raise tag(BackendError(msg, status=502, retryable=True), self.decode.instance_id) from None
                     finished = True
-                    # a broken decode stream: the request can continue elsewhere (migration)
                     yield TokenEvent([], "", "error", "decode", msg, retryable=True)
                     return
-                d_state.feed(item)
-                if d_state.finish == "error" and not first_sent:
-                    raise tag(d_state.failure(f"decode {decode.instance_id}"), decode.instance_id)
-                if d_state.finish is None and not d_state.ids:
+                except BackendError as exc:
+                    if not first_sent:
+                        raise tag(exc, self.decode.instance_id) from None
+                    finished = True
+                    # a broken decode stream: the request can continue elsewhere (migration)
+                    yield TokenEvent([], "", "error", "decode", str(exc), retryable=True)
+                    return
+                d.feed(chunk)
+                if d.finish == "error" and not first_sent:
+                    raise tag(d.failure(f"decode {self.decode.instance_id}"), self.decode.instance_id)
+                if d.finish is None and not d.ids:
                     continue
                 events: list[TokenEvent] = []
-                if not first_sent and d_state.ids:
+                if not first_sent and d.ids:
                     first_sent = True
-                    stats.extra["first_token_from"] = "decode"
-                    stats.extra["ttft_s"] = time.perf_counter() - started
+                    self.stats.extra.update(first_token_from="decode", ttft_s=time.perf_counter() - started)
                     # Per-token text is unknown when the chunk carries more than the handoff token:
                     # the text of the whole chunk goes with the first token.
-                    events.append(TokenEvent(d_state.ids[:1], d_state.text, None, "prefill"))
-                    sent_ids, sent_text = 1, d_state.text
-                new_ids = d_state.ids[sent_ids:]
-                if len(d_state.ids) == 1 and sent_ids == 1:
+                    events.append(TokenEvent(d.ids[:1], d.text, None, "prefill"))
+                    sent_ids, sent_text = 1, d.text
+                new_ids = d.ids[sent_ids:]
+                if len(d.ids) == 1 and sent_ids == 1:
                     # the engine's own text of the handoff token is the baseline for deltas
-                    sent_text = d_state.text or sent_text
-                new_text = d_state.text[len(sent_text):]
-                if new_ids or new_text or d_state.finish is not None:
-                    events.append(TokenEvent(list(new_ids), new_text, d_state.finish,  # type: ignore[arg-type]
-                                             "decode", d_state.error, retryable=d_state.retryable_error))
+                    sent_text = d.text or sent_text
+                new_text = d.text[len(sent_text):]
+                if new_ids or new_text or d.finish is not None:
+                    events.append(TokenEvent(list(new_ids), new_text, d.finish,  # type: ignore[arg-type]
+                                             "decode", d.error, retryable=d.retryable_error))
                     sent_ids += len(new_ids)
-                    sent_text = d_state.text if len(d_state.text) >= len(sent_text) else sent_text
-                    decode.ledger.progress(request.request_id, len(new_ids))
+                    sent_text = d.text if len(d.text) >= len(sent_text) else sent_text
+                    self.decode.ledger.progress(self.request.request_id, len(new_ids))
                 for event in events:
                     if event.finish_reason is not None:
                         finished = True
-                        stats.extra["decode_meta"] = dict(d_state.meta)
+                        self.stats.extra["decode_meta"] = dict(d.meta)
                     yield event
                 if finished:
+                    async for _ in d_chunks:  # to the end of the body: the connection is reused
+                        pass
                     return
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(BaseException):
-                    await task
-            prefill.ledger.finish(request.request_id)
-            decode.ledger.finish(request.request_id)
-            prefill.untrack(request.request_id, rid)
-            decode.untrack(request.request_id, rid)
-            if d_state.finish not in ("stop", "length"):
+            ok = d.finish in ("stop", "length")
+            if not ok:
                 # client gone, or either side failed: free the room on both servers
-                await _abort_both(prefill, decode, rid, p_done and p_state.finish in ("length", "stop"))
+                p_done = reader.done() and self.p_state.finish in ("length", "stop")
+                await _abort_both(self.prefill, self.decode, self.rid, p_done)
+            # Aborted or done, both bodies now end by themselves; waiting is bounded all the same.
+            await _settle(reader, pending)
+            await d_chunks.aclose()
+
+
+async def _settle(*futures: asyncio.Future[Any] | None, timeout_s: float = 5.0) -> None:
+    live = [f for f in futures if f is not None and not f.done()]
+    if live:
+        _, late = await asyncio.wait(live, timeout=timeout_s)
+        for f in late:
+            f.cancel()
+        if late:
+            await asyncio.wait(late)
+    for f in futures:
+        if f is not None and f.done() and not f.cancelled():
+            f.exception()  # retrieved: no "never retrieved" warning
+
+
+async def _close_all(responses: list[Any]) -> None:
+    for resp in responses:
+        if isinstance(resp, httpx.Response):
+            with contextlib.suppress(Exception):
+                await resp.aclose()
 
 
 async def _abort_both(prefill: SGLangBackend, decode: SGLangBackend, rid: str, prefill_finished: bool) -> None:

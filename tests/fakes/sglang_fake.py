@@ -111,6 +111,8 @@ class SGLangFake:
         self.finished: list[str] = []
         self.graphs_captured = self.config.mode in (None, "decode")
         self._initial = dataclasses.replace(self.config)
+        self._client: httpx.AsyncClient | None = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
         self.app = self._build()
 
     def reset(self) -> None:
@@ -240,14 +242,14 @@ class SGLangFake:
         port = body.get("bootstrap_port") or cfg.bootstrap_port or 8998
         base = f"http://{host}:{port}"
         try:
-            async with httpx.AsyncClient(base_url=base, timeout=cfg.waiting_timeout_s + 5) as client:
-                resp = await client.post("/_fake_bootstrap/prealloc",
-                                         json={"room": room_id, "rid": live.rid, "prompt": live.prompt})
-                if resp.status_code != 200:
-                    raise _Abort(f"Decode handshake failed for request rank=0 decode_req.req.rid='{live.rid}' "
-                                 f"bootstrap_room={room_id}: {resp.text}", 500)
-                resp = await self._until(client.get(f"/_fake_bootstrap/kv/{room_id}",
-                                                    params={"timeout": cfg.waiting_timeout_s}), live)
+            client = self._bootstrap_client()
+            resp = await client.post(f"{base}/_fake_bootstrap/prealloc",
+                                     json={"room": room_id, "rid": live.rid, "prompt": live.prompt})
+            if resp.status_code != 200:
+                raise _Abort(f"Decode handshake failed for request rank=0 decode_req.req.rid='{live.rid}' "
+                             f"bootstrap_room={room_id}: {resp.text}", 500)
+            resp = await self._until(client.get(f"{base}/_fake_bootstrap/kv/{room_id}",
+                                                params={"timeout": cfg.waiting_timeout_s}), live)
         except httpx.HTTPError as exc:
             raise _Abort(f"Decode handshake failed for request rank=0 decode_req.req.rid='{live.rid}' "
                          f"bootstrap_room={room_id}: cannot reach bootstrap server {base}: {exc!r}", 500) from None
@@ -256,6 +258,16 @@ class SGLangFake:
             raise _Abort(f"Decode transfer failed for request rank=0 decode_req.req.rid='{live.rid}' "
                          f"bootstrap_room={room_id} with exception KVTransferError: {data['error']}", 500)
         return int(data["first_token"])
+
+    def _bootstrap_client(self) -> httpx.AsyncClient:
+        """One pooled client per event loop for the decode's bootstrap calls (a real decode keeps
+        its connections to the prefill's bootstrap server too)."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
+            self._client = httpx.AsyncClient(timeout=self.config.waiting_timeout_s + 5,
+                                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+            self._client_loop = loop
+        return self._client
 
     # ---- the app -------------------------------------------------------------------------
     def _build(self) -> FastAPI:  # noqa: C901 - one route table
@@ -270,6 +282,13 @@ class SGLangFake:
         @app.get("/ready")
         async def ready() -> Response:
             return Response(status_code=fake.config.health_status)
+
+        @app.get("/_fake_stats")
+        async def stats() -> Response:
+            """What a benchmark checks afterwards: the bootstrap rooms this server saw."""
+            rooms = [b["bootstrap_room"] for b in fake.bodies if b.get("bootstrap_room") is not None]
+            return JSONResponse({"rooms": rooms, "requests": len(fake.bodies), "live": len(fake.live),
+                                 "aborted": len(fake.aborted), "finished": len(fake.finished)})
 
         @app.post("/generate")
         @app.put("/generate")
