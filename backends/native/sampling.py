@@ -34,8 +34,10 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, position: int) -> 
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         cum = sorted_probs.cumsum(-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        # Keep the smallest prefix whose mass reaches top_p, and always the most likely token: a
+        # top_p below float32's range (5e-324) rounds to 0, and 0 >= 0 would drop every token.
         drop = (cum - sorted_probs) >= top_p
+        drop[0] = False
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     generator = None
