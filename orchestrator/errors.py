@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -24,12 +27,22 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+class ErrorJSONResponse(JSONResponse):
+    """ASCII JSON: an error may quote the client's input, which can hold what UTF-8 cannot encode
+    (a lone surrogate such as "\\ud800")."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_response(
     status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-    code: str | None = None, retry_after: float | None = None,
+    code: str | None = None, retry_after: float | None = None, headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
-    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+    headers = dict(headers or {})
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after)))
+    return ErrorJSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers or None)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -49,4 +62,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), type_)
+        # exc.headers carries what the status needs (Allow on a 405).
+        return error_response(exc.status_code, str(exc.detail), type_, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # A bug: the client gets a JSON 500 in the OpenAI shape (not text/plain), without internals;
+        # Starlette re-raises it after this answer, so the server still logs the traceback.
+        return error_response(500, "internal server error", "server_error", code="internal_error")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -14,9 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import BackendError, SamplingParams, TokenEvent
 from orchestrator import metrics
-from orchestrator.errors import APIError
+from orchestrator.errors import APIError, error_body
 from orchestrator.placement import Overloaded
 from orchestrator.serving import Job
+
+log = logging.getLogger(__name__)
 
 
 class ChatMessage(BaseModel):
@@ -133,12 +136,8 @@ def build_router(app_state: Any) -> APIRouter:
             first = await events.__anext__()
         except StopAsyncIteration:
             first = TokenEvent([], "", finish_reason="stop")
-        except Overloaded as exc:
-            raise APIError(503, str(exc), "server_error", code="overloaded", retry_after=exc.retry_after) from exc
-        except BackendError as exc:
-            status = exc.status if 400 <= exc.status < 500 else 503
-            raise APIError(status, str(exc), "invalid_request_error" if status < 500 else "server_error",
-                           code="backend_error", retry_after=None if status < 500 else 1.0) from exc
+        except (Overloaded, BackendError) as exc:
+            raise _refusal(exc) from exc
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(job, first, events, chat, include_usage), media_type="text/event-stream")
@@ -152,13 +151,20 @@ def build_router(app_state: Any) -> APIRouter:
     async def collect(job: Job, first: TokenEvent, events: AsyncIterator[TokenEvent], chat: bool) -> dict[str, Any]:
         texts = [first.text]
         error = first.error
-        async with contextlib.aclosing(events):
-            async for event in events:
-                texts.append(event.text)
-                error = error or event.error
-        metrics.COMPLETION_TOKENS.inc(job.completion_tokens)
-        if job.finish_reason == "error" and job.completion_tokens == 0:
-            raise APIError(502, error or "the engine failed", "server_error", code="backend_error")
+        try:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    texts.append(event.text)
+                    error = error or event.error
+        except (Overloaded, BackendError) as exc:
+            # Failed mid-way (e.g. its decode instance died) and no instance could continue it.
+            raise _midway_failure(job, exc) from exc
+        finally:
+            metrics.COMPLETION_TOKENS.inc(job.completion_tokens)
+        if job.finish_reason == "error":
+            if job.completion_tokens == 0:
+                raise APIError(502, error or "the engine failed", "server_error", code="backend_error")
+            raise _midway_failure(job, BackendError(error or "the engine failed"))
         text = "".join(texts)
         finish = _finish(job.finish_reason)
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
@@ -173,29 +179,42 @@ def build_router(app_state: Any) -> APIRouter:
                   include_usage: bool) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         created = int(job.arrival)
+        # What every chunk shares, serialized once: a token costs one json.dumps of its text (the
+        # layout is json.dumps's of {"id", "object", "created", "model", "choices": [choice], "usage"}).
+        head = json.dumps({"id": job.id, "object": obj, "created": created, "model": job.model})[:-1]
+        head = f'data: {head}, "choices": [{{"index": 0, '
+        usage_none = ', "usage": null' if include_usage else ""
+        tail_open = f', "finish_reason": null, "logprobs": null}}]{usage_none}}}\n\n'
 
         def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
             if chat:
-                delta: dict[str, Any] = {"role": "assistant"} if role else {}
-                if text:
-                    delta["content"] = text
-                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                role_part = '"role": "assistant"' if role else ""
+                content = f'"content": {json.dumps(text)}' if text else ""
+                body = f'"delta": {{{role_part}{", " if role_part and content else ""}{content}}}'
             else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            payload: dict[str, Any] = {"id": job.id, "object": obj, "created": created, "model": job.model,
-                                       "choices": [choice]}
-            if include_usage:
-                payload["usage"] = None
-            return f"data: {json.dumps(payload)}\n\n"
+                body = f'"text": {json.dumps(text or "")}'
+            if finish is None:
+                return head + body + tail_open
+            return f'{head}{body}, "finish_reason": {json.dumps(finish)}, "logprobs": null}}]{usage_none}}}\n\n'
 
-        async with contextlib.aclosing(events):
-            yield chunk(first.text, _finish(first.finish_reason), role=True)
-            async for event in events:
-                if event.error:
-                    err = {"error": {"message": event.error, "type": "server_error", "code": "backend_error"}}
-                    yield f"data: {json.dumps(err)}\n\n"
-                yield chunk(event.text, _finish(event.finish_reason))
-        metrics.COMPLETION_TOKENS.inc(job.completion_tokens)
+        try:
+            async with contextlib.aclosing(events):
+                yield chunk(first.text, _finish(first.finish_reason), role=True)
+                async for event in events:
+                    if event.error:
+                        yield f"data: {json.dumps(error_body(event.error, 'server_error', code='backend_error'))}\n\n"
+                    yield chunk(event.text, _finish(event.finish_reason))
+        except Exception as exc:  # noqa: BLE001 - the 200 is sent: any failure must end the stream properly
+            if isinstance(exc, (Overloaded, BackendError)):
+                err = _midway_failure(job, exc)
+            else:
+                log.exception("request %s: the stream failed", job.id)
+                err = APIError(500, f"internal error: {type(exc).__name__}", "server_error", code="internal_error")
+            yield f"data: {json.dumps(error_body(err.message, err.type, code=err.code))}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        finally:
+            metrics.COMPLETION_TOKENS.inc(job.completion_tokens)
         if include_usage:
             payload = {"id": job.id, "object": obj, "created": created, "model": job.model, "choices": [],
                        "usage": usage(job)}
@@ -203,6 +222,25 @@ def build_router(app_state: Any) -> APIRouter:
         yield "data: [DONE]\n\n"
 
     return router
+
+
+def _refusal(exc: Overloaded | BackendError) -> APIError:
+    """Why a request could not start: 503 + Retry-After for load or an engine fault, the engine's
+    4xx when it refused the request itself."""
+    if isinstance(exc, Overloaded):
+        return APIError(503, str(exc), "server_error", code="overloaded", retry_after=exc.retry_after)
+    status = exc.status if 400 <= exc.status < 500 else 503
+    return APIError(status, str(exc), "invalid_request_error" if status < 500 else "server_error",
+                    code="backend_error", retry_after=None if status < 500 else 1.0)
+
+
+def _midway_failure(job: Job, exc: Overloaded | BackendError) -> APIError:
+    """A request that failed after it started (e.g. its decode instance died) and that no instance
+    could continue: 503 + Retry-After, as for a request that could not start."""
+    overloaded = isinstance(exc, Overloaded)
+    return APIError(503, f"the request failed after {job.completion_tokens} tokens and no instance could continue "
+                    f"it: {exc}", "server_error", code="overloaded" if overloaded else "backend_error",
+                    retry_after=exc.retry_after if overloaded else 1.0)
 
 
 def _finish(reason: str | None) -> str | None:
