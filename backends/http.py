@@ -1,10 +1,12 @@
 """HTTP plumbing the engine adapters share (SGLang, TensorRT-LLM and tetri's own workers).
 
-Two pooled `httpx.AsyncClient`s per instance (`HTTPBackend`): `_client` carries requests and their
-streams, bounded by `PoolLimits` and gated by stream slots (`slot()`: a full pool is `BackendBusy`,
-never a health verdict); `_control` carries health, load, info and aborts on a small pool of its
-own, so a busy data path can neither make an instance look dead nor block an abort. Also: reading
-an engine's error body, mapping an HTTP error status to `BackendError`, and parsing SSE streams.
+Per instance (`HTTPBackend`): a data pool for generation streams (`stream_post`, aiohttp: its C
+parser and connection pool cost a fraction of httpx's per request), bounded by `PoolLimits` and
+gated by stream slots (`slot()`: a full pool is `BackendBusy`, never a health verdict); `_control`
+(httpx) for health, load, info and aborts on a small pool of its own, so a busy data path can
+neither make an instance look dead nor block an abort; and `_client` (httpx, same limits) for the
+adapters' other calls. Also: reading an engine's error body, mapping an HTTP error status to
+`BackendError`, and parsing SSE and NDJSON streams as bytes, read to the end of the body.
 What each adapter sends stays in the adapter: this module only owns the transport.
 """
 
@@ -18,7 +20,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
+import orjson
 
 from backends.base import Backend, BackendBusy, BackendError, Role
 
@@ -78,6 +82,9 @@ class HTTPBackend(Backend):
         self._control = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(10.0, pool=5.0), headers=headers,
                                           limits=control_limits, transport=PeerGoneTransport())
         self._slots = asyncio.Semaphore(self.pool.max_connections)
+        self._read_timeout_s = timeout.read
+        self._headers = headers
+        self._data: aiohttp.ClientSession | None = None
 
     @property
     def busy_slots(self) -> int:
@@ -97,9 +104,29 @@ class HTTPBackend(Backend):
         finally:
             self._slots.release()
 
+    def _session(self) -> aiohttp.ClientSession:
+        if self._data is None or self._data.closed:
+            connector = aiohttp.TCPConnector(limit=self.pool.max_connections + 4, limit_per_host=0,
+                                             keepalive_timeout=30, enable_cleanup_closed=True)
+            timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=self._read_timeout_s)
+            self._data = aiohttp.ClientSession(self.url, connector=connector, timeout=timeout,
+                                               headers=self._headers, auto_decompress=False)
+        return self._data
+
+    async def stream_post(self, path: str, payload: bytes) -> DataStream:
+        """POST a JSON body on the data pool; the response once its headers are in. The caller
+        holds a `slot()`; a refused connection or a timeout raises a retryable BackendError."""
+        try:
+            resp = await self._session().post(path, data=payload, headers=_JSON)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise BackendError(f"{self.instance_id}: POST {path} failed: {exc!r}", status=503, retryable=True) from exc
+        return DataStream(resp, self.instance_id)
+
     async def close(self) -> None:
         await self._client.aclose()
         await self._control.aclose()
+        if self._data is not None:
+            await self._data.close()
 
     async def health(self) -> bool:
         try:
@@ -109,6 +136,63 @@ class HTTPBackend(Backend):
         return resp.status_code == 200
 
 
+_JSON = {"content-type": "application/json"}
+
+
+class DataStream:
+    """One response on the data pool: its status, its error message, and its body's lines read to
+    the end (the connection then goes back to the pool); `close()` drops an unfinished one."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, instance_id: str) -> None:
+        self.resp = resp
+        self.status = resp.status
+        self.instance_id = instance_id
+
+    async def message(self) -> str:
+        """The error message of this (error status) response; the body is read and released."""
+        try:
+            text = (await self.resp.read()).decode("utf-8", "replace")
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            text = ""
+        finally:
+            self.resp.release()
+        return message_of(text, self.status)
+
+    async def error(self) -> BackendError:
+        """This (error status) response as `http_error` makes it."""
+        return BackendError(f"{self.instance_id}: HTTP {self.status}: {await self.message()}", status=self.status,
+                            retryable=self.status in (429, 502, 503, 504))
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        pending = b""
+        try:
+            async for chunk in self.resp.content.iter_any():
+                if pending:
+                    chunk = pending + chunk
+                parts = chunk.split(b"\n")
+                pending = parts.pop()
+                for line in parts:
+                    yield line
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise BackendError(f"{self.instance_id}: stream broke: {exc!r}", status=503, retryable=True) from exc
+        if pending:
+            yield pending
+        # A body that ended early without its terminator is an error the caller sees by its content.
+        self.resp.release()
+
+    def close(self) -> None:
+        self.resp.close()
+
+
+def message_of(text: str, status: int) -> str:
+    """`error_message` for a body already read as text."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text[:500] or f"HTTP {status}"
+    return _message_of_data(data)
+
+
 def error_message(resp: httpx.Response) -> str:
     """The message of any engine error body: `{"error": {...}}`, `{"error": "..."}`,
     `{"object": "error", "message": ...}`, FastAPI's `{"detail": ...}` or plain text."""
@@ -116,6 +200,10 @@ def error_message(resp: httpx.Response) -> str:
         data = resp.json()
     except Exception:  # noqa: BLE001
         return resp.text[:500] or f"HTTP {resp.status_code}"
+    return _message_of_data(data)
+
+
+def _message_of_data(data: Any) -> str:
     if isinstance(data, dict):
         err = data.get("error")
         if isinstance(err, dict) and err.get("message"):
@@ -153,13 +241,19 @@ async def iter_lines(resp: httpx.Response) -> AsyncIterator[bytes]:
 
 
 async def iter_sse(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """`sse_events` of an httpx response."""
+    async for data in sse_events(iter_lines(resp)):
+        yield data
+
+
+async def sse_events(lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
     """JSON objects of a `data: ...` event stream, up to `data: [DONE]`; whatever follows is read
     and dropped, so the body ends and the connection is reused.
 
     Tolerates a space before the blank line (TensorRT-LLM chat) and ignores comments and blank lines.
     """
     done = False
-    async for line in iter_lines(resp):
+    async for line in lines:
         if done or not line.startswith(b"data:"):
             continue
         payload = line[5:].strip()
@@ -167,8 +261,8 @@ async def iter_sse(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
             done = True
             continue
         try:
-            data = json.loads(payload)
-        except json.JSONDecodeError:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError:
             log.warning("unparseable stream line: %.200r", payload)
             continue
         if isinstance(data, list):  # a batch answer; we never send batches

@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import orjson
 
 from backends.base import (
     BackendError,
@@ -42,12 +43,11 @@ from backends.base import (
     SamplingParams,
     TokenEvent,
 )
-from backends.http import HTTPBackend, PoolLimits, engine_timeout, error_message, http_error, iter_sse
+from backends.http import DataStream, HTTPBackend, PoolLimits, engine_timeout, error_message, http_error, sse_events
 
 log = logging.getLogger("tetri.backends.sglang")
 
 _SHORT = 5.0
-_JSON = {"content-type": "application/json"}
 DEFAULT_BOOTSTRAP_PORT = 8998
 MAX_ROOM = 2**63 - 1
 
@@ -529,42 +529,29 @@ class SGLangBackend(HTTPBackend):
             if not rids:
                 self._rids.pop(request_id, None)
 
-    async def open_generate(self, payload: bytes) -> httpx.Response:
+    async def open_generate(self, payload: bytes) -> DataStream:
         """POST an encoded `/generate` body with `stream: true`; the response once its headers are
         in. The caller holds a `slot()` and reads the body with `chunks()`. HTTP errors raise."""
-        request = self._client.build_request("POST", "/generate", content=payload, headers=_JSON)
-        try:
-            resp = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise BackendError(f"{self.instance_id}: /generate failed: {exc!r}", status=503, retryable=True) from exc
-        if resp.status_code >= 400:
-            try:
-                await resp.aread()
-            except httpx.HTTPError:
-                pass
-            finally:
-                await resp.aclose()
-            raise http_error(self.instance_id, resp)
+        resp = await self.stream_post("/generate", payload)
+        if resp.status >= 400:
+            raise await resp.error()
         return resp
 
-    async def chunks(self, resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    async def chunks(self, resp: DataStream) -> AsyncIterator[dict[str, Any]]:
         """The chunks of an opened `/generate` stream, read to the end of the body (the connection
         goes back to the pool); a broken stream raises a retryable BackendError."""
         try:
-            async with contextlib.aclosing(iter_sse(resp)) as chunks:
+            async with contextlib.aclosing(sse_events(resp.lines())) as chunks:
                 async for chunk in chunks:
                     yield chunk
-        except httpx.HTTPError as exc:
-            raise BackendError(f"{self.instance_id}: /generate stream broke: {exc!r}", status=503,
-                               retryable=True) from exc
         finally:
-            await resp.aclose()
+            resp.close()
 
     async def stream_chunks(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Raw chunks of one `/generate` call (SSE when body["stream"], else the one JSON body)."""
         async with self.slot():
             if body.get("stream"):
-                resp = await self.open_generate(json.dumps(body).encode())
+                resp = await self.open_generate(orjson.dumps(body))
                 async with contextlib.aclosing(self.chunks(resp)) as chunks:
                     async for chunk in chunks:
                         yield chunk

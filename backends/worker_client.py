@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
 import httpx
+import orjson
 
 from backends.base import (
     BackendError,
@@ -19,7 +19,7 @@ from backends.base import (
     Role,
     TokenEvent,
 )
-from backends.http import HTTPBackend, PoolLimits, error_message, iter_lines
+from backends.http import HTTPBackend, PoolLimits, error_message
 
 # tetri's own workers keep their own limits (the GPU engines' are backends.http.ENGINE_TIMEOUT).
 _TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=10.0)
@@ -99,20 +99,19 @@ class WorkerBackend(HTTPBackend):
             yield TokenEvent(**data)
 
     async def _lines(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """The JSON objects of an NDJSON answer; HTTP errors and broken streams as BackendError."""
-        try:
-            async with self.slot(), self._client.stream("POST", path, json=body) as resp:
-                if resp.status_code >= 400:
-                    await resp.aread()
-                    raise BackendError(
-                        error_message(resp), status=resp.status_code, retryable=resp.status_code >= 500
-                    )
-                async for line in iter_lines(resp):  # to the end of the body: the connection is reused
+        """The JSON objects of an NDJSON answer, read to the end of the body; HTTP errors and broken
+        streams as BackendError (a broken stream is the instance failing: retry elsewhere, or
+        migrate mid-stream)."""
+        async with self.slot():
+            resp = await self.stream_post(path, orjson.dumps(body))
+            try:
+                if resp.status >= 400:
+                    raise BackendError(await resp.message(), status=resp.status, retryable=resp.status >= 500)
+                async for line in resp.lines():
                     if line.strip():
-                        yield json.loads(line)
-        except httpx.HTTPError as exc:
-            # A broken stream is the instance failing (crash, restart): retry elsewhere, or migrate mid-stream.
-            raise BackendError(f"{self.instance_id}: stream broke: {exc!r}", status=503, retryable=True) from exc
+                        yield orjson.loads(line)
+            finally:
+                resp.close()
 
     async def abort(self, request_id: str) -> None:
         await self._post("/abort", {"request_id": request_id}, timeout=5.0)

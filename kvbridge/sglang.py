@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import orjson
 
 from backends.base import Backend, BackendError, GenRequest, TokenEvent
+from backends.http import DataStream
 from backends.sglang import ChunkState, SGLangBackend, check_pd_pair, new_rid, new_room, tag
 from kvbridge.base import HandoffStats, HandoffStrategy
 
@@ -52,7 +52,7 @@ class BootstrapRoomStrategy(HandoffStrategy):
         rid, room = new_rid(), new_room()
         body = prefill.build_body(request, rid, stream=True, room=room,
                                   bootstrap_host=prefill.bootstrap_host, bootstrap_port=prefill.bootstrap_port)
-        payload = json.dumps(body).encode()  # one encoding, the same bytes to both servers
+        payload = orjson.dumps(body)  # one encoding, the same bytes to both servers
         stats.kv_tokens = len(request.prompt_ids)
         stats.extra.update(rid=rid, bootstrap_room=room, bootstrap_host=body["bootstrap_host"],
                            bootstrap_port=body["bootstrap_port"])
@@ -86,7 +86,7 @@ class _Pair:
         self.p_state, self.d_state = ChunkState(), ChunkState()
         self.p_error: BaseException | None = None
 
-    async def _send_both(self, payload: bytes) -> tuple[httpx.Response, httpx.Response]:
+    async def _send_both(self, payload: bytes) -> tuple[DataStream, DataStream]:
         """Open both streams. Shielded: a client leaving now cannot leave one side sent and the other
         not; whatever was opened is closed and both sides aborted before the error goes on."""
         sending = asyncio.gather(self.prefill.open_generate(payload), self.decode.open_generate(payload),
@@ -109,7 +109,7 @@ class _Pair:
             raise tag(BackendError(f"{who.instance_id}: {error!r}", status=502, retryable=True), who.instance_id)
         return p_resp, d_resp  # type: ignore[return-value]
 
-    async def _read_prefill(self, resp: httpx.Response) -> None:
+    async def _read_prefill(self, resp: DataStream) -> None:
         """The prefill's whole answer (one chunk, then [DONE]); its error is kept, not raised."""
         try:
             async with contextlib.aclosing(self.prefill.chunks(resp)) as chunks:
@@ -246,9 +246,8 @@ async def _settle(*futures: asyncio.Future[Any] | None, timeout_s: float = 5.0) 
 
 async def _close_all(responses: list[Any]) -> None:
     for resp in responses:
-        if isinstance(resp, httpx.Response):
-            with contextlib.suppress(Exception):
-                await resp.aclose()
+        if isinstance(resp, DataStream):
+            resp.close()
 
 
 async def _abort_both(prefill: SGLangBackend, decode: SGLangBackend, rid: str, prefill_finished: bool) -> None:

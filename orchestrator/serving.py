@@ -13,13 +13,14 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Literal
 
-from backends.base import BackendError, GenRequest, Role, SamplingParams, TokenEvent
+from backends.base import BackendBusy, BackendError, GenRequest, Role, SamplingParams, TokenEvent
 from kvbridge.base import HandoffStats, strategy_for
 from orchestrator import metrics
 from orchestrator.cluster import Cluster, Instance
 from orchestrator.config import Settings
 from orchestrator.placement import Overloaded, Placement
 from orchestrator.policies.types import RequestView
+from orchestrator.prediction import PredictionBatcher, Predictor
 
 log = logging.getLogger("tetri.serving")
 _MAX_ATTEMPTS = 3
@@ -96,7 +97,7 @@ class Server:
         self.cluster = cluster
         self.placement = placement
         self.store = store
-        self.predictor = predictor
+        self.predictions = PredictionBatcher(predictor)
         self.on_finished = on_finished
         self.active = 0
 
@@ -113,6 +114,8 @@ class Server:
         error: str | None = None
         try:
             async for event in self._attempts(job, prediction):
+                if event.finish_reason in ("error", "abort"):  # the record says why it failed
+                    error = event.error or f"the engine ended the request ({event.finish_reason})"
                 yield event
             state = "finished" if job.finish_reason not in ("error", "abort") else "failed"
         except (asyncio.CancelledError, GeneratorExit):
@@ -120,6 +123,9 @@ class Server:
             raise
         except (Overloaded, BackendError) as exc:
             error = str(exc)
+            raise
+        except Exception as exc:  # not an engine fault (a bug): the record still says what failed
+            error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
             self.active -= 1
@@ -152,6 +158,13 @@ class Server:
                         yield event
                         if cut:
                             return  # leaving the attempt closes it: the engine aborts the rest
+                return
+            except BackendBusy as exc:
+                # Every connection to the instance is in use (load, not a fault): nothing was sent.
+                if job.completion_tokens == 0:
+                    raise Overloaded(str(exc), retry_after=1.0) from exc
+                job.finish_reason = "error"
+                yield TokenEvent([], "", finish_reason="error", error=str(exc))
                 return
             except BackendError as exc:
                 last = not exc.retryable or attempt == _MAX_ATTEMPTS - 1
@@ -302,6 +315,8 @@ class Server:
                             self.placement.release_decode_reservation(inst, reservation)
                         self._first_token(job)
                     yield event
+        except BackendBusy:
+            raise
         except BackendError:
             failed.add(inst.id)
             raise
@@ -340,6 +355,8 @@ class Server:
                         if stats.kv_bytes:
                             metrics.KV_BYTES.inc(stats.kv_bytes)
                     yield event
+        except BackendBusy:
+            raise
         except BackendError as exc:
             # 507: the decode worker refused the pushed KV (its pool is full). The prefill call
             # carries that error, but the prefill instance is not at fault: excluding it would leave
@@ -379,17 +396,17 @@ class Server:
             heavy_decode=view.heavy_decode if view and view.predicted_bucket is not None else None,
         )
 
+    @property
+    def predictor(self) -> Predictor | None:
+        return self.predictions.predictor
+
+    @predictor.setter
+    def predictor(self, predictor: Predictor | None) -> None:
+        self.predictions = PredictionBatcher(predictor)
+
     async def _predict(self, job: Job) -> int | None:
-        if self.predictor is None:
-            return None
         meta = {"output_len": job.sampling.max_tokens} if job.sampling.ignore_eos else {}
-        try:
-            return await asyncio.to_thread(
-                self.predictor.predict_bucket, job.prompt_text, len(job.prompt_ids), meta
-            )
-        except Exception as exc:  # noqa: BLE001 - a predictor failure must not fail the request
-            log.debug("predictor failed for %s: %s", job.id, exc)
-            return None
+        return await self.predictions.predict(job.prompt_text, len(job.prompt_ids), meta)
 
     def _first_token(self, job: Job) -> None:
         if job.first_token_at is not None:  # a migrated request's next attempt

@@ -110,6 +110,12 @@ class LearnedPredictor:
         x = self.model.features(parse_prompt(prompt, meta), self._count)
         return self._head.proba_one(x)
 
+    def predict_buckets(self, prompts: Sequence[str], metas: Sequence[dict | None]) -> list[int]:
+        """`predict_bucket` for many prompts at once: one tree walk for the whole batch."""
+        pairs = zip(prompts, metas, strict=True)
+        x = np.vstack([self.model.features(parse_prompt(p, m), self._count) for p, m in pairs])
+        return [self._head.label(row) for row in self._head.raw_batch(x)]
+
 
 class TreeHead:
     """A fitted ``HistGradientBoostingClassifier`` frozen into plain numpy arrays.
@@ -145,6 +151,10 @@ class TreeHead:
         self.n_out = len(self.baseline)
 
     def raw(self, x: np.ndarray) -> np.ndarray:
+        return self.raw_batch(np.asarray(x, dtype=np.float64)[None, :])[0]
+
+    def raw_walk(self, x: np.ndarray) -> np.ndarray:
+        """The plain walk (every tree, every level): the reference `raw_batch` is checked against."""
         x = np.asarray(x, dtype=np.float64)
         node = np.zeros(len(self.rows), dtype=np.int64)
         for _ in range(self.depth):
@@ -155,6 +165,42 @@ class TreeHead:
             node = np.where(self.leaf[self.rows, node], node, nxt)
         vals = self.value[self.rows, node]
         return self.baseline + np.bincount(self.kidx, weights=vals, minlength=self.n_out)
+
+    def raw_batch(self, x: np.ndarray) -> np.ndarray:
+        """`raw` for every row of `x` (rows, features) -> (rows, outputs). All rows walk all trees
+        together over flat node arrays, only the (tree, row) pairs not yet at a leaf, and stop when
+        none is left (most trees are far shallower than the deepest)."""
+        if not hasattr(self, "_flat"):
+            self._flatten()
+        feat, thr, left, right, leaf, miss = self._flat
+        x = np.asarray(x, dtype=np.float64)
+        n_rows = x.shape[0]
+        width = self.feat.shape[1]
+        node = np.repeat(self.rows * width, n_rows)  # flat node of each (tree, row) pair
+        row = np.tile(np.arange(n_rows), len(self.rows))
+        active = np.flatnonzero(~leaf[node])
+        while active.size:
+            at = node[active]
+            v = x[row[active], feat[at]]
+            go_left = np.where(np.isnan(v), miss[at], v <= thr[at])
+            nxt = np.where(go_left, left[at], right[at])
+            node[active] = nxt
+            active = active[~leaf[nxt]]
+        out = np.zeros((self.n_out, n_rows))
+        np.add.at(out, (np.repeat(self.kidx, n_rows), row), self.value.ravel()[node])
+        return (out + self.baseline[:, None]).T
+
+    def _flatten(self) -> None:
+        width = self.feat.shape[1]
+        base = (self.rows * width)[:, None]
+        self._flat = (self.feat.ravel(), self.thr.ravel(), (self.left + base).ravel(), (self.right + base).ravel(),
+                      self.leaf.ravel(), self.miss_left.ravel())
+
+    def label(self, raw: np.ndarray) -> int:
+        """The class a row of raw scores predicts."""
+        if raw.shape[0] == 1:  # binary: one logit
+            return int(self.classes[int(raw[0] > 0)])
+        return int(self.classes[int(np.argmax(raw))])
 
     def predict_one(self, x: np.ndarray) -> int:
         raw = self.raw(x)

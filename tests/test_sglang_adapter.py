@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from backends.base import BackendError, GenRequest
-from backends.sglang import RestartRequired, SGLangBackend, check_pd_pair
+from backends.base import BackendError, GenRequest, SamplingParams
+from backends.sglang import RestartRequired, SGLangBackend, check_pd_pair, sampling_params
 from kvbridge.base import HandoffStats, strategy_for
 from kvbridge.sglang import BootstrapRoomStrategy
 from tests.adapter_helpers import Node, Nodes, collect, gen_request, joined, run_handoff, wait_for
@@ -47,8 +47,23 @@ async def test_colocated_generate_exact_output(make_node, incremental):
     assert all(e.finish_reason is None for e in events[:-1])
     body = node.fake.bodies[0]
     assert body["input_ids"] == PROMPT and body["stream"] is True
-    assert body["sampling_params"] == {"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "ignore_eos": False}
+    assert body["sampling_params"] == {"max_new_tokens": 6, "temperature": 0.0, "ignore_eos": False}
     assert len(body["rid"]) == 32 and "bootstrap_room" not in body
+
+
+async def test_sampling_defaults_not_given_are_not_sent(make_node):
+    """Temperature and top_p go out only when the client gave them: SGLang then applies the
+    model's generation_config.json defaults instead of our 1.0."""
+    node = await make_node()
+    bare = GenRequest("r1", list(PROMPT), SamplingParams(max_tokens=4))
+    await collect(node.backend.generate(bare))
+    assert node.fake.bodies[-1]["sampling_params"] == {"max_new_tokens": 4, "ignore_eos": False}
+    given = GenRequest("r2", list(PROMPT), SamplingParams(temperature=0.7, top_p=0.9, max_tokens=4))
+    await collect(node.backend.generate(given))
+    assert node.fake.bodies[-1]["sampling_params"] == {"max_new_tokens": 4, "temperature": 0.7, "top_p": 0.9,
+                                                       "ignore_eos": False}
+    assert sampling_params(SamplingParams(temperature=1.0, top_p=1.0)) == {
+        "max_new_tokens": 16, "temperature": 1.0, "top_p": 1.0, "ignore_eos": False}  # given, so sent
 
 
 async def test_colocated_stop_string_eos_and_seed(make_node):
@@ -174,7 +189,7 @@ async def test_pd_early_close_aborts_both(pd):
     rid = d.fake.bodies[0]["rid"]
     assert {"rid": rid} in d.fake.abort_calls
     await wait_for(lambda: rid in d.fake.aborted)
-    assert not d.fake.live
+    await wait_for(lambda: not d.fake.live)  # the decode frees it at its next step
 
 
 async def test_pd_cancel_before_first_token_aborts_both(pd):

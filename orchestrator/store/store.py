@@ -33,6 +33,7 @@ from sqlalchemy.pool import StaticPool
 
 from orchestrator.store.models import (
     EVENT_COLUMNS,
+    INFLIGHT_STATES,
     INSTANCE_COLUMNS,
     REQUEST_COLUMNS,
     REQUEST_STATES,
@@ -260,13 +261,18 @@ class Store:
         url: str | None = None,
         *,
         batch_max: int = 2000,
+        coalesce_s: float = 0.05,
         busy_timeout_ms: int = 5000,
         retry_max_backoff_s: float = 2.0,
         autostart: bool = True,
         echo: bool = False,
+        replica: str | None = None,
     ) -> None:
         self.url = normalize_url(url or default_url())
+        # Stamped on every instance and request row written through this store (crash recovery).
+        self.replica = replica
         self.batch_max = batch_max
+        self.coalesce_s = coalesce_s
         self.retry_max_backoff_s = retry_max_backoff_s
         self.autostart = autostart
         self.dialect = make_url(self.url).get_backend_name()
@@ -415,6 +421,8 @@ class Store:
             raise ValueError(f"unknown instance fields: {sorted(bad)}")
         row = {k: _clean(v) for k, v in fields.items()}
         row["updated_at"] = time.time()
+        if self.replica is not None:
+            row.setdefault("replica", self.replica)
         self._put(("i", str(id), row))
 
     def save_request(self, id: str, **fields: Any) -> None:
@@ -423,7 +431,10 @@ class Store:
         bad = fields.keys() - _REQUEST_FIELDS
         if bad:
             raise ValueError(f"unknown request fields: {sorted(bad)}")
-        self._put(("r", str(id), {k: _clean(v) for k, v in fields.items()}))
+        row = {k: _clean(v) for k, v in fields.items()}
+        if self.replica is not None:
+            row.setdefault("replica", self.replica)
+        self._put(("r", str(id), row))
 
     def add_event(
         self,
@@ -474,9 +485,12 @@ class Store:
                 self._absorb(self._queue.get(), pending, markers)  # block while idle
                 stop = stop or self._saw_stop
             n = 0
+            # Wait a moment for more: the several saves of one request's life then become one upsert.
+            deadline = time.monotonic() + self.coalesce_s
             while n < self.batch_max:
+                wait = deadline - time.monotonic() if not markers and not self._saw_stop else 0.0
                 try:
-                    item = self._queue.get_nowait()
+                    item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 self._absorb(item, pending, markers)
@@ -619,6 +633,38 @@ class Store:
                 matched = conn.execute(select(func.count()).where(table.c.id == row["id"])).scalar_one()
             if not matched:
                 conn.execute(insert(table).values(row))
+
+    # ----------------------------------------------------------------------- crash recovery
+
+    def recover(self, replica: str | None, error: str) -> dict[str, int]:
+        """After a restart: fail the requests a previous run of ``replica`` left in flight (state
+        ``failed``, ``error`` stated, finished now) and mark its instance rows that are not
+        ``removed`` as ``unknown`` until they are registered again. Synchronous, committed on return.
+
+        Only rows stamped with ``replica`` (or with no replica: written before the column existed)
+        are touched, so replicas sharing one database never fail each other's live requests; this
+        assumes that no two live replicas share a replica id (there is no heartbeat)."""
+        self.flush()
+        now = time.time()
+        r, i = _REQUESTS.c, _INSTANCES.c
+        mine_r = r.replica.is_(None) if replica is None else (r.replica == replica) | r.replica.is_(None)
+        mine_i = i.replica.is_(None) if replica is None else (i.replica == replica) | i.replica.is_(None)
+        with self._db(), self.engine.begin() as conn:
+            failed = conn.execute(
+                update(_REQUESTS)
+                .where(r.state.in_(INFLIGHT_STATES), mine_r)
+                .values(
+                    state="failed", error=func.coalesce(r.error, error),
+                    finish_reason=func.coalesce(r.finish_reason, "error"),
+                    finished_at=func.coalesce(r.finished_at, now),
+                )
+            ).rowcount
+            stale = conn.execute(
+                update(_INSTANCES)
+                .where(i.state.is_(None) | i.state.not_in(("removed", "unknown")), mine_i)
+                .values(state="unknown", updated_at=now)
+            ).rowcount
+        return {"requests_failed": int(failed or 0), "instances_unknown": int(stale or 0)}
 
     # ----------------------------------------------------------------------- reads (synchronous)
 
