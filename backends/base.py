@@ -14,10 +14,16 @@ Role = Literal["prefill", "decode", "colocated"]
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
+# SamplingParams fields that stay None unless the client gave them: the engine's default applies.
+ENGINE_DEFAULT_FIELDS = ("temperature", "top_p")
+
+
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
+    # None: the client did not give it, so the engine applies its own default (newer engines read
+    # the model's generation_config.json; tetri's own engine uses 1.0). Adapters leave it out of requests.
+    temperature: float | None = None
+    top_p: float | None = None
     max_tokens: int = 16
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
@@ -25,7 +31,13 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a wire body; those left to the engine's default are left out, so the
+        receiver applies its own default."""
+        out = asdict(self)
+        for name in ENGINE_DEFAULT_FIELDS:
+            if out[name] is None:
+                del out[name]
+        return out
 
 
 @dataclass

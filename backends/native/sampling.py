@@ -24,12 +24,20 @@ def position_seed(seed: int, position: int) -> int:
     return (x * 0xD6E8FEB86659FD93) & _MASK64
 
 
+# This engine's defaults for what a client left unset (None in SamplingParams): OpenAI's.
+DEFAULT_TEMPERATURE = 1.0
+
+
+def temperature_of(params: SamplingParams) -> float:
+    return DEFAULT_TEMPERATURE if params.temperature is None else params.temperature
+
+
 def is_greedy(params: SamplingParams) -> bool:
-    return params.temperature is None or params.temperature <= GREEDY_EPS
+    return temperature_of(params) <= GREEDY_EPS
 
 
 def _sample_row(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
-    probs = torch.softmax(logits.float().cpu() / float(params.temperature), dim=-1)
+    probs = torch.softmax(logits.float().cpu() / float(temperature_of(params)), dim=-1)
     top_p = params.top_p if params.top_p is not None else 1.0
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
