@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import Receive
 
 from backends.base import BackendError, SamplingParams, TokenEvent
 from orchestrator import metrics
@@ -20,6 +22,7 @@ from orchestrator.placement import Overloaded
 from orchestrator.serving import Job
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ChatMessage(BaseModel):
@@ -111,10 +114,10 @@ def build_router(app_state: Any) -> APIRouter:
         except Exception as exc:  # noqa: BLE001 - template errors are the caller's input
             raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
         job = Job(body.model, prompt_ids, sampling_of(body, len(prompt_ids)), prompt_text)
-        return await respond(job, body, chat=True)
+        return await respond(job, body, request, chat=True)
 
     @router.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         builder = app_state.prompt_builder(body.model)
         if isinstance(body.prompt, str):
@@ -127,29 +130,26 @@ def build_router(app_state: Any) -> APIRouter:
                 raise APIError(400, f"prompt token ids must be non-empty and within [0, {vocab})", param="prompt")
             prompt_ids, prompt_text = list(body.prompt), builder.tokenizer.decode(body.prompt)
         job = Job(body.model, prompt_ids, sampling_of(body, len(prompt_ids)), prompt_text)
-        return await respond(job, body, chat=False)
+        return await respond(job, body, request, chat=False)
 
-    async def respond(job: Job, body: SamplingFields, chat: bool):
+    async def respond(job: Job, body: SamplingFields, request: Request, chat: bool):
         events = app_state.server.run(job)
-        # Wait for the first event before answering, so that "no capacity" is a real 503
-        # and a request that cannot run is a 4xx, not a broken stream.
-        try:
-            first = await events.__anext__()
-        except StopAsyncIteration:
-            first = TokenEvent([], "", finish_reason="stop")
-        except (Overloaded, BackendError) as exc:
-            raise _refusal(exc) from exc
         if body.stream:
+            # Wait for the first event before answering, so that "no capacity" is a real 503 and a
+            # request that cannot run is a 4xx, not a broken stream. Once streaming, Starlette's
+            # StreamingResponse notices a client that leaves.
+            first = await _unless_client_leaves(request, _first(events))
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(job, first, events, chat, include_usage), media_type="text/event-stream")
-        return await collect(job, first, events, chat)
+        return await _unless_client_leaves(request, collect(job, events, chat))
 
     def usage(job: Job) -> dict[str, int]:
         prompt = len(job.prompt_ids)
         return {"prompt_tokens": prompt, "completion_tokens": job.completion_tokens,
                 "total_tokens": prompt + job.completion_tokens}
 
-    async def collect(job: Job, first: TokenEvent, events: AsyncIterator[TokenEvent], chat: bool) -> dict[str, Any]:
+    async def collect(job: Job, events: AsyncIterator[TokenEvent], chat: bool) -> dict[str, Any]:
+        first = await _first(events)
         texts = [first.text]
         error = first.error
         try:
@@ -223,6 +223,40 @@ def build_router(app_state: Any) -> APIRouter:
         yield "data: [DONE]\n\n"
 
     return router
+
+
+async def _first(events: AsyncIterator[TokenEvent]) -> TokenEvent:
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        return TokenEvent([], "", finish_reason="stop")
+    except (Overloaded, BackendError) as exc:
+        raise _refusal(exc) from exc
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """`await work`, cancelled if the client disconnects first. Cancelling the iteration of
+    server.run() closes it, which aborts the request on every instance that holds it (as a streamed
+    request's does). One waiter task on the ASGI receive channel, no polling."""
+    scope = asyncio.timeout(None)
+    try:
+        async with scope:
+            waiter = asyncio.create_task(_expire_on_disconnect(request.receive, scope))
+            try:
+                return await work
+            finally:
+                waiter.cancel()
+    except TimeoutError:
+        if scope.expired():
+            raise APIError(499, "the client closed the request", code="client_closed_request") from None
+        raise
+
+
+async def _expire_on_disconnect(receive: Receive, scope: asyncio.Timeout) -> None:
+    # The body is read already: what comes next is http.disconnect, when the client goes.
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.reschedule(asyncio.get_running_loop().time())
 
 
 def _refusal(exc: Overloaded | BackendError) -> APIError:

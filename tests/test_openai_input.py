@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -186,6 +187,36 @@ def test_stream_chunks_are_the_documented_json(api, engine):
     events = [json.loads(x) for x in lines[:-1]]
     assert [e["choices"][0]["text"] for e in events] == [" t0", " t1", " t2"] and "usage" not in events[0]
     assert events[0]["choices"][0] == {"index": 0, "text": " t0", "finish_reason": None, "logprobs": None}
+
+
+# ---- item 5: a client that leaves ------------------------------------------------------------------
+def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("tokens_first", [1, 0])
+def test_client_that_leaves_aborts_the_request_upstream(api, engine, stream, tokens_first):
+    """The client gives up (a read timeout closes its connection) while its request runs, after
+    `tokens_first` tokens: the engine's stream is closed (its abort) at once, not at the end."""
+    url, state, _ = api
+
+    async def slow(e: Scripted, request: Any) -> AsyncIterator[TokenEvent]:
+        for i in range(tokens_first):
+            yield TokenEvent([i], f" t{i}")
+        await asyncio.sleep(60)
+        yield TokenEvent([9], " late", finish_reason="length")
+
+    engine.script = slow
+    with pytest.raises(httpx.ReadTimeout):
+        with httpx.stream("POST", f"{url}/v1/completions", json=completion(stream=stream), timeout=1.0) as resp:
+            for _ in resp.iter_lines():
+                pass
+    wait_until(lambda: engine.closed == 1)
+    wait_until(lambda: state.server.active == 0)
 
 
 # ---- item 9: a tiny top_p keeps the most likely token ----------------------------------------------
