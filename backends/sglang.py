@@ -23,7 +23,6 @@ import logging
 import random
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -249,12 +248,14 @@ def sampling_params(sp: SamplingParams, seed_field: str | None = "sampling_seed"
 
 
 def new_rid() -> str:
-    """Fixed-length unique rid: SGLang aborts by rid prefix, so no rid may prefix another."""
-    return uuid.uuid4().hex
+    """Fixed-length unique rid: SGLang aborts by rid prefix, so no rid may prefix another. 128
+    random bits, not a cryptographic secret (uuid4's urandom call costs more than the rest)."""
+    return f"{random.getrandbits(128):032x}"
 
 
 def new_room() -> int:
-    return random.SystemRandom().randint(0, MAX_ROOM)
+    """A bootstrap room: 63 random bits, as SGLang's routers draw them."""
+    return random.getrandbits(63)
 
 
 def check_pd_pair(prefill_info: dict[str, Any], decode_info: dict[str, Any]) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -37,7 +37,7 @@ class Job:
     prompt_ids: list[int]
     sampling: SamplingParams
     prompt_text: str = ""
-    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    id: str = field(default_factory=lambda: f"cmpl-{random.getrandbits(128):032x}")
     arrival: float = field(default_factory=time.time)
     # Observed by the API layer for usage and by the store for the record.
     completion_tokens: int = 0
@@ -98,6 +98,7 @@ class Server:
         self.placement = placement
         self.store = store
         self.predictions = PredictionBatcher(predictor)
+        self._served = 0
         self.on_finished = on_finished
         self.active = 0
 
@@ -109,7 +110,7 @@ class Server:
             raise Overloaded(f"{self.active} requests in flight; try again shortly", retry_after=1.0)
         self.active += 1
         self._save(job, state="queued", arrival=job.arrival, model=job.model, prompt_tokens=len(job.prompt_ids))
-        prediction = asyncio.create_task(self._predict(job))
+        prediction = self._start_prediction(job)
         state = "failed"
         error: str | None = None
         try:
@@ -403,6 +404,31 @@ class Server:
     @predictor.setter
     def predictor(self, predictor: Predictor | None) -> None:
         self.predictions = PredictionBatcher(predictor)
+
+    def _start_prediction(self, job: Job) -> asyncio.Future[int | None]:
+        """Predict the output length beside the queue wait when a decision may turn on it; otherwise
+        only every `predictor_sample_every`-th request, for the live accuracy figures."""
+        self._served += 1
+        if self._prediction_matters(job) or self._served % max(1, self.settings.predictor_sample_every) == 0:
+            return asyncio.ensure_future(self._predict(job))
+        skipped: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        skipped.set_result(None)
+        return skipped
+
+    def _prediction_matters(self, job: Job) -> bool:
+        """Whether a placement decision can turn on the request's predicted length: the HPHD rule
+        (a heavy prompt), a choice among several decode instances (the dispatcher's classes, and
+        the loads it reads later), or one decode instance whose free KV could not hold the request
+        at its longest (admission). One decode instance with room, or none, decides the same
+        whatever the prediction says."""
+        settings = self.settings
+        if settings.colocate_heavy_heavy and len(job.prompt_ids) > settings.heavy_prefill_threshold:
+            return True
+        decodes = self.cluster.usable("decode", job.model)
+        if len(decodes) != 1:
+            return len(decodes) > 1
+        view = decodes[0].view()
+        return view.free_kv_tokens - view.reserved_kv_tokens < len(job.prompt_ids) + job.sampling.max_tokens
 
     async def _predict(self, job: Job) -> int | None:
         meta = {"output_len": job.sampling.max_tokens} if job.sampling.ignore_eos else {}

@@ -277,7 +277,7 @@ def test_kv_push_over_http_when_the_decode_worker_has_no_socket_channel(tiny_pd_
 
 
 def test_learned_prediction_is_recorded_next_to_the_true_length(tiny_pd_fleet, orchestrator_for):
-    url, state = orchestrator_for(pd_specs(tiny_pd_fleet), predictor="learned")
+    url, state = orchestrator_for(pd_specs(tiny_pd_fleet), predictor="learned", predictor_sample_every=1)
     body = {"model": TINY, "messages": [{"role": "user", "content": "Write a very long story about dragons."}],
             "max_tokens": 20, "temperature": 0, "ignore_eos": True}
     data = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
