@@ -51,8 +51,27 @@ class Settings(BaseSettings):
     # max_tokens when a request gives none (capped by the context left after the prompt).
     default_max_tokens: int = 256
     request_timeout_s: float = 600.0
+    # Connections to one instance for requests and their streams (a full pool is "busy": the request
+    # waits up to backend_acquire_timeout_s, then 503 with Retry-After; never a health verdict).
+    backend_max_connections: int = Field(default=256, ge=1)
+    backend_acquire_timeout_s: float = Field(default=10.0, gt=0.0)
+    # Request bodies past this many bytes get 413 before they are read whole.
+    max_request_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     instances: list[InstanceSpec] = Field(default_factory=list)
     ab_split: dict[str, float] = Field(default_factory=dict)
+    # How long POST /admin/instances waits for a new instance to answer its first load poll.
+    register_timeout_s: float = Field(default=5.0, gt=0.0)
+    # Served model name -> the tokenizer the orchestrator uses for it: a local tokenizer directory,
+    # a .gguf file, the built-in default model's name (its cached tokenizer) or a Hugging Face id
+    # (its local cache first). Key "*": every model without its own entry. Operator-only (YAML/env):
+    # a model name given over the admin API is never used as a path.
+    tokenizers: dict[str, str] = Field(default_factory=dict)
+    # Upper bound on loading one tokenizer (at start or registration), off the event loop.
+    tokenizer_load_timeout_s: float = Field(default=60.0, gt=0.0)
+    # This orchestrator's name in the shared database: on start it fails the requests left in flight
+    # by a previous run of the same replica id and marks its stale instance rows "unknown". Replicas
+    # sharing one database need distinct ids.
+    replica_id: str = Field(default="default", min_length=1, max_length=64)
 
     # --- engine ---
     chunk_size: int | Literal["auto"] = "auto"
@@ -79,6 +98,9 @@ class Settings(BaseSettings):
     heavy_prefill_threshold: int = 512
     predictor: Literal["learned", "oracle", "constant"] = "learned"
     predictor_granularity: int = 200
+    # When no placement decision can turn on a request's predicted length (one decode instance with
+    # room, or none), predict only every Nth request: enough for the live accuracy figures. 1 = all.
+    predictor_sample_every: int = Field(default=8, ge=1)
     # In a mixed deployment (co-located and P/D pools), heavy-prefill requests predicted to be
     # heavy-decode run co-located: the paper's weak spot, where disaggregation does not pay.
     colocate_heavy_heavy: bool = True
