@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.types import Receive
 
 from backends.base import BackendError, SamplingParams, TokenEvent
@@ -25,10 +25,29 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def _utf8(value: Any) -> Any:
+    """`value`, if every string in it is encodable as UTF-8. JSON can carry a lone surrogate
+    ("\\ud800") that no tokenizer takes: it is the client's error (400), not the server's."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"text is not valid Unicode ({exc.reason} at character {exc.start})") from None
+    elif isinstance(value, list):
+        for item in value:
+            _utf8(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _utf8(item)
+    return value
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+
+    _content_utf8 = field_validator("content")(_utf8)
 
 
 class StreamOptions(BaseModel):
@@ -51,6 +70,8 @@ class SamplingFields(BaseModel):
     # Extension (as vLLM and SGLang): ignore EOS up to max_tokens, so benchmarks do fixed work.
     ignore_eos: bool = False
 
+    _text_utf8 = field_validator("model", "stop")(_utf8)
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -58,6 +79,8 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int]
+
+    _prompt_utf8 = field_validator("prompt")(_utf8)
 
 
 def _text_content(message: ChatMessage) -> str:

@@ -219,6 +219,38 @@ def test_client_that_leaves_aborts_the_request_upstream(api, engine, stream, tok
     wait_until(lambda: state.server.active == 0)
 
 
+# ---- item 8: text that is not valid Unicode ----------------------------------------------------------
+def post_raw(url: str, path: str, body: str) -> httpx.Response:
+    """`body` as it is: JSON escapes such as \\ud800 reach the server unchanged (httpx's json= cannot
+    encode a lone surrogate)."""
+    return httpx.post(f"{url}{path}", content=body.encode(), headers={"content-type": "application/json"}, timeout=30)
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", f'{{"model": "{TINY}", "prompt": "a\\ud800b"}}', "prompt"),
+    ("/v1/completions", f'{{"model": "{TINY}", "prompt": "hi", "stop": ["\\udfff"]}}', "stop"),
+    ("/v1/completions", '{"model": "\\ud800", "prompt": "hi"}', "model"),
+    ("/v1/chat/completions", f'{{"model": "{TINY}", "messages": [{{"role": "user", "content": "\\ud800"}}]}}',
+     "messages.0.content"),
+    ("/v1/chat/completions",
+     f'{{"model": "{TINY}", "messages": [{{"role": "user", "content": [{{"type": "text", "text": "\\udbff"}}]}}]}}',
+     "messages.0.content"),
+])
+def test_lone_surrogate_is_a_400(api, engine, path, body, param):
+    url, _, _ = api
+    resp = post_raw(url, path, body)
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == param and "not valid Unicode" in err["message"]
+    assert engine.calls == 0
+
+
+def test_valid_non_ascii_text_still_works(api, engine):
+    url, _, _ = api
+    resp = post_raw(url, "/v1/completions", f'{{"model": "{TINY}", "prompt": "caf\\u00e9 \\ud83d\\ude00"}}')
+    assert resp.status_code == 200, resp.text
+
+
 # ---- item 9: a tiny top_p keeps the most likely token ----------------------------------------------
 @pytest.mark.parametrize("top_p", [5e-324, 1e-300, 1e-45])
 def test_tiny_top_p_samples_the_most_likely_token(top_p: float):
