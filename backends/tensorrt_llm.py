@@ -15,6 +15,12 @@ Disaggregated request (kvbridge.tensorrt_llm.DisaggregatedParamsStrategy):
    `disaggregated_params`; the generation server re-emits the first token, which is dropped
    here by token count (usage), text-checked.
 
+KV a context server holds for a generation request that will not come (the answer ended at
+`length`, or the client left before the generation step): v0 has no release call, so the
+generation server pulls it with a one-token generation-only request whose answer is dropped
+(`release_context`); TensorRT-LLM's proxy likewise continues on `length`. Otherwise the context
+server would hold the blocks for `kv_transfer_timeout_ms`.
+
 Token ids: `/v1/completions` streams either text (default) or token ids (`detokenize: false`),
 never both. In the default text mode the adapter knows each chunk's token count from the
 continuous usage stats, so decode events carry the right number of ids, but as -1 placeholders
@@ -34,7 +40,7 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -55,6 +61,7 @@ from backends.sglang import InflightLedger, RestartRequired
 log = logging.getLogger("tetri.backends.tensorrt_llm")
 
 _SHORT = 5.0
+_RELEASE_TIMEOUT = httpx.Timeout(_SHORT, read=120.0)   # a KV pull plus one step
 PLACEHOLDER_ID = -1
 AUTH_HEADER = "x-trtllm-disagg-auth"
 
@@ -106,6 +113,15 @@ class ContextResult:
     prompt_token_ids: list[int]
     usage: dict[str, Any] = field(default_factory=dict)
     finished: bool = False
+    # finished, yet the context server holds the KV for a generation server (finish `length`)
+    kv_pending: bool = False
+
+    def kv_handle(self, request: GenRequest, disagg_request_id: int, **extra: Any) -> KVHandle:
+        """What a generation-only request needs of this context step."""
+        return KVHandle(request.request_id, len(self.prompt_token_ids), self.first.token_ids[0],
+                        extra={"disaggregated_params": self.params, "prompt_token_ids": self.prompt_token_ids,
+                               "first_text": self.first.text, "ctx_usage": self.usage,
+                               "disagg_request_id": disagg_request_id, **extra})
 
 
 def _first_error(chunk: dict[str, Any]) -> str | None:
@@ -126,7 +142,9 @@ class TensorRTLLMBackend(HTTPBackend):
     capacity to report until the first `/metrics` sample arrives), `allow_flip` (default true:
     a worker serves context-only and generation-only requests alike, so a flip is ours alone;
     the worker's YAML must then have `disable_overlap_scheduler: true`), `heavy_decode_threshold`,
-    `max_context` (the workers' max_seq_len, for the orchestrator's length checks), `api_key`, `timeout_s`.
+    `max_context` (the workers' max_seq_len, for the orchestrator's length checks), `api_key`, `timeout_s`,
+    `legacy_recheck_s` (how long a worker that refused `disagg_request_id` is taken for a 1.0-era
+    build before the next context request offers the field again; default 300).
     """
 
     kind = "tensorrt-llm"
@@ -150,6 +168,7 @@ class TensorRTLLMBackend(HTTPBackend):
         drain_timeout_s: float = 300.0,
         timeout_s: float | None = None,
         max_context: int | None = None,
+        legacy_recheck_s: float = 300.0,
         **unknown: Any,
     ) -> None:
         super().__init__(url, instance_id, role, model, timeout=engine_timeout(timeout_s), bearer=api_key)
@@ -169,8 +188,14 @@ class TensorRTLLMBackend(HTTPBackend):
         self._stats_at = 0.0
         self._info: dict[str, Any] | None = None
         self._open: dict[str, set[httpx.Response]] = {}
+        self._context_calls: dict[str, asyncio.Task[bytes]] = {}   # in-flight context requests
         self._aborted: set[str] = set()
-        self._no_disagg_id = False
+        # 1.0-era fallback: when this worker last refused `disagg_request_id` (monotonic), None if
+        # it takes it. Per worker and not for good: an upgraded worker gets the field again.
+        self.legacy_recheck_s = legacy_recheck_s
+        self._legacy_since: float | None = None
+        self._version: str | None = None
+        self._down = False
         self._warmed = False
 
     # ---- registration, load (health, close: HTTPBackend) ---------------------------------------
@@ -202,8 +227,31 @@ class TensorRTLLMBackend(HTTPBackend):
         info.update(block_size=kv.get("tokens_per_block"), total_kv_tokens=kv.get("total") or self.kv_tokens)
         if self.max_context:
             info["max_context"] = self.max_context  # the worker's max_seq_len is not on its HTTP API
+        version = info.get("version")
+        if version is not None and self._version is not None and version != self._version:
+            self._forget_legacy(f"version {self._version} -> {version}")
+        self._version = version or self._version
         self._info = info
         return info
+
+    async def health(self) -> bool:
+        ok = await super().health()
+        if ok and self._down:
+            # back after being down: possibly restarted on a newer build
+            self._forget_legacy("worker came back")
+        self._down = not ok
+        return ok
+
+    # ---- 1.0-era fallback (no disagg_request_id) --------------------------------------------
+    def _offers_disagg_id(self) -> bool:
+        """Whether the next context request carries `disagg_request_id`: yes, unless this worker
+        refused it less than `legacy_recheck_s` ago (then the next request probes again)."""
+        return self._legacy_since is None or time.monotonic() - self._legacy_since >= self.legacy_recheck_s
+
+    def _forget_legacy(self, why: str) -> None:
+        if self._legacy_since is not None:
+            log.info("%s: %s; offering disagg_request_id again", self.instance_id, why)
+            self._legacy_since = None
 
     async def _poll_metrics(self) -> int:
         """`GET /metrics` drains the iteration stats gathered since the last call: `[]` when idle
@@ -295,10 +343,13 @@ class TensorRTLLMBackend(HTTPBackend):
             "model": self.served_model or self.model or "model",
             "prompt": list(prompt if prompt is not None else request.prompt_ids),
             "max_tokens": sp.max_tokens,   # always: GUARANTEED_NO_EVICT admits on prompt + max_tokens
-            "temperature": sp.temperature,
-            "top_p": sp.top_p,
-            "stream": stream,
         }
+        # Only what the client gave: newer builds default to the model's generation_config.json.
+        if sp.temperature is not None:
+            body["temperature"] = sp.temperature
+        if sp.top_p is not None:
+            body["top_p"] = sp.top_p
+        body["stream"] = stream
         if sp.stop:
             body["stop"] = list(sp.stop)
         if sp.seed is not None:
@@ -338,42 +389,73 @@ class TensorRTLLMBackend(HTTPBackend):
 
     async def abort(self, request_id: str) -> None:
         """trtllm-serve has no abort endpoint: closing the connection aborts the request on the
-        worker (it polls for disconnects every second)."""
+        worker (it polls for disconnects every second). A context request in flight has no
+        response to close yet: its call is cancelled, which drops the connection."""
         opened = list(self._open.get(request_id, ()))
-        if opened:
+        call = self._context_calls.get(request_id)
+        if opened or call is not None:
             self._aborted.add(request_id)
+        if call is not None:
+            call.cancel()
         for resp in opened:
             await resp.aclose()
 
     # ---- context step -----------------------------------------------------------------------
+    async def _context_exchange(self, request_id: str, body: dict[str, Any]) -> bytes:
+        resp = await self._open_stream(request_id, body)
+        try:
+            return await resp.aread()
+        except (httpx.HTTPError, httpx.StreamClosed) as exc:
+            raise BackendError(f"{self.instance_id}: context request broke: {exc!r}", status=503,
+                               retryable=True) from exc
+        finally:
+            await self._close(request_id, resp)
+
+    async def _context_call(self, request_id: str, body: dict[str, Any]) -> bytes:
+        """The context request's answer. It runs as a task of its own that `abort()` can cancel;
+        cancelling the caller cancels it too. Either way the connection is dropped before this
+        returns, which is how trtllm-serve aborts a request (its KV is never kept)."""
+        call = asyncio.ensure_future(self._context_exchange(request_id, body))
+        self._context_calls[request_id] = call
+        try:
+            return await call
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if call.cancelled() and request_id in self._aborted and not (task and task.cancelling()):
+                self._aborted.discard(request_id)
+                raise BackendError(f"{self.instance_id}: context request aborted", status=499) from None
+            raise
+        finally:
+            if not call.done():
+                call.cancel()
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(call)
+            if self._context_calls.get(request_id) is call:
+                del self._context_calls[request_id]
+
     async def context_step(self, request: GenRequest, disagg_request_id: int) -> ContextResult:
         params: dict[str, Any] = {"request_type": "context_only"}
-        if not self._no_disagg_id:
+        offered = self._offers_disagg_id()
+        if offered:
             params["disagg_request_id"] = disagg_request_id
         body = self.completion_body(request, stream=False, disaggregated_params=params)
         self.ledger.start(request)
         self.ledger.progress(request.request_id, 0, "prefill")
         try:
             try:
-                resp = await self._open_stream(request.request_id, body)
+                raw = await self._context_call(request.request_id, body)
+                if offered:
+                    self._forget_legacy("worker took disagg_request_id")
             except BackendError as exc:
-                if exc.status != 400 or "disagg_request_id" not in str(exc) or self._no_disagg_id:
+                if exc.status != 400 or "disagg_request_id" not in str(exc) or not offered:
                     raise
-                # 1.0-era build: no disagg_request_id field; the worker keys the handoff by its own id
-                log.warning("%s: worker predates disagg_request_id; falling back to ctx_request_id", self.instance_id)
-                self._no_disagg_id = True
+                # 1.0-era build: no disagg_request_id field; the worker keys the handoff by its own
+                # id. Taken as such for legacy_recheck_s, then the field is offered again.
+                log.warning("%s: worker refused disagg_request_id (1.0-era build?); using ctx_request_id for "
+                            "%.0fs", self.instance_id, self.legacy_recheck_s)
+                self._legacy_since = time.monotonic()
                 del params["disagg_request_id"]
-                resp = await self._open_stream(request.request_id, body)
-            try:
-                raw = await resp.aread()
-            except (httpx.HTTPError, httpx.StreamClosed) as exc:
-                if request.request_id in self._aborted:
-                    self._aborted.discard(request.request_id)
-                    raise BackendError(f"{self.instance_id}: context request aborted", status=499) from exc
-                raise BackendError(f"{self.instance_id}: context request broke: {exc!r}", status=503,
-                                   retryable=True) from exc
-            finally:
-                await self._close(request.request_id, resp)
+                raw = await self._context_call(request.request_id, body)
         finally:
             self.ledger.finish(request.request_id)
         try:
@@ -389,13 +471,17 @@ class TensorRTLLMBackend(HTTPBackend):
         if prompt_ids and isinstance(prompt_ids[0], list):
             prompt_ids = prompt_ids[0]
         usage = data.get("usage") or {}
+        issued = bool(params and params.get("ctx_request_id") is not None and params.get("first_gen_tokens"))
         if reason == "stop" or (reason == "length" and request.sampling.max_tokens <= 1):
             if not first_ids:
                 first_ids = [PLACEHOLDER_ID] * int(usage.get("completion_tokens") or 1)
-            return ContextResult(TokenEvent(first_ids, text, reason, "prefill"), params, prompt_ids, usage, True)
+            # `length`: the worker keeps the KV for a generation server, as for `not_finished`
+            # (its proxy continues on both); `stop` is final.
+            return ContextResult(TokenEvent(first_ids, text, reason, "prefill"), params, prompt_ids, usage, True,
+                                 kv_pending=reason == "length" and issued)
         if reason not in ("not_finished", "length"):
             raise BackendError(f"{self.instance_id}: context step ended with finish_reason {reason!r}", status=502)
-        if not params or params.get("ctx_request_id") is None or not first_ids:
+        if not issued or not first_ids:
             raise BackendError(f"{self.instance_id}: context response lacks disaggregated_params "
                                f"(is cache_transceiver_config set?)", status=502)
         return ContextResult(TokenEvent(first_ids, text, None, "prefill"), params, prompt_ids, usage, False)
@@ -405,24 +491,49 @@ class TensorRTLLMBackend(HTTPBackend):
         ctx = await self.context_step(request, disagg_id)
         if ctx.finished:
             return PrefillResult(first=ctx.first, kv=None)
-        kv = KVHandle(request.request_id, len(ctx.prompt_token_ids), ctx.first.token_ids[0],
-                      extra={"disaggregated_params": ctx.params, "prompt_token_ids": ctx.prompt_token_ids,
-                             "first_text": ctx.first.text, "ctx_usage": ctx.usage,
-                             "disagg_request_id": disagg_id, "context_instance": self.instance_id})
-        return PrefillResult(first=ctx.first, kv=kv)
+        return PrefillResult(first=ctx.first, kv=ctx.kv_handle(request, disagg_id, context_instance=self.instance_id))
 
     # ---- generation step --------------------------------------------------------------------
-    def decode(self, request: GenRequest, kv: KVHandle) -> AsyncIterator[TokenEvent]:
+    def _generation_body(self, request: GenRequest, kv: KVHandle, *,
+                         stream: bool) -> tuple[dict[str, Any], dict[str, str] | None]:
+        """A generation-only request: the context's `disaggregated_params`, unchanged but for
+        `request_type`, and its prompt ids; the auth header when a key is set."""
         params = dict(kv.extra["disaggregated_params"])
         params["request_type"] = "generation_only"
         headers = None
         if self.auth_key and (params.get("encoded_opaque_state") is not None
                               or params.get("ctx_info_endpoint") is not None):
             headers = {AUTH_HEADER: disagg_auth_header(self.auth_key, params)}
-        body = self.completion_body(request, stream=True, prompt=kv.extra.get("prompt_token_ids"),
+        body = self.completion_body(request, stream=stream, prompt=kv.extra.get("prompt_token_ids"),
                                     disaggregated_params=params)
+        return body, headers
+
+    def decode(self, request: GenRequest, kv: KVHandle) -> AsyncIterator[TokenEvent]:
+        body, headers = self._generation_body(request, kv, stream=True)
         skip = list(kv.extra["disaggregated_params"].get("first_gen_tokens") or [kv.first_token_id])
         return self._events(request, body, "decode", skip, kv.extra.get("first_text", ""), headers)
+
+    async def release_context(self, request: GenRequest, kv: KVHandle) -> bool:
+        """Free the KV a context server holds for a generation that will not run: v0 has no release
+        call, so this worker pulls it with a one-token generation-only request and drops the
+        answer. Best effort: on failure the context server frees it after kv_transfer_timeout_ms.
+        Returns whether the pull succeeded."""
+        short = GenRequest(f"{request.request_id}/release", list(request.prompt_ids),
+                           replace(request.sampling, max_tokens=1))
+        body, headers = self._generation_body(short, kv, stream=False)
+        self.ledger.start(short)
+        try:
+            resp = await self._client.post("/v1/completions", json=body, headers=headers, timeout=_RELEASE_TIMEOUT)
+        except httpx.HTTPError as exc:
+            log.info("%s: releasing %s's context KV failed: %r", self.instance_id, request.request_id, exc)
+            return False
+        finally:
+            self.ledger.finish(short.request_id)
+        if resp.status_code >= 400:
+            log.info("%s: releasing %s's context KV failed: HTTP %d %.200s", self.instance_id,
+                     request.request_id, resp.status_code, resp.text)
+            return False
+        return True
 
     def generate(self, request: GenRequest) -> AsyncIterator[TokenEvent]:
         return self._events(request, self.completion_body(request, stream=True), "generate")

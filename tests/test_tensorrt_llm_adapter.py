@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from backends.base import BackendError, GenRequest
+from backends.base import BackendError, GenRequest, SamplingParams
 from backends.sglang import RestartRequired
 from backends.tensorrt_llm import PLACEHOLDER_ID, TensorRTLLMBackend, new_disagg_request_id
 from kvbridge.base import HandoffStats, strategy_for
@@ -69,7 +69,7 @@ async def test_colocated_generate_text_mode(make_node):
     assert text == exp.text and len(ids) == len(exp.tokens) and set(ids) == {PLACEHOLDER_ID}
     assert events[-1].finish_reason == "length"
     body = node.fake.bodies[0]
-    assert body == {"model": "toy-model", "prompt": PROMPT, "max_tokens": 6, "temperature": 0.0, "top_p": 1.0,
+    assert body == {"model": "toy-model", "prompt": PROMPT, "max_tokens": 6, "temperature": 0.0,
                     "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
 
 
@@ -83,6 +83,20 @@ async def test_colocated_generate_token_mode_stop_and_seed(make_node):
     assert events[-1].finish_reason == "stop"
     body = node.fake.bodies[0]
     assert body["detokenize"] is False and body["stop"] == [stop] and body["seed"] == 3 and body["ignore_eos"]
+
+
+async def test_sampling_defaults_not_given_are_not_sent(pd):
+    """Temperature and top_p go out only when the client gave them (newer builds default to the
+    model's generation_config.json), on the context and the generation request alike."""
+    p, d = pd
+    bare = GenRequest("r1", list(PROMPT), SamplingParams(max_tokens=4))
+    await run_pd(p, d, bare)
+    for body in (p.fake.bodies[-1], d.fake.bodies[-1]):
+        assert "temperature" not in body and "top_p" not in body
+    given = GenRequest("r2", list(PROMPT), SamplingParams(temperature=0.7, top_p=0.9, max_tokens=4))
+    await run_pd(p, d, given)
+    for body in (p.fake.bodies[-1], d.fake.bodies[-1]):
+        assert body["temperature"] == 0.7 and body["top_p"] == 0.9
 
 
 async def test_colocated_schema_error_raises(make_node):
@@ -112,7 +126,7 @@ async def test_pd_exact_output_and_wire(pd, first_chunk_tokens):
     assert all(e.phase == "decode" for e in events[1:]) and events[-1].finish_reason == "length"
     (ctx_body,), (gen_body,) = p.fake.bodies, d.fake.bodies
     disagg_id = stats.extra["disagg_request_id"]
-    assert ctx_body == {"model": "toy-model", "prompt": PROMPT, "max_tokens": 8, "temperature": 0.0, "top_p": 1.0,
+    assert ctx_body == {"model": "toy-model", "prompt": PROMPT, "max_tokens": 8, "temperature": 0.0,
                         "stream": False,
                         "disaggregated_params": {"request_type": "context_only", "disagg_request_id": disagg_id}}
     assert 1 << 40 <= disagg_id < 1 << 63
@@ -173,10 +187,19 @@ async def test_pd_context_stop_string_on_first_token(pd):
     assert len(events) == 1 and events[0].finish_reason == "stop" and not d.fake.bodies
 
 
-async def test_pd_max_tokens_one(pd):
+async def test_pd_max_tokens_one_answers_at_once_and_frees_the_context_kv(pd):
+    """`length` at max_tokens 1 is the whole answer, but the context server keeps the KV for a
+    generation server (TensorRT-LLM's proxy continues on `length`): it is pulled right away."""
     p, d = pd
-    events, _ = await run_pd(p, d, req(1))
-    assert len(events) == 1 and events[0].finish_reason == "length" and not d.fake.bodies
+    events, stats = await run_pd(p, d, req(1))
+    assert len(events) == 1 and events[0].finish_reason == "length"
+    disagg_id = stats.extra["disagg_request_id"]
+    await wait_for(lambda: p.fake.pulled == [disagg_id])
+    assert not p.fake.pending and not p.fake.expired   # freed by the pull, not after kv_transfer_timeout_ms
+    (gen_body,) = d.fake.bodies
+    assert gen_body["disaggregated_params"]["request_type"] == "generation_only"
+    assert gen_body["max_tokens"] == 1 and gen_body["stream"] is False
+    await wait_for(lambda: not len(d.backend.ledger))
 
 
 async def test_pd_stop_string_in_generation(pd):
@@ -222,6 +245,53 @@ async def test_pd_cancel_during_context_step(pd):
     assert not d.fake.bodies
 
 
+async def test_pd_caller_gone_at_first_token_frees_the_context_kv(pd):
+    """The caller leaves at the first token, before the generation request: the context's KV is
+    pulled by the generation server at once instead of waiting for kv_transfer_timeout_ms."""
+    p, d = pd
+    stats = HandoffStats()
+    agen = DisaggregatedParamsStrategy().run(req(30), p.backend, d.backend, stats)
+    first = await agen.__anext__()
+    assert first.phase == "prefill" and p.fake.pending
+    await agen.aclose()
+    await wait_for(lambda: p.fake.pulled == [stats.extra["disagg_request_id"]])
+    assert not p.fake.pending and not p.fake.expired and stats.extra["kv_released"]
+    assert [b["max_tokens"] for b in d.fake.bodies] == [1]
+
+
+async def test_pd_caller_gone_during_the_kv_pull_lets_the_pull_finish(pd):
+    """The caller leaves while the generation server pulls the KV: the pull is let finish (an
+    abort then could leave the context holding the KV), and the stream is closed after it."""
+    p, d = pd
+    d.config.transfer_delay_s = 0.5
+    d.config.token_delay_s = 0.05
+    stats = HandoffStats()
+    task = asyncio.create_task(collect(DisaggregatedParamsStrategy().run(req(30), p.backend, d.backend, stats)))
+    await wait_for(lambda: d.fake.bodies)        # the generation request is out, its pull under way
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_for(lambda: p.fake.pulled == [stats.extra["disagg_request_id"]])
+    assert not p.fake.pending and not p.fake.expired
+    await wait_for(lambda: d.fake.aborted)       # then the generation was aborted
+    assert not d.fake.finished and not d.fake.running
+
+
+async def test_abort_during_context_step_drops_the_context_request(pd):
+    """abort(request_id) reaches a context request still computing (no response yet to close)."""
+    p, d = pd
+    p.config.context_delay_s = 2.0
+    task = asyncio.create_task(collect(DisaggregatedParamsStrategy().run(req(5), p.backend, d.backend,
+                                                                         HandoffStats())))
+    await wait_for(lambda: p.fake.running)
+    await p.backend.abort("r1")
+    with pytest.raises(BackendError) as err:
+        await asyncio.wait_for(task, 1.5)
+    assert err.value.status == 499
+    await wait_for(lambda: len(p.fake.aborted) == 1)
+    assert not p.fake.pending and not d.fake.bodies and not len(p.backend.ledger)
+
+
 async def test_abort_by_request_id_closes_stream(make_node):
     node = await make_node(token_delay_s=0.05)
     agen = node.backend.generate(req(100, rid="client-1"))
@@ -247,12 +317,41 @@ async def test_pd_generation_disconnect_mid_stream(pd):
     assert events[-1].error and "stream broke" in events[-1].error
 
 
-async def test_pd_kv_transfer_failure_in_stream(pd):
+async def _first_then_failure(p, d, strategy: DisaggregatedParamsStrategy) -> tuple[list, BackendError]:
+    events = []
+    with pytest.raises(BackendError) as err:
+        async for event in strategy.run(req(10), p.backend, d.backend, HandoffStats()):
+            events.append(event)
+    return events, err.value
+
+
+@pytest.mark.parametrize("fault", ["transfer", 400, 500, 503])
+async def test_pd_generation_failure_before_its_first_token_is_retryable(pd, fault):
+    """A generation server failing before its first token (a failed KV transfer in the stream, an
+    HTTP 400 handler error, a 5xx) raises a retryable error naming it, so the control plane runs
+    the request again on another generation instance (migrating from the first token, sent
+    early)."""
     p, d = pd
+    if fault == "transfer":
+        d.config.transfer_fail = True
+    else:
+        d.config.generation_error_status = fault
+    events, exc = await _first_then_failure(p, d, DisaggregatedParamsStrategy())
+    assert [e.phase for e in events] == ["prefill"] and events[0].finish_reason is None
+    assert exc.retryable and exc.instance_id == d.backend.instance_id
+    assert ("KV cache transfer failed" if fault == "transfer" else f"HTTP {fault}") in str(exc)
+
+
+async def test_pd_first_token_held_for_the_generation_step(pd):
+    """Without early_first_token the first token waits for the generation's first output: a
+    generation failure then comes before any token (the control plane re-places the request)."""
+    p, d = pd
+    strategy = DisaggregatedParamsStrategy(early_first_token=False)
+    events, stats = await run_handoff(strategy, p, d, req(8))
+    assert joined(events)[1] == toy_model.expected(PROMPT, 8).text and events[0].phase == "prefill"
     d.config.transfer_fail = True
-    events, _ = await run_pd(p, d, req(10))
-    assert events[0].phase == "prefill"
-    assert events[-1].finish_reason == "error" and "KV cache transfer failed" in events[-1].error
+    events, exc = await _first_then_failure(p, d, strategy)
+    assert events == [] and exc.retryable and exc.instance_id == d.backend.instance_id
 
 
 async def test_pd_context_kv_expires_between_phases(pd):
@@ -290,8 +389,9 @@ async def test_pd_auth_header(make_node):
     assert events[-1].finish_reason == "length"
     assert d.fake.headers[0]["x-trtllm-disagg-auth"].startswith("sha256=")
     d2 = await make_node("decode", auth_key="s3cret")  # adapter without the key
-    events, _ = await run_pd(p, d2, req(4))   # the first token is out: the failure is the last event
-    assert events[-1].finish_reason == "error" and "authentication" in events[-1].error
+    events, exc = await _first_then_failure(p, d2, DisaggregatedParamsStrategy())
+    assert len(events) == 1 and exc.status == 400 and "authentication" in str(exc)
+    assert exc.retryable and exc.instance_id == d2.backend.instance_id
 
 
 async def test_pd_legacy_build_without_disagg_request_id(make_node):
@@ -300,6 +400,45 @@ async def test_pd_legacy_build_without_disagg_request_id(make_node):
     events, _ = await run_pd(p, d, req(6))
     assert joined(events)[1] == toy_model.expected(PROMPT, 6).text
     assert "disagg_request_id" not in p.fake.bodies[-1]["disaggregated_params"]
+
+
+def _upgrade(*nodes: Node) -> None:
+    for node in nodes:
+        node.config.newest_fields, node.config.version = True, "1.3.0rc5"
+
+
+async def test_pd_legacy_fallback_is_probed_again_after_a_while(make_node):
+    """The 1.0-era fallback is per worker and not for good: after legacy_recheck_s the next
+    context request offers disagg_request_id again, so an upgraded worker gets it."""
+    p = await make_node("prefill", newest_fields=False, version="1.0.0")
+    d = await make_node("decode", newest_fields=False, version="1.0.0")
+    await run_pd(p, d, req(3))
+    assert ["disagg_request_id" in b["disaggregated_params"] for b in p.fake.bodies] == [True, False]
+    await run_pd(p, d, req(3))                  # within legacy_recheck_s: straight to the fallback
+    assert "disagg_request_id" not in p.fake.bodies[-1]["disaggregated_params"] and len(p.fake.bodies) == 3
+    _upgrade(p, d)
+    p.backend.legacy_recheck_s = 0.0
+    events, stats = await run_pd(p, d, req(3))
+    assert len(p.fake.bodies) == 4 and events[-1].finish_reason == "length"
+    assert p.fake.bodies[-1]["disaggregated_params"]["disagg_request_id"] == stats.extra["disagg_request_id"]
+    p.backend.legacy_recheck_s = 300.0
+    await run_pd(p, d, req(3))                  # accepted: it stays on the field
+    assert "disagg_request_id" in p.fake.bodies[-1]["disaggregated_params"] and len(p.fake.bodies) == 5
+
+
+async def test_pd_legacy_fallback_forgotten_when_the_worker_comes_back(make_node):
+    """A worker that was down and is back (perhaps restarted on a newer build) is offered
+    disagg_request_id again at once."""
+    p = await make_node("prefill", newest_fields=False)
+    d = await make_node("decode", newest_fields=False)
+    await run_pd(p, d, req(3))
+    _upgrade(p, d)
+    p.config.health_status = 503
+    assert not await p.backend.health()
+    p.config.health_status = 200
+    assert await p.backend.health()
+    _, stats = await run_pd(p, d, req(3))
+    assert p.fake.bodies[-1]["disaggregated_params"]["disagg_request_id"] == stats.extra["disagg_request_id"]
 
 
 # ---- load, info, role ---------------------------------------------------------------------------

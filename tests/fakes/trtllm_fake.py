@@ -9,7 +9,8 @@ generation-only requests that pull the KV from the context worker named in
 `encoded_opaque_state` (over HTTP, `/_fake_transceiver/pull`) and re-emit the first token as their
 own first output, SSE chunks with every key present (`model_dump`), continuous and final usage
 chunks, `[DONE]`; handler errors as 400 `{"object": "error", ...}`, in-stream
-`data: {"error": ...}`; aborts on client disconnect; context KV held until pulled or until
+`data: {"error": ...}`; aborts on client disconnect; context KV (after `not_finished`, and after
+`length`, on which TensorRT-LLM's proxy continues too) held until pulled or until
 `kv_transfer_timeout_ms`; `GET /metrics` iteration stats drained on read (`[]` when idle or
 without `enable_iter_perf_stats`); `/health`, `/v1/models`, `/version`, `/server_info`.
 
@@ -152,6 +153,12 @@ class TRTFakeConfig:
     stream_error_after: int | None = None   # emit data: {"error": ...} after this many tokens
     disconnect_after: int | None = None     # drop the connection after this many tokens
     transfer_fail: bool = False             # generation: the KV pull fails
+    # generation: time before the KV pull completes; a client gone by then aborts the request and
+    # the context keeps the KV (until kv_transfer_timeout_ms)
+    transfer_delay_s: float = 0.0
+    # generation-only requests answered with this HTTP status before anything runs: 400 is the
+    # worker's handler error shape; a 5xx is what a dying server or a proxy in front of it gives
+    generation_error_status: int | None = None
     health_status: int = 200
 
 
@@ -434,7 +441,7 @@ class TRTFake:
                       "draft_tokens": None, "disagg_request_id": disagg_id, "ctx_dp_rank": 0,
                       "ctx_info_endpoint": None, "schedule_style": None, "ctx_usage": None,
                       "return_prompt_token_ids_b64": False, "resolved_thinking": None}
-        if finish == "not_finished":
+        if finish in ("not_finished", "length"):
             deadline = (time.monotonic() + cfg.kv_transfer_timeout_ms / 1000) if cfg.kv_transfer_timeout_ms else None
             self.pending[ctx_id] = _Pending(prompt, params, self._blocks(len(prompt)), deadline)
         self._record_iteration(completed=1)
@@ -448,6 +455,10 @@ class TRTFake:
 
     async def _generation(self, req: CompletionRequest, prompt: list[int], request: Request) -> Response:
         cfg = self.config
+        if cfg.generation_error_status is not None:
+            return self._error(f"Generation failed: injected HTTP {cfg.generation_error_status}",
+                               status=cfg.generation_error_status,
+                               kind="BadRequestError" if cfg.generation_error_status == 400 else "InternalServerError")
         params = req.disaggregated_params.model_dump()
         if not self.config.newest_fields:
             params = {k: params[k] for k in DisaggregatedParamsV1.model_fields}
@@ -463,6 +474,16 @@ class TRTFake:
             return self._error(f"duplicate request id {rid}")
         error = None
         first: list[int] = []
+        if cfg.transfer_delay_s:
+            self.running[rid] = _Running(rid, prompt, self._blocks(len(prompt)), phase="generation")
+            try:
+                await asyncio.sleep(cfg.transfer_delay_s)
+                gone = await request.is_disconnected()
+            finally:
+                self.running.pop(rid, None)
+            if gone:
+                self.aborted.append(rid)
+                return self._error("request aborted")
         if cfg.transfer_fail:
             error = "Generation failed: KV cache transfer failed (injected)"
         else:
