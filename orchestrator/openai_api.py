@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from starlette.types import Receive
 
 from backends.base import BackendError, SamplingParams, TokenEvent
@@ -42,6 +43,33 @@ def _utf8(value: Any) -> Any:
     return value
 
 
+# OpenAI fields this server does not implement, with the values (besides null) that ask for nothing:
+# those are accepted, anything else is refused (400, code unsupported_parameter), never ignored.
+_NOOPS: dict[str, tuple[Any, ...]] = {
+    "n": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",),
+    "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
+    "response_format": ({"type": "text"},),
+}
+
+
+def _accepted(name: str) -> str:
+    return " or ".join(["null", *(json.dumps(v) for v in _NOOPS[name])])
+
+
+def _unsupported(name: str, **constraints: Any) -> Any:
+    return Field(None, description=f"Not supported: only {_accepted(name)} (a no-op) is accepted.", **constraints)
+
+
+def _unsupported_given(body: BaseModel) -> str | None:
+    """The first unsupported field given with a value that asks for something."""
+    for name, noops in _NOOPS.items():
+        value = getattr(body, name, None)
+        # By type too: 0 == False, and logprobs 0 is a request while false is not.
+        if value is not None and not any(type(value) is type(v) and value == v for v in noops):
+            return name
+    return None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
@@ -51,7 +79,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingFields(BaseModel):
@@ -64,21 +92,33 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
+    n: int | None = _unsupported("n", ge=1)
+    # Strict: "yes" or 1 is a client's mistake, not a request to stream.
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     # Extension (as vLLM and SGLang): ignore EOS up to max_tokens, so benchmarks do fixed work.
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
 
     _text_utf8 = field_validator("model", "stop")(_utf8)
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: StrictBool | None = _unsupported("logprobs")
+    top_logprobs: int | None = _unsupported("top_logprobs", ge=0)
+    tools: list[dict[str, Any]] | None = _unsupported("tools")
+    tool_choice: str | dict[str, Any] | None = _unsupported("tool_choice")
+    functions: list[dict[str, Any]] | None = _unsupported("functions")
+    function_call: str | dict[str, Any] | None = _unsupported("function_call")
+    response_format: dict[str, Any] | None = _unsupported("response_format")
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int]
+    logprobs: StrictBool | int | None = _unsupported("logprobs")
+    echo: StrictBool | None = _unsupported("echo")
+    best_of: int | None = _unsupported("best_of", ge=1)
+    suffix: str | None = _unsupported("suffix")
 
     _prompt_utf8 = field_validator("prompt")(_utf8)
 
@@ -99,6 +139,12 @@ def _text_content(message: ChatMessage) -> str:
 def build_router(app_state: Any) -> APIRouter:
     """`app_state` carries: settings, server, prompt_builder, cluster (see orchestrator.app)."""
     router = APIRouter()
+
+    def check_supported(body: SamplingFields) -> None:
+        name = _unsupported_given(body)
+        if name is not None:
+            raise APIError(400, f"{name} is not supported by this server (only {_accepted(name)} is accepted)",
+                           param=name, code="unsupported_parameter")
 
     def check_model(model: str) -> None:
         served = app_state.served_models()
@@ -129,6 +175,7 @@ def build_router(app_state: Any) -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
+        check_supported(body)
         check_model(body.model)
         messages = [{"role": m.role, "content": _text_content(m)} for m in body.messages]
         builder = app_state.prompt_builder(body.model)
@@ -136,11 +183,14 @@ def build_router(app_state: Any) -> APIRouter:
             prompt_text, prompt_ids = builder.chat(messages)
         except Exception as exc:  # noqa: BLE001 - template errors are the caller's input
             raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
-        job = Job(body.model, prompt_ids, sampling_of(body, len(prompt_ids)), prompt_text)
+        # OpenAI's id prefix for chat completions (Job's default is the text completions' cmpl-).
+        job = Job(body.model, prompt_ids, sampling_of(body, len(prompt_ids)), prompt_text,
+                  id=f"chatcmpl-{random.getrandbits(128):032x}")
         return await respond(job, body, request, chat=True)
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        check_supported(body)
         check_model(body.model)
         builder = app_state.prompt_builder(body.model)
         if isinstance(body.prompt, str):

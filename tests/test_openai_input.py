@@ -251,6 +251,70 @@ def test_valid_non_ascii_text_still_works(api, engine):
     assert resp.status_code == 200, resp.text
 
 
+# ---- item 12: unsupported fields are refused, not ignored; booleans are booleans ---------------------
+@pytest.mark.parametrize("path,field,value", [
+    ("/v1/chat/completions", "logprobs", True),
+    ("/v1/chat/completions", "top_logprobs", 2),
+    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("/v1/chat/completions", "tool_choice", "required"),
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+    ("/v1/chat/completions", "n", 2),
+    ("/v1/completions", "logprobs", 0),  # 0 asks for the chosen tokens' logprobs
+    ("/v1/completions", "logprobs", 3),
+    ("/v1/completions", "echo", True),
+    ("/v1/completions", "best_of", 2),
+    ("/v1/completions", "suffix", "end"),
+    ("/v1/completions", "n", 3),
+])
+def test_unsupported_field_is_a_400_naming_it(api, engine, path, field, value):
+    url, _, _ = api
+    body = (chat if "chat" in path else completion)(**{field: value})
+    resp = httpx.post(f"{url}{path}", json=body, timeout=30)
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == field and err["code"] == "unsupported_parameter" and field in err["message"]
+    assert engine.calls == 0
+
+
+@pytest.mark.parametrize("path,noops", [
+    ("/v1/chat/completions", {"logprobs": False, "top_logprobs": 0, "tools": [], "tool_choice": "none",
+                              "response_format": {"type": "text"}, "n": 1}),
+    ("/v1/chat/completions", {"logprobs": None, "top_logprobs": None, "tools": None, "tool_choice": None,
+                              "response_format": None, "n": None}),
+    ("/v1/completions", {"logprobs": None, "echo": False, "best_of": 1, "suffix": None, "n": 1}),
+    ("/v1/completions", {"logprobs": False, "echo": None, "best_of": None, "suffix": ""}),
+])
+def test_unsupported_fields_with_their_no_op_values_are_accepted(api, engine, path, noops):
+    url, _, _ = api
+    body = (chat if "chat" in path else completion)(**noops)
+    resp = httpx.post(f"{url}{path}", json=body, timeout=30)
+    assert resp.status_code == 200, resp.text
+
+
+@pytest.mark.parametrize("field,value", [
+    ("stream", "yes"), ("stream", 1), ("ignore_eos", "true"), ("ignore_eos", 0),
+    ("stream_options", {"include_usage": "yes"}), ("echo", "false"),
+])
+def test_booleans_must_be_booleans(api, engine, field, value):
+    url, _, _ = api
+    resp = httpx.post(f"{url}/v1/completions", json=completion(**{field: value}), timeout=30)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"].startswith(field)
+    assert engine.calls == 0
+
+
+# ---- item 13: ids -------------------------------------------------------------------------------------
+def test_chat_completion_ids_start_with_chatcmpl(api, engine):
+    url, state, _ = api
+    resp = httpx.post(f"{url}/v1/chat/completions", json=chat(), timeout=30)
+    assert resp.status_code == 200 and resp.json()["id"].startswith("chatcmpl-"), resp.text
+    assert state.request_record(resp.json()["id"]) is not None  # the record is found by the id the client saw
+    lines = stream_lines(url, "/v1/chat/completions", chat(stream=True))
+    assert {json.loads(x)["id"][:9] for x in lines[:-1]} == {"chatcmpl-"}
+    resp = httpx.post(f"{url}/v1/completions", json=completion(), timeout=30)
+    assert resp.json()["id"].startswith("cmpl-"), resp.text
+
+
 # ---- item 9: a tiny top_p keeps the most likely token ----------------------------------------------
 @pytest.mark.parametrize("top_p", [5e-324, 1e-300, 1e-45])
 def test_tiny_top_p_samples_the_most_likely_token(top_p: float):
