@@ -426,17 +426,22 @@ async def test_pd_legacy_fallback_is_probed_again_after_a_while(make_node):
     assert "disagg_request_id" in p.fake.bodies[-1]["disaggregated_params"] and len(p.fake.bodies) == 5
 
 
-async def test_pd_legacy_fallback_forgotten_when_the_worker_comes_back(make_node):
-    """A worker that was down and is back (perhaps restarted on a newer build) is offered
-    disagg_request_id again at once."""
-    p = await make_node("prefill", newest_fields=False)
-    d = await make_node("decode", newest_fields=False)
+@pytest.mark.parametrize("sign", ["came back", "new version"])
+async def test_pd_legacy_fallback_forgotten_when_the_worker_changes(make_node, sign):
+    """A worker that was down and is back (perhaps restarted on a newer build), or reports a new
+    version, is offered disagg_request_id again at once."""
+    p = await make_node("prefill", newest_fields=False, version="1.0.0")
+    d = await make_node("decode", newest_fields=False, version="1.0.0")
+    await p.backend.info()
     await run_pd(p, d, req(3))
     _upgrade(p, d)
-    p.config.health_status = 503
-    assert not await p.backend.health()
-    p.config.health_status = 200
-    assert await p.backend.health()
+    if sign == "came back":
+        p.config.health_status = 503
+        assert not await p.backend.health()
+        p.config.health_status = 200
+        assert await p.backend.health()
+    else:
+        assert (await p.backend.info(refresh=True))["version"] == "1.3.0rc5"
     _, stats = await run_pd(p, d, req(3))
     assert p.fake.bodies[-1]["disaggregated_params"]["disagg_request_id"] == stats.extra["disagg_request_id"]
 
