@@ -138,6 +138,14 @@ class BackendError(Exception):
         self.retryable = retryable
 
 
+class BackendBusy(BackendError):
+    """Every connection to the instance is in use: a sign of load, never of ill health. The
+    request is retried or answered 503 with Retry-After; the instance stays in service."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=503, retryable=True)
+
+
 class Backend(ABC):
     """One engine instance. Implementations: native, sim (same HTTP API), sglang, tensorrt-llm."""
 

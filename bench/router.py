@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 from orchestrator.launcher import free_port
@@ -170,65 +171,67 @@ def _prompt(i: int, length: int) -> list[int]:
     return [rng.randrange(10, 4000) for _ in range(length)]
 
 
-async def _openai(client: httpx.AsyncClient, url: str, i: int, tokens: int, prompt_len: int) -> Sample:
+async def _openai(client: aiohttp.ClientSession, url: str, i: int, tokens: int, prompt_len: int) -> Sample:
     """A streamed /v1/completions through tetri."""
     body = {"model": MODEL, "prompt": _prompt(i, prompt_len), "max_tokens": tokens, "temperature": 0,
             "ignore_eos": True, "stream": True}
-    return await _stream(client, f"{url}/v1/completions", body, openai=True)
+    return await _stream(client, f"{url}/v1/completions", body)
 
 
-async def _generate(client: httpx.AsyncClient, url: str, i: int, tokens: int, prompt_len: int) -> Sample:
+async def _generate(client: aiohttp.ClientSession, url: str, i: int, tokens: int, prompt_len: int) -> Sample:
     """A streamed native /generate through sglang-router."""
     body = {"input_ids": _prompt(i, prompt_len), "stream": True,
             "sampling_params": {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True}}
-    return await _stream(client, f"{url}/generate", body, openai=False)
+    return await _stream(client, f"{url}/generate", body)
 
 
-async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], openai: bool) -> Sample:
+async def _stream(client: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Sample:
+    """Time one streamed request: TTFT at the first data line, the end at the end of the body."""
     start = time.perf_counter()
     ttft = None
     done = False
     try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                await resp.aread()
-                return Sample(None, time.perf_counter() - start, f"HTTP {resp.status_code}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
+        async with client.post(url, data=json.dumps(body), headers=_JSON) as resp:
+            if resp.status != 200:
+                await resp.read()
+                return Sample(None, time.perf_counter() - start, f"HTTP {resp.status}")
+            async for line in resp.content:
+                if not line.startswith(b"data:"):
                     continue
-                if line == "data: [DONE]":
+                if line.startswith(b"data: [DONE]"):
                     done = True
                     continue
                 if ttft is None:
                     ttft = time.perf_counter() - start
-                if '"error"' in line and ("finish_reason" not in line or not openai):
-                    return Sample(ttft, time.perf_counter() - start, line[:200])
-    except httpx.HTTPError as exc:
+                if line.startswith(b'data: {"error"'):
+                    return Sample(ttft, time.perf_counter() - start, line[:200].decode(errors="replace"))
+    except (aiohttp.ClientError, TimeoutError) as exc:
         return Sample(ttft, time.perf_counter() - start, repr(exc))
     return Sample(ttft, time.perf_counter() - start, None if done else "stream ended without [DONE]")
 
 
-async def _floor(client: httpx.AsyncClient, prefill: str, decode: str, i: int, tokens: int, prompt_len: int,
+async def _floor(client: aiohttp.ClientSession, prefill: str, decode: str, i: int, tokens: int, prompt_len: int,
                  bootstrap_port: int) -> Sample:
     """The P/D protocol by hand: one body with a fresh room to both servers at once; the answer is
     the decode's stream, the prefill's is read to its end."""
-    host = "127.0.0.1"
-    body = {"input_ids": _prompt(i, prompt_len), "stream": True, "bootstrap_host": host,
+    body = {"input_ids": _prompt(i, prompt_len), "stream": True, "bootstrap_host": "127.0.0.1",
             "bootstrap_port": bootstrap_port, "bootstrap_room": random.getrandbits(63),
             "sampling_params": {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True}}
 
     async def drain() -> None:
-        async with client.stream("POST", f"{prefill}/generate", json=body) as resp:
-            async for _ in resp.aiter_bytes():
-                pass
+        async with client.post(f"{prefill}/generate", data=json.dumps(body), headers=_JSON) as resp:
+            await resp.read()
 
-    side = asyncio.create_task(drain())
-    sample = await _stream(client, f"{decode}/generate", body, openai=False)
+    side = asyncio.ensure_future(drain())
+    sample = await _stream(client, f"{decode}/generate", body)
     try:
         await side
-    except httpx.HTTPError as exc:
+    except (aiohttp.ClientError, TimeoutError) as exc:
         sample.error = sample.error or repr(exc)
     return sample
+
+
+_JSON = {"content-type": "application/json"}
 
 
 # --------------------------------------------------------------------------- the run
@@ -265,10 +268,12 @@ def _pct(values: list[float], p: float) -> float:
     return values[k]
 
 
-async def _load(call: Callable[[httpx.AsyncClient, int], Any], clients: int, n: int, start_id: int) -> tuple[
+async def _load(call: Callable[[aiohttp.ClientSession, int], Any], clients: int, n: int, start_id: int) -> tuple[
         list[Sample], float]:
-    limits = httpx.Limits(max_connections=clients * 2 + 4, max_keepalive_connections=clients * 2 + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(60.0), limits=limits) as client:
+    """`n` requests from `clients` concurrent clients (aiohttp: the load generator should cost the
+    shared machine as little as it can)."""
+    connector = aiohttp.TCPConnector(limit=clients * 2 + 4)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as client:
         counter = iter(range(start_id, start_id + n))
         samples: list[Sample] = []
 
@@ -314,7 +319,7 @@ def run_router_bench(clients: list[int], requests: int, tokens: int, prompt_len:
         prefill, decode = procs["prefill"], procs["decode"]
         bport = int(prefill.url.rsplit(":", 1)[1])
         fake_ports = {bport, int(decode.url.rsplit(":", 1)[1])}
-        calls: dict[str, Callable[[httpx.AsyncClient, int], Any]] = {
+        calls: dict[str, Callable[[aiohttp.ClientSession, int], Any]] = {
             "floor": lambda c, i: _floor(c, prefill.url, decode.url, i, tokens, prompt_len, bport),
         }
         if "tetri" in procs:

@@ -57,5 +57,5 @@ def strategy_for(backend_kind: str, lease_s: float = 30.0, early_first_token: bo
     if backend_kind == "tensorrt-llm":
         from kvbridge.tensorrt_llm import DisaggregatedParamsStrategy
 
-        return DisaggregatedParamsStrategy(lease_s)
+        return DisaggregatedParamsStrategy(lease_s, early_first_token)
     raise ValueError(f"no KV handoff strategy for backend {backend_kind!r}")

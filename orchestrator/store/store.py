@@ -273,6 +273,7 @@ class Store:
         self.replica = replica
         self.batch_max = batch_max
         self.coalesce_s = coalesce_s
+        self._upserts: dict[tuple[str, tuple[str, ...]], Any] = {}
         self.retry_max_backoff_s = retry_max_backoff_s
         self.autostart = autostart
         self.dialect = make_url(self.url).get_backend_name()
@@ -611,6 +612,15 @@ class Store:
             if self._insert is None:
                 self._upsert_generic(conn, table, group, update_cols)
                 continue
+            conn.execute(self._upsert_statement(table, cols, tuple(update_cols)), group)
+
+    def _upsert_statement(self, table: Table, cols: tuple[str, ...], update_cols: tuple[str, ...]) -> Any:
+        """The dialect's upsert for one column set, built once: a request's few shapes of save repeat
+        for every request, and building the construct costs more than executing it."""
+        key = (table.name, cols)
+        stmt = self._upserts.get(key)
+        if stmt is None:
+            assert self._insert is not None
             stmt = self._insert(table)
             if update_cols:
                 stmt = stmt.on_conflict_do_update(
@@ -618,7 +628,8 @@ class Store:
                 )
             else:
                 stmt = stmt.on_conflict_do_nothing(index_elements=[table.c.id])
-            conn.execute(stmt, group)
+            self._upserts[key] = stmt
+        return stmt
 
     @staticmethod
     def _upsert_generic(conn: Any, table: Table, group: list[dict[str, Any]], update_cols: list[str]) -> None:
