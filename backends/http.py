@@ -163,7 +163,10 @@ class DataStream:
         return BackendError(f"{self.instance_id}: HTTP {self.status}: {await self.message()}", status=self.status,
                             retryable=self.status in (429, 502, 503, 504))
 
-    async def lines(self) -> AsyncIterator[bytes]:
+    async def blocks(self) -> AsyncIterator[list[bytes]]:
+        """The body's complete lines, one list per network read (a burst of tokens is one block,
+        and everything downstream then runs once per block, not once per token); read to the end,
+        then the connection goes back to the pool."""
         pending = b""
         try:
             async for chunk in self.resp.content.iter_any():
@@ -171,14 +174,19 @@ class DataStream:
                     chunk = pending + chunk
                 parts = chunk.split(b"\n")
                 pending = parts.pop()
-                for line in parts:
-                    yield line
+                if parts:
+                    yield parts
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise BackendError(f"{self.instance_id}: stream broke: {exc!r}", status=503, retryable=True) from exc
         if pending:
-            yield pending
+            yield [pending]
         # A body that ended early without its terminator is an error the caller sees by its content.
         self.resp.release()
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        async for block in self.blocks():
+            for line in block:
+                yield line
 
     def close(self) -> None:
         self.resp.close()
@@ -254,17 +262,48 @@ async def sse_events(lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any
     """
     done = False
     async for line in lines:
-        if done or not line.startswith(b"data:"):
+        if done:
             continue
-        payload = line[5:].strip()
-        if payload == b"[DONE]":
+        data = _sse_data(line)
+        if data is _DONE:
             done = True
+        elif data is not None:
+            yield data  # type: ignore[misc]
+
+
+async def sse_batches(blocks: AsyncIterator[list[bytes]]) -> AsyncIterator[list[dict[str, Any]]]:
+    """`sse_events`, one list per block of lines (see `DataStream.blocks`)."""
+    done = False
+    async for block in blocks:
+        if done:
             continue
-        try:
-            data = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            log.warning("unparseable stream line: %.200r", payload)
-            continue
-        if isinstance(data, list):  # a batch answer; we never send batches
-            data = data[0] if data else {}
-        yield data
+        batch = []
+        for line in block:
+            data = _sse_data(line)
+            if data is _DONE:
+                done = True
+                break
+            if data is not None:
+                batch.append(data)
+        if batch:
+            yield batch  # type: ignore[misc]
+
+
+_DONE = object()
+
+
+def _sse_data(line: bytes) -> dict[str, Any] | object | None:
+    """The JSON object of one `data:` line, `_DONE` for `[DONE]`, None for anything else."""
+    if not line.startswith(b"data:"):
+        return None
+    payload = line[5:].strip()
+    if payload == b"[DONE]":
+        return _DONE
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        log.warning("unparseable stream line: %.200r", payload)
+        return None
+    if isinstance(data, list):  # a batch answer; we never send batches
+        data = data[0] if data else {}
+    return data

@@ -42,7 +42,7 @@ from backends.base import (
     SamplingParams,
     TokenEvent,
 )
-from backends.http import DataStream, HTTPBackend, PoolLimits, engine_timeout, error_message, http_error, sse_events
+from backends.http import DataStream, HTTPBackend, PoolLimits, engine_timeout, error_message, http_error, sse_batches
 
 log = logging.getLogger("tetri.backends.sglang")
 
@@ -541,10 +541,17 @@ class SGLangBackend(HTTPBackend):
     async def chunks(self, resp: DataStream) -> AsyncIterator[dict[str, Any]]:
         """The chunks of an opened `/generate` stream, read to the end of the body (the connection
         goes back to the pool); a broken stream raises a retryable BackendError."""
-        try:
-            async with contextlib.aclosing(sse_events(resp.lines())) as chunks:
-                async for chunk in chunks:
+        async with contextlib.aclosing(self.chunk_batches(resp)) as batches:
+            async for batch in batches:
+                for chunk in batch:
                     yield chunk
+
+    async def chunk_batches(self, resp: DataStream) -> AsyncIterator[list[dict[str, Any]]]:
+        """`chunks`, one list per network read."""
+        try:
+            async with contextlib.aclosing(sse_batches(resp.blocks())) as batches:
+                async for batch in batches:
+                    yield batch
         finally:
             resp.close()
 

@@ -139,8 +139,8 @@ class _Pair:
         p_resp, d_resp = await self._send_both(payload)
         started = time.perf_counter()
         reader = asyncio.ensure_future(self._read_prefill(p_resp))
-        d_chunks = self.decode.chunks(d_resp)
-        pending: asyncio.Future[dict[str, Any]] | None = None
+        d_chunks = self.decode.chunk_batches(d_resp)  # a burst of chunks is relayed as one event
+        pending: asyncio.Future[list[dict[str, Any]]] | None = None
         first_sent = finished = False
         sent_ids, sent_text = 0, ""
         d = self.d_state
@@ -170,9 +170,9 @@ class _Pair:
                 try:
                     if pending is not None:
                         fut, pending = pending, None
-                        chunk = await fut
+                        batch = await fut
                     else:
-                        chunk = await anext(d_chunks)
+                        batch = await anext(d_chunks)
                 except StopAsyncIteration:
                     msg = f"decode {self.decode.instance_id}: stream ended without a finish reason"
                     if not first_sent:
@@ -187,7 +187,10 @@ class _Pair:
                     # a broken decode stream: the request can continue elsewhere (migration)
                     yield TokenEvent([], "", "error", "decode", str(exc), retryable=True)
                     return
-                d.feed(chunk)
+                for chunk in batch:
+                    d.feed(chunk)
+                    if d.finish is not None:
+                        break  # nothing after a finish belongs to the request
                 if d.finish == "error" and not first_sent:
                     raise tag(d.failure(f"decode {self.decode.instance_id}"), self.decode.instance_id)
                 if d.finish is None and not d.ids:

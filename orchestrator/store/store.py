@@ -274,6 +274,7 @@ class Store:
         self.batch_max = batch_max
         self.coalesce_s = coalesce_s
         self._upserts: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._wake = threading.Event()
         self.retry_max_backoff_s = retry_max_backoff_s
         self.autostart = autostart
         self.dialect = make_url(self.url).get_backend_name()
@@ -372,6 +373,7 @@ class Store:
             self.start()
         marker = _Flush()
         self._queue.put(marker)
+        self._wake.set()
         return marker.done.wait(timeout) and marker.ok
 
     def close(self, timeout: float = 10.0) -> bool:
@@ -388,6 +390,7 @@ class Store:
             marker = _Flush()
             self._queue.put(marker)
             self._queue.put(_STOP)
+            self._wake.set()
             thread.join(timeout + 1.0)
             ok = marker.done.is_set() and marker.ok and not thread.is_alive()
         # Anything that raced in after the stop marker (or with no writer ever started).
@@ -483,15 +486,18 @@ class Store:
         backoff = 0.0
         while True:
             if not len(pending) and not markers and not stop:
-                self._absorb(self._queue.get(), pending, markers)  # block while idle
-                stop = stop or self._saw_stop
+                if self.coalesce_s > 0:
+                    # Writes never wake this thread (a wake-up per write costs the event loop a GIL
+                    # hand-off): it looks every coalesce_s, so a request's several saves become one
+                    # upsert, and at once when flush() or close() asks.
+                    self._wake.wait(self.coalesce_s)
+                    self._wake.clear()
+                else:
+                    self._absorb(self._queue.get(), pending, markers)  # block while idle
             n = 0
-            # Wait a moment for more: the several saves of one request's life then become one upsert.
-            deadline = time.monotonic() + self.coalesce_s
             while n < self.batch_max:
-                wait = deadline - time.monotonic() if not markers and not self._saw_stop else 0.0
                 try:
-                    item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 self._absorb(item, pending, markers)
