@@ -18,9 +18,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from backends.base import BackendError, Role
 from orchestrator import metrics
 from orchestrator.admin_api import build_admin_router
-from orchestrator.cluster import Cluster, Instance
+from orchestrator.cluster import Cluster, Instance, check_url, url_key
 from orchestrator.config import InstanceSpec, Settings
-from orchestrator.errors import install_error_handlers
+from orchestrator.errors import APIError, install_error_handlers
 from orchestrator.monitor import ClusterMonitor
 from orchestrator.openai_api import build_router
 from orchestrator.placement import Placement
@@ -29,10 +29,12 @@ from orchestrator.policies.predictors import make_predictor
 from orchestrator.pool_planner import AutoPlanner
 from orchestrator.serving import Job, Server
 from orchestrator.store import Store
-from orchestrator.tokenizer import DEFAULT_MODEL, PromptBuilder
+from orchestrator.tokenizer import PromptBuilder, is_builtin
 
 log = logging.getLogger("tetri.app")
 _DEFAULT_CONTEXT = 8192
+_RESTART_ERROR = "orchestrator restarted while the request was in flight"
+_STARTUP_REGISTER_TIMEOUT_S = 60.0
 
 
 class AppState:
@@ -42,6 +44,7 @@ class AppState:
         self.settings = settings
         self.cluster = Cluster()
         self.store = store or Store(settings.database_url)
+        self.store.replica = settings.replica_id  # stamped on our rows: crash recovery claims only those
         self.monitor = ClusterMonitor(self.cluster, settings.monitor_interval_ms, settings.monitor_failures_unhealthy)
         self.placement = Placement(settings, self.cluster)
         # Loaded in the lifespan, off the event loop (the learned model takes seconds).
@@ -54,6 +57,9 @@ class AppState:
         self.server = Server(settings, self.cluster, self.placement, self.store, self.predictor, self._finished)
         self.max_context = _DEFAULT_CONTEXT
         self._builders: dict[str, PromptBuilder] = {}
+        self._tokenizer_loads: dict[str, asyncio.Future[PromptBuilder]] = {}
+        # Instances being health-checked (id -> URL key): a second registration of either is a conflict.
+        self._registering: dict[str, tuple[str, str, int | None, str]] = {}
         self._flipping: set[str] = set()
         # A plan simulates thousands of requests per candidate (seconds of CPU): one at a time.
         self.planning = asyncio.Lock()
@@ -67,46 +73,136 @@ class AppState:
         return sorted(names)
 
     def prompt_builder(self, model: str) -> PromptBuilder:
-        if model not in self._builders:
-            source = self.settings.model if model == self.settings.public_model_name else model
-            try:
-                self._builders[model] = PromptBuilder(source)
-            except Exception as exc:  # noqa: BLE001 - e.g. a GPU model whose tokenizer is not local
-                log.warning("no local tokenizer for %s (%s); using %s's", model, exc, DEFAULT_MODEL)
-                self._builders[model] = PromptBuilder(DEFAULT_MODEL)
-        return self._builders[model]
+        """The served model's prompt builder, loaded at start or at registration: the request path
+        never loads a tokenizer (that blocks for seconds)."""
+        builder = self._builders.get(model)
+        if builder is None:
+            raise APIError(503, f"the tokenizer of model {model!r} is not loaded", "server_error", param="model",
+                           code="tokenizer_unavailable")  # fmt: skip
+        return builder
+
+    def tokenizer_source(self, model: str) -> str | None:
+        """Where `model`'s tokenizer comes from, by the operator's configuration only: `tokenizers`
+        (its own entry), the served model (`model`), the built-in default (its name or `random:*`,
+        never a path), else the `tokenizers["*"]` fallback. None: the model has no tokenizer."""
+        configured = self.settings.tokenizers
+        if model in configured:
+            return configured[model]
+        if model == self.settings.public_model_name:
+            return self.settings.model
+        if is_builtin(model):
+            return model
+        return configured.get("*")
+
+    async def load_default_builder(self) -> None:
+        """At start: the served model's tokenizer. Without one the orchestrator still starts (its
+        admin API works); requests for the model get 503 and its instances are refused."""
+        try:
+            await self.load_prompt_builder(self.settings.public_model_name)
+        except APIError as exc:
+            log.error("%s", exc.message)
+
+    async def load_prompt_builder(self, model: str) -> PromptBuilder:
+        """Load `model`'s tokenizer once, in a thread, within `tokenizer_load_timeout_s`. Raises
+        APIError 400 when the model has none (not configured, not found offline)."""
+        builder = self._builders.get(model)
+        if builder is not None:
+            return builder
+        source = self.tokenizer_source(model)
+        if source is None:
+            raise APIError(400, f"no tokenizer for model {model!r}: the orchestrator counts prompt tokens itself; "
+                           f"configure one with tokenizers: {{{model!r}: <local tokenizer directory or .gguf>}}",
+                           param="model", code="tokenizer_not_found")  # fmt: skip
+        task = self._tokenizer_loads.get(source)
+        if task is None:  # one load per source, however many registrations wait for it
+            task = asyncio.ensure_future(asyncio.to_thread(PromptBuilder, source))
+            self._tokenizer_loads[source] = task
+            task.add_done_callback(lambda _: self._tokenizer_loads.pop(source, None))
+        timeout = self.settings.tokenizer_load_timeout_s
+        try:
+            # Shielded: a timed-out load goes on in its thread and fills load_tokenizer's cache.
+            builder = await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError as exc:
+            raise APIError(503, f"loading the tokenizer of model {model!r} ({source}) took over {timeout:g}s",
+                           "server_error", param="model", code="tokenizer_load_timeout",
+                           retry_after=timeout) from exc  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - not found, unreadable, not a tokenizer
+            raise APIError(400, f"cannot load the tokenizer of model {model!r} from {source}: {exc}",
+                           param="model", code="tokenizer_not_found") from exc  # fmt: skip
+        self._builders[model] = builder
+        return builder
 
     # ---- instances ---------------------------------------------------------------------------------
-    async def register(self, spec: InstanceSpec, timeout_s: float = 60.0) -> Instance:
-        """Health-check an instance before it takes traffic, then record it."""
+    async def register(self, spec: InstanceSpec, timeout_s: float | None = None) -> Instance:
+        """Check an instance (URL, conflicts, tokenizer, health within `register_timeout_s`) before it
+        takes traffic, then record it. A refused instance leaves nothing behind: it joins the cluster
+        (monitor, placement, /v1/models) and the store only once it answered healthy."""
         started = time.perf_counter()
+        timeout_s = self.settings.register_timeout_s if timeout_s is None else timeout_s
+        why = check_url(spec.url)
+        if why is not None:
+            raise APIError(400, why, param="url", code="invalid_url")
+        for field, limit in (("id", 128), ("model", 256)):  # the store's column widths
+            if len(getattr(spec, field) or "") > limit:
+                raise APIError(400, f"{field} is longer than {limit} characters", param=field)
         if spec.model is None and spec.backend in ("native", "sim"):
             spec = spec.model_copy(update={"model": self.settings.public_model_name})
-        inst = self.cluster.add(spec)
-        if not await self.monitor.wait_healthy(inst, timeout_s):
-            self.cluster.remove(inst.id)
-            await inst.backend.close()
-            raise BackendError(f"instance at {spec.url} did not become healthy in {timeout_s:.0f}s", status=502)
-        with contextlib.suppress(Exception):
-            inst.info = await inst.backend.info()
-            context = inst.info.get("max_context")
-            if isinstance(context, int) and context > 0:
-                self.max_context = context
+        key = url_key(spec.url)
+        taken = self.cluster.by_url(spec.url)
+        if taken is not None or key in self._registering.values():
+            owner = f"instance {taken.id!r}" if taken is not None else "a registration in progress"
+            raise APIError(409, f"{spec.url} is already registered ({owner})", param="url", code="instance_conflict")
+        if spec.id is not None and spec.id in self._registering:
+            raise APIError(409, f"instance {spec.id!r} is being registered", param="id", code="instance_conflict")
+        try:
+            inst = self.cluster.create(spec)
+        except ValueError as exc:  # the id is taken
+            raise APIError(409, str(exc), param="id", code="instance_conflict") from exc
+        except TypeError as exc:  # options the adapter does not take
+            raise APIError(400, f"invalid options for backend {spec.backend}: {exc}", param="options") from exc
+        # Reserved until attached or refused (no await since the checks above: they still hold).
+        self._registering[inst.id] = key
+        try:
+            if inst.model:
+                await self.load_prompt_builder(inst.model)
+            why = await self.monitor.check_health(inst, timeout_s)
+            if why is not None:
+                raise BackendError(f"instance at {spec.url} did not become healthy in {timeout_s:g}s: {why}",
+                                   status=502)  # fmt: skip
+            with contextlib.suppress(Exception):
+                inst.info = await asyncio.wait_for(inst.backend.info(), timeout_s)
+                context = inst.info.get("max_context")
+                if isinstance(context, int) and context > 0:
+                    self.max_context = context
+            self.cluster.attach(inst)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await inst.backend.close()
+            raise
+        finally:
+            self._registering.pop(inst.id, None)
         self._save_instance(inst)
         self.event("register", inst.id, {"url": spec.url, "backend": spec.backend, "role": inst.role},
                    time.perf_counter() - started)
         return inst
 
     async def deregister(self, inst: Instance) -> dict[str, Any]:
-        """Drain (no new work; wait for running work), then forget the instance."""
+        """Drain (no new work; wait for running work), then forget the instance. An instance that
+        is not answering (unhealthy, never healthy) is forgotten at once: nothing runs there to wait for."""
         started = time.perf_counter()
+        reachable = inst.state in ("healthy", "draining", "flipping")
         inst.state = "draining"
-        with contextlib.suppress(BackendError):
-            await inst.backend.drain(False)
-        await self._wait_idle(inst)
+        if reachable:
+            with contextlib.suppress(Exception):
+                # An engine that does not answer within the registration timeout is not answering.
+                await asyncio.wait_for(inst.backend.drain(False), self.settings.register_timeout_s)
+            await self._wait_idle(inst)
+        if self.cluster.get(inst.id) is not inst:  # a concurrent DELETE got there first
+            return {"id": inst.id, "state": "removed", "drain_s": time.perf_counter() - started}
         self.cluster.remove(inst.id)
         self.placement.replace_queued(inst)
-        await inst.backend.close()
+        with contextlib.suppress(Exception):
+            await inst.backend.close()
         self._save_instance(inst)
         duration = time.perf_counter() - started
         self.event("deregister", inst.id, {}, duration)
@@ -150,10 +246,10 @@ class AppState:
 
     async def _wait_idle(self, inst: Instance, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and inst.state != "removed":
             try:
-                load = await inst.backend.load()
-            except BackendError:
+                load = await asyncio.wait_for(inst.backend.load(), self.settings.register_timeout_s)
+            except Exception:  # noqa: BLE001 - gone, hung or garbled: nothing to wait for
                 return
             if load.running == 0 and load.queued == 0 and inst.inflight_prefills == 0:
                 return
@@ -204,8 +300,14 @@ class AppState:
             inst.id, backend=inst.spec.backend, role=inst.role, state=inst.state, url=inst.spec.url,
             model=inst.model or inst.spec.model,
             capacity_kv_tokens=inst.load.total_kv_tokens if inst.load else None,
-            last_load=inst.load.to_dict() if inst.load else None,
+            last_load=inst.load.to_dict() if inst.load else None, last_seen=inst.last_seen or None,
         )
+
+    def _save_instances_stopped(self) -> None:
+        """On shutdown: nobody watches these instances any more (the engines may well run on); a
+        restart registers them again."""
+        for inst in self.cluster.instances.values():
+            self.store.save_instance(inst.id, state="unknown")
 
     def _finished(self, job: Job) -> None:
         if job.predicted_bucket is not None and job.finish_reason in ("stop", "length"):
@@ -249,13 +351,19 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(state.store.upgrade)
+        # A previous run of this replica that died (SIGKILL, OOM) left requests in flight and
+        # instances "healthy" in the store: nobody will finish or watch them now.
+        recovered = await asyncio.to_thread(state.store.recover, settings.replica_id, _RESTART_ERROR)
         state.store.start()
+        if any(recovered.values()):
+            log.warning("recovered from an unclean stop: %s", recovered)
+            state.event("recover", None, recovered)
         # Load the tokenizer and the predictor now, off the event loop, not in the first request.
         # Both import transformers, whose lazy names do not resolve thread-safely: two threads
         # importing AutoTokenizer at once can fail ("cannot import name"), so import it first.
         await asyncio.to_thread(_import_transformers)
         _, state.predictor = await asyncio.gather(
-            asyncio.to_thread(state.prompt_builder, settings.public_model_name),
+            state.load_default_builder(),
             asyncio.to_thread(make_predictor, settings.predictor, settings.predictor_granularity),
         )
         state.server.predictor = state.predictor
@@ -263,7 +371,8 @@ def create_app(
         state.monitor.on_state_change.append(state._on_state_change)
         state.monitor.listeners.append(state.on_monitor_tick)
         for spec in settings.instances:
-            await state.register(spec)
+            # Configured engines may still be starting with the orchestrator: longer than an admin call.
+            await state.register(spec, max(_STARTUP_REGISTER_TIMEOUT_S, settings.register_timeout_s))
         state.monitor.start()
         planner_job = None
         if settings.plan_auto_interval_s > 0:
@@ -277,6 +386,7 @@ def create_app(
         if planner_job is not None:
             planner_job.shutdown(wait=False)
         state.monitor.stop()
+        state._save_instances_stopped()
         for inst in list(state.cluster.instances.values()):
             await inst.backend.close()
         state.store.close()

@@ -1,5 +1,5 @@
 """A request-body size limit as plain ASGI middleware: 413 in the OpenAI error shape, decided from
-Content-Length before anything is read, or as soon as a chunked body passes the limit (so a 4 MB
+Content-Length before anything is parsed, or as soon as a chunked body passes the limit (so a 4 MB
 prompt is refused without being buffered or parsed)."""
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = 0
                 if declared > self.max_bytes:
-                    await self._refuse(send)
+                    if declared <= _DRAIN_FACTOR * self.max_bytes:
+                        await _drain(receive)  # read and drop: the client then reads its 413, not a reset
+                    await self._refuse(send, keep_alive=declared <= _DRAIN_FACTOR * self.max_bytes)
                     return
                 break
         seen = 0
@@ -49,9 +51,22 @@ class BodyLimitMiddleware:
 
         await self.app(scope, limited_receive, send)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, send: Send, keep_alive: bool) -> None:
         body = _too_large_body(self.max_bytes)
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if not keep_alive:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+# A declared body up to this many times the limit is read and dropped before the 413 (nothing is
+# kept); past it the connection is closed at once rather than spend the bandwidth.
+_DRAIN_FACTOR = 8
+
+
+async def _drain(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return

@@ -7,11 +7,43 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
+import httpx
+
 from backends.base import Backend, LoadReport, Role
 from orchestrator.config import InstanceSpec
 from orchestrator.policies.types import InstanceView
 
 InstanceState = Literal["starting", "healthy", "unhealthy", "draining", "flipping", "removed"]
+
+
+def check_url(url: str) -> str | None:
+    """Why an instance URL is unusable (None: it is fine): http(s) with a host and a valid port, at
+    most 512 characters (the store's column)."""
+    if len(url) > 512:
+        return "url is longer than 512 characters"
+    try:
+        parsed = httpx.URL(url)
+        port = parsed.port
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        return f"url is malformed: {exc}"
+    if parsed.scheme not in ("http", "https"):
+        return "url must start with http:// or https://"
+    if not parsed.host:
+        return "url has no host"
+    if port is not None and not 0 < port < 65536:
+        return f"url has an invalid port {port}"
+    return None
+
+
+def url_key(url: str) -> tuple[str, str, int | None, str]:
+    """What makes two instance URLs the same engine: scheme, host, port (default filled in) and path
+    without a trailing slash."""
+    try:
+        u = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return ("", url, None, "")
+    port = u.port or {"http": 80, "https": 443}.get(u.scheme)
+    return (u.scheme, u.host.lower(), port, u.path.rstrip("/"))
 
 
 def make_backend(spec: InstanceSpec, instance_id: str) -> Backend:
@@ -92,12 +124,26 @@ class Cluster:
         self.instances: dict[str, Instance] = {}
 
     def add(self, spec: InstanceSpec) -> Instance:
+        """Create and attach an instance at once (no health check: tests and fakes)."""
+        return self.attach(self.create(spec))
+
+    def create(self, spec: InstanceSpec) -> Instance:
+        """An instance for `spec`, not yet in the cluster: the monitor, placement and the model list
+        see it only once `attach`ed (after its health check)."""
         instance_id = spec.id or f"{spec.role}-{uuid.uuid4().hex[:6]}"
         if instance_id in self.instances:
             raise ValueError(f"instance {instance_id!r} already registered")
-        inst = Instance(instance_id, spec, make_backend(spec, instance_id), model=spec.model or "")
-        self.instances[instance_id] = inst
+        return Instance(instance_id, spec, make_backend(spec, instance_id), model=spec.model or "")
+
+    def attach(self, inst: Instance) -> Instance:
+        if inst.id in self.instances:
+            raise ValueError(f"instance {inst.id!r} already registered")
+        self.instances[inst.id] = inst
         return inst
+
+    def by_url(self, url: str) -> Instance | None:
+        key = url_key(url)
+        return next((i for i in self.instances.values() if url_key(i.spec.url) == key), None)
 
     def get(self, instance_id: str) -> Instance | None:
         return self.instances.get(instance_id)

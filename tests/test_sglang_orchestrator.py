@@ -187,3 +187,33 @@ def test_decode_retraction_mid_stream_migrates_the_request(sglang_cluster):
     assert data["choices"][0]["finish_reason"] == "length" and data["usage"]["completion_tokens"] == 6
     record = httpx.get(f"{url}/admin/requests/{data['id']}", headers=AUTH, timeout=10).json()
     assert record["state"] == "finished" and record["completion_tokens"] == 6
+
+
+@pytest.mark.parametrize("broken_after", [1, 2, 5])
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_decode_stream_broken_after_n_tokens_migrates_without_repeating_or_dropping_text(
+        sglang_cluster, broken_after, stream):
+    """The decode server drops the connection after 1, 2 or n tokens. The request continues from the
+    prompt plus what was sent (asking for the rest, which stays under the break point so the
+    continuation completes), and the client sees every token exactly once."""
+    url, _, _, d, _ = sglang_cluster
+    d.fake.config.disconnect_after = broken_after
+    max_tokens = 2 * broken_after
+    body = {"model": PD_MODEL, "prompt": [11, 12, 13, 14], "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": stream}
+    if stream:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+            events = sse_events(r)
+        text = "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
+        finishes = [e["choices"][0]["finish_reason"] for e in events if e.get("choices")]
+        assert finishes[-1] == "length" and "error" not in finishes
+    else:
+        resp = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        assert resp.status_code == 200, resp.text
+        text = resp.json()["choices"][0]["text"]
+        assert resp.json()["usage"]["completion_tokens"] == max_tokens
+    prompt = d.fake.bodies[0]["input_ids"]
+    sent = toy_model.expected(prompt, max_tokens).tokens[:broken_after]
+    assert d.fake.bodies[1]["input_ids"] == prompt + sent  # the continuation
+    rest = toy_model.expected(prompt + sent, max_tokens - broken_after)
+    assert text == toy_model.detokenize(sent) + rest.text
