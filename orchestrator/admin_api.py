@@ -35,7 +35,8 @@ def build_admin_router(app_state: Any) -> APIRouter:
         token = app_state.settings.admin_token
         header = request.headers.get("authorization", "")
         given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-        if not token or not given or not hmac.compare_digest(given, token):
+        # Bytes, not str: compare_digest refuses non-ASCII str (a 500), and headers arrive as latin-1.
+        if not token or not given or not hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8")):
             raise APIError(401, "admin API needs 'Authorization: Bearer <TETRI_ADMIN_TOKEN>'",
                            "authentication_error", code="invalid_admin_token")
 

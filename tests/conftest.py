@@ -59,6 +59,9 @@ def tiny_pd_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 def make_settings(tmp_path: Path, instances: list[InstanceSpec], **overrides) -> Settings:
     # The learned predictor takes seconds to load: tests that don't look at predictions skip it.
     overrides.setdefault("predictor", "constant")
+    # The protocol fakes serve toy model names: they tokenize with the default model's tokenizer,
+    # which an operator has to configure explicitly (no silent fallback).
+    overrides.setdefault("tokenizers", {"*": "smollm2-135m-instruct"})
     return Settings(
         database_url=f"sqlite:///{tmp_path / 'tetri.db'}", admin_token=ADMIN_TOKEN, instances=instances,
         model=TINY, **overrides,

@@ -91,7 +91,7 @@ def test_migration_creates_tables_matching_models(db_url, tmp_path, monkeypatch)
         assert s.current_revision() is None
         s.upgrade()
         s.upgrade()  # idempotent
-        assert s.current_revision() == head_revision() == "0001_initial"
+        assert s.current_revision() == head_revision() == "0002_replica"
         insp = sa.inspect(s.engine)
         assert {"instances", "requests", "events", "alembic_version"} <= set(insp.get_table_names())
         req_cols = {c["name"] for c in insp.get_columns("requests")}
@@ -121,10 +121,10 @@ def test_migration_creates_tables_matching_models(db_url, tmp_path, monkeypatch)
 def test_db_upgrade_command(db_url, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     msg = db_upgrade_command(db_url)
-    assert "0001_initial" in msg
+    assert "0002_replica" in msg
     s = Store(db_url)
     try:
-        assert s.current_revision() == "0001_initial"
+        assert s.current_revision() == "0002_replica"
     finally:
         s.close()
 
@@ -133,10 +133,10 @@ def test_db_upgrade_command_uses_environment(tmp_path, monkeypatch):
     path = tmp_path / "env" / "from-env.db"
     monkeypatch.setenv("TETRI_DATABASE_URL", f"sqlite:///{path}")
     monkeypatch.chdir(tmp_path)
-    assert "0001_initial" in db_upgrade_command(None)
+    assert "0002_replica" in db_upgrade_command(None)
     assert path.exists()
     with sa.create_engine(f"sqlite:///{path}").connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0001_initial"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002_replica"
 
 
 def test_sqlite_uses_wal(tmp_path):
@@ -449,3 +449,58 @@ def test_recent_traffic_is_finished_requests_since_a_time_oldest_first(store):
         {"arrival": 30.0, "prompt_tokens": 50, "completion_tokens": 70},
     ]
     assert [r["arrival"] for r in store.recent_traffic(since=0.0, limit=2)] == [20.0, 30.0]  # the newest two
+
+
+# --------------------------------------------------------------------------- crash recovery
+
+
+def test_recover_fails_inflight_requests_of_this_replica_only(db_url):
+    """After a SIGKILL the rows of requests in flight stay `decoding` etc. forever; a restart of the
+    same replica fails them with a reason, leaves finished ones and another replica's alone."""
+    s = Store(db_url, replica="r1")
+    s.upgrade()
+    for state in ("queued", "prefilling", "transferring", "decoding", "finished", "cancelled"):
+        s.save_request(f"mine-{state}", state=state, arrival=1.0)
+    s.save_request("mine-failed", state="failed", error="engine said no", finished_at=5.0)
+    s.save_instance("p0", state="healthy", url="http://127.0.0.1:9001")
+    s.save_instance("gone", state="removed")
+    s.replica = "r2"  # another live replica sharing the database
+    s.save_request("theirs-decoding", state="decoding", arrival=1.0)
+    s.save_instance("d9", state="healthy")
+    s.replica = None  # rows from before the replica column: a single-replica deployment's
+    s.save_request("legacy-queued", state="queued")
+    assert s.close()
+
+    s = Store(db_url, replica="r1")  # the restart
+    try:
+        before = time.time()
+        assert s.recover("r1", "orchestrator restarted while the request was in flight") == {
+            "requests_failed": 5, "instances_unknown": 1}
+        for rid in ("mine-queued", "mine-prefilling", "mine-transferring", "mine-decoding", "legacy-queued"):
+            row = s.get_request(rid)
+            assert row["state"] == "failed", rid
+            assert row["error"] == "orchestrator restarted while the request was in flight"
+            assert row["finish_reason"] == "error" and row["finished_at"] >= before
+        assert s.get_request("mine-finished")["state"] == "finished"
+        assert s.get_request("mine-cancelled")["state"] == "cancelled"
+        assert s.get_request("mine-failed")["error"] == "engine said no"
+        assert s.get_request("theirs-decoding")["state"] == "decoding"
+        stats = s.request_stats()
+        assert stats["decoding"] == 1 and stats["queued"] == stats["prefilling"] == stats["transferring"] == 0
+        p0 = s.get_instance("p0")
+        assert p0["state"] == "unknown" and p0["updated_at"] >= before
+        assert s.get_instance("gone")["state"] == "removed"
+        assert s.get_instance("d9")["state"] == "healthy"
+        assert s.recover("r1", "again") == {"requests_failed": 0, "instances_unknown": 0}  # idempotent
+    finally:
+        s.close()
+
+
+def test_rows_carry_the_replica_that_wrote_them(store):
+    store.replica = "replica-a"
+    store.save_request("r", state="queued")
+    store.save_instance("i", state="healthy")
+    store.save_request("r", state="finished", replica="explicit")  # an explicit value wins
+    assert store.flush(5.0)
+    assert store.get_request("r")["replica"] == "explicit"
+    assert store.get_instance("i")["replica"] == "replica-a"

@@ -2,6 +2,7 @@
 
 from orchestrator.store.models import (
     EVENT_KINDS,
+    INFLIGHT_STATES,
     REQUEST_STATES,
     Base,
     EventRow,
@@ -19,6 +20,7 @@ from orchestrator.store.store import (
 
 __all__ = [
     "EVENT_KINDS",
+    "INFLIGHT_STATES",
     "REQUEST_STATES",
     "Base",
     "EventRow",

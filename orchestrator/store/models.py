@@ -16,7 +16,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 EventId = BigInteger().with_variant(Integer(), "sqlite")
 
 REQUEST_STATES = ("queued", "prefilling", "transferring", "decoding", "finished", "failed", "cancelled")
-EVENT_KINDS = ("flip", "drain", "register", "deregister", "unhealthy", "healthy", "scale")
+EVENT_KINDS = ("flip", "drain", "register", "deregister", "unhealthy", "healthy", "scale", "recover")
+# Requests in these states are still being served; after a crash nobody will finish them.
+INFLIGHT_STATES = ("queued", "prefilling", "transferring", "decoding")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_name)s",
@@ -47,6 +49,8 @@ class InstanceRow(Base):
     last_seen: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    # The orchestrator replica (Settings.replica_id) that drives it; NULL: written before 0002.
+    replica: Mapped[str | None] = mapped_column(String(64))
 
 
 class RequestRow(Base):
@@ -73,6 +77,8 @@ class RequestRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     kv_bytes: Mapped[int | None] = mapped_column(BigInteger)
     kv_transfer_s: Mapped[float | None] = mapped_column(Float)
+    # The orchestrator replica that served it: crash recovery only fails its own replica's requests.
+    replica: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         Index("ix_requests_state", "state"),
