@@ -87,7 +87,8 @@ def start_fake(mode: str, log_dir: Path) -> Proc:
     return proc
 
 
-def start_tetri(prefill: Proc, decode: Proc, log_dir: Path) -> Proc:
+def start_tetri(prefill: Proc, decode: Proc, log_dir: Path, **settings: Any) -> Proc:
+    """`tetri serve` over the two fakes; `settings`: more keys of its YAML configuration."""
     port = free_port()
     config = log_dir / "tetri.yaml"
     instances = [
@@ -95,7 +96,7 @@ def start_tetri(prefill: Proc, decode: Proc, log_dir: Path) -> Proc:
         {"url": decode.url, "backend": "sglang", "role": "decode", "model": MODEL},
     ]
     config.write_text(json.dumps({"model": MODEL, "database_url": f"sqlite:///{log_dir / 'tetri.db'}",
-                                  "instances": instances, "max_queued_requests": 100_000}))
+                                  "instances": instances, "max_queued_requests": 100_000, **settings}))
     popen = _spawn("tetri", [sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port),
                              "--config", str(config)], log_dir)
     proc = Proc("tetri", popen, f"http://127.0.0.1:{port}", log_dir / "tetri.log")
@@ -164,6 +165,7 @@ class Sample:
     ttft_s: float | None
     e2e_s: float
     error: str | None = None
+    aborted: bool = False
 
 
 def _prompt(i: int, length: int) -> list[int]:
@@ -171,11 +173,12 @@ def _prompt(i: int, length: int) -> list[int]:
     return [rng.randrange(10, 4000) for _ in range(length)]
 
 
-async def _openai(client: aiohttp.ClientSession, url: str, i: int, tokens: int, prompt_len: int) -> Sample:
-    """A streamed /v1/completions through tetri."""
+async def _openai(client: aiohttp.ClientSession, url: str, i: int, tokens: int, prompt_len: int,
+                  abort: bool = False) -> Sample:
+    """A streamed /v1/completions through tetri (`abort`: the client leaves after the first chunk)."""
     body = {"model": MODEL, "prompt": _prompt(i, prompt_len), "max_tokens": tokens, "temperature": 0,
             "ignore_eos": True, "stream": True}
-    return await _stream(client, f"{url}/v1/completions", body)
+    return await _stream(client, f"{url}/v1/completions", body, abort)
 
 
 async def _generate(client: aiohttp.ClientSession, url: str, i: int, tokens: int, prompt_len: int) -> Sample:
@@ -185,8 +188,9 @@ async def _generate(client: aiohttp.ClientSession, url: str, i: int, tokens: int
     return await _stream(client, f"{url}/generate", body)
 
 
-async def _stream(client: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Sample:
-    """Time one streamed request: TTFT at the first data line, the end at the end of the body."""
+async def _stream(client: aiohttp.ClientSession, url: str, body: dict[str, Any], abort: bool = False) -> Sample:
+    """Time one streamed request: TTFT at the first data line, the end at the end of the body.
+    `abort`: close the connection after the first data line (a client that leaves)."""
     start = time.perf_counter()
     ttft = None
     done = False
@@ -203,6 +207,9 @@ async def _stream(client: aiohttp.ClientSession, url: str, body: dict[str, Any])
                     continue
                 if ttft is None:
                     ttft = time.perf_counter() - start
+                    if abort:
+                        resp.close()
+                        return Sample(ttft, time.perf_counter() - start, None, aborted=True)
                 if line.startswith(b'data: {"error"'):
                     return Sample(ttft, time.perf_counter() - start, line[:200].decode(errors="replace"))
     except (aiohttp.ClientError, TimeoutError) as exc:
