@@ -9,6 +9,7 @@ the exported tensor, the receiver fills one buffer and views it as the tensor.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 import time
@@ -136,24 +137,25 @@ class NativePushStrategy(HandoffStrategy):
         started = time.perf_counter()
         kv: KVHandle | None = None
         held: TokenEvent | None = None  # the first token, when it must wait for the hand-off
-        async for item in prefill.prefill_stream(request, handoff):
-            if isinstance(item, KVHandle):
-                kv = item
-                continue
-            item.phase = "prefill"
-            if self.early_first_token:
-                yield item
-            else:
-                held = item
-        if held is not None:
-            yield held
-        if kv is None:
-            return
-        stats.kv_tokens = kv.num_tokens
-        stats.kv_bytes = kv.nbytes
-        stats.transfer_s = kv.transfer_s or (time.perf_counter() - started)
         finished = False
         try:
+            async for item in prefill.prefill_stream(request, handoff):
+                if isinstance(item, KVHandle):
+                    kv = item
+                    continue
+                item.phase = "prefill"
+                if self.early_first_token:
+                    yield item
+                else:
+                    held = item
+            if held is not None:
+                yield held
+            if kv is None:
+                finished = True  # finished at its first token: nothing was handed off
+                return
+            stats.kv_tokens = kv.num_tokens
+            stats.kv_bytes = kv.nbytes
+            stats.transfer_s = kv.transfer_s or (time.perf_counter() - started)
             async for event in decode.decode(request, kv):
                 event.phase = "decode"
                 yield event
@@ -161,8 +163,14 @@ class NativePushStrategy(HandoffStrategy):
                     finished = True
         finally:
             if not finished:
-                # Client gone or decode failed: free the decode side's KV (the lease or the run).
-                await _quiet_abort(decode, request.request_id)
+                # Client gone or a side failed, at any phase (the hand-off included): free the decode
+                # side's KV (the lease, a push still landing, or the run) and the prefill's work.
+                sides = [decode] if kv is not None else [decode, prefill]
+                aborting = asyncio.gather(*(_quiet_abort(b, request.request_id) for b in sides))
+                try:
+                    await asyncio.shield(aborting)  # a cancelled caller must not cancel the aborts
+                except asyncio.CancelledError:
+                    pass  # they finish in the background
 
 
 async def _quiet_abort(backend: Backend, request_id: str) -> None:

@@ -190,8 +190,11 @@ class Placement:
                 continue
             try:
                 target = self.pick_prefill(req, inst.role, inst.model or None, {inst.id}, inst.spec.backend)
-            except Overloaded as exc:
-                future.set_exception(exc)
+            except Overloaded:
+                # No peer in its pool: decide the route afresh (a decode instance with room runs it
+                # co-located), as for a new request, rather than refuse work already accepted.
+                future.set_exception(BackendError(f"{inst.id} left placement and no {inst.role} instance "
+                                                  f"is left; re-placing", 503, retryable=True))
                 continue
             self._enqueue(target, req)
 

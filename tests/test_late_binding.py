@@ -214,3 +214,47 @@ def test_serving_moves_the_kv_reservation_with_a_stolen_colocated_request():
     assert placement.steals == 1 and job.decode_instance == "d2" and list(seen) == ["d2"]
     assert seen["d2"][0] == 0 and seen["d2"][1] > 0  # the reservation moved to d2 before it ran
     assert d1.reserved_kv_tokens == 0 and d2.reserved_kv_tokens == 0  # released at the first token
+
+
+def test_prompts_queued_at_a_dead_prefill_instance_run_co_located_on_a_decode_instance():
+    """The only prefill instance dies with prompts queued behind its engine: they are not refused
+    but re-placed, as new requests would be, on the decode instance with room (co-located)."""
+    from backends.base import SamplingParams, TokenEvent
+    from orchestrator.serving import Job, Server
+    from tests.conftest import fake_cluster
+
+    class Prefill:
+        role = "prefill"
+        generates_on_decode = False
+
+    class Host:
+        role = "decode"
+        generates_on_decode = True
+        ran: list[str] = []
+
+        async def generate(self, request):
+            Host.ran.append(request.request_id)
+            yield TokenEvent([7], "x", finish_reason="length")
+
+    settings = Settings(database_url="sqlite://", model=TINY, prefill_engine_backlog=1, colocate_backlog_tokens=0)
+    cluster = fake_cluster([("p", "prefill", Prefill()), ("d", "decode", Host())])
+    placement = Placement(settings, cluster, seed=0)
+    server = Server(settings, cluster, placement, None, None)
+    cluster.instances["p"].inflight_prefills = 1  # its engine is busy: new prompts queue in our queue
+    jobs = [Job(TINY, [5, 6, 7, i], SamplingParams(max_tokens=1, temperature=0)) for i in range(4)]
+
+    async def run() -> list[list[TokenEvent]]:
+        async def one(job: Job) -> list[TokenEvent]:
+            return [e async for e in server.run(job)]
+
+        tasks = [asyncio.ensure_future(one(job)) for job in jobs]
+        await asyncio.sleep(0.05)
+        assert len(placement.queues["p"]) == 4  # all four wait at the prefill instance
+        cluster.instances["p"].state = "unhealthy"  # what the monitor's state change does next
+        placement.replace_queued(cluster.instances["p"])
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(run())
+    assert all(r[-1].finish_reason == "length" for r in results)
+    assert sorted(Host.ran) == sorted(j.id for j in jobs)
+    assert all(j.prefill_instance == j.decode_instance == "d" for j in jobs)
