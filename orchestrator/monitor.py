@@ -96,6 +96,8 @@ class ClusterMonitor:
             else:
                 self.cluster.mark_seen(inst, load)
                 inst.state = "healthy"
+                if load.role != inst.backend.role:  # the engine says what it is, as poll() trusts it
+                    inst.backend.role = load.role
                 return None
             await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
