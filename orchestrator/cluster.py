@@ -10,6 +10,7 @@ from typing import Literal
 import httpx
 
 from backends.base import Backend, LoadReport, Role
+from backends.http import PoolLimits
 from orchestrator.config import InstanceSpec
 from orchestrator.policies.types import InstanceView
 
@@ -46,16 +47,16 @@ def url_key(url: str) -> tuple[str, str, int | None, str]:
     return (u.scheme, u.host.lower(), port, u.path.rstrip("/"))
 
 
-def make_backend(spec: InstanceSpec, instance_id: str) -> Backend:
+def make_backend(spec: InstanceSpec, instance_id: str, pool: PoolLimits | None = None) -> Backend:
     """The adapter for an instance spec; adapters for GPU engines are imported lazily."""
     if spec.backend in ("native", "sim"):
         from backends.worker_client import WorkerBackend
 
-        return WorkerBackend(spec.url, instance_id, spec.role, spec.model, kind=spec.backend)
+        return WorkerBackend(spec.url, instance_id, spec.role, spec.model, kind=spec.backend, pool=pool)
     if spec.backend == "sglang":
         from backends.sglang import SGLangBackend
 
-        return SGLangBackend(spec.url, instance_id, spec.role, spec.model, **spec.options)
+        return SGLangBackend(spec.url, instance_id, spec.role, spec.model, pool=pool, **spec.options)
     if spec.backend == "tensorrt-llm":
         from backends.tensorrt_llm import TensorRTLLMBackend
 
@@ -120,8 +121,9 @@ class Instance:
 
 
 class Cluster:
-    def __init__(self) -> None:
+    def __init__(self, pool: PoolLimits | None = None) -> None:
         self.instances: dict[str, Instance] = {}
+        self.pool = pool  # connection limits of every instance's adapter
 
     def add(self, spec: InstanceSpec) -> Instance:
         """Create and attach an instance at once (no health check: tests and fakes)."""
@@ -133,7 +135,7 @@ class Cluster:
         instance_id = spec.id or f"{spec.role}-{uuid.uuid4().hex[:6]}"
         if instance_id in self.instances:
             raise ValueError(f"instance {instance_id!r} already registered")
-        return Instance(instance_id, spec, make_backend(spec, instance_id), model=spec.model or "")
+        return Instance(instance_id, spec, make_backend(spec, instance_id, self.pool), model=spec.model or "")
 
     def attach(self, inst: Instance) -> Instance:
         if inst.id in self.instances:

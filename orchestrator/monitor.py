@@ -15,6 +15,7 @@ from backends.base import LoadReport
 from orchestrator.cluster import Cluster, Instance
 
 log = logging.getLogger("tetri.monitor")
+_POLL_TIMEOUT_S = 2.0
 
 Listener = Callable[[], Awaitable[None]]
 
@@ -57,7 +58,8 @@ class ClusterMonitor:
 
     async def poll(self, inst: Instance) -> None:
         try:
-            load = check_load(await inst.backend.load())
+            # Bounded: one instance that hangs must not hold up every other instance's tick.
+            load = check_load(await asyncio.wait_for(inst.backend.load(), _POLL_TIMEOUT_S))
         except Exception as exc:  # noqa: BLE001 - anything an engine answers (garbage included) is its fault
             inst.failures += 1
             if inst.failures >= self.failures_unhealthy and inst.state in ("healthy", "starting"):
