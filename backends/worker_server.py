@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -21,10 +22,11 @@ from backends.engine_api import EngineCore, EngineRequest, KVPayload, Mode, Step
 from backends.http import PeerGoneTransport
 from backends.runner import EngineRunner
 from kvbridge.native import KVReceiver, encode_kv_chunks, encoded_size
-from kvbridge.socket_channel import KVRefused, KVSocketServer
+from kvbridge.socket_channel import KVAnnounce, KVRefused, KVSocketServer, load_kv_secret
 from kvbridge.socket_channel import push_kv as socket_push_kv
 from orchestrator.errors import error_body, error_response, install_error_handlers
 
+log = logging.getLogger("tetri.worker")
 _LEASE_REAP_INTERVAL_S = 0.5
 _PUSH_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=120.0, pool=10.0)
 
@@ -137,6 +139,10 @@ class WorkerState:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.kv_ports: dict[str, int | None] = {}
         self.kv_socket: KVSocketServer | None = None
+        self.kv_secret = b""  # the KV socket channel's shared secret (both directions)
+        # (layers, kv heads, head dim) of this engine's KV, when it says: what a pushed KV must match.
+        self.kv_geometry: tuple[int, int, int] | None = None
+        self.kv_pool_tokens: int | None = None
 
     async def load(self) -> LoadReport:
         snapshot = self.runner.snapshot
@@ -168,6 +174,30 @@ class WorkerState:
         return {"lease_id": lease.lease_id, "deadline": lease.deadline, "num_tokens": lease.num_tokens,
                 "nbytes": lease.nbytes}
 
+    def admit_kv(self, announce: KVAnnounce, inflight_tokens: int) -> None:
+        """The socket channel asks before it allocates a pushed KV's buffer: refuse what the pool
+        cannot take (`inflight_tokens`: other pushes admitted, not yet imported)."""
+        if not self.accepting:
+            raise KVRefused(503, "worker is draining")
+        if announce.model != self.core.model_name:
+            raise KVRefused(409, f"KV from model {announce.model!r}, this worker serves {self.core.model_name!r}")
+        if self.kv_geometry is not None:
+            layers, heads, head_dim = self.kv_geometry
+            expected = (layers, 2, announce.num_tokens, heads, head_dim)
+            if announce.shape != expected:
+                raise KVRefused(400, f"KV shape {announce.shape} does not match this model's {expected}")
+        snapshot = self.runner.snapshot  # None until the engine's first command: the pool is empty then
+        total = snapshot.total_kv_tokens if snapshot else self.kv_pool_tokens
+        if total is None:
+            return
+        if announce.num_tokens > total:
+            raise KVRefused(413, f"KV of {announce.num_tokens} tokens exceeds the pool ({total})")
+        replaced = self.leases.get(announce.request_id)  # a retried push frees the earlier one first
+        free = (snapshot.free_kv_tokens if snapshot else total) - inflight_tokens
+        free += replaced.num_tokens if replaced else 0
+        if announce.num_tokens > free:
+            raise KVRefused(507, f"KV pool full: {announce.num_tokens} tokens, {max(free, 0)} free")
+
     def accept_kv_from_thread(self, payload: KVPayload, lease_s: float) -> dict[str, Any]:
         assert self.loop is not None
         return asyncio.run_coroutine_threadsafe(self.accept_kv(payload, lease_s), self.loop).result(timeout=120)
@@ -198,15 +228,25 @@ class WorkerState:
                     await self.release_lease(rid)
 
 
-def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | None = 0) -> FastAPI:
-    """`kv_port`: port of the raw KV socket channel (0: any free port; None: HTTP pushes only)."""
+def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | None = 0,
+                      kv_host: str = "127.0.0.1", kv_secret: bytes | None = None) -> FastAPI:
+    """`kv_port`: port of the raw KV socket channel (0: any free port; None: HTTP pushes only), bound
+    to `kv_host` (the worker's own bind address); `kv_secret`: the workers' shared secret
+    (default: `load_kv_secret()`)."""
     state = WorkerState(core, backend)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.loop = asyncio.get_running_loop()
+        state.kv_secret = kv_secret or load_kv_secret()
+        info = core.info()
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            state.kv_geometry = (int(info["num_layers"]), int(info["num_kv_heads"]), int(info["head_dim"]))
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            state.kv_pool_tokens = int(info["total_kv_tokens"])
         if kv_port is not None:
-            state.kv_socket = KVSocketServer(state.accept_kv_from_thread, port=kv_port).start()
+            state.kv_socket = KVSocketServer(state.accept_kv_from_thread, state.kv_secret, host=kv_host,
+                                             port=kv_port, admit=state.admit_kv).start()
         state.runner.start()
         reaper = asyncio.create_task(state.reap_leases())
         state.ready = True
@@ -326,10 +366,18 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
         started = time.perf_counter()
         port = await state.kv_port_of(decode_url)
         try:
+            lease = None
             if port is not None:
                 host = httpx.URL(decode_url).host
-                lease = await asyncio.to_thread(socket_push_kv, host, port, payload, lease_s)
-            else:
+                try:
+                    lease = await asyncio.to_thread(socket_push_kv, host, port, payload, lease_s, state.kv_secret)
+                except KVRefused as exc:
+                    if exc.status != 401:
+                        raise
+                    # Our secrets differ: the HTTP API still takes the KV; stop trying the socket there.
+                    log.warning("KV socket of %s refused our secret; pushing over HTTP from now on", decode_url)
+                    state.kv_ports[decode_url] = None
+            if lease is None:
                 resp = await state.http.put(f"{decode_url}/kv/{rid}", content=_aiter(encode_kv_chunks(payload)),
                                             params={"lease_s": lease_s}, headers={"content-length": str(nbytes)})
                 if resp.status_code >= 400:

@@ -144,7 +144,8 @@ def worker(
                          kv_tokens=kv_tokens)
     else:
         raise typer.BadParameter(f"unknown backend {backend!r}")
-    app_ = create_worker_app(core, backend, kv_port=None if kv_port < 0 else kv_port)
+    # The KV socket binds the HTTP API's address: never wider than the API itself.
+    app_ = create_worker_app(core, backend, kv_port=None if kv_port < 0 else kv_port, kv_host=host)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
