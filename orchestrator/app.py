@@ -20,6 +20,7 @@ from backends.base import BackendError, Role
 from backends.http import PoolLimits
 from orchestrator import metrics
 from orchestrator.admin_api import build_admin_router
+from orchestrator.auth import api_key_dependencies
 from orchestrator.body_limit import BodyLimitMiddleware
 from orchestrator.cluster import Cluster, Instance, check_url, url_key
 from orchestrator.config import InstanceSpec, Settings
@@ -402,7 +403,7 @@ def create_app(
     app.state.tetri = state
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
-    app.include_router(build_router(state))
+    app.include_router(build_router(state), dependencies=api_key_dependencies(settings.api_keys))
     app.include_router(build_admin_router(state))
 
     @app.get("/health")

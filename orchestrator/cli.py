@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -42,6 +44,24 @@ def _logging(level: str = "WARNING") -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to any interface
+
+
+def _require_admin_token_off_loopback(host: str, admin_token: str | None) -> None:
+    """Off loopback the admin API (instances, drains, flips) would face the network with no token."""
+    if not admin_token and not _is_loopback(host):
+        typer.echo(f"error: refusing to serve on {host}, not a loopback address, without an admin token: "
+                   "set TETRI_ADMIN_TOKEN (e.g. `export TETRI_ADMIN_TOKEN=$(openssl rand -hex 16)`), "
+                   "or bind 127.0.0.1", err=True)
+        raise typer.Exit(2)
+
+
 @app.command()
 def up(
     port: Annotated[int | None, typer.Option(help="Orchestrator port [default: 8000].")] = None,
@@ -64,6 +84,7 @@ def up(
 
     _logging()
     settings = Settings.load(config, port=port, model=model)
+    _require_admin_token_off_loopback(settings.host, settings.admin_token)
     fleet = Fleet()
     try:
         roles = ["prefill"] * prefill + ["decode"] * decode + ["colocated"] * colocated
@@ -106,6 +127,7 @@ def serve(
 
     _logging()
     settings = Settings.load(config, port=port, host=host)
+    _require_admin_token_off_loopback(settings.host, settings.admin_token)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
 
 
@@ -169,12 +191,33 @@ def db_upgrade(url: Annotated[str | None, typer.Option(help="SQLAlchemy URL.")] 
     typer.echo(db_upgrade_command(url))
 
 
+# Whole trailing words: admin_token, api_keys, kv_secret, password (not max_tokens, tokenizers).
+_SECRET_NAME = re.compile(r"(^|_)(token|secret|password|passwd|api_?keys?|apikey|credentials?|authorization)$",
+                          re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.\-]*://[^/:@\s]*:)(?P<password>[^/\s]*)(?=@)", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact(value: Any, name: str = "") -> Any:
+    """The configuration with secrets masked: values under a secret-sounding name (admin_token,
+    api_keys, an instance option's api_key...) and the password of any URL (database_url)."""
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if _SECRET_NAME.search(name) and value not in (None, "", []):
+        return [REDACTED for _ in value] if isinstance(value, list) else REDACTED
+    if isinstance(value, list):
+        return [redact(v, name) for v in value]
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(lambda m: m["head"] + REDACTED, value)
+    return value
+
+
 @config_app.command("show")
 def config_show(config: Annotated[Path | None, typer.Option(help="YAML file.")] = None) -> None:
-    """Print the effective configuration as JSON."""
+    """Print the effective configuration as JSON (tokens, keys and passwords masked)."""
     from orchestrator.config import Settings
 
-    typer.echo(json.dumps(Settings.load(config).model_dump(mode="json"), indent=2))
+    typer.echo(json.dumps(redact(Settings.load(config).model_dump(mode="json")), indent=2))
 
 
 if __name__ == "__main__":

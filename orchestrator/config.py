@@ -5,16 +5,26 @@ Defaults are the TetriInfer paper's where it gives one (see docs/architecture.md
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, BeforeValidator, Field
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Role = Literal["prefill", "decode", "colocated"]
 BackendKind = Literal["native", "sglang", "tensorrt-llm", "sim"]
+
+
+def _key_list(value: Any) -> Any:
+    """TETRI_API_KEYS as `k1,k2` or a JSON list; blanks dropped (an empty key must not open the API)."""
+    if isinstance(value, str):
+        value = json.loads(value) if value.strip().startswith("[") else value.split(",")
+    if isinstance(value, list):
+        return [k.strip() if isinstance(k, str) else k for k in value if not isinstance(k, str) or k.strip()]
+    return value
 
 
 def cache_dir() -> Path:
@@ -47,6 +57,8 @@ class Settings(BaseSettings):
     mode: Literal["auto", "colocated", "disaggregated"] = "auto"
     database_url: str = f"sqlite:///{cache_dir() / 'tetri.db'}"
     admin_token: str | None = None
+    # Client keys of the OpenAI API (`Authorization: Bearer <key>`, as vLLM's --api-key); empty: open.
+    api_keys: Annotated[list[str], NoDecode, BeforeValidator(_key_list)] = Field(default_factory=list)
     max_queued_requests: int = 1024
     # max_tokens when a request gives none (capped by the context left after the prompt).
     default_max_tokens: int = 256
