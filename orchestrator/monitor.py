@@ -15,7 +15,8 @@ from backends.base import LoadReport
 from orchestrator.cluster import Cluster, Instance
 
 log = logging.getLogger("tetri.monitor")
-_POLL_TIMEOUT_S = 2.0
+# Generous: a loaded engine answers /load slowly, and slowness is not ill health.
+_POLL_TIMEOUT_S = 10.0
 
 Listener = Callable[[], Awaitable[None]]
 
