@@ -311,6 +311,8 @@ async def test_load_from_v1_loads_with_ledger(pd):
     assert report.heavy_decodes == 1 and report.light_decodes == 0 and report.decode_remaining[0] < 400
     assert report.extra["endpoint"] == "/v1/loads"
     await agen.aclose()
+    assert (await d.backend.load()).heavy_decodes == 0  # our ledger forgets it at once
+    await wait_for(lambda: not d.fake.live)  # the server frees it at its next step
     report = await d.backend.load()
     assert report.heavy_decodes == 0 and report.running == 0 and report.free_kv_tokens == 100_000
 
