@@ -85,6 +85,7 @@ class HTTPBackend(Backend):
         self._read_timeout_s = timeout.read
         self._headers = headers
         self._data: aiohttp.ClientSession | None = None
+        self._polls: aiohttp.ClientSession | None = None
 
     @property
     def busy_slots(self) -> int:
@@ -113,6 +114,18 @@ class HTTPBackend(Backend):
                                                headers=self._headers, auto_decompress=False)
         return self._data
 
+    async def poll_get(self, path: str, timeout_s: float) -> Polled:
+        """A control-plane GET read whole (the monitor's load polls: 10 per second per instance, so
+        on aiohttp, like the streams). Its own small pool: never queued behind the streams."""
+        if self._polls is None or self._polls.closed:
+            self._polls = aiohttp.ClientSession(self.url, headers=self._headers, auto_decompress=True,
+                                                connector=aiohttp.TCPConnector(limit=self.pool.control_connections))
+        try:
+            async with self._polls.get(path, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                return Polled(resp.status, await resp.read())
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise BackendError(f"{self.instance_id}: GET {path} failed: {exc!r}", status=503, retryable=True) from exc
+
     async def stream_post(self, path: str, payload: bytes) -> DataStream:
         """POST a JSON body on the data pool; the response once its headers are in. The caller
         holds a `slot()`; a refused connection or a timeout raises a retryable BackendError."""
@@ -125,8 +138,9 @@ class HTTPBackend(Backend):
     async def close(self) -> None:
         await self._client.aclose()
         await self._control.aclose()
-        if self._data is not None:
-            await self._data.close()
+        for session in (self._data, self._polls):
+            if session is not None:
+                await session.close()
 
     async def health(self) -> bool:
         try:
@@ -137,6 +151,21 @@ class HTTPBackend(Backend):
 
 
 _JSON = {"content-type": "application/json"}
+
+
+@dataclass(frozen=True)
+class Polled:
+    """A control GET's answer, read whole, in the shape callers use of an httpx.Response."""
+
+    status_code: int
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return orjson.loads(self.content)
 
 
 class DataStream:
@@ -201,7 +230,7 @@ def message_of(text: str, status: int) -> str:
     return _message_of_data(data)
 
 
-def error_message(resp: httpx.Response) -> str:
+def error_message(resp: httpx.Response | Polled) -> str:
     """The message of any engine error body: `{"error": {...}}`, `{"error": "..."}`,
     `{"object": "error", "message": ...}`, FastAPI's `{"detail": ...}` or plain text."""
     try:
@@ -225,7 +254,7 @@ def _message_of_data(data: Any) -> str:
     return json.dumps(data)[:500]
 
 
-def http_error(instance_id: str, resp: httpx.Response, message: str | None = None) -> BackendError:
+def http_error(instance_id: str, resp: httpx.Response | Polled, message: str | None = None) -> BackendError:
     """A GPU engine's error status as BackendError, named after the instance; only overload and
     gateway statuses (429, 502-504) are marked retryable on another instance."""
     status = resp.status_code

@@ -407,10 +407,7 @@ class SGLangBackend(HTTPBackend):
             "/v1/loads?include=core,disagg,queues,memory", "/get_load", "/metrics"]
         last_exc: BackendError | None = None
         for path in paths:
-            try:
-                resp = await self._control.get(path, timeout=_SHORT)
-            except httpx.HTTPError as exc:
-                raise BackendError(f"{self.instance_id}: load failed: {exc!r}", status=503, retryable=True) from exc
+            resp = await self.poll_get(path, _SHORT)
             if resp.status_code in (404, 405) and not self._load_path:
                 last_exc = http_error(self.instance_id, resp)
                 continue

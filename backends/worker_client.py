@@ -57,11 +57,9 @@ class WorkerBackend(HTTPBackend):
         return resp.json()
 
     async def load(self) -> LoadReport:
-        try:
-            resp = await self._control.get("/load", timeout=2.0)
-            resp.raise_for_status()
-        except httpx.HTTPError as exc:
-            raise BackendError(f"{self.instance_id}: load failed: {exc!r}", status=503) from exc
+        resp = await self.poll_get("/load", 2.0)
+        if resp.status_code >= 400:
+            raise BackendError(f"{self.instance_id}: load failed: HTTP {resp.status_code}", status=503)
         return LoadReport.from_dict(resp.json())
 
     async def info(self) -> dict[str, Any]:
