@@ -29,6 +29,9 @@ from orchestrator.errors import error_body, error_response, install_error_handle
 log = logging.getLogger("tetri.worker")
 _LEASE_REAP_INTERVAL_S = 0.5
 _PUSH_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=120.0, pool=10.0)
+# How long (and how many) KV pushes the prefill side remembers, so that a late abort still frees them.
+_PUSH_MEMORY_S = 60.0
+_MAX_PUSHES = 10_000
 
 
 async def _aiter(chunks: Iterator[memoryview | bytes]) -> AsyncIterator[memoryview | bytes]:
@@ -98,6 +101,20 @@ class KVLease:
     deadline: float
 
 
+@dataclass
+class KVPush:
+    """One prefill's KV hand-off, remembered for a while after it ends. The orchestrator aborts both
+    sides of a hand-off the client left; its abort can reach the decode worker before the pushed KV
+    lands there, and the lease made then would wait out its expiry (30 s). The prefill side sees the
+    push end, so it frees that lease itself: whichever of the abort and the push's end comes last
+    releases it, by lease id (a later attempt of the same request id keeps its own lease)."""
+
+    decode_url: str
+    expires: float
+    aborted: bool = False
+    lease_id: str | None = None
+
+
 class KVPushFailed(Exception):
     """The prefill side could not hand a KV to its decode worker: refused (503/507) or unreachable (502)."""
 
@@ -143,6 +160,7 @@ class WorkerState:
         # (layers, kv heads, head dim) of this engine's KV, when it says: what a pushed KV must match.
         self.kv_geometry: tuple[int, int, int] | None = None
         self.kv_pool_tokens: int | None = None
+        self.pushes: dict[str, KVPush] = {}  # by request id, oldest first
 
     async def load(self) -> LoadReport:
         snapshot = self.runner.snapshot
@@ -212,10 +230,36 @@ class WorkerState:
                 return None
         return self.kv_ports[decode_url]
 
-    async def release_lease(self, request_id: str) -> bool:
-        lease = self.leases.pop(request_id, None)
-        if lease is None:
+    def begin_push(self, request_id: str, decode_url: str) -> KVPush:
+        now = time.monotonic()
+        while self.pushes:  # forget expired records, and the oldest beyond the bound
+            oldest = next(iter(self.pushes))
+            if self.pushes[oldest].expires > now and len(self.pushes) < _MAX_PUSHES:
+                break
+            del self.pushes[oldest]
+        self.pushes.pop(request_id, None)  # a new attempt of the request replaces the earlier record
+        push = self.pushes[request_id] = KVPush(decode_url.rstrip("/"), now + _PUSH_MEMORY_S)
+        return push
+
+    async def drop_pushed(self, request_id: str, push: KVPush) -> None:
+        """Free the lease this push made on the decode worker (that lease only)."""
+        lease_id, push.lease_id = push.lease_id, None
+        if lease_id is None:
+            return
+        with contextlib.suppress(httpx.HTTPError):
+            await self.http.delete(f"{push.decode_url}/kv/{request_id}", params={"lease_id": lease_id}, timeout=5.0)
+
+    async def abort_push(self, request_id: str) -> None:
+        push = self.pushes.get(request_id)
+        if push is not None:
+            push.aborted = True
+            await self.drop_pushed(request_id, push)
+
+    async def release_lease(self, request_id: str, lease_id: str | None = None) -> bool:
+        lease = self.leases.get(request_id)
+        if lease is None or (lease_id is not None and lease.lease_id != lease_id):
             return False
+        del self.leases[request_id]
         await self.runner.call(lambda core: core.release_kv(request_id))
         return True
 
@@ -322,6 +366,7 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
             return refused
         if body.handoff is None:
             return _error(400, "prefill needs a handoff (decode_url)")
+        push = state.begin_push(body.request_id, body.handoff.decode_url)  # before an abort can come
         outputs = state.runner.submit(body.engine_request("prefill_only"))
         try:
             first = await outputs.__anext__()
@@ -340,24 +385,38 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
             return done
         assert first.kv is not None, "the runner exports a prefilled request's KV"
         if body.stream:
-            return StreamingResponse(prefill_lines(body, event, first.kv), media_type="application/x-ndjson")
+            return StreamingResponse(prefill_lines(body, event, first.kv, push), media_type="application/x-ndjson")
         try:
-            return {"first": asdict(event), "kv": await push_kv(body, event, first.kv)}
+            return {"first": asdict(event), "kv": await push_kv(body, event, first.kv, push)}
         except KVPushFailed as exc:
             return _error(exc.status, str(exc), code=exc.code, retry_after=exc.retry_after)
 
-    async def prefill_lines(body: WorkBody, event: TokenEvent, payload: KVPayload) -> AsyncIterator[str]:
+    async def prefill_lines(body: WorkBody, event: TokenEvent, payload: KVPayload,
+                            push: KVPush) -> AsyncIterator[str]:
         """The streamed /prefill: the first token goes out before the KV push starts."""
         yield json.dumps({"first": asdict(event)}) + "\n"
         try:
-            kv = await push_kv(body, event, payload)
+            kv = await push_kv(body, event, payload, push)
         except KVPushFailed as exc:
             yield json.dumps({**error_body(str(exc), "server_error", code=exc.code), "status": exc.status}) + "\n"
             return
         yield json.dumps({"kv": kv}) + "\n"
 
-    async def push_kv(body: WorkBody, event: TokenEvent, payload: KVPayload) -> dict[str, Any]:
-        """Push the KV to the decode worker; the handle the decode call claims it with."""
+    async def push_kv(body: WorkBody, event: TokenEvent, payload: KVPayload, push: KVPush) -> dict[str, Any]:
+        """Push the KV to the decode worker; the handle the decode call claims it with. The push
+        runs to its end even if the caller leaves (a thread cannot be stopped mid-send), and frees
+        its lease when the request was aborted or the caller left meanwhile."""
+        if push.aborted:
+            raise KVPushFailed(409, "the request was aborted before its KV push", "aborted")
+        task = asyncio.ensure_future(send_kv(body, event, payload, push))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, even with nobody waiting
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            push.aborted = True  # the caller left: nobody will claim the lease this push makes
+            raise
+
+    async def send_kv(body: WorkBody, event: TokenEvent, payload: KVPayload, push: KVPush) -> dict[str, Any]:
         rid = body.request_id
         assert body.handoff is not None
         nbytes = encoded_size(payload)
@@ -377,6 +436,10 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
                     # Our secrets differ: the HTTP API still takes the KV; stop trying the socket there.
                     log.warning("KV socket of %s refused our secret; pushing over HTTP from now on", decode_url)
                     state.kv_ports[decode_url] = None
+                except ConnectionRefusedError:
+                    # The decode worker restarted (same URL, new KV port): push this one over HTTP and
+                    # read its port again for the next.
+                    state.kv_ports.pop(decode_url, None)
             if lease is None:
                 resp = await state.http.put(f"{decode_url}/kv/{rid}", content=_aiter(encode_kv_chunks(payload)),
                                             params={"lease_s": lease_s}, headers={"content-length": str(nbytes)})
@@ -389,6 +452,10 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
         except (OSError, httpx.HTTPError) as exc:
             raise KVPushFailed(502, f"KV push to {decode_url} failed: {exc!r}", "kv_push_failed") from exc
         transfer_s = time.perf_counter() - started
+        push.lease_id = lease["lease_id"]
+        if push.aborted:  # aborted while the KV was on its way: the decode side's abort came too early
+            await state.drop_pushed(rid, push)
+            raise KVPushFailed(409, "the request was aborted during its KV push", "aborted")
         return {"request_id": rid, "num_tokens": payload.num_tokens, "first_token_id": event.token_ids[0],
                 "lease_id": lease["lease_id"], "lease_deadline": lease["deadline"], "nbytes": nbytes,
                 "transfer_s": transfer_s,
@@ -417,8 +484,8 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
             return _error(exc.status, str(exc), code="kv_refused", retry_after=1 if exc.status >= 500 else None)
 
     @app.delete("/kv/{request_id}")
-    async def drop_kv(request_id: str):
-        return {"released": await state.release_lease(request_id)}
+    async def drop_kv(request_id: str, lease_id: str | None = None):
+        return {"released": await state.release_lease(request_id, lease_id)}
 
     @app.post("/decode")
     async def decode(body: WorkBody):
@@ -433,6 +500,7 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
 
     @app.post("/abort")
     async def abort(body: AbortBody):
+        await state.abort_push(body.request_id)  # the prefill side: a push under way or just made
         released = await state.release_lease(body.request_id)
         await state.runner.call(lambda c: c.abort(body.request_id))
         return {"aborted": True, "lease_released": released}
