@@ -326,6 +326,11 @@ def test_client_leaves_and_kv_is_freed_within_a_second(healthy: Fleet, orchestra
 
         blocker = threading.Thread(target=block, daemon=True)
         blocker.start()
+        deadline = time.monotonic() + 30
+        while not [r for r in state.store.list_requests(state="prefilling") if r["prompt_tokens"] == len(LONG)]:
+            assert time.monotonic() < deadline, "the blocker never started its prefill"
+            time.sleep(0.01)
+            state.store.flush(timeout=5)
         prompt = LONG[:600]
     else:
         prompt = LONG if phase in ("prefilling", "handoff") else SHORT
