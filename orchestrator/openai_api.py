@@ -8,7 +8,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request
@@ -18,7 +18,7 @@ from starlette.types import Receive
 
 from backends.base import BackendError, SamplingParams, TokenEvent
 from orchestrator import metrics
-from orchestrator.errors import APIError, error_body
+from orchestrator.errors import APIError, error_body, error_responses
 from orchestrator.placement import Overloaded
 from orchestrator.serving import Job
 
@@ -52,12 +52,26 @@ _NOOPS: dict[str, tuple[Any, ...]] = {
 }
 
 
+def _documented(schema: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """A field's `json_schema_extra` that documents it as `schema`: what the API accepts, where a
+    check of its own (with a clearer 400 than pydantic's) enforces it rather than the field's type."""
+
+    def replace(field_schema: dict[str, Any]) -> None:
+        kept = {k: field_schema[k] for k in ("title", "description", "default") if k in field_schema}
+        field_schema.clear()
+        field_schema.update(schema, **kept)
+
+    return replace
+
+
 def _accepted(name: str) -> str:
     return " or ".join(["null", *(json.dumps(v) for v in _NOOPS[name])])
 
 
 def _unsupported(name: str, **constraints: Any) -> Any:
-    return Field(None, description=f"Not supported: only {_accepted(name)} (a no-op) is accepted.", **constraints)
+    doc = _documented({"anyOf": [*({"const": v} for v in _NOOPS[name]), {"type": "null"}]})
+    return Field(None, description=f"Not supported: only {_accepted(name)} (a no-op) is accepted.",
+                 json_schema_extra=doc, **constraints)
 
 
 def _unsupported_given(body: BaseModel) -> str | None:
@@ -73,7 +87,12 @@ def _unsupported_given(body: BaseModel) -> str | None:
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[dict[str, Any]] | None = Field(None, json_schema_extra=_documented({"anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "object", "required": ["type", "text"],  # text parts only
+                                    "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}},
+        {"type": "null"},
+    ]}))
 
     _content_utf8 = field_validator("content")(_utf8)
 
@@ -114,13 +133,119 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int]
+    prompt: str | list[int] = Field(json_schema_extra=_documented({"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}, "description": "Token ids."},
+    ]}))
     logprobs: StrictBool | int | None = _unsupported("logprobs")
     echo: StrictBool | None = _unsupported("echo")
     best_of: int | None = _unsupported("best_of", ge=1)
     suffix: str | None = _unsupported("suffix")
 
     _prompt_utf8 = field_validator("prompt")(_utf8)
+
+
+# ---- responses, as the OpenAPI document describes them (the routes build plain dicts) ----------------
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] = Field("assistant", description="In the first chunk only.")
+    content: str = Field("", description="Absent when the chunk has no text.")
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    finish_reason: str | None
+    logprobs: None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice] = Field(description="Empty in the last chunk with stream_options.include_usage.")
+    usage: Usage | None = Field(None, description="With stream_options.include_usage: null, and set in the last chunk.")
+
+
+class TextCompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice] = Field(description="Empty in the last chunk with stream_options.include_usage.")
+    usage: Usage | None = Field(None, description="With stream_options.include_usage: null, and set in the last chunk.")
+
+
+def _completion_responses(model: type[BaseModel], chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """A completion route's 200 is JSON, or with `stream: true` server-sent events; then its errors."""
+    # Before OpenAPI 3.2 a text/event-stream schema describes one event ({"data", "event", "id", "retry"}).
+    data = {"type": "string", "anyOf": [
+        {"const": "[DONE]", "description": "The end of the stream."},
+        {"contentMediaType": "application/json", "contentSchema": {"anyOf": [
+            chunk.model_json_schema(ref_template="#/components/schemas/{model}"),
+            {"$ref": "#/components/schemas/ErrorResponse", "description": "The request failed after it started."},
+        ]}},
+    ]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    ok = {"model": model, "description": "The completion; with stream: true, server-sent events: a chunk per event, "
+                                         "then `[DONE]`.",
+          "content": {"text/event-stream": {"schema": event}}}
+    return {200: ok, **error_responses(400, 404, 502, 503)}
 
 
 def _text_content(message: ChatMessage) -> str:
@@ -166,14 +291,15 @@ def build_router(app_state: Any) -> APIRouter:
         return SamplingParams(temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens,
                               stop=stop, seed=body.seed, ignore_eos=body.ignore_eos)
 
-    @router.get("/v1/models")
+    @router.get("/v1/models", response_model=None, responses={200: {"model": ModelList}})
     async def models() -> dict[str, Any]:
         now = int(time.time())
         return {"object": "list", "data": [
             {"id": m, "object": "model", "created": now, "owned_by": "tetri"} for m in app_state.served_models()
         ]}
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", response_model=None,
+                 responses=_completion_responses(ChatCompletion, ChatCompletionChunk))
     async def chat(body: ChatCompletionRequest, request: Request):
         check_supported(body)
         check_model(body.model)
@@ -188,7 +314,8 @@ def build_router(app_state: Any) -> APIRouter:
                   id=f"chatcmpl-{random.getrandbits(128):032x}")
         return await respond(job, body, request, chat=True)
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", response_model=None,
+                 responses=_completion_responses(TextCompletion, TextCompletionChunk))
     async def completions(body: CompletionRequest, request: Request):
         check_supported(body)
         check_model(body.model)
