@@ -110,7 +110,8 @@ class SamplingFields(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # Engines take a 64-bit seed (SGLang's JSON encoder refuses a larger int: a 500).
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     n: int | None = _unsupported("n", ge=1)
     # Strict: "yes" or 1 is a client's mistake, not a request to stream.
     stream: StrictBool | None = False
