@@ -215,7 +215,11 @@ class Server:
         model = job.model
         if mode == "disaggregated":
             return Route("disaggregated")
-        pd = self.cluster.usable("prefill", model, backend) and self.cluster.usable("decode", model, backend)
+        # A prefill instance this request already failed on does not count (one that just died looks
+        # healthy until the monitor's next polls, and acquire_prefill never retries it): with no other,
+        # the retry runs co-located. Decode instances do count (acquire_decode falls back to them).
+        pd = any(i.id not in failed for i in self.cluster.usable("prefill", model, backend)) and bool(
+            self.cluster.usable("decode", model, backend))
         if mode == "colocated" or not pd:
             if self._colocated_role(job, backend, failed) == "decode":
                 host = self.placement.pick_decode_host(self._view(job, None), model, backend, failed, test=None)
