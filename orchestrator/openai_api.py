@@ -399,29 +399,41 @@ def build_router(app_state: Any) -> APIRouter:
                 return head + body + tail_open
             return f'{head}{body}, "finish_reason": {json.dumps(finish)}, "logprobs": null}}]{usage_none}}}\n\n'
 
+        # The last chunk (the one with a finish reason) waits for the end of the stream, which follows
+        # at once, and goes out in one write with the usage and [DONE]: one send, not three.
+        last = ""
         try:
             async with contextlib.aclosing(events):
-                yield chunk(first.text, _finish(first.finish_reason), role=True)
+                if first.finish_reason is None:
+                    yield chunk(first.text, None, role=True)
+                else:
+                    last = chunk(first.text, _finish(first.finish_reason), role=True)
                 async for event in events:
+                    if last:
+                        yield last
+                        last = ""
                     if event.error:
                         yield f"data: {json.dumps(error_body(event.error, 'server_error', code='backend_error'))}\n\n"
-                    yield chunk(event.text, _finish(event.finish_reason))
+                    text = chunk(event.text, _finish(event.finish_reason))
+                    if event.finish_reason is None:
+                        yield text
+                    else:
+                        last = text
         except Exception as exc:  # noqa: BLE001 - the 200 is sent: any failure must end the stream properly
             if isinstance(exc, (Overloaded, BackendError)):
                 err = _midway_failure(job, exc)
             else:
                 log.exception("request %s: the stream failed", job.id)
                 err = APIError(500, f"internal error: {type(exc).__name__}", "server_error", code="internal_error")
-            yield f"data: {json.dumps(error_body(err.message, err.type, code=err.code))}\n\n"
-            yield "data: [DONE]\n\n"
+            yield f"{last}data: {json.dumps(error_body(err.message, err.type, code=err.code))}\n\ndata: [DONE]\n\n"
             return
         finally:
             metrics.COMPLETION_TOKENS.inc(job.completion_tokens)
         if include_usage:
             payload = {"id": job.id, "object": obj, "created": created, "model": job.model, "choices": [],
                        "usage": usage(job)}
-            yield f"data: {json.dumps(payload)}\n\n"
-        yield "data: [DONE]\n\n"
+            last += f"data: {json.dumps(payload)}\n\n"
+        yield last + "data: [DONE]\n\n"
 
     return router
 
