@@ -329,8 +329,10 @@ def build_router(app_state: Any) -> APIRouter:
             vocab = len(builder.tokenizer)
             if not body.prompt or any(t < 0 or t >= vocab for t in body.prompt):
                 raise APIError(400, f"prompt token ids must be non-empty and within [0, {vocab})", param="prompt")
-            prompt_ids, prompt_text = list(body.prompt), builder.tokenizer.decode(body.prompt)
-        job = Job(body.model, prompt_ids, sampling_of(body, len(prompt_ids)), prompt_text)
+            # Token ids: their text is decoded only if something reads it (the length predictor).
+            prompt_ids, prompt_text = list(body.prompt), ""
+        job = Job(body.model, prompt_ids, sampling_of(body, len(prompt_ids)), prompt_text,
+                  detokenize=None if prompt_text else builder.tokenizer.decode)
         return await respond(job, body, request, chat=False)
 
     async def respond(job: Job, body: SamplingFields, request: Request, chat: bool):

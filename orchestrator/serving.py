@@ -37,6 +37,8 @@ class Job:
     prompt_ids: list[int]
     sampling: SamplingParams
     prompt_text: str = ""
+    # A prompt given as token ids: how to get its text, called only when something needs it.
+    detokenize: Callable[[list[int]], str] | None = field(default=None, repr=False)
     id: str = field(default_factory=lambda: f"cmpl-{random.getrandbits(128):032x}")
     arrival: float = field(default_factory=time.time)
     # Observed by the API layer for usage and by the store for the record.
@@ -56,6 +58,13 @@ class Job:
     text_tail: str = ""
     break_before: str = ""
     break_after: str = ""
+
+    @property
+    def text(self) -> str:
+        """The prompt's text (decoded from its ids on first use when it came as ids)."""
+        if not self.prompt_text and self.detokenize is not None:
+            self.prompt_text = self.detokenize(self.prompt_ids)
+        return self.prompt_text
 
     @cached_property
     def stop_window(self) -> int:
@@ -436,7 +445,7 @@ class Server:
 
     async def _predict(self, job: Job) -> int | None:
         meta = {"output_len": job.sampling.max_tokens} if job.sampling.ignore_eos else {}
-        return await self.predictions.predict(job.prompt_text, len(job.prompt_ids), meta)
+        return await self.predictions.predict(job.text, len(job.prompt_ids), meta)
 
     def _first_token(self, job: Job) -> None:
         if job.first_token_at is not None:  # a migrated request's next attempt
