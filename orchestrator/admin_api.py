@@ -8,7 +8,7 @@ import math
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 
 from backends.base import BackendError, Role
@@ -114,7 +114,7 @@ def build_admin_router(app_state: Any) -> APIRouter:
         return row
 
     @router.get("/events")
-    async def events(kind: str | None = None, limit: int = 100) -> dict[str, Any]:
+    async def events(kind: str | None = None, limit: int = Query(100, ge=1, le=10_000)) -> dict[str, Any]:
         return {"events": await asyncio.to_thread(app_state.store.list_events, kind=kind, limit=limit)}
 
     @router.get("/plan")

@@ -29,9 +29,7 @@ EXAMPLES = 25
 # Fixed examples in the suite (no flakes); TETRI_SCHEMATHESIS_EXPLORE=1 draws new ones each run.
 DERANDOMIZE = not os.environ.get("TETRI_SCHEMATHESIS_EXPLORE")
 # Operations whose run is known to fail, and why: a bug outside this test's files, to fix there.
-KNOWN_FAILURES: dict[str, str] = {
-    "GET /admin/events": "limit is unbounded: limit=2**64 overflows SQLite's INTEGER (a 500); admin_api.py",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
