@@ -183,6 +183,24 @@ def profile(
     profile_command(model, device, json_out)
 
 
+@app.command()
+def status(
+    url: Annotated[str, typer.Option(help="Orchestrator base URL.")] = "http://127.0.0.1:8000",
+) -> None:
+    """Instances (role, backend, state, queue, KV use) and pools of a running orchestrator
+    (admin API: the token comes from TETRI_ADMIN_TOKEN)."""
+    from rich.console import Console
+
+    from orchestrator.status import StatusError, fetch_status, render_status
+
+    try:
+        instances, stats = fetch_status(url, os.environ.get("TETRI_ADMIN_TOKEN"))
+    except StatusError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    render_status(instances, stats, Console())
+
+
 @db_app.command("upgrade")
 def db_upgrade(url: Annotated[str | None, typer.Option(help="SQLAlchemy URL.")] = None) -> None:
     """Apply the Alembic migrations (SQLite file by default, TETRI_DATABASE_URL otherwise)."""
