@@ -68,7 +68,8 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     model: Annotated[Path | None, typer.Option(help="model file (default: the shipped one)")] = None,
     data: Annotated[Path | None, typer.Option(help="JSONL from `label` (default: ShareGPT test split)")] = None,
-    png: Annotated[Path | None, typer.Option(help="confusion-matrix PNG path")] = None,
+    png: Annotated[Path | None, typer.Option("--plot", "--png", help="write the confusion matrix as a PNG here "
+                                             "(none is written without it)")] = None,
     latency_n: Annotated[int, typer.Option(help="prompts timed one at a time")] = 300,
 ) -> None:
     """Accuracy, majority baseline, within-one-bucket, heavy recall and latency on the test split."""
@@ -103,11 +104,12 @@ def evaluate(
     prompts = ev.templated(sample, load_default_tokenizer())
     result.update(ev.single_prompt_latency(predictor, prompts))
     true = np.array([min(n // granularity, k - 1) for n in lengths])
-    png = png or Path.cwd() / f"predictor_confusion_g{granularity}.png"
-    ev.plot_confusion(ev.confusion(pred, true, k), granularity, png,
-                      f"g={granularity}: accuracy {result['accuracy']:.3f} "
-                      f"(majority {result['majority_accuracy']:.3f}), n={len(test)}")
-    result["confusion_png"] = str(png)
+    # Files only where the operator asked for them: an eval must not litter the current directory.
+    if png is not None:
+        ev.plot_confusion(ev.confusion(pred, true, k), granularity, png,
+                          f"g={granularity}: accuracy {result['accuracy']:.3f} "
+                          f"(majority {result['majority_accuracy']:.3f}), n={len(test)}")
+        result["confusion_png"] = str(png)
     result["model"] = str(path)
     result["eval_s"] = round(time.time() - t0, 1)
     if as_json:
@@ -122,7 +124,8 @@ def evaluate(
     for key, val in result.items():
         table.add_row(key, f"{val:.4f}" if isinstance(val, float) else str(val))
     Console().print(table)
-    typer.echo(f"confusion matrix: {png}")
+    if png is not None:
+        typer.echo(f"confusion matrix: {png}")
 
 
 @app.command()

@@ -254,7 +254,7 @@ def test_shipped_artifact_loads() -> None:
         assert 0 <= b < default_num_buckets(g)
 
 
-def test_cli_eval_json_on_labelled_file(small_model, tmp_path: Path) -> None:
+def test_cli_eval_json_on_labelled_file(small_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
     from predictor.cli import app
@@ -278,5 +278,16 @@ def test_cli_eval_json_on_labelled_file(small_model, tmp_path: Path) -> None:
     assert out["granularity"] == 200 and out["n"] == len(ex["test"])
     assert 0.0 <= out["accuracy"] <= 1.0 and out["p50_latency_ms"] > 0
     assert png.exists() and png.stat().st_size > 1000
+    # Without --plot nothing is written, in the current directory or elsewhere.
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    res = CliRunner().invoke(app, ["eval", "-g", "200", "--model", str(path), "--data", str(data),
+                                   "--latency-n", "10"])
+    assert res.exit_code == 0, res.output
+    assert list(cwd.iterdir()) == [] and "confusion matrix" not in res.output
+    res = CliRunner().invoke(app, ["eval", "--json", "-g", "200", "--model", str(path), "--data", str(data),
+                                   "--plot", str(cwd / "p.png"), "--latency-n", "10"])
+    assert res.exit_code == 0 and (cwd / "p.png").exists()
     bad = CliRunner().invoke(app, ["eval", "-g", "100", "--model", str(path), "--data", str(data)])
     assert bad.exit_code == 2 and "granularity 100" in bad.output
