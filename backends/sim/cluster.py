@@ -96,6 +96,11 @@ class SystemConfig:
     layout_plan: str = "work_share"  # work_share (analytic) | simulated (candidates simulated: planner.py)
     plan_objective: str = "balanced"  # simulated plan: balanced (TTFT x JCT) | ttft | jct | slo
     plan_ttft_slo_ms: float = 200.0  # slo: the p99 TTFT a layout must meet; the least mean JCT among those
+    # slo, in full: a layout meets it when plan_slo_share of its requests meet both plan_ttft_slo_ms and
+    # plan_tpot_slo_ms (planner.slo_attainment, what `tetri bench goodput` measures); the defaults (TPOT
+    # unbounded, 99%) are the p99 TTFT rule
+    plan_tpot_slo_ms: float = float("inf")
+    plan_slo_share: float = 0.99
     # simulated plan: the resample of the traffic spans plan_horizon_s at the workload's rate, within bounds
     plan_horizon_s: float = 60.0
     plan_min_requests: int = 1000

@@ -10,9 +10,12 @@ Two planners, both from the workload's rate and lengths (what an operator sizing
   kept up. So it simulates the candidates (the analytic split, its neighbours and no prefill pool at
   all) on a resample of the traffic and keeps the best by the objective (``plan_objective``):
   ``balanced`` (the product of mean TTFT and mean JCT: equal weight to their relative changes),
-  ``ttft``, ``jct``, or ``slo``: the least mean JCT among the candidates whose p99 TTFT meets
-  ``plan_ttft_slo_ms`` (as an SLO-driven planner, e.g. NVIDIA Dynamo's, sizes pools to a TTFT
-  target), or the least p99 TTFT when none does. A finite resample cannot see a decode pool that
+  ``ttft``, ``jct``, or ``slo``: the least mean JCT among the candidates whose SLO attainment
+  (``slo_attainment``: the share of requests whose TTFT meets ``plan_ttft_slo_ms`` and whose TPOT
+  meets ``plan_tpot_slo_ms``, the definition ``tetri bench goodput`` measures) is at least
+  ``plan_slo_share`` (as an SLO-driven planner, e.g. NVIDIA Dynamo's, sizes pools to its targets),
+  or the highest attainment (then the least p99 TTFT) when none does. The defaults, no TPOT target
+  and 99%, are a p99 TTFT target. A finite resample cannot see a decode pool that
   falls behind slowly (its backlog grows by a few percent a minute), so a candidate with a pool
   over its steady-state capacity (decode: ``capacity.decode_floor``; prefill: its work at the
   knee's tokens/s) is dropped while another can keep up; when none can, the one that falls behind
@@ -124,16 +127,38 @@ def planning_sample(
     return out
 
 
-def _rank(objective: str, ttft: float, p99_ttft: float, jct: float, slo_ms: float) -> tuple[int, float]:
-    """(tier, score), least first: a candidate that misses the TTFT SLO ranks after every one that
-    meets it, and among those by its p99 TTFT."""
+def meets_slo(rec: dict[str, Any], ttft_slo_ms: float, tpot_slo_ms: float = math.inf) -> bool:
+    """A finished request whose TTFT is within ``ttft_slo_ms`` and whose TPOT (undefined for a
+    one-token answer: not checked) is within ``tpot_slo_ms``. A request that failed or never
+    finished misses."""
+    if rec.get("error") is not None or rec.get("jct_s") is None or rec.get("ttft_s") is None:
+        return False
+    if 1000.0 * rec["ttft_s"] > ttft_slo_ms:
+        return False
+    tpot = rec.get("tpot_s")
+    return tpot is None or 1000.0 * tpot <= tpot_slo_ms
+
+
+def slo_attainment(records: Sequence[dict[str, Any]], ttft_slo_ms: float, tpot_slo_ms: float = math.inf) -> float:
+    """The share of ``records`` (request dicts: ttft_s, tpot_s, jct_s, error) that meet both SLOs;
+    every request counts, unfinished ones as misses. Goodput is the highest rate at which this stays
+    at or above a target share (``bench.goodput``)."""
+    if not records:
+        raise ValueError("no requests to score")
+    return sum(1 for r in records if meets_slo(r, ttft_slo_ms, tpot_slo_ms)) / len(records)
+
+
+def _rank(objective: str, ttft: float, p99_ttft: float, jct: float, attained: float,
+          share: float) -> tuple[int, float, float]:  # fmt: skip
+    """(tier, score, tie-break), least first: a candidate whose SLO attainment is under ``share``
+    ranks after every one that meets it, and among those by its attainment, then its p99 TTFT."""
     if objective == "ttft":
-        return 0, ttft
+        return 0, ttft, 0.0
     if objective == "jct":
-        return 0, jct
+        return 0, jct, 0.0
     if objective == "slo":
-        return (0, jct) if p99_ttft <= slo_ms else (1, p99_ttft)
-    return 0, math.log(max(ttft, 1e-9)) + math.log(max(jct, 1e-9))
+        return (0, jct, 0.0) if attained >= share else (1, 1.0 - attained, p99_ttft)
+    return 0, math.log(max(ttft, 1e-9)) + math.log(max(jct, 1e-9)), 0.0
 
 
 def plan_layout(
@@ -171,7 +196,7 @@ def plan_layout(
     rejected = {f"{p}:{n - p}": utils[p] for p in cands if p not in keep}
     cands = keep
     scores: dict[str, dict[str, float]] = {}
-    best: tuple[tuple[int, float], int] | None = None
+    best: tuple[tuple[int, float, float], int] | None = None
     for p in cands:
         sub = replace(cfg, pd_ratio=f"{p}:{n - p}", layout_plan="work_share")
         res = ClusterSim(sub, timing, n, sample, seed=seed).run()
@@ -181,11 +206,13 @@ def plan_layout(
         ttft = 1000.0 * sum(r["ttft_s"] for r in done) / len(done)
         p99 = 1000.0 * sorted(r["ttft_s"] for r in done)[int(0.99 * (len(done) - 1))]
         jct = 1000.0 * sum(r["jct_s"] for r in done) / len(done)
-        rank = _rank(cfg.plan_objective, ttft, p99, jct, cfg.plan_ttft_slo_ms)
+        attained = slo_attainment(done, cfg.plan_ttft_slo_ms, cfg.plan_tpot_slo_ms)
+        rank = _rank(cfg.plan_objective, ttft, p99, jct, attained, cfg.plan_slo_share)
         scores[f"{p}:{n - p}"] = {"mean_ttft_ms": ttft, "p99_ttft_ms": p99, "mean_jct_ms": jct, "score": rank[1],
                                   "util": utils[p]}  # fmt: skip
         if cfg.plan_objective == "slo":
             scores[f"{p}:{n - p}"]["meets_slo"] = rank[0] == 0
+            scores[f"{p}:{n - p}"]["slo_attainment"] = attained
         if best is None or rank < best[0]:
             best = (rank, p)
     p = best[1] if best is not None else first_guess
