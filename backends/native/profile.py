@@ -15,6 +15,7 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -158,6 +159,7 @@ def profile_knee(
     budget_s: float | None = None,
     early_stop: bool = True,
     rounds: int = 1,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ProfileResult:
     """Sweep tokens per prefill forward pass; return the curve and the knee (and cache it).
 
@@ -199,6 +201,8 @@ def profile_knee(
             if early_stop and (below >= STOP_AFTER or time.perf_counter() - started + predicted > budget):
                 break
         measure(n)
+        if progress is not None:  # (sizes done, sizes at most): a first run shows how far it is
+            progress(len(best), len(sizes))
         peak = max(k / v for k, v in best.items())
         below = below + 1 if n / best[n] < STOP_FRACTION * peak else 0
     for _ in range(rounds - 1):
