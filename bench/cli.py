@@ -339,6 +339,96 @@ def headroom(
 
 
 @app.command()
+def goodput(
+    workload_names: Annotated[str, typer.Option("--workload", "-w", help="Comma-separated workloads.")] = "Mixed",
+    systems: Annotated[str, typer.Option(help="Comma-separated systems; 'name+key=value' overrides.")] = (
+        "colocated-vllm,colocated-sarathi,disagg-simple,tetri"
+    ),
+    backend: Annotated[str, typer.Option(help="sim (cluster simulator) or native (live, small scale).")] = "sim",
+    profile: Annotated[str, typer.Option(help="Timing profile of one instance (sim).")] = "h100-llama-2-7b",
+    instances: Annotated[int, typer.Option(help="Instances, the same for every system.")] = 16,
+    kv_tokens: Annotated[str, typer.Option(help="KV regimes, comma-separated: tokens per instance or "
+                                                "'profile' (the profile's full pool).")] = "profile",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds (workload draw, arrivals, predictor).")] = "0",
+    slo_ttft_ms: Annotated[float | None, typer.Option(help="TTFT SLO, ms (default: 5x the baseline's "
+                                                           "light-load mean TTFT).")] = None,
+    slo_tpot_ms: Annotated[float | None, typer.Option(help="TPOT SLO, ms (default: 1.5x the baseline's "
+                                                           "light-load mean TPOT).")] = None,
+    share: Annotated[float, typer.Option(help="Share of requests that must meet both SLOs.")] = 0.9,
+    span_s: Annotated[float, typer.Option(help="Seconds of Poisson arrivals per probe.")] = 60.0,
+    rel_tol: Annotated[float, typer.Option(help="Bisect until the bracket is this close (relative).")] = 0.03,
+    jobs: Annotated[int, typer.Option(help="Worker processes (sim).")] = 1,
+    rate_hint: Annotated[float, typer.Option(help="native: first guess of the goodput, req/s.")] = 1.0,
+    out: Annotated[Path, typer.Option(help="Folder for goodput.md, goodput_attainment.png, results.json.")] = Path(
+        "bench-goodput"
+    ),
+) -> None:
+    """Goodput: the highest Poisson rate per instance at which a share of requests (90%) meets both a
+    TTFT and a TPOT SLO, bisected for each system; a Markdown table, an attainment plot, results.json."""
+    from rich.progress import Progress
+
+    from backends.sim.cluster import system_config
+    from backends.sim.profiles import profile_names
+    from bench.goodput import goodput_live, goodput_sim, markdown, write
+    from bench.workloads import WORKLOADS
+
+    names = split_systems(systems)
+    wls = _split_list(workload_names)
+    if not names:
+        raise typer.BadParameter("name at least one system", param_hint="--systems")
+    for name in names:
+        try:
+            system_config(name)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--systems") from exc
+    bad = [w for w in wls if w not in WORKLOADS and not w.startswith(("synthetic:", "trace:"))]
+    if not wls or bad:
+        raise typer.BadParameter(f"unknown {bad or 'none'}; known: {', '.join(WORKLOADS)}", param_hint="--workload")
+    if backend not in ("sim", "native"):
+        raise typer.BadParameter("sim or native", param_hint="--backend")
+    if profile not in profile_names():
+        raise typer.BadParameter(f"known: {', '.join(profile_names())}", param_hint="--profile")
+    if not 1 <= instances <= 512:
+        raise typer.BadParameter("between 1 and 512", param_hint="--instances")
+    if not 0 < share <= 1:
+        raise typer.BadParameter("a share in (0, 1]", param_hint="--share")
+    for value, hint in ((slo_ttft_ms, "--slo-ttft-ms"), (slo_tpot_ms, "--slo-tpot-ms")):
+        if value is not None and not 0 < value < math.inf:
+            raise typer.BadParameter("a positive number of milliseconds", param_hint=hint)
+    try:
+        seed_list = [int(x) for x in _split_list(seeds)]
+        kvs = [None if x == "profile" else int(x) for x in _split_list(kv_tokens)]
+    except ValueError as exc:
+        raise typer.BadParameter(f"integers: {exc}") from exc
+    if not seed_list or not kvs or any(k is not None and k <= 0 for k in kvs):
+        raise typer.BadParameter("seeds and KV regimes: at least one each, KV tokens positive")
+    if span_s <= 0 or not 0 < rel_tol < 1 or jobs < 1:
+        raise typer.BadParameter("--span-s > 0, 0 < --rel-tol < 1, --jobs >= 1")
+    with Progress(transient=True) as bar:
+        if backend == "sim":
+            task = bar.add_task("goodput", total=len(wls) * len(kvs) * len(seed_list) * len(names))
+
+            def step(msg: str) -> None:
+                bar.update(task, advance=1, description=msg[:70])
+                bar.console.print(msg)
+
+            doc = goodput_sim(wls, names, seed_list, kvs, profile, instances, span_s, share, slo_ttft_ms,
+                              slo_tpot_ms, rel_tol, jobs, progress=step)  # fmt: skip
+        else:
+            task = bar.add_task("goodput (live)", total=None)
+
+            def step(msg: str) -> None:
+                bar.update(task, description=msg[:70])
+                bar.console.print(msg)
+
+            doc = goodput_live(wls[0], names, instances, span_s, share, slo_ttft_ms, slo_tpot_ms, seed_list[0],
+                               rate_hint, progress=step)  # fmt: skip
+    paths = write(doc, out)
+    typer.echo(markdown(doc))
+    typer.echo(f"wrote {paths['report']}, {paths['plot'].name}, {paths['results'].name}")
+
+
+@app.command()
 def calibrate(
     save: Annotated[bool, typer.Option(help="Save as the cpu-smollm2 profile.")] = True,
     out: Annotated[Path | None, typer.Option(help="Where to save (default: cache_dir()/sim/cpu-smollm2.json; "
