@@ -183,11 +183,17 @@ def profile(
     model: Annotated[str, typer.Option(help="Model spec.")] = "smollm2-135m-instruct",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    sizes: Annotated[str | None, typer.Option(help="Comma-separated tokens per pass.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Re-measure; say whether the cached knee still holds "
+                                        "(exit 1 if not); cache nothing.")] = False,
 ) -> None:
     """Sweep tokens per prefill pass; print the curve and the saturation knee (cached)."""
     from backends.native.profile import profile_command
 
-    profile_command(model, device, json_out)
+    try:
+        profile_command(model, device, json_out, sizes, check=check)
+    except SystemExit as exc:
+        raise typer.Exit(int(exc.code or 0)) from None
 
 
 @app.command()

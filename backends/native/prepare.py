@@ -72,6 +72,8 @@ def ensure_profiled(spec: str, device: str, console: Console) -> None:
             result = profile.profile_knee(spec, device, progress=on_size)
             bar.update(task, completed=bar.tasks[0].total or 1, total=bar.tasks[0].total or 1, note="done")
         console.print(f"chunk size: [bold]{result.knee}[/] tokens per forward pass")
+        for warning in result.warnings():
+            console.print(f"[yellow]warning:[/] {warning}")
 
 
 def prepare(spec: str, device: str = "cpu", chunk_size: str = "auto", console: Console | None = None) -> None:

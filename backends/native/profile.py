@@ -5,16 +5,25 @@ per forward pass that reaches (within 5%) the peak prefill throughput. `profile_
 that size, `resolve_chunk_size("auto", ...)` returns the knee cached per (device, model) under
 `cache_dir()/profiles/`, profiling once when there is none. Also here: decode tokens/s against
 batch size (for docs/benchmarks.md).
+
+So that one noisy pass cannot decide the chunk size, each size is timed several times and its
+median kept, and the knee comes from a fitted saturation curve, throughput(t) = a·t/(t^n + k^n)^(1/n)
+(n = 1: a fixed per-pass cost plus a per-token cost; larger n, a sharper knee): the smallest swept
+size within 5% of the fitted asymptote a. When the range ends before that, the profile says "no
+knee within range" (and the largest size is used) instead of calling the last point a knee. The
+load average during the sweep is recorded, and a profile taken on a busy machine is flagged.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import re
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +37,8 @@ from orchestrator.config import cache_dir
 if TYPE_CHECKING:
     from backends.native.engine import NativeEngine
 
+log = logging.getLogger(__name__)
+
 DEFAULT_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
 KNEE_TOLERANCE = 0.05
 # Prompts in one profiled pass are at most this long: a big chunk packs several prompts, as the
@@ -40,6 +51,11 @@ BUDGET_SECONDS = {"cpu": 30.0, "cuda": 120.0}
 # Past the peak, stop after this many sizes in a row below STOP_FRACTION of the best so far.
 STOP_AFTER = 2
 STOP_FRACTION = 0.9
+# Each size is timed at least this many times; its median pass counts.
+REPEATS = 5
+# A profile taken with the 1-minute load average above this fraction of the cores was competing
+# with other work: flagged, and worth re-taking (`tetri profile --check`).
+HIGH_LOAD_PER_CORE = 0.5
 
 
 @dataclass
@@ -51,9 +67,31 @@ class ProfileResult:
     peak_tokens_per_s: float = 0.0
     created: float = field(default_factory=time.time)
     pack_prompt_tokens: int = PACK_PROMPT_TOKENS
+    # False: throughput was still rising at the largest size ("no knee within range"); `knee` is
+    # then that largest size, the best known, not a measured saturation point.
+    knee_found: bool = True
+    fit: dict[str, float] | None = None  # `saturation` fitted: {"a": asymptote tokens/s, "k", "n", "r2"}
+    repeats: int = 1
+    loadavg: float | None = None  # the highest 1-minute load average seen during the sweep
+    cpu_count: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def high_load(self) -> bool:
+        return self.loadavg is not None and self.loadavg > HIGH_LOAD_PER_CORE * (self.cpu_count or 1)
+
+    def warnings(self) -> list[str]:
+        out = []
+        if not self.knee_found:
+            top = max(n for n, _ in self.curve)
+            out.append(f"no knee within range: throughput was still rising at {top} tokens per pass; "
+                       f"using {self.knee} (sweep larger --sizes to find the knee)")
+        if self.high_load:
+            out.append(f"profiled under load (load average {self.loadavg:.1f} on {self.cpu_count} cores): other "
+                       "work competed for the machine; re-check on a quiet one (`tetri profile --check`)")
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProfileResult:
@@ -63,9 +101,86 @@ class ProfileResult:
 
 
 def find_knee(curve: list[tuple[int, float]], tolerance: float = KNEE_TOLERANCE) -> int:
-    """Smallest size whose throughput is within `tolerance` of the peak."""
+    """Smallest size whose throughput is within `tolerance` of the peak (the raw-point rule; the
+    profile uses `fit_knee`, which this one backs up when no curve fits)."""
     peak = max(tps for _n, tps in curve)
     return min(n for n, tps in curve if tps >= (1.0 - tolerance) * peak)
+
+
+@dataclass
+class KneeFit:
+    knee: int  # the smallest swept size within tolerance of the asymptote, else the largest size
+    found: bool
+    a: float | None = None
+    k: float | None = None
+    n: float | None = None
+    r2: float | None = None
+
+    def predict(self, t: float) -> float:
+        assert self.a is not None and self.k is not None and self.n is not None
+        return saturation(t, self.a, self.k, self.n)
+
+
+def saturation(t: Any, a: float, k: float, n: float) -> Any:
+    """a·t / (t^n + k^n)^(1/n): linear (a·t/k) for small t, flat (a) for large t; n = 1 is a fixed
+    per-pass cost plus a per-token cost (a·t/(t + k)), larger n a sharper knee (a roofline)."""
+    import numpy as np
+
+    t = np.asarray(t, dtype=float)
+    return a * np.exp(np.log(t) - np.logaddexp(n * np.log(t), n * np.log(k)) / n)
+
+
+def fit_knee(curve: list[tuple[int, float]], tolerance: float = KNEE_TOLERANCE) -> KneeFit:
+    """Fit `saturation` to the (median) points; the knee is the smallest swept size whose fitted
+    throughput is within `tolerance` of the fitted asymptote a. None such (the range ends while
+    the curve still climbs): not found, and the largest size stands in. One outlying point moves
+    a fitted curve a little, not the knee to wherever the outlier is (as an arg-max would)."""
+    import numpy as np
+    from scipy.optimize import OptimizeWarning, curve_fit
+
+    sizes = np.array([n for n, _ in curve], dtype=float)
+    tps = np.array([v for _, v in curve], dtype=float)
+    largest = int(sizes.max())
+    if len(curve) < 3:  # too few points to fit: the raw rule, and a knee only short of the end
+        knee = find_knee(curve, tolerance)
+        return KneeFit(knee, knee < largest or len(curve) == 1)
+
+    def model(t: Any, a: float, log_k: float, n: float) -> Any:
+        return saturation(t, a, float(np.exp(log_k)), n)
+
+    best: tuple[float, Any] | None = None
+    for n0 in (1.0001, 2.0, 4.0, 8.0):  # a few starts: the sharpness is the hard parameter
+        try:
+            with warnings.catch_warnings():  # an exact or flat fit has no covariance: not our concern
+                warnings.simplefilter("ignore", OptimizeWarning)
+                params, _ = curve_fit(model, sizes, tps, p0=(float(tps.max()), float(np.log(np.median(sizes))), n0),
+                                      bounds=([1e-9, -10.0, 1.0], [np.inf, 30.0, 30.0]), maxfev=20_000)
+        except (RuntimeError, ValueError):
+            continue
+        sse = float(((tps - model(sizes, *params)) ** 2).sum())
+        if best is None or sse < best[0]:
+            best = (sse, params)
+    if best is None:
+        knee = find_knee(curve, tolerance)
+        return KneeFit(knee, knee < largest)
+    sse, (a, log_k, n) = best
+    k = float(np.exp(log_k))
+    total = float(((tps - tps.mean()) ** 2).sum())
+    r2 = 1.0 - sse / total if total > 0 else 1.0
+    # saturation(t) >= (1 - tol)·a  <=>  t >= k·(q / (1 - q))^(1/n), q = (1 - tol)^n
+    q = (1.0 - tolerance) ** n
+    threshold = k * (q / (1.0 - q)) ** (1.0 / n)
+    reached = [int(x) for x in sizes if x >= threshold * (1 - 1e-9)]
+    if reached:
+        return KneeFit(min(reached), True, float(a), k, float(n), r2)
+    return KneeFit(largest, False, float(a), k, float(n), r2)
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not on every platform
+        return None
 
 
 def device_name(device: str | torch.device = "cpu") -> str:
@@ -160,13 +275,15 @@ def profile_knee(
     early_stop: bool = True,
     rounds: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    repeats: int = REPEATS,
 ) -> ProfileResult:
     """Sweep tokens per prefill forward pass; return the curve and the knee (and cache it).
 
     Sizes go up from the smallest; the sweep stops early once throughput has clearly fallen
     past its peak (STOP_AFTER sizes below STOP_FRACTION of the best) or the time budget is spent.
-    Each size keeps its best pass; `rounds` > 1 repeats the sweep (over the sizes the first
-    round reached), which filters out interference from other work on a shared machine.
+    Each size is timed at least `repeats` times and its median pass counts; `rounds` > 1 repeats
+    the sweep (over the sizes the first round reached), adding to each size's samples. The knee
+    comes from `fit_knee`.
     """
     if engine is None:
         from backends.native.engine import NativeEngine
@@ -181,42 +298,56 @@ def profile_knee(
     # Warm up (allocator, kernels, thread pools) on a mid-size pass.
     _prefill_pass_seconds(engine, min(sizes[len(sizes) // 2], 256), gen)
     budget = budget_s if budget_s is not None else BUDGET_SECONDS.get(engine.device.type, 60.0)
+    repeats = max(1, repeats)
     started = time.perf_counter()
-    best: dict[int, float] = {}
+    samples: dict[int, list[float]] = {}
+    load = [_loadavg()]
+
+    def med(n: int) -> float:
+        return statistics.median(samples[n])
 
     def measure(n: int) -> None:
         spent, reps = 0.0, 0
-        while reps < 1 or (spent < min_s and reps < 20):
+        while reps < repeats or (spent < min_s and reps < 20):
             dt = _prefill_pass_seconds(engine, n, gen)
-            best[n] = min(best.get(n, float("inf")), dt)
+            samples.setdefault(n, []).append(dt)
             spent += dt
             reps += 1
 
     below = 0
     for n in sizes:
-        if best:
-            # Stop past the peak, or when one pass of this size would overrun the budget.
-            last = max(best)
-            predicted = n * best[last] / last
+        if samples:
+            # Stop past the peak, or when this size's passes would overrun the budget.
+            last = max(samples)
+            predicted = repeats * n * med(last) / last
             if early_stop and (below >= STOP_AFTER or time.perf_counter() - started + predicted > budget):
                 break
         measure(n)
         if progress is not None:  # (sizes done, sizes at most): a first run shows how far it is
-            progress(len(best), len(sizes))
-        peak = max(k / v for k, v in best.items())
-        below = below + 1 if n / best[n] < STOP_FRACTION * peak else 0
+            progress(len(samples), len(sizes))
+        peak = max(k / med(k) for k in samples)
+        below = below + 1 if n / med(n) < STOP_FRACTION * peak else 0
     for _ in range(rounds - 1):
-        for n in sorted(best):
+        for n in sorted(samples):
             measure(n)
-    curve = [(n, n / best[n]) for n in sorted(best)]
-    knee = find_knee(curve)
+    load.append(_loadavg())
+    curve = [(n, n / med(n)) for n in sorted(samples)]
+    fit = fit_knee(curve)
+    seen = [x for x in load if x is not None]
     result = ProfileResult(
         model=engine.model_name,
         device=device_name(engine.device),
         curve=curve,
-        knee=knee,
+        knee=fit.knee,
         peak_tokens_per_s=max(t for _n, t in curve),
+        knee_found=fit.found,
+        fit=None if fit.a is None else {"a": fit.a, "k": fit.k or 0.0, "n": fit.n or 1.0, "r2": fit.r2 or 0.0},
+        repeats=repeats,
+        loadavg=max(seen) if seen else None,
+        cpu_count=os.cpu_count(),
     )
+    for warning in result.warnings():
+        log.warning("chunk-size profile of %s: %s", result.model, warning)
     if save:
         save_cached(result, engine.device)
     return result
@@ -236,6 +367,8 @@ def resolve_chunk_size(
     name = engine.model_name if engine is not None else model
     cached = load_cached(name, device)
     if cached is not None:
+        for warning in cached.warnings():  # a knee that may not be one is worth a line in the log
+            log.warning("cached chunk-size profile of %s: %s", name, warning)
         return cached.knee
     # Workers starting together profile once: the others wait for the lock, then read the cache.
     with file_lock(f"profile-{_slug(device_name(device))}-{_slug(name)}"):
@@ -303,34 +436,73 @@ except ImportError:  # pragma: no cover - typer is a dependency
     _Sizes = str | None  # type: ignore[misc]
 
 
+def check_knee(cached: ProfileResult, fresh: ProfileResult) -> tuple[bool, str]:
+    """Does the cached knee still hold against a fresh measurement? Yes when the fresh knee is
+    within one doubling of it (the sweep's own resolution) and both found a knee."""
+    if not fresh.knee_found:
+        return False, f"the fresh sweep found no knee within range (still rising at {fresh.knee})"
+    if not cached.knee_found:
+        return False, f"the cached profile had no knee; the fresh one is at {fresh.knee}"
+    ratio = fresh.knee / cached.knee
+    if 0.5 <= ratio <= 2.0:
+        return True, f"cached knee {cached.knee} holds (fresh knee {fresh.knee})"
+    return False, f"cached knee {cached.knee} no longer holds: the fresh knee is {fresh.knee}"
+
+
 def profile_command(
     model: _Model = DEFAULT_MODEL,
     device: _Device = "cpu",
     json_out: _Json = None,
     sizes: _Sizes = None,
+    check: bool = False,
 ) -> None:
-    """Sweep tokens per prefill forward pass, print the curve and the knee, cache the knee."""
+    """Sweep tokens per prefill forward pass, print the curve and the knee, cache the knee.
+    `check`: re-measure, compare with the cached knee (exit 1 when it no longer holds), cache nothing."""
     from rich.console import Console
     from rich.table import Table
 
     size_list = [int(s) for s in sizes.split(",")] if sizes else None
     console = Console()
+    cached = None
+    if check:
+        from backends.native.prepare import model_name
+
+        cached = load_cached(model_name(model), device)
+        if cached is None:
+            console.print(f"no cached profile of {model} on {device_name(device)} to check; run `tetri profile`")
+            raise SystemExit(2)
+        size_list = size_list or sorted(n for n, _ in cached.curve)
     console.print(f"profiling prefill of [bold]{model}[/] on {device_name(device)} ...")
-    result = profile_knee(model, device, sizes=size_list)
+    result = profile_knee(model, device, sizes=size_list, save=not check)
     peak = result.peak_tokens_per_s
-    table = Table(title=f"prefill throughput vs tokens per forward pass ({result.model})")
+    table = Table(title=f"prefill throughput vs tokens per forward pass ({result.model}, "
+                        f"median of {result.repeats}+ passes)")
     table.add_column("tokens/pass", justify="right")
     table.add_column("tokens/s", justify="right")
     table.add_column("% of peak", justify="right")
+    table.add_column("fit", justify="right")
     table.add_column("")
+    fit = result.fit
     for n, tps in result.curve:
-        table.add_row(str(n), f"{tps:,.0f}", f"{100 * tps / peak:.0f}%", "knee" if n == result.knee else "")
+        fitted = f"{float(saturation(n, fit['a'], fit['k'], fit.get('n', 1.0))):,.0f}" if fit else "-"
+        table.add_row(str(n), f"{tps:,.0f}", f"{100 * tps / peak:.0f}%", fitted,
+                      "knee" if n == result.knee and result.knee_found else "")
     console.print(table)
-    console.print(
-        f"knee: [bold]{result.knee}[/] tokens per forward pass (smallest within "
-        f"{KNEE_TOLERANCE:.0%} of peak {peak:,.0f} tokens/s); cached at {profile_path(result.model, device)}"
-    )
+    if result.knee_found:
+        basis = (f"fitted asymptote {fit['a']:,.0f} tokens/s, R² {fit['r2']:.2f}" if fit
+                 else f"peak {peak:,.0f} tokens/s")
+        console.print(f"knee: [bold]{result.knee}[/] tokens per forward pass (smallest within "
+                      f"{KNEE_TOLERANCE:.0%} of the {basis})")
+    for warning in result.warnings():
+        console.print(f"[yellow]warning:[/] {warning}")
+    if not check:
+        console.print(f"cached at {profile_path(result.model, device)}")
     if json_out is True:  # a flag: print the result as JSON too
         print(json.dumps(result.to_dict(), indent=2))
     elif json_out:  # a path: write it there
         Path(json_out).write_text(json.dumps(result.to_dict(), indent=2))
+    if cached is not None:
+        holds, why = check_knee(cached, result)
+        console.print(("[green]ok:[/] " if holds else "[red]changed:[/] ") + why)
+        if not holds:
+            raise SystemExit(1)
