@@ -239,6 +239,7 @@ class AppState:
         duration = time.perf_counter() - started
         detail = {"from": old_role, "to": role, **{k: v for k, v in result.items() if k != "role"}}
         self.event("flip", inst.id, detail, duration)
+        metrics.FLIPS.labels(to_role=role).inc()
         self._save_instance(inst)
         return {"id": inst.id, "role": role, "changed": True, "duration_s": duration, **detail}
 
@@ -265,6 +266,7 @@ class AppState:
             for state in ("healthy", "unhealthy", "draining", "flipping"):
                 count = sum(1 for i in self.cluster.instances.values() if i.role == role and i.state == state)
                 metrics.INSTANCES.labels(role=role, state=state).set(count)
+        metrics.observe_instances(self.cluster.instances.values())
         views = [i.view() for i in self.cluster.instances.values() if i.role in ("prefill", "decode")]
         for decision in self.flip_policy.decide(views, time.monotonic()):
             inst = self.cluster.get(decision.instance_id)

@@ -148,6 +148,8 @@ class Server:
                 predicted_bucket=job.predicted_bucket, predictor_granularity=self.settings.predictor_granularity,
             )
             metrics.REQUESTS.labels(outcome=state).inc()
+            if state == "finished":
+                _observe_latency(job)
             if self.on_finished is not None:
                 self.on_finished(job)
 
@@ -466,6 +468,14 @@ class Server:
     def _save(self, job: Job, **fields: Any) -> None:
         if self.store is not None:
             self.store.save_request(job.id, **fields)
+
+
+def _observe_latency(job: Job) -> None:
+    """End-to-end latency and the mean gap between tokens after the first, once per request."""
+    now = time.time()
+    metrics.E2E.observe(now - job.arrival)
+    if job.first_token_at is not None and job.completion_tokens > 1:
+        metrics.ITL.observe((now - job.first_token_at) / (job.completion_tokens - 1))
 
 
 def _stop_straddles_break(job: Job, text: str) -> bool:
