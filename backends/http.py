@@ -25,6 +25,7 @@ import httpx
 import orjson
 
 from backends.base import Backend, BackendBusy, BackendError, Role
+from orchestrator.tracing import TRACEPARENT
 
 log = logging.getLogger("tetri.backends.http")
 
@@ -130,7 +131,10 @@ class HTTPBackend(Backend):
         """POST a JSON body on the data pool; the response once its headers are in. The caller
         holds a `slot()`; a refused connection or a timeout raises a retryable BackendError."""
         try:
-            resp = await self._session().post(path, data=payload, headers=_JSON)
+            # The request's W3C trace context, when tracing is on (orchestrator/tracing.py).
+            traceparent = TRACEPARENT.get()
+            headers = _JSON if traceparent is None else {**_JSON, "traceparent": traceparent}
+            resp = await self._session().post(path, data=payload, headers=headers)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise BackendError(f"{self.instance_id}: POST {path} failed: {exc!r}", status=503, retryable=True) from exc
         return DataStream(resp, self.instance_id)

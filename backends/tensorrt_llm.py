@@ -57,6 +57,7 @@ from backends.base import (
 )
 from backends.http import HTTPBackend, engine_timeout, http_error, iter_sse
 from backends.sglang import InflightLedger, RestartRequired
+from orchestrator.tracing import TRACEPARENT
 
 log = logging.getLogger("tetri.backends.tensorrt_llm")
 
@@ -366,6 +367,9 @@ class TensorRTLLMBackend(HTTPBackend):
 
     # ---- HTTP with abort-by-closing ---------------------------------------------------------
     async def _open_stream(self, request_id: str, body: dict[str, Any], headers: dict[str, str] | None = None):
+        traceparent = TRACEPARENT.get()  # the request's W3C trace context (tracing on): trtllm-serve joins it
+        if traceparent is not None:
+            headers = {**(headers or {}), "traceparent": traceparent}
         req = self._client.build_request("POST", "/v1/completions", json=body, headers=headers)
         try:
             resp = await self._client.send(req, stream=True)

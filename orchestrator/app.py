@@ -34,6 +34,7 @@ from orchestrator.pool_planner import AutoPlanner
 from orchestrator.serving import Job, Server
 from orchestrator.store import Store
 from orchestrator.tokenizer import PromptBuilder, is_builtin
+from orchestrator.tracing import TraceContextMiddleware, setup_tracing
 
 log = logging.getLogger("tetri.app")
 _DEFAULT_CONTEXT = 8192
@@ -59,6 +60,8 @@ class AppState:
             cooldown_s=settings.flip_cooldown_s, load_kv_threshold=settings.flip_load_kv_threshold,
         )
         self.server = Server(settings, self.cluster, self.placement, self.store, self.predictor, self._finished)
+        # OpenTelemetry, only when configured (the SDK is imported then, not before).
+        self.server.tracing = self.tracing = setup_tracing(settings.otel_endpoint, settings.otel_service_name)
         self.max_context = _DEFAULT_CONTEXT
         self._builders: dict[str, PromptBuilder] = {}
         self._tokenizer_loads: dict[str, asyncio.Future[PromptBuilder]] = {}
@@ -400,11 +403,15 @@ def create_app(
         for inst in list(state.cluster.instances.values()):
             await inst.backend.close()
         state.store.close()
+        if state.tracing is not None:
+            state.tracing.shutdown()  # flushes the spans still batched
 
     app = FastAPI(title="tetri", version="0.1.0", lifespan=lifespan)
     app.state.tetri = state
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    if state.tracing is not None:
+        app.add_middleware(TraceContextMiddleware)
     app.include_router(build_router(state), dependencies=api_key_dependencies(settings.api_keys))
     app.include_router(build_admin_router(state))
 

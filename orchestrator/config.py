@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     # by a previous run of the same replica id and marks its stale instance rows "unknown". Replicas
     # sharing one database need distinct ids.
     replica_id: str = Field(default="default", min_length=1, max_length=64)
+    # OpenTelemetry: an OTLP/HTTP collector (e.g. http://collector:4318) gets one span per request
+    # with its phases; unset: no tracing (and no SDK needed). `pip install tetri[otel]`.
+    otel_endpoint: str | None = None
+    otel_service_name: str = "tetri"
 
     # --- engine ---
     chunk_size: int | Literal["auto"] = "auto"

@@ -58,6 +58,8 @@ class Job:
     text_tail: str = ""
     break_before: str = ""
     break_after: str = ""
+    # The request's OpenTelemetry spans (orchestrator/tracing.py); None when tracing is off.
+    trace: Any = field(default=None, repr=False)
 
     @property
     def text(self) -> str:
@@ -110,6 +112,7 @@ class Server:
         self._served = 0
         self.on_finished = on_finished
         self.active = 0
+        self.tracing: Any = None  # orchestrator.tracing.Tracing when otel_endpoint is set
 
     # ---- entry point ---------------------------------------------------------------------------
     async def run(self, job: Job) -> AsyncIterator[TokenEvent]:
@@ -118,6 +121,8 @@ class Server:
         if self.active >= self.settings.max_queued_requests:
             raise Overloaded(f"{self.active} requests in flight; try again shortly", retry_after=1.0)
         self.active += 1
+        if self.tracing is not None:
+            job.trace = self.tracing.start(job)
         self._save(job, state="queued", arrival=job.arrival, model=job.model, prompt_tokens=len(job.prompt_ids))
         prediction = self._start_prediction(job)
         state = "failed"
@@ -150,6 +155,8 @@ class Server:
             metrics.REQUESTS.labels(outcome=state).inc()
             if state == "finished":
                 _observe_latency(job)
+            if job.trace is not None:
+                job.trace.finish(job, state, error)
             if self.on_finished is not None:
                 self.on_finished(job)
 
@@ -318,6 +325,8 @@ class Server:
         self._save(job, state="prefilling", prefill_instance=inst.id, decode_instance=inst.id,
                    prefill_started_at=time.time(), backend=job.backend, predicted_bucket=job.predicted_bucket,
                    predictor_granularity=self.settings.predictor_granularity)
+        if job.trace is not None:
+            job.trace.mark("prefill")
         view = self._view(job, job.predicted_bucket)
         released = False
         try:
@@ -351,6 +360,8 @@ class Server:
                    prefill_started_at=time.time(), backend=job.backend,
                    predicted_bucket=job.predicted_bucket,
                    predictor_granularity=self.settings.predictor_granularity)
+        if job.trace is not None:
+            job.trace.mark("prefill")
         stats = HandoffStats()
         strategy = strategy_for(prefill.spec.backend, self.settings.kv_lease_s, self.settings.migrate_on_failure)
         prefill_done = decode_started = False
@@ -368,6 +379,8 @@ class Server:
                         self.placement.release_decode_reservation(decode, view)
                         self._save(job, state="decoding", decode_started_at=time.time(),
                                    kv_bytes=stats.kv_bytes, kv_transfer_s=stats.transfer_s)
+                        if job.trace is not None:
+                            job.trace.mark("decode")
                         if stats.kv_bytes:
                             metrics.KV_BYTES.inc(stats.kv_bytes)
                     yield event
