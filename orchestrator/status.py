@@ -25,8 +25,9 @@ def fetch_status(url: str, token: str | None, timeout_s: float = 5.0) -> tuple[l
                 resp = client.get(base + path)
                 if resp.status_code == 401:
                     raise StatusError(
-                        f"{base} refused the admin token: "
-                        + ("set TETRI_ADMIN_TOKEN to the orchestrator's admin token" if not token
+                        f"{base} refused the admin request: "
+                        + ("set TETRI_ADMIN_TOKEN to the orchestrator's admin token (its admin API is "
+                           "closed unless it was started with TETRI_ADMIN_TOKEN set)" if not token
                            else "TETRI_ADMIN_TOKEN does not match the orchestrator's admin token"))
                 if resp.status_code != 200:
                     raise StatusError(f"{base}{path} answered {resp.status_code}: {resp.text[:200]}")
@@ -61,7 +62,7 @@ def render_status(instances: list[dict[str, Any]], stats: dict[str, Any], consol
     console.print(table)
 
     pools = Table(title="Pools")
-    for col in ("role", "instances", "healthy", "queued", "running"):
+    for col in ("role", "instances", "healthy", "queued", "running", "KV used"):
         pools.add_column(col, justify="left" if col == "role" else "right")
     by_role: dict[str, Counter[str]] = {}
     for inst in instances:
@@ -71,8 +72,11 @@ def render_status(instances: list[dict[str, Any]], stats: dict[str, Any], consol
         c["healthy"] += inst.get("state") == "healthy"
         c["queued"] += int(load.get("queued") or 0)
         c["running"] += int(load.get("running") or 0)
+        c["kv_total"] += int(load.get("total_kv_tokens") or 0)
+        c["kv_free"] += int(load.get("free_kv_tokens") or 0)
     for role, c in sorted(by_role.items()):
-        pools.add_row(role, str(c["instances"]), str(c["healthy"]), str(c["queued"]), str(c["running"]))
+        pools.add_row(role, str(c["instances"]), str(c["healthy"]), str(c["queued"]), str(c["running"]),
+                      _kv_use({"total_kv_tokens": c["kv_total"], "free_kv_tokens": c["kv_free"]}))
     console.print(pools)
 
     live = (stats.get("predictor") or {}).get("live") or {}

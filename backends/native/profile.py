@@ -346,8 +346,6 @@ def profile_knee(
         loadavg=max(seen) if seen else None,
         cpu_count=os.cpu_count(),
     )
-    for warning in result.warnings():
-        log.warning("chunk-size profile of %s: %s", result.model, warning)
     if save:
         save_cached(result, engine.device)
     return result
@@ -375,7 +373,10 @@ def resolve_chunk_size(
         cached = load_cached(name, device)
         if cached is not None:
             return cached.knee
-        return profile_knee(name, device, engine=engine).knee
+        result = profile_knee(name, device, engine=engine)
+        for warning in result.warnings():
+            log.warning("chunk-size profile of %s: %s", name, warning)
+        return result.knee
 
 
 def decode_throughput(
