@@ -162,8 +162,14 @@ def worker(
     if role not in ("prefill", "decode", "colocated"):
         raise typer.BadParameter(f"unknown role {role!r}")
     if backend == "native":
-        from backends.native.engine import NativeEngine
+        from rich.console import Console
 
+        from backends.native.engine import NativeEngine
+        from backends.native.prepare import prepare
+
+        # A first start converts the model and profiles the chunk size: say so in the worker's log
+        # (a container's first start would otherwise be a silent minute).
+        prepare(model, device, chunk_size, Console(stderr=True))
         core = NativeEngine(model=model, role=role, batching=batching, chunk_size=chunk,  # type: ignore[arg-type]
                             kv_tokens=kv_tokens, device=device)
     elif backend == "sim":

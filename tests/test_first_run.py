@@ -104,3 +104,18 @@ def test_fleet_reports_each_worker_ready(tmp_path):
     finally:
         fleet.stop()
     assert sorted(r for r, _ in ready) == ["decode", "prefill"] and all(s > 0 for _, s in ready)
+
+
+def test_a_worker_says_it_profiles_on_its_first_start(tmp_path, monkeypatch):
+    from orchestrator.launcher import Fleet
+
+    monkeypatch.setenv("TETRI_CACHE_DIR", str(tmp_path / "cache"))
+    fleet = Fleet()
+    try:
+        worker = fleet.start_worker("colocated", TINY, chunk_size="auto", kv_tokens=4096, log_dir=tmp_path)
+        fleet.wait_healthy(timeout_s=240)
+        log = worker.log_path.read_text()
+    finally:
+        fleet.stop()
+    assert "first run: profiling the prefill chunk size" in log and "chunk size:" in log
+    assert list((tmp_path / "cache" / "profiles").glob("*tiny-llama*.json"))
