@@ -371,7 +371,8 @@ def goodput_live(workload: str, systems: Sequence[str] = SYSTEMS, instances: int
     log_dir = Path("/tmp/tetri-logs")
     log_dir.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {"backend": f"live-{live_backend}", "workload": workload, "instances": instances,
-                           "span_s": span_s, "share": share, "seed": seed, "systems": {}}  # fmt: skip
+                           "span_s": span_s, "share": share, "seed": seed, "systems": {},
+                           "splits": {k: list(v) for k, v in splits.items()}}  # fmt: skip
 
     def deploy(system: str) -> Deployment:
         split = splits.get(system.partition("+")[0], simple)
