@@ -98,3 +98,24 @@ def test_cli_tiny_simulated_run(tmp_path) -> None:
 def test_cli_usage_errors(args: list[str], hint: str) -> None:
     res = CliRunner().invoke(app, ["goodput", *args])
     assert res.exit_code == 2 and hint in res.output
+
+
+def test_slo_planner_can_choose_late_binding_too() -> None:
+    from backends.sim.cluster import simulate
+    from backends.sim.profiles import get_timing
+    from bench.workloads import build_workload
+
+    tm = get_timing("h100-llama-2-7b")
+    reqs = build_workload("Mixed", 600, rate=None, seed=0, max_context=tm.max_context).with_arrivals(12.0, 1).requests
+    name = "tetri+plan_objective=slo,plan_ttft_slo_ms=150,plan_tpot_slo_ms=10.5,plan_slo_share=0.9"
+    res = simulate(name + ",plan_late_binding=choose", tm, 4, reqs)
+    plan = res.extra["plan"]
+    keys = set(plan["candidates"])
+    assert any(k.endswith("late_binding=none") for k in keys) and any("late_binding" not in k for k in keys)
+    assert plan["late_binding"] in ("busiest", "none") and res.config["late_binding"] == plan["late_binding"]
+    best = max(plan["candidates"].values(), key=lambda c: (c["meets_slo"], -c["mean_jct_ms"] if c["meets_slo"]
+                                                           else c["slo_attainment"]))  # fmt: skip
+    chosen = f"{plan['prefill']}:{plan['decode']}" + ("" if plan["late_binding"] == "busiest" else " late_binding=none")
+    assert plan["candidates"][chosen] is best
+    fixed = simulate(name, tm, 4, reqs).extra["plan"]  # the default: late binding as configured, not planned
+    assert "late_binding" not in fixed and not any("late_binding" in k for k in fixed["candidates"])

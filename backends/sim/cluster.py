@@ -101,6 +101,9 @@ class SystemConfig:
     # unbounded, 99%) are the p99 TTFT rule
     plan_tpot_slo_ms: float = float("inf")
     plan_slo_share: float = 0.99
+    # simulated plan: "fixed" (every candidate runs the system's late_binding) or "choose" (each split is
+    # simulated with it and without it, and the best by the objective is kept, late binding included)
+    plan_late_binding: str = "fixed"
     # simulated plan: the resample of the traffic spans plan_horizon_s at the workload's rate, within bounds
     plan_horizon_s: float = 60.0
     plan_min_requests: int = 1000
@@ -187,6 +190,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "predictor": ("none", "oracle", "noisy"), "fallback": ("none", "hphd", "adaptive", "backlog", "all"),
         "colocate_pick": ("outstanding", "prefill_load"), "late_binding": POLICY_NAMES["late_binding"],
         "layout_plan": ("work_share", "simulated"), "plan_objective": OBJECTIVES, "ttft_at": ("prefill", "handoff"),
+        "plan_late_binding": ("fixed", "choose"),
     }  # fmt: skip
 
 
@@ -390,6 +394,9 @@ class ClusterSim:
                 self.plan = plan_layout(instances, prompts, outputs, timing, cfg, p, rate, seed=seed,
                                         colocated_mask=mask)
                 p, d = self.plan.prefill, self.plan.decode
+                if self.plan.late_binding not in (None, cfg.late_binding):  # the planner chose it too
+                    self.cfg = cfg = replace(cfg, late_binding=self.plan.late_binding)
+                    self.pol = _Policies(cfg)
         else:
             p, d = 0, instances
         self.split = {"prefill": p, "decode": d} if disagg else {"colocated": instances}

@@ -107,10 +107,12 @@ class LayoutChoice:
     objective: str
     candidates: dict[str, dict[str, float]]  # "P:D" -> mean_ttft_ms, mean_jct_ms, score, util
     rejected: dict[str, float] = field(default_factory=dict)  # "P:D" -> util (>= 1), not simulated
+    late_binding: str | None = None  # chosen with the split (plan_late_binding=choose); None: the system's
 
     def to_dict(self) -> dict[str, Any]:
         return {"prefill": self.prefill, "decode": self.decode, "objective": self.objective,
-                "candidates": self.candidates, "rejected": self.rejected}  # fmt: skip
+                "candidates": self.candidates, "rejected": self.rejected,
+                **({"late_binding": self.late_binding} if self.late_binding else {})}  # fmt: skip
 
 
 def planning_sample(
@@ -196,9 +198,13 @@ def plan_layout(
     rejected = {f"{p}:{n - p}": utils[p] for p in cands if p not in keep}
     cands = keep
     scores: dict[str, dict[str, float]] = {}
-    best: tuple[tuple[int, float, float], int] | None = None
-    for p in cands:
-        sub = replace(cfg, pd_ratio=f"{p}:{n - p}", layout_plan="work_share")
+    best: tuple[tuple[int, float, float], int, str] | None = None
+    bindings = [cfg.late_binding]
+    if cfg.plan_late_binding == "choose" and cfg.late_binding != "none":
+        bindings.append("none")
+    for p, lb in ((p, lb) for p in cands for lb in bindings):
+        key = f"{p}:{n - p}" + (f" late_binding={lb}" if lb != cfg.late_binding else "")
+        sub = replace(cfg, pd_ratio=f"{p}:{n - p}", layout_plan="work_share", late_binding=lb)
         res = ClusterSim(sub, timing, n, sample, seed=seed).run()
         done = [r for r in res.requests if r["jct_s"] is not None and r["arrival"] >= warm]
         if not done:
@@ -208,15 +214,16 @@ def plan_layout(
         jct = 1000.0 * sum(r["jct_s"] for r in done) / len(done)
         attained = slo_attainment(done, cfg.plan_ttft_slo_ms, cfg.plan_tpot_slo_ms)
         rank = _rank(cfg.plan_objective, ttft, p99, jct, attained, cfg.plan_slo_share)
-        scores[f"{p}:{n - p}"] = {"mean_ttft_ms": ttft, "p99_ttft_ms": p99, "mean_jct_ms": jct, "score": rank[1],
-                                  "util": utils[p]}  # fmt: skip
+        scores[key] = {"mean_ttft_ms": ttft, "p99_ttft_ms": p99, "mean_jct_ms": jct, "score": rank[1],
+                       "util": utils[p]}  # fmt: skip
         if cfg.plan_objective == "slo":
-            scores[f"{p}:{n - p}"]["meets_slo"] = rank[0] == 0
-            scores[f"{p}:{n - p}"]["slo_attainment"] = attained
+            scores[key]["meets_slo"] = rank[0] == 0
+            scores[key]["slo_attainment"] = attained
         if best is None or rank < best[0]:
-            best = (rank, p)
+            best = (rank, p, lb)
     p = best[1] if best is not None else first_guess
-    return LayoutChoice(p, n - p, cfg.plan_objective, scores, rejected)
+    chosen = best[2] if best is not None and len(bindings) > 1 else None
+    return LayoutChoice(p, n - p, cfg.plan_objective, scores, rejected, chosen)
 
 
 def layout_utilisation(
