@@ -1,0 +1,1 @@
+"""Pool providers (static, local, kubernetes): see base.py."""
