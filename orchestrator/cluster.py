@@ -12,6 +12,7 @@ import httpx
 from backends.base import Backend, LoadReport, Role
 from backends.http import PoolLimits
 from orchestrator.config import InstanceSpec
+from orchestrator.policies.ledger import KVLedger
 from orchestrator.policies.types import InstanceView
 
 InstanceState = Literal["starting", "healthy", "unhealthy", "draining", "flipping", "removed"]
@@ -73,12 +74,18 @@ class Instance:
     load: LoadReport | None = None
     last_seen: float = 0.0
     failures: int = 0
-    # Requests routed here whose KV the engine's load report may not show yet.
-    reserved_kv_tokens: int = 0
-    # Requests released to this prefill instance and not yet back (our view of its backlog).
+    # KV promised to requests routed here that the engine's load report may not show yet.
+    kv: KVLedger = field(default_factory=KVLedger)
+    # Prompts released to this instance's engine whose first token is not back (our view of its
+    # backlog): how many, and their prompt tokens.
     inflight_prefills: int = 0
+    inflight_prefill_tokens: int = 0
     model: str = ""
     info: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def reserved_kv_tokens(self) -> int:
+        return self.kv.total
 
     @property
     def role(self) -> Role:

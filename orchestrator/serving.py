@@ -6,21 +6,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
-from functools import cached_property
-from typing import Any, Literal
+from dataclasses import replace
 
-from backends.base import BackendBusy, BackendError, GenRequest, Role, SamplingParams, TokenEvent
+from backends.base import BackendBusy, BackendError, GenRequest, TokenEvent
 from kvbridge.base import HandoffStats, strategy_for
 from orchestrator import metrics
-from orchestrator.cluster import Cluster, Instance
+from orchestrator.cluster import Cluster
 from orchestrator.config import Settings
-from orchestrator.placement import Overloaded, Placement
+from orchestrator.placement import Overloaded, Placement, PrefillSlot
+from orchestrator.policies.core import RouteChoice
+from orchestrator.policies.ledger import Hold
 from orchestrator.policies.types import RequestView
 from orchestrator.prediction import PredictionBatcher, Predictor
+from orchestrator.request import Job, RecordSink, RequestState
+from orchestrator.tracing import Tracing
 
 log = logging.getLogger("tetri.serving")
 _MAX_ATTEMPTS = 3
@@ -29,79 +30,14 @@ _MAX_ATTEMPTS = 3
 _PREDICTION_WAIT_S = 0.05
 
 
-@dataclass
-class Job:
-    """One accepted request, tokenized, as the API layer hands it to the server."""
-
-    model: str
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    prompt_text: str = ""
-    # A prompt given as token ids: how to get its text, called only when something needs it.
-    detokenize: Callable[[list[int]], str] | None = field(default=None, repr=False)
-    id: str = field(default_factory=lambda: f"cmpl-{random.getrandbits(128):032x}")
-    arrival: float = field(default_factory=time.time)
-    # Observed by the API layer for usage and by the store for the record.
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    predicted_bucket: int | None = None
-    prefill_instance: str | None = None
-    decode_instance: str | None = None
-    backend: str | None = None
-    first_token_at: float | None = None
-    # Every token id sent so far: after a failure mid-stream the request continues from them.
-    generated_ids: list[int] = field(default_factory=list)
-    migrations: int = 0
-    # The end of the text sent so far (as long as the longest stop string), and after a migration
-    # the text sent just before it and just after it: the new engine cannot see a stop string that
-    # straddles the break, so the orchestrator looks for it there.
-    text_tail: str = ""
-    break_before: str = ""
-    break_after: str = ""
-    # The request's OpenTelemetry spans (orchestrator/tracing.py); None when tracing is off.
-    trace: Any = field(default=None, repr=False)
-
-    @property
-    def text(self) -> str:
-        """The prompt's text (decoded from its ids on first use when it came as ids)."""
-        if not self.prompt_text and self.detokenize is not None:
-            self.prompt_text = self.detokenize(self.prompt_ids)
-        return self.prompt_text
-
-    @cached_property
-    def stop_window(self) -> int:
-        """Characters of sent text a stop string could still need: the longest stop string."""
-        return max((len(s) for s in self.sampling.stop), default=0)
-
-    @property
-    def attempt_prompt_ids(self) -> list[int]:
-        """What the next attempt prefills: the prompt, plus the tokens already sent after a migration."""
-        return self.prompt_ids + self.generated_ids if self.generated_ids else self.prompt_ids
-
-    @property
-    def remaining_tokens(self) -> int:
-        return max(1, self.sampling.max_tokens - self.completion_tokens)
-
-
-@dataclass(frozen=True)
-class Route:
-    """How one attempt runs: disaggregated, or co-located on a `colocated` instance (`host` None:
-    the global scheduler picks it) or on the given decode instance."""
-
-    mode: Literal["colocated", "disaggregated"]
-    role: Role = "colocated"
-    host: Instance | None = None
-    reason: str = ""  # co-located because: "mode" (no P/D pair, or mode=colocated), "hphd", "backlog"
-
-
 class Server:
     def __init__(
         self,
         settings: Settings,
         cluster: Cluster,
         placement: Placement,
-        store: Any,
-        predictor: Any,
+        store: RecordSink | None,
+        predictor: Predictor | None,
         on_finished: Callable[[Job], None] | None = None,
     ) -> None:
         self.settings = settings
@@ -112,7 +48,7 @@ class Server:
         self._served = 0
         self.on_finished = on_finished
         self.active = 0
-        self.tracing: Any = None  # orchestrator.tracing.Tracing when otel_endpoint is set
+        self.tracing: Tracing | None = None  # when otel_endpoint is set
 
     # ---- entry point ---------------------------------------------------------------------------
     async def run(self, job: Job) -> AsyncIterator[TokenEvent]:
@@ -123,18 +59,19 @@ class Server:
         self.active += 1
         if self.tracing is not None:
             job.trace = self.tracing.start(job)
-        self._save(job, state="queued", arrival=job.arrival, model=job.model, prompt_tokens=len(job.prompt_ids))
+        job.sink = self.store
+        job.record(state=job.state.value, arrival=job.arrival, model=job.model, prompt_tokens=len(job.prompt_ids))
         prediction = self._start_prediction(job)
-        state = "failed"
+        end = RequestState.FAILED
         error: str | None = None
         try:
             async for event in self._attempts(job, prediction):
                 if event.finish_reason in ("error", "abort"):  # the record says why it failed
                     error = event.error or f"the engine ended the request ({event.finish_reason})"
                 yield event
-            state = "finished" if job.finish_reason not in ("error", "abort") else "failed"
+            end = RequestState.FINISHED if job.finish_reason not in ("error", "abort") else RequestState.FAILED
         except (asyncio.CancelledError, GeneratorExit):
-            state = "cancelled"
+            end = RequestState.CANCELLED
             raise
         except (Overloaded, BackendError) as exc:
             error = str(exc)
@@ -147,16 +84,16 @@ class Server:
             if job.predicted_bucket is None and prediction.done() and not prediction.cancelled():
                 job.predicted_bucket = prediction.result()
             prediction.cancel()
-            self._save(
-                job, state=state, finished_at=time.time(), completion_tokens=job.completion_tokens,
+            job.transition(
+                end, finished_at=time.time(), completion_tokens=job.completion_tokens,
                 finish_reason=job.finish_reason, error=error, backend=job.backend,
                 predicted_bucket=job.predicted_bucket, predictor_granularity=self.settings.predictor_granularity,
             )
-            metrics.REQUESTS.labels(outcome=state).inc()
-            if state == "finished":
+            metrics.REQUESTS.labels(outcome=end.value).inc()
+            if end is RequestState.FINISHED:
                 _observe_latency(job)
             if job.trace is not None:
-                job.trace.finish(job, state, error)
+                job.trace.finish(job, end.value, error)
             if self.on_finished is not None:
                 self.on_finished(job)
 
@@ -215,170 +152,116 @@ class Server:
             return None
         return self.placement.rng.choices(list(weights), weights=list(weights.values()))[0]
 
-    def _colocated_role(self, job: Job, backend: str | None, failed: set[str]) -> Role | None:
-        """Where the co-located path runs: the `colocated` pool if usable, else decode instances
-        (`colocate_on_decode`, engines that run whole requests there), else nowhere."""
-        if self.cluster.usable("colocated", job.model, backend):
-            return "colocated"
-        if self.settings.colocate_on_decode and self.placement.decode_hosts(job.model, backend, failed):
-            return "decode"
-        return None
-
-    async def _mode(
-        self, job: Job, backend: str | None, prediction: asyncio.Task[int | None], failed: set[str]
-    ) -> Route:
-        """Disaggregated, or co-located on a `colocated` instance (picked by the global scheduler)
-        or on a given decode instance (conditional disaggregation: HPHD, a backlogged prefill pool)."""
-        mode = self.settings.mode
-        model = job.model
-        if mode == "disaggregated":
-            return Route("disaggregated")
-        # A prefill instance this request already failed on does not count (one that just died looks
-        # healthy until the monitor's next polls, and acquire_prefill never retries it): with no other,
-        # the retry runs co-located. Decode instances do count (acquire_decode falls back to them).
-        pd = any(i.id not in failed for i in self.cluster.usable("prefill", model, backend)) and bool(
-            self.cluster.usable("decode", model, backend))
-        if mode == "colocated" or not pd:
-            if self._colocated_role(job, backend, failed) == "decode":
-                host = self.placement.pick_decode_host(self._view(job, None), model, backend, failed, test=None)
-                return Route("colocated", "decode", host, "mode")
-            return Route("colocated", reason="mode")  # no colocated instance either: acquire answers 503
-        role = self._colocated_role(job, backend, failed)
-        if (
-            role is not None
-            and self.settings.colocate_heavy_heavy
-            and len(job.attempt_prompt_ids) > self.settings.heavy_prefill_threshold
-        ):
-            bucket = await _result_or_none(prediction, timeout_s=_PREDICTION_WAIT_S)
-            if bucket is not None and self._view(job, bucket).heavy_decode:
-                job.predicted_bucket = bucket
-                if role == "colocated":
-                    return Route("colocated", reason="hphd")
-                # On a decode instance only where decode admission would take it anyway.
-                view = self._view(job, bucket)
-                host = self.placement.pick_decode_host(view, model, backend, failed, test="admit")
-                if host is not None:
-                    return Route("colocated", "decode", host, "hphd")
-        threshold = self.settings.colocate_backlog_tokens
-        if threshold > 0 and self.settings.colocate_on_decode:
-            backlog = self.placement.prefill_backlog(model, backend, failed)
-            if backlog is not None and backlog > threshold:
-                # Never waits for the predictor: use the prediction only if it is already there.
-                bucket = job.predicted_bucket
-                if bucket is None and prediction.done() and not prediction.cancelled():
-                    bucket = prediction.result()
-                host = self.placement.pick_decode_host(self._view(job, bucket), model, backend, failed, test="room")
-                if host is not None:
-                    job.predicted_bucket = bucket
-                    return Route("colocated", "decode", host, "backlog")
-        return Route("disaggregated")
+    async def _route(
+        self, job: Job, backend: str | None, prediction: asyncio.Future[int | None], failed: set[str]
+    ) -> RouteChoice:
+        """Ask the placement core. A heavy prompt that could run co-located waits briefly for its
+        prediction (the HPHD rule turns on it); otherwise a prediction is used only if it is there."""
+        bucket = job.predicted_bucket
+        if bucket is None:
+            if self.placement.core.hphd_candidate(len(job.attempt_prompt_ids)) and self.placement.could_colocate(
+                job.model, backend, failed
+            ):
+                bucket = await _result_or_none(prediction, timeout_s=_PREDICTION_WAIT_S)
+            elif prediction.done() and not prediction.cancelled():
+                bucket = prediction.result()
+        route = self.placement.route(self._view(job, bucket), job.model, backend, failed)
+        if route.reason in ("hphd", "backlog"):
+            job.predicted_bucket = bucket
+        return route
 
     async def _one_attempt(
-        self, job: Job, prediction: asyncio.Task[int | None], failed: set[str]
+        self, job: Job, prediction: asyncio.Future[int | None], failed: set[str]
     ) -> AsyncIterator[TokenEvent]:
-        view = self._view(job, None)
+        if job.state is not RequestState.QUEUED:
+            job.transition(RequestState.QUEUED)  # a retry or a migration starts over
         backend = self._pick_backend(job.model)
-        route = await self._mode(job, backend, prediction, failed)
+        route = await self._route(job, backend, prediction, failed)
         if route.mode == "colocated":
             metrics.COLOCATED.labels(role=route.role, reason=route.reason).inc()
-            if route.host is None:
-                inst = await self.placement.acquire_prefill(view, "colocated", job.model, failed, backend)
-                reservation = None
-            else:
-                # A decode instance: hold its KV for the request until the engine shows it.
-                reservation = self._view(job, job.predicted_bucket)
-                inst = route.host
-                self.placement.reserve_kv(inst, reservation)
-                try:
-                    got = await self.placement.acquire_at(inst, reservation, failed)
-                except BaseException:
-                    self.placement.release_decode_reservation(inst, reservation)
-                    raise
-                if got is not inst:  # late binding: a peer with room took it; the KV hold moves too
-                    self.placement.release_decode_reservation(inst, reservation)
-                    self.placement.reserve_kv(got, reservation)
-                    inst = got
-            async for event in self._colocated(job, inst, failed, reservation):
-                yield event
-            return
-        prefill = await self.placement.acquire_prefill(view, "prefill", job.model, failed, backend)
-        try:
-            # The predictor has run beside the queue wait; give it a moment if it is still going.
-            job.predicted_bucket = await _result_or_none(prediction, timeout_s=_PREDICTION_WAIT_S)
             view = self._view(job, job.predicted_bucket)
-            decode = await self.placement.acquire_decode(
-                view, job.model, self.settings.request_timeout_s, backend=prefill.spec.backend, avoid=failed
+            if route.host is None:
+                slot = await self.placement.acquire_prefill(view, "colocated", job.model, failed, backend)
+                async for event in self._colocated(job, slot, None, failed):
+                    yield event
+                return
+            # A decode instance: hold its KV for the request until the engine shows it (the hold
+            # moves with the request if a peer with room takes it first: late binding).
+            host = self.cluster.instances[route.host]
+            with self.placement.reserve(host, view) as hold:
+                slot = await self.placement.acquire_at(host, view, failed, hold)
+                async for event in self._colocated(job, slot, hold, failed):
+                    yield event
+            return
+        view = self._view(job, None)
+        with await self.placement.acquire_prefill(view, "prefill", job.model, failed, backend) as slot:
+            # The predictor has run beside the queue wait; give it a moment if it is still going.
+            if job.predicted_bucket is None:
+                job.predicted_bucket = await _result_or_none(prediction, timeout_s=_PREDICTION_WAIT_S)
+            view = self._view(job, job.predicted_bucket)
+            decode, hold = await self.placement.acquire_decode(
+                view, job.model, self.settings.request_timeout_s, backend=slot.instance.spec.backend, avoid=failed
             )
-        except BaseException:
-            self.placement.release_prefill(prefill)
-            raise
-        async for event in self._disaggregated(job, view, prefill, decode, failed):
-            yield event
+            with hold:
+                async for event in self._disaggregated(job, view, slot, hold, decode.id, failed):
+                    yield event
 
     async def _colocated(
-        self, job: Job, inst: Instance, failed: set[str], reservation: RequestView | None = None
+        self, job: Job, slot: PrefillSlot, hold: Hold | None, failed: set[str]
     ) -> AsyncIterator[TokenEvent]:
-        """Prefill and decode on one instance: a `colocated` one, or a decode instance
-        (`reservation`: the KV the orchestrator holds there until the first token)."""
+        """Prefill and decode on one instance: a `colocated` one, or a decode instance (`hold`: the
+        KV the orchestrator holds there until the first token)."""
+        inst = slot.instance
         job.prefill_instance = job.decode_instance = inst.id
         job.backend = inst.spec.backend
-        self._save(job, state="prefilling", prefill_instance=inst.id, decode_instance=inst.id,
-                   prefill_started_at=time.time(), backend=job.backend, predicted_bucket=job.predicted_bucket,
-                   predictor_granularity=self.settings.predictor_granularity)
+        job.transition(RequestState.PREFILLING, prefill_instance=inst.id, decode_instance=inst.id,
+                       prefill_started_at=time.time(), backend=job.backend, predicted_bucket=job.predicted_bucket,
+                       predictor_granularity=self.settings.predictor_granularity)
         if job.trace is not None:
             job.trace.mark("prefill")
         view = self._view(job, job.predicted_bucket)
-        released = False
         try:
             stream = _raise_retryable_errors(inst.backend.generate(self._gen_request(job, view)))
             async with contextlib.aclosing(stream) as events:
                 async for event in events:
-                    if not released:
-                        released = True
-                        self.placement.release_prefill(inst)
-                        if reservation is not None:
-                            self.placement.release_decode_reservation(inst, reservation)
+                    if not slot.released:
+                        slot.release()
+                        if hold is not None:
+                            hold.release()
                         self._first_token(job)
+                        job.transition(RequestState.DECODING, decode_started_at=time.time())
                     yield event
         except BackendBusy:
             raise
         except BackendError:
             failed.add(inst.id)
             raise
-        finally:
-            if not released:
-                self.placement.release_prefill(inst)
-                if reservation is not None:
-                    self.placement.release_decode_reservation(inst, reservation)
 
     async def _disaggregated(
-        self, job: Job, view: RequestView, prefill: Instance, decode: Instance, failed: set[str]
+        self, job: Job, view: RequestView, slot: PrefillSlot, hold: Hold, decode_id: str, failed: set[str]
     ) -> AsyncIterator[TokenEvent]:
+        prefill, decode = slot.instance, self.cluster.instances[decode_id]
         job.prefill_instance, job.decode_instance = prefill.id, decode.id
         job.backend = prefill.spec.backend
-        self._save(job, state="prefilling", prefill_instance=prefill.id, decode_instance=decode.id,
-                   prefill_started_at=time.time(), backend=job.backend,
-                   predicted_bucket=job.predicted_bucket,
-                   predictor_granularity=self.settings.predictor_granularity)
+        job.transition(RequestState.PREFILLING, prefill_instance=prefill.id, decode_instance=decode.id,
+                       prefill_started_at=time.time(), backend=job.backend, predicted_bucket=job.predicted_bucket,
+                       predictor_granularity=self.settings.predictor_granularity)
         if job.trace is not None:
             job.trace.mark("prefill")
         stats = HandoffStats()
         strategy = strategy_for(prefill.spec.backend, self.settings.kv_lease_s, self.settings.migrate_on_failure)
-        prefill_done = decode_started = False
         try:
             handoff = strategy.run(self._gen_request(job, view), prefill.backend, decode.backend, stats)
             async with contextlib.aclosing(_raise_retryable_errors(handoff)) as events:
                 async for event in events:
-                    if event.phase == "prefill" and not prefill_done:
-                        prefill_done = True
-                        self.placement.release_prefill(prefill)
+                    if event.phase == "prefill" and not slot.released:
+                        slot.release()
                         self._first_token(job)
-                        self._save(job, state="transferring")
-                    elif event.phase == "decode" and not decode_started:
-                        decode_started = True
-                        self.placement.release_decode_reservation(decode, view)
-                        self._save(job, state="decoding", decode_started_at=time.time(),
-                                   kv_bytes=stats.kv_bytes, kv_transfer_s=stats.transfer_s)
+                        job.transition(RequestState.TRANSFERRING)
+                    elif event.phase == "decode" and not hold.released:
+                        hold.release()
+                        job.transition(RequestState.DECODING, decode_started_at=time.time(),
+                                       kv_bytes=stats.kv_bytes, kv_transfer_s=stats.transfer_s)
                         if job.trace is not None:
                             job.trace.mark("decode")
                         if stats.kv_bytes:
@@ -391,20 +274,15 @@ class Server:
             # carries that error, but the prefill instance is not at fault: excluding it would leave
             # a single-prefill cluster with nowhere to retry (503 to the client).
             # Adapters that know which side failed say so (exc.instance_id).
-            if prefill_done and not decode_started:
+            if slot.released and not hold.released:
                 # Between the first token and the decode's first output: the KV hand-off failed.
                 metrics.HANDOFF_FAILURES.labels(backend=job.backend or "", status=str(exc.status)).inc()
             named = getattr(exc, "instance_id", None)
             if named in (prefill.id, decode.id):
                 failed.add(named)
             else:
-                failed.add(decode.id if prefill_done or exc.status == 507 else prefill.id)
+                failed.add(decode.id if slot.released or exc.status == 507 else prefill.id)
             raise
-        finally:
-            if not prefill_done:
-                self.placement.release_prefill(prefill)
-            if not decode_started:
-                self.placement.release_decode_reservation(decode, view)
 
     # ---- helpers -------------------------------------------------------------------------------
     def _view(self, job: Job, bucket: int | None) -> RequestView:
@@ -467,7 +345,7 @@ class Server:
             return
         job.first_token_at = time.time()
         metrics.TTFT.observe(job.first_token_at - job.arrival)
-        self._save(job, first_token_at=job.first_token_at)
+        job.record(first_token_at=job.first_token_at)
 
     @staticmethod
     def _count(job: Job, event: TokenEvent) -> None:
@@ -478,9 +356,6 @@ class Server:
         if event.finish_reason is not None:
             job.finish_reason = event.finish_reason
 
-    def _save(self, job: Job, **fields: Any) -> None:
-        if self.store is not None:
-            self.store.save_request(job.id, **fields)
 
 
 def _observe_latency(job: Job) -> None:

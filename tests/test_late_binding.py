@@ -79,9 +79,9 @@ def _run_queued(late_binding: str, members, target: str, reqs, exclude=None, set
                  for r in reqs}  # fmt: skip
         await asyncio.sleep(0)
         if after is not None:
-            after(placement, cluster)
+            after(placement, cluster, {rid: t.result() for rid, t in tasks.items() if t.done()})
             await asyncio.sleep(0)
-        got = {rid: t.result().id for rid, t in tasks.items() if t.done()}
+        got = {rid: t.result().instance.id for rid, t in tasks.items() if t.done()}
         for t in tasks.values():
             t.cancel()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
@@ -94,8 +94,10 @@ def test_idle_peer_takes_the_next_queued_prompt_and_more_once_it_has_room():
     members = [("p1", "prefill", TINY), ("p2", "prefill", TINY)]
     reqs = [_req(0), _req(1), _req(2)]
 
-    def finish_on_p2(placement, cluster):
-        placement.release_prefill(cluster.instances["p2"])  # p2's engine is done: it takes r2 too
+    def finish_on_p2(placement, cluster, slots):
+        for slot in slots.values():
+            if slot.instance.id == "p2":
+                slot.release()  # p2's engine is done: it takes r2 too
 
     got, placement = _run_queued("busiest", members, "p1", reqs, after=finish_on_p2)
     assert got == {"r0": "p1", "r1": "p2", "r2": "p2"} and placement.steals == 2

@@ -238,8 +238,8 @@ def test_decode_pick_avoids_instances_the_request_failed_on_unless_none_is_left(
     req = RequestView(id="r", arrival=0.0, prompt_tokens=10, max_tokens=5)
 
     async def pick(avoid: set[str]) -> str:
-        inst = await placement.acquire_decode(req, TINY, 1.0, avoid=avoid)
-        placement.release_decode_reservation(inst, req)
+        inst, hold = await placement.acquire_decode(req, TINY, 1.0, avoid=avoid)
+        hold.release()
         return inst.id
 
     assert {asyncio.run(pick({"d0"})) for _ in range(20)} == {"d1"}
