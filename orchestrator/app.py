@@ -237,8 +237,7 @@ class AppState:
         finally:
             self._flipping.discard(inst.id)
         inst.state = "healthy"
-        self.placement.queues.pop(inst.id, None)
-        inst.inflight_prefills = 0
+        self.placement.forget(inst)
         duration = time.perf_counter() - started
         detail = {"from": old_role, "to": role, **{k: v for k, v in result.items() if k != "role"}}
         self.event("flip", inst.id, detail, duration)

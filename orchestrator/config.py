@@ -174,6 +174,9 @@ class Settings(BaseSettings):
     @classmethod
     def load(cls, yaml_path: str | Path | None = None, **overrides: Any) -> Settings:
         """Environment wins over the YAML file; explicit overrides win over both."""
+    # Which decode instance a co-located request runs on (orchestrator/policies/hosts.py):
+    # "prefill_load" (least prompt work waiting there) or "outstanding" (fewest requests).
+    colocate_pick: str = "prefill_load"
         data: dict[str, Any] = {}
         path = yaml_path or os.environ.get("TETRI_CONFIG")
         if path:
