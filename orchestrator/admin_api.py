@@ -9,12 +9,13 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, StrictInt
 
 from backends.base import BackendError, Role
 from orchestrator.config import BackendKind, InstanceSpec
 from orchestrator.errors import APIError
 from orchestrator.pool_planner import flip_to_split, pd_pool, recommend_for_traffic
+from orchestrator.pools.base import MAX_REPLICAS, POOL_ROLES, PoolStatus, PoolUnavailable, ScaleRefused
 
 
 class RegisterBody(BaseModel):
@@ -30,6 +31,10 @@ class FlipBody(BaseModel):
     role: Role | None = None
 
 
+class ScaleBody(BaseModel):
+    replicas: StrictInt = Field(ge=0, le=MAX_REPLICAS)
+
+
 def build_admin_router(app_state: Any) -> APIRouter:
     def require_token(request: Request) -> None:
         token = app_state.settings.admin_token
@@ -37,8 +42,12 @@ def build_admin_router(app_state: Any) -> APIRouter:
         given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
         # Bytes, not str: compare_digest refuses non-ASCII str (a 500), and headers arrive as latin-1.
         if not token or not given or not hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8")):
-            raise APIError(401, "admin API needs 'Authorization: Bearer <TETRI_ADMIN_TOKEN>'",
-                           "authentication_error", code="invalid_admin_token")
+            raise APIError(
+                401,
+                "admin API needs 'Authorization: Bearer <TETRI_ADMIN_TOKEN>'",
+                "authentication_error",
+                code="invalid_admin_token",
+            )
 
     router = APIRouter(prefix="/admin", dependencies=[Depends(require_token)])
     # A plan simulates thousands of requests per candidate (seconds of CPU): one at a time.
@@ -119,7 +128,10 @@ def build_admin_router(app_state: Any) -> APIRouter:
 
     @router.get("/plan")
     async def plan(
-        window_s: float = 900.0, objective: str | None = None, profile: str | None = None, instances: int | None = None,
+        window_s: float = 900.0,
+        objective: str | None = None,
+        profile: str | None = None,
+        instances: int | None = None,
         ttft_slo_ms: float | None = None,
     ) -> dict[str, Any]:
         """The prefill:decode split (P = 0: every request co-located) the recent traffic calls for,
@@ -130,7 +142,9 @@ def build_admin_router(app_state: Any) -> APIRouter:
 
     @router.post("/plan/apply")
     async def apply_plan(
-        window_s: float = 900.0, objective: str | None = None, profile: str | None = None,
+        window_s: float = 900.0,
+        objective: str | None = None,
+        profile: str | None = None,
         ttft_slo_ms: float | None = None,
     ) -> dict[str, Any]:
         """Plan the prefill/decode pools (co-located instances stay as they are) and flip instances,
@@ -141,6 +155,46 @@ def build_admin_router(app_state: Any) -> APIRouter:
         plan = await planned(window_s, objective, profile, len(pool), ttft_slo_ms)
         flips = await flip_to_split(app_state, plan["recommended"]["prefill"])
         return {**plan, "flips": flips}
+
+    def provider_or_503() -> Any:
+        provider = app_state.pool_provider
+        if provider is None:  # the lifespan has not started it (or has stopped it)
+            raise APIError(503, "the pool provider is not running", "server_error", code="pools_unavailable",
+                           retry_after=5)  # fmt: skip
+        return provider
+
+    def pool_view(status: PoolStatus) -> dict[str, Any]:
+        registered = sum(1 for i in app_state.cluster.instances.values()
+                         if i.role == status.role and i.state == "healthy")  # fmt: skip
+        return {"role": status.role, "desired": status.desired, "ready": status.ready, "registered": registered,
+                "scalable": status.scalable, "detail": status.detail}  # fmt: skip
+
+    @router.get("/pools")
+    async def pools() -> dict[str, Any]:
+        """Each pool's size: `desired` (asked for), `ready` (up, as the provider sees them),
+        `registered` (healthy instances of that role taking traffic here), whether it scales."""
+        provider = provider_or_503()
+        try:
+            statuses = await provider.pools()
+        except PoolUnavailable as exc:
+            raise APIError(503, str(exc), "server_error", code="pools_unavailable", retry_after=5) from exc
+        return {"provider": provider.name, "pools": [pool_view(s) for s in statuses]}
+
+    @router.put("/pools/{role}")
+    async def scale_pool(role: str, body: ScaleBody) -> dict[str, Any]:
+        """Ask for `replicas` instances in the pool; returns at once: new instances are registered
+        once ready, leaving ones drained first (watch GET /admin/pools)."""
+        if role not in POOL_ROLES:
+            raise APIError(404, f"no pool {role!r}; pools: {', '.join(POOL_ROLES)}", code="pool_not_found")
+        provider = provider_or_503()
+        try:
+            status = await provider.scale(role, body.replicas)
+        except ScaleRefused as exc:
+            raise APIError(409, str(exc), code="scale_refused") from exc
+        except PoolUnavailable as exc:
+            raise APIError(503, str(exc), "server_error", code="pools_unavailable", retry_after=5) from exc
+        app_state.event("pool_scale", None, {"role": role, "replicas": body.replicas, "provider": provider.name})
+        return {"provider": provider.name, **pool_view(status)}
 
     @router.get("/stats")
     async def stats() -> dict[str, Any]:

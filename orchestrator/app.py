@@ -31,6 +31,8 @@ from orchestrator.placement import Placement
 from orchestrator.policies.flip import make_flip_policy
 from orchestrator.policies.predictors import make_predictor
 from orchestrator.pool_planner import AutoPlanner
+from orchestrator.pools import make_provider
+from orchestrator.pools.base import PoolProvider, ReadyInstance
 from orchestrator.serving import Job, Server
 from orchestrator.store import Store
 from orchestrator.tokenizer import PromptBuilder, is_builtin
@@ -71,6 +73,8 @@ class AppState:
         # A plan simulates thousands of requests per candidate (seconds of CPU): one at a time.
         self.planning = asyncio.Lock()
         self.auto_planner = AutoPlanner(self)
+        # What scales the pools (GET/PUT /admin/pools): made and started in the lifespan.
+        self.pool_provider: PoolProvider | None = None
 
     # ---- models and prompts ----------------------------------------------------------------------
     def served_models(self) -> list[str]:
@@ -214,6 +218,33 @@ class AppState:
         duration = time.perf_counter() - started
         self.event("deregister", inst.id, {}, duration)
         return {"id": inst.id, "state": "removed", "drain_s": duration}
+
+    # ---- pool providers (orchestrator/pools/base.py: OnReady, OnLeaving) ---------------------------
+    async def pool_ready(self, ready: ReadyInstance) -> None:
+        """A provider's instance is up: register it as POST /admin/instances does. Idempotent by URL."""
+        if self.cluster.by_url(ready.url) is not None:
+            return
+        spec = InstanceSpec(url=ready.url, backend=ready.backend, role=ready.role, model=ready.model, id=ready.id,
+                            options=dict(ready.options))  # fmt: skip
+        try:
+            await self.register(spec)
+        except APIError as exc:
+            if exc.code == "instance_conflict" and self.cluster.by_url(ready.url) is not None:
+                return  # registered meanwhile (a concurrent call for the same URL)
+            raise
+
+    async def pool_leaving(self, url: str) -> None:
+        """A provider is about to stop the instance at `url`: drain it, then deregister it."""
+        inst = self.cluster.by_url(url)
+        if inst is not None:
+            await self.deregister(inst)
+
+    def healthy_per_role(self) -> dict[Role, int]:
+        counts: dict[Role, int] = {}
+        for inst in self.cluster.instances.values():
+            if inst.state == "healthy":
+                counts[inst.role] = counts.get(inst.role, 0) + 1
+        return counts
 
     async def flip(self, inst: Instance, role: Role) -> dict[str, Any]:
         """Stop new work, drain, change role in place (no model reload), re-register."""
@@ -381,6 +412,9 @@ def create_app(
         for spec in settings.instances:
             # Configured engines may still be starting with the orchestrator: longer than an admin call.
             await state.register(spec, max(_STARTUP_REGISTER_TIMEOUT_S, settings.register_timeout_s))
+        provider = make_provider(settings.pool_provider, settings, state.healthy_per_role)
+        await provider.start(state.pool_ready, state.pool_leaving)
+        state.pool_provider = provider
         state.monitor.start()
         planner_job = None
         if settings.plan_auto_interval_s > 0:
@@ -397,6 +431,8 @@ def create_app(
         yield
         if planner_job is not None:
             planner_job.shutdown(wait=False)
+        state.pool_provider = None
+        await provider.stop()
         state.monitor.stop()
         state._save_instances_stopped()
         for inst in list(state.cluster.instances.values()):

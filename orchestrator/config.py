@@ -64,6 +64,18 @@ class InstanceSpec(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class K8sPool(BaseModel):
+    """One pool's Kubernetes workload (pool_provider=kubernetes): what PUT /admin/pools/{role} scales,
+    and how its Ready pods are registered."""
+
+    # "deployment/<name>" or "statefulset/<name>" in k8s_namespace
+    workload: str = Field(pattern=r"^(deployment|statefulset)/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    backend: BackendKind = "native"
+    model: str | None = None
+    port: int | str | None = None  # container port (number or name); unset: the first one declared
+    options: dict[str, Any] = Field(default_factory=dict)  # adapter options, as InstanceSpec.options
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TETRI_", extra="ignore")
 
@@ -106,6 +118,20 @@ class Settings(BaseSettings):
     # with its phases; unset: no tracing (and no SDK needed). `pip install tetri[otel]`.
     otel_endpoint: str | None = None
     otel_service_name: str = "tetri"
+
+    # --- pools (GET/PUT /admin/pools; orchestrator/pools/) ---
+    # What starts and stops engine instances: "static" (instances are registered by hand or listed
+    # in `instances`; scaling is refused), "local" (`tetri up` worker processes), "kubernetes" (one
+    # workload per role, below).
+    pool_provider: Literal["static", "local", "kubernetes"] = "static"
+    # kubernetes: the API server (unset: in-cluster service account, else $KUBECONFIG/~/.kube/config),
+    # the namespace (unset: the service account's, else the kubeconfig context's), one workload per
+    # role, and the labels every engine pod carries (its role comes from the `k8s_role_label` label).
+    k8s_api_url: str | None = None
+    k8s_namespace: str | None = None
+    k8s_pools: dict[Role, K8sPool] = Field(default_factory=dict)
+    k8s_match_labels: dict[str, str] = Field(default_factory=lambda: {"app.kubernetes.io/part-of": "tetri"})
+    k8s_role_label: str = "tetri/role"
 
     # --- engine ---
     chunk_size: int | Literal["auto"] = "auto"

@@ -8,17 +8,25 @@ flight is lost. Providers are registered by name in `orchestrator/pools/__init__
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from backends.base import Role
 
 POOL_ROLES: tuple[Role, ...] = ("prefill", "decode", "colocated")
+# The most replicas one PUT /admin/pools/{role} may ask for (the admin API answers 400 above it).
+MAX_REPLICAS = 256
 
 
 class ScaleRefused(Exception):
-    """This provider cannot scale that pool (answered 409 with the message)."""
+    """This provider cannot scale that pool (answered 409 with the message): a static provider, a
+    role without a workload, a Kubernetes API that refused the patch."""
+
+
+class PoolUnavailable(Exception):
+    """What the provider drives did not answer (e.g. the Kubernetes API is unreachable): 503 with
+    Retry-After; the request may be repeated."""
 
 
 @dataclass(frozen=True)
@@ -39,15 +47,26 @@ class ReadyInstance:
     backend: str
     model: str | None = None
     id: str | None = None
+    # Adapter options, as InstanceSpec.options (e.g. an SGLang prefill's bootstrap_port).
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
-# Callbacks into the orchestrator: register a ready instance; drain and deregister one (by URL)
-# before the provider stops it. Both are idempotent.
+# Callbacks into the orchestrator (AppState.pool_ready / AppState.pool_leaving):
+# - OnReady registers the instance through POST /admin/instances' path (URL checks, tokenizer, a
+#   health check within register_timeout_s). Idempotent by URL: an instance already registered is
+#   left as it is. Raises (APIError, BackendError) when the instance is refused: the provider decides
+#   whether to retry.
+# - OnLeaving drains the instance registered at that URL (no new work, running work finishes) and
+#   deregisters it; it returns once nothing runs there, so the provider may then stop it. A URL that
+#   is not registered is a no-op.
 OnReady = Callable[[ReadyInstance], Awaitable[None]]
 OnLeaving = Callable[[str], Awaitable[None]]
 
 
 class PoolProvider(Protocol):
+    """Built by `orchestrator.pools.make_provider(settings.pool_provider, settings)`; the app calls
+    start() in its lifespan, stop() at shutdown, pools()/scale() from GET/PUT /admin/pools."""
+
     name: str
 
     async def start(self, on_ready: OnReady, on_leaving: OnLeaving) -> None:
@@ -58,9 +77,12 @@ class PoolProvider(Protocol):
         """Stop watching; instances a provider started itself are stopped by their owner (`tetri up`)."""
         ...
 
-    async def pools(self) -> list[PoolStatus]: ...
+    async def pools(self) -> list[PoolStatus]:
+        """One PoolStatus per role of POOL_ROLES, in that order."""
+        ...
 
     async def scale(self, role: Role, replicas: int) -> PoolStatus:
         """Ask for `replicas` instances of `role`; returns at once (instances come up in the
-        background and are reported through `on_ready`). Raises ScaleRefused."""
+        background and are reported through `on_ready`; leaving ones are drained through `on_leaving`
+        first). `replicas` is already checked (0..MAX_REPLICAS). Raises ScaleRefused."""
         ...
