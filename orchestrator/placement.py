@@ -13,11 +13,13 @@ from dataclasses import replace
 from types import TracebackType
 
 from backends.base import BackendError, Role
+from backends.prefix import reusable_tokens
 from orchestrator.cluster import Cluster, Instance
 from orchestrator.config import Settings
 from orchestrator.policies.core import PlacementCore, RouteChoice
 from orchestrator.policies.ledger import Hold
 from orchestrator.policies.prefill_queue import PrefillQueue, make_prefill_queue
+from orchestrator.policies.prefix import PrefixIndex
 from orchestrator.policies.types import InstanceView, RequestView
 
 _ADMISSION_POLL_S = 0.02
@@ -65,19 +67,27 @@ class Placement:
         self.avoid: dict[str, frozenset[str]] = {}  # request id -> instances it must not move to
         self.holds: dict[str, Hold] = {}  # request id -> its KV hold at the host it is queued for
         self.steals = 0
+        # Which prompt prefixes each instance holds (engine events, else what was routed where).
+        self.prefixes = PrefixIndex(ttl_s=settings.prefix_ttl_s)
 
     # ---- views -----------------------------------------------------------------------------------
-    def view(self, inst: Instance) -> InstanceView:
-        """The instance's load report, reservations included, with our queue for it folded in."""
+    def view(self, inst: Instance, req: RequestView | None = None) -> InstanceView:
+        """The instance's load report, reservations included, with our queue for it folded in, and
+        (`req` with prefix hashes) the request's prompt tokens cached there."""
         view = inst.view()
+        if req is not None and req.prefix_hashes:
+            matched = self.prefixes.match(inst.id, req.prefix_hashes, time.monotonic())
+            view = replace(view, cached_prompt_tokens=reusable_tokens(req.prompt_tokens, matched))
         queue = self.queues.get(inst.id)
         if queue is None or not len(queue):
             return view
         return replace(view, queued_prompt_tokens=view.queued_prompt_tokens + queue.queued_prompt_tokens,
                        queued=view.queued + len(queue))
 
-    def _views(self, role: Role, model: str | None, backend: str | None, exclude: set[str]) -> list[InstanceView]:
-        return [self.view(i) for i in self.cluster.usable(role, model, backend) if i.id not in exclude]
+    def _views(
+        self, role: Role, model: str | None, backend: str | None, exclude: set[str], req: RequestView | None = None
+    ) -> list[InstanceView]:
+        return [self.view(i, req) for i in self.cluster.usable(role, model, backend) if i.id not in exclude]
 
     def decode_hosts(self, model: str | None, backend: str | None, exclude: set[str]) -> list[Instance]:
         """Usable decode instances that can run whole requests (prefill + decode) themselves."""
@@ -93,9 +103,9 @@ class Placement:
         instances do (acquire_decode falls back to them)."""
         return self.core.route(
             req,
-            prefills=self._views("prefill", model, backend, failed),
+            prefills=self._views("prefill", model, backend, failed, req),
             has_decode=bool(self.cluster.usable("decode", model, backend)),
-            hosts=[self.view(i) for i in self.decode_hosts(model, backend, failed)],
+            hosts=[self.view(i, req) for i in self.decode_hosts(model, backend, failed)],
             colocated_pool=bool(self.cluster.usable("colocated", model, backend)),
         )
 
@@ -114,7 +124,7 @@ class Placement:
     def pick_prefill(
         self, req: RequestView, role: Role, model: str | None, exclude: set[str], backend: str | None = None
     ) -> Instance:
-        views = self._views(role, model, backend, exclude)
+        views = self._views(role, model, backend, exclude, req)
         if not views:
             raise Overloaded(f"no healthy {role} instance for model {model!r}")
         chosen = self.core.pick_prefill(req, views)
@@ -198,6 +208,8 @@ class Placement:
             hold.move(inst.kv)
         inst.inflight_prefills += 1
         inst.inflight_prefill_tokens += req.prompt_tokens
+        if req.prefix_hashes:
+            self.prefixes.routed(inst.id, req.prefix_hashes, time.monotonic())
         future.set_result(PrefillSlot(self, inst, req.prompt_tokens))
 
     def _steal(self, thief: Instance) -> None:
@@ -230,6 +242,7 @@ class Placement:
     def forget(self, inst: Instance) -> None:
         """The instance changes role or leaves: drop its queue and engine bookkeeping."""
         self.queues.pop(inst.id, None)
+        self.prefixes.forget(inst.id)
         inst.inflight_prefills = inst.inflight_prefill_tokens = 0
 
     def replace_queued(self, inst: Instance) -> None:

@@ -77,6 +77,8 @@ class Job:
     # Every token id sent so far: after a failure mid-stream the request continues from them.
     generated_ids: list[int] = field(default_factory=list)
     migrations: int = 0
+    # (prompt length, its block hashes) of the last attempt: computed once per attempt prompt.
+    prefix_hashes: tuple[int, tuple[int, ...]] | None = field(default=None, repr=False)
     # The end of the text sent so far (as long as the longest stop string), and after a migration
     # the text sent just before it and just after it: the new engine cannot see a stop string that
     # straddles the break, so the orchestrator looks for it there.

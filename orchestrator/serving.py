@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 from backends.base import BackendBusy, BackendError, GenRequest, TokenEvent
+from backends.prefix import block_hashes
 from kvbridge.base import HandoffStats, strategy_for
 from orchestrator import metrics
 from orchestrator.cluster import Cluster
@@ -287,6 +288,7 @@ class Server:
     # ---- helpers -------------------------------------------------------------------------------
     def _view(self, job: Job, bucket: int | None) -> RequestView:
         return RequestView(
+            prefix_hashes=self._prefix_hashes(job),
             id=job.id, arrival=job.arrival, prompt_tokens=len(job.attempt_prompt_ids),
             max_tokens=job.remaining_tokens, predicted_bucket=bucket,
             granularity=self.settings.predictor_granularity,
@@ -302,6 +304,15 @@ class Server:
             predicted_output_lo=view.predicted_output_lo if view and view.predicted_bucket is not None else None,
             heavy_decode=view.heavy_decode if view and view.predicted_bucket is not None else None,
         )
+
+    def _prefix_hashes(self, job: Job) -> tuple[int, ...]:
+        """The attempt's prompt block hashes, when the global scheduler reads cache contents."""
+        if not self.placement.core.global_scheduler.uses_prefix:
+            return ()
+        ids = job.attempt_prompt_ids
+        if job.prefix_hashes is None or job.prefix_hashes[0] != len(ids):
+            job.prefix_hashes = (len(ids), tuple(block_hashes(ids, job.model)))
+        return job.prefix_hashes[1]
 
     @property
     def predictor(self) -> Predictor | None:

@@ -49,6 +49,11 @@ class PlacementKnobs(Protocol):
     dispatch_ratio_objective: str
     decode_admission: str
     late_binding: str
+    global_scheduler: str
+    prefix_cache_weight: float
+    prefix_cache_threshold: float
+    prefix_balance_abs: int
+    prefix_balance_rel: float
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,10 @@ class PlacementCore:
             mode=k.mode, colocate_heavy_heavy=k.colocate_heavy_heavy, heavy_prefill_threshold=k.heavy_prefill_threshold,
             colocate_on_decode=k.colocate_on_decode, colocate_backlog_tokens=k.colocate_backlog_tokens,
             colocate_pick=k.colocate_pick, prefill_engine_backlog=k.prefill_engine_backlog,
+            global_scheduler=make_global_scheduler(
+                k.global_scheduler, cache_weight=k.prefix_cache_weight, cache_threshold=k.prefix_cache_threshold,
+                balance_abs=k.prefix_balance_abs, balance_rel=k.prefix_balance_rel,
+            ),
             dispatcher=make_dispatcher(
                 k.dispatch_policy, power_of_d=k.power_of_d, heavy_decode_threshold=k.heavy_decode_threshold,
                 fallback=k.dispatch_fallback, ratio_objective=k.dispatch_ratio_objective,  # type: ignore[arg-type]

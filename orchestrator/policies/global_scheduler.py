@@ -13,11 +13,12 @@ from typing import Protocol
 
 from orchestrator.policies.types import InstanceView, RequestView
 
-GLOBAL_SCHEDULER_NAMES: tuple[str, ...] = ("least_loaded",)
+GLOBAL_SCHEDULER_NAMES: tuple[str, ...] = ("least_loaded", "prefix_aware", "sglang_cache_aware")
 
 
 class GlobalScheduler(Protocol):
     name: str
+    uses_prefix: bool  # whether it reads the views' cached_prompt_tokens
 
     def pick(self, instances: Sequence[InstanceView], req: RequestView) -> str | None: ...
 
@@ -36,6 +37,7 @@ class LeastLoadedPrefill:
     """Least ``prefill_load`` (queued + running prompt tokens); tie: fewest running, then id."""
 
     name = "least_loaded"
+    uses_prefix = False
 
     def pick(self, instances: Sequence[InstanceView], req: RequestView) -> str | None:
         candidates = prefill_candidates(instances)
@@ -45,7 +47,66 @@ class LeastLoadedPrefill:
         return best.id
 
 
-def make_global_scheduler(name: str = "least_loaded") -> GlobalScheduler:
+class PrefixAwarePrefill:
+    """Least uncached prefill work: the instance's prefill load plus this prompt's tokens it does not
+    hold cached (``cached_prompt_tokens``, weighted); tie: fewest running, then id. The paper's load
+    model with prefix caching: a hit is worth little where the queue is long."""
+
+    name = "prefix_aware"
+    uses_prefix = True
+
+    def __init__(self, cache_weight: float = 1.0) -> None:
+        self.cache_weight = cache_weight
+
+    def pick(self, instances: Sequence[InstanceView], req: RequestView) -> str | None:
+        candidates = prefill_candidates(instances)
+        if not candidates:
+            return None
+        w = self.cache_weight
+        best = min(
+            candidates,
+            key=lambda i: (i.prefill_load + req.prompt_tokens - w * i.cached_prompt_tokens, i.running, i.id),
+        )
+        return best.id
+
+
+class SGLangCacheAware:
+    """The SGLang router's `cache_aware` rule (sglang-router 0.3.2): load = requests in flight; if
+    the load is imbalanced (max - min > balance_abs and max > min * balance_rel) the least loaded,
+    else if the best cache match covers more than `cache_threshold` of the prompt that instance,
+    else the least loaded. Its tree is approximate (what was routed where); ours counts blocks of
+    tokens where it counts characters."""
+
+    name = "sglang_cache_aware"
+    uses_prefix = True
+
+    def __init__(self, cache_threshold: float = 0.3, balance_abs: int = 64, balance_rel: float = 1.5) -> None:
+        self.cache_threshold = cache_threshold
+        self.balance_abs = balance_abs
+        self.balance_rel = balance_rel
+
+    def pick(self, instances: Sequence[InstanceView], req: RequestView) -> str | None:
+        candidates = prefill_candidates(instances)
+        if not candidates:
+            return None
+        least = min(candidates, key=lambda i: (i.running + i.queued, i.id))
+        lo, hi = least.running + least.queued, max(i.running + i.queued for i in candidates)
+        if hi - lo > self.balance_abs and hi > lo * self.balance_rel:
+            return least.id
+        best = max(candidates, key=lambda i: (i.cached_prompt_tokens, -(i.running + i.queued), i.id))
+        if req.prompt_tokens > 0 and best.cached_prompt_tokens / req.prompt_tokens > self.cache_threshold:
+            return best.id
+        return least.id
+
+
+def make_global_scheduler(
+    name: str = "least_loaded", cache_weight: float = 1.0, cache_threshold: float = 0.3, balance_abs: int = 64,
+    balance_rel: float = 1.5,
+) -> GlobalScheduler:
     if name == "least_loaded":
         return LeastLoadedPrefill()
+    if name == "prefix_aware":
+        return PrefixAwarePrefill(cache_weight)
+    if name == "sglang_cache_aware":
+        return SGLangCacheAware(cache_threshold, balance_abs, balance_rel)
     raise ValueError(f"unknown global scheduler {name!r}; choose one of {', '.join(GLOBAL_SCHEDULER_NAMES)}")

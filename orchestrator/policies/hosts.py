@@ -23,7 +23,7 @@ def has_room(view: InstanceView, req: RequestView, headroom: float = ROOM_HEADRO
 
 
 def _prefill_load_key(v: InstanceView) -> tuple[int, int, int, str]:
-    return v.prefill_load, v.running + v.queued, -available_kv(v), v.id
+    return v.prefill_load - v.cached_prompt_tokens, v.running + v.queued, -available_kv(v), v.id
 
 
 def _outstanding_key(v: InstanceView) -> tuple[int, int, int, str]:
@@ -32,7 +32,8 @@ def _outstanding_key(v: InstanceView) -> tuple[int, int, int, str]:
 
 HOST_PICKERS: dict[str, Callable[[InstanceView], tuple[int, int, int, str]]] = {
     # Least prompt tokens waiting or prefilling (what a new prompt waits behind: the global
-    # scheduler's rule), then fewest outstanding requests, then most available KV, then id.
+    # scheduler's rule; less what the request finds cached there, when that is known), then
+    # fewest outstanding requests, then most available KV, then id.
     "prefill_load": _prefill_load_key,
     # Fewest outstanding requests, then id: a plain load balancer, as in front of vLLM.
     "outstanding": _outstanding_key,

@@ -27,6 +27,9 @@ class InstanceView:
     decode_remaining: tuple[int, ...] = ()
     # KV tokens promised to requests routed here but not yet visible in the load report.
     reserved_kv_tokens: int = 0
+    # For the request being placed: its prompt tokens this instance holds cached (prefix-aware
+    # placement fills it in; 0 otherwise).
+    cached_prompt_tokens: int = 0
 
     @property
     def prefill_load(self) -> int:
@@ -46,6 +49,8 @@ class RequestView:
     predicted_bucket: int | None = None
     granularity: int = 200
     heavy_decode_threshold: int = 128
+    # The prompt's prefix block hashes (backends/prefix.py), when a prefix-aware policy needs them.
+    prefix_hashes: tuple[int, ...] = ()
 
     @property
     def predicted_output_lo(self) -> int:
