@@ -81,10 +81,14 @@ def up(
 
     from orchestrator.app import create_app
     from orchestrator.config import InstanceSpec, Settings
-    from orchestrator.launcher import Fleet
+    from orchestrator.launcher import process_fleet
 
     _logging()
-    settings = Settings.load(config, port=port, model=model, host=host)
+    # The local pool provider: PUT /admin/pools/{role} starts and stops workers like these ones.
+    settings = Settings.load(
+        config, port=port, model=model, host=host, pool_provider="local", local_worker_backend=backend,
+        local_worker_chunk_size=chunk_size, local_worker_batching=batching, local_worker_kv_tokens=kv_tokens,
+    )  # fmt: skip
     _require_admin_token_off_loopback(settings.host, settings.admin_token)
     roles = ["prefill"] * prefill + ["decode"] * decode + ["colocated"] * colocated
     if not roles:
@@ -95,7 +99,7 @@ def up(
         from backends.native.prepare import prepare
 
         prepare(model, "cpu", chunk_size)
-    fleet = Fleet()
+    fleet = process_fleet()  # the provider's too: it counts (and may stop) these workers
     try:
         for role in roles:
             w = fleet.start_worker(role, model, backend=backend, chunk_size=chunk_size,  # type: ignore[arg-type]

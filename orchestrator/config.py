@@ -177,18 +177,6 @@ class Settings(BaseSettings):
     # Which decode instance a co-located request runs on (orchestrator/policies/hosts.py):
     # "prefill_load" (least prompt work waiting there) or "outstanding" (fewest requests).
     colocate_pick: str = "prefill_load"
-    # --- prefix caching (orchestrator/policies/prefix.py, global_scheduler.py) ---
-    # The global scheduler: "least_loaded" (the paper's), "prefix_aware" (least uncached prefill work:
-    # prefill load + prompt - cached prefix there x prefix_cache_weight) or "sglang_cache_aware" (the
-    # SGLang router's rule: cache match above prefix_cache_threshold unless the load is imbalanced by
-    # more than prefix_balance_abs requests and prefix_balance_rel times).
-    global_scheduler: str = "prefix_aware"
-    prefix_cache_weight: float = Field(default=1.0, ge=0.0)
-    prefix_cache_threshold: float = Field(default=0.3, ge=0.0, le=1.0)
-    prefix_balance_abs: int = Field(default=64, ge=0)
-    prefix_balance_rel: float = Field(default=1.5, ge=1.0)
-    # Engines that do not report their cached blocks: what was routed where counts as cached this long.
-    prefix_ttl_s: float = Field(default=120.0, gt=0.0)
     # Request migration: when an instance fails after tokens reached the client (a worker crash,
     # a broken stream), the request continues elsewhere from the prompt plus the tokens already
     # sent (a re-prefill of that prefix), instead of ending with an error. Off: it ends with an error.
@@ -212,12 +200,31 @@ class Settings(BaseSettings):
     flip_cooldown_s: float | None = None
     flip_load_kv_threshold: float = 0.8
 
+    # --- the local pool provider (pool_provider=local; `tetri up` sets these from its options) ---
+    # The built-in engine workers it starts for PUT /admin/pools/{role}: `tetri worker` processes on
+    # this machine, of `model`, with these options. log dir unset: $TETRI_LOG_DIR or /tmp/tetri-logs.
+    local_worker_backend: Literal["native", "sim"] = "native"
+    local_worker_chunk_size: str = "auto"
+    local_worker_batching: Literal["sarathi", "vllm"] = "sarathi"
+    local_worker_kv_tokens: int | None = Field(default=None, ge=1)
+    local_worker_log_dir: str | None = None
+    # How long a new worker may take to answer /health (a first start converts/profiles the model).
+    local_worker_start_timeout_s: float = Field(default=300.0, gt=0.0)
+    # Most workers one pool may have: a PUT asking for more is refused (409), not a fork bomb.
+    local_max_workers: int = Field(default=8, ge=1)
+    # --- the planner scaling pools (needs a provider that can scale; opt-in) ---
+    # With plan_auto_interval_s > 0 and plan_scale on, the automatic planner may also add an instance
+    # when the planned layout's busier pool runs at >= plan_scale_up_util, or remove one when a layout
+    # of one instance fewer runs at <= plan_scale_down_util; each pool stays within its min and max.
+    plan_scale: bool = False
+    plan_scale_min: dict[Role, int] = Field(default_factory=lambda: {"prefill": 1, "decode": 1})
+    plan_scale_max: dict[Role, int] = Field(default_factory=lambda: {"prefill": 4, "decode": 4})
+    plan_scale_up_util: float = Field(default=0.8, gt=0.0)
+    plan_scale_down_util: float = Field(default=0.5, ge=0.0)
+
     @classmethod
     def load(cls, yaml_path: str | Path | None = None, **overrides: Any) -> Settings:
         """Environment wins over the YAML file; explicit overrides win over both."""
-    # Which decode instance a co-located request runs on (orchestrator/policies/hosts.py):
-    # "prefill_load" (least prompt work waiting there) or "outstanding" (fewest requests).
-    colocate_pick: str = "prefill_load"
         data: dict[str, Any] = {}
         path = yaml_path or os.environ.get("TETRI_CONFIG")
         if path:

@@ -1,6 +1,8 @@
 """Sizing the prefill and decode pools from recent traffic: the plan (`GET /admin/plan`), its
 application (`POST /admin/plan/apply`: flip the least busy instances until the pools match), and,
-when `plan_auto_interval_s` is set, the same two steps on a timer (`AutoPlanner`).
+when `plan_auto_interval_s` is set, the same two steps on a timer (`AutoPlanner`). With `plan_scale`
+and a pool provider that can scale, the timer may also add or remove an instance (`scaled_target`,
+`apply_layout`): opt-in, within `plan_scale_min`/`plan_scale_max` per pool, each action an event.
 
 The plan simulates the candidate splits on the deployment's timing profile (backends/sim/planner.py);
 it is as good as that profile. Applying it drains and flips instances, so the automatic planner
@@ -14,8 +16,9 @@ import logging
 import time
 from typing import Any
 
-from backends.base import BackendError
+from backends.base import BackendError, Role
 from orchestrator.errors import APIError
+from orchestrator.pools.base import PoolProvider, ScaleRefused
 
 log = logging.getLogger("tetri.plan")
 
@@ -128,13 +131,24 @@ class AutoPlanner:
         rec = (plan["recommended"]["prefill"], plan["recommended"]["decode"])
         pool = pd_pool(state)
         now = (sum(1 for i in pool if i.role == "prefill"), sum(1 for i in pool if i.role == "decode"))
+        provider = scaling_provider(state)
+        if provider is not None:
+            if not await _settled(provider):  # instances still coming up or leaving: wait for them
+                return None
+            async with state.planning:
+                plan, rec = await scaled_target(state, plan, rec)
         agreed, self.last = rec == self.last, rec
         if not agreed or rec == now:
             return None
-        flips = await flip_to_split(state, rec[0])
+        if provider is None:
+            flips = await flip_to_split(state, rec[0])
+            scaled: list[dict[str, Any]] = []
+        else:
+            flips, scaled = await apply_layout(state, provider, now, rec)
         self.applied += 1
-        state.event("plan_applied", None, {"from": list(now), "to": list(rec), "flips": [f["id"] for f in flips]})
-        return {**plan, "flips": flips}
+        state.event("plan_applied", None, {"from": list(now), "to": list(rec), "flips": [f["id"] for f in flips],
+                                           **({"scaled": scaled} if scaled else {})})  # fmt: skip
+        return {**plan, "flips": flips, **({"scaled": scaled} if scaled else {})}
 
 
 def pd_pool(app_state: Any) -> list[Any]:
@@ -144,3 +158,107 @@ def pd_pool(app_state: Any) -> list[Any]:
 def _busy(inst: Any) -> tuple[int, int, str]:
     view = inst.view()
     return view.running + view.queued, view.queued_prompt_tokens + view.running_prompt_tokens, inst.id
+
+
+# ---- scaling through a pool provider (plan_scale) ------------------------------------------------
+
+
+def scaling_provider(app_state: Any) -> PoolProvider | None:
+    """The pool provider the automatic planner may scale through: only with `plan_scale` on."""
+    provider: PoolProvider | None = getattr(app_state, "pool_provider", None)
+    if provider is None or not app_state.settings.plan_scale:
+        return None
+    return provider
+
+
+async def _settled(provider: PoolProvider) -> bool:
+    """Every pool has what was last asked for (a scale still under way is not re-planned)."""
+    return all(p.ready == p.desired for p in await provider.pools() if p.role in ("prefill", "decode"))
+
+
+def split_util(plan: dict[str, Any], split: tuple[int, int]) -> float | None:
+    """The planned utilisation (the busier pool's) of a split, from the plan's candidates."""
+    key = f"{split[0]}:{split[1]}"
+    cand = plan.get("candidates", {}).get(key)
+    if cand is not None and "util" in cand:
+        return float(cand["util"])
+    rejected = plan.get("rejected", {})
+    return float(rejected[key]) if key in rejected else None
+
+
+def clamp_split(settings: Any, split: tuple[int, int]) -> tuple[int, int]:
+    lo, hi = settings.plan_scale_min, settings.plan_scale_max
+    p = min(max(split[0], lo.get("prefill", 0)), hi.get("prefill", split[0]))
+    d = min(max(split[1], lo.get("decode", 1)), hi.get("decode", split[1]))
+    return p, d
+
+
+async def scaled_target(
+    app_state: Any, plan: dict[str, Any], rec: tuple[int, int]
+) -> tuple[dict[str, Any], tuple[int, int]]:
+    """One instance more when the recommended split runs its busier pool at >= plan_scale_up_util,
+    one fewer when the split recommended for one fewer stays at <= plan_scale_down_util; then each
+    pool clamped to its [min, max]. The plan the target comes from, and the target."""
+    s = app_state.settings
+    n = rec[0] + rec[1]
+    util = split_util(plan, rec)
+    hi_total = s.plan_scale_max.get("prefill", 0) + s.plan_scale_max.get("decode", 0)
+    lo_total = s.plan_scale_min.get("prefill", 0) + s.plan_scale_min.get("decode", 1)
+    other: int | None = None
+    if util is not None and util >= s.plan_scale_up_util and n < hi_total:
+        other = n + 1
+    elif util is not None and util <= s.plan_scale_down_util and n > max(1, lo_total):
+        other = n - 1
+    if other is not None:
+        try:
+            alt = await asyncio.to_thread(
+                recommend_for_traffic, app_state, s.plan_auto_window_s, s.plan_objective, s.plan_profile, other,
+                s.plan_ttft_slo_ms,
+            )  # fmt: skip
+        except APIError as exc:
+            log.debug("planning for %d instances failed: %s", other, exc)
+            alt = None
+        if alt is not None:
+            alt_rec = (alt["recommended"]["prefill"], alt["recommended"]["decode"])
+            alt_util = split_util(alt, alt_rec)
+            # Fewer instances only where they keep up comfortably; more whenever asked for.
+            if other > n or (alt_util is not None and alt_util <= s.plan_scale_down_util):
+                plan, rec = alt, alt_rec
+    return plan, clamp_split(s, rec)
+
+
+async def apply_layout(
+    app_state: Any, provider: PoolProvider, now: tuple[int, int], target: tuple[int, int]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Move the pools from `now` to `target`: flips where one pool gives what the other lacks (no
+    start-up, no model load), the rest through the provider (it drains an instance before it stops
+    it). Each scale action is an event row ("plan_scale", or "plan_scale_refused"). The flips and the
+    scale actions."""
+    p, d = now
+    flips: list[dict[str, Any]] = []
+    give = 0  # instances flipped decode -> prefill (negative: the other way)
+    if target[0] > p and target[1] < d:
+        give = min(target[0] - p, d - target[1])
+    elif target[0] < p and target[1] > d:
+        give = -min(p - target[0], target[1] - d)
+    if give != 0:
+        flips = await flip_to_split(app_state, p + give)
+        p, d = p + give, d - give
+    scaled: list[dict[str, Any]] = []
+    statuses = {st.role: st for st in await provider.pools()}
+    pools: tuple[tuple[Role, int, int], ...] = (("prefill", p, target[0]), ("decode", d, target[1]))
+    for role, have, want in pools:
+        if want == have:
+            continue
+        status = statuses.get(role)
+        replicas = max(0, (status.desired if status is not None else have) + want - have)
+        detail = {"role": role, "from": have, "to": want, "replicas": replicas, "provider": provider.name}
+        try:
+            await provider.scale(role, replicas)
+        except ScaleRefused as exc:
+            app_state.event("plan_scale_refused", None, {**detail, "reason": str(exc)})
+            log.warning("the planner's scaling of the %s pool was refused: %s", role, exc)
+            continue
+        app_state.event("plan_scale", None, detail)
+        scaled.append(detail)
+    return flips, scaled
