@@ -177,6 +177,18 @@ class Settings(BaseSettings):
     # Which decode instance a co-located request runs on (orchestrator/policies/hosts.py):
     # "prefill_load" (least prompt work waiting there) or "outstanding" (fewest requests).
     colocate_pick: str = "prefill_load"
+    # --- prefix caching (orchestrator/policies/prefix.py, global_scheduler.py) ---
+    # The global scheduler: "least_loaded" (the paper's), "prefix_aware" (least uncached prefill work:
+    # prefill load + prompt - cached prefix there x prefix_cache_weight) or "sglang_cache_aware" (the
+    # SGLang router's rule: cache match above prefix_cache_threshold unless the load is imbalanced by
+    # more than prefix_balance_abs requests and prefix_balance_rel times).
+    global_scheduler: str = "prefix_aware"
+    prefix_cache_weight: float = Field(default=1.0, ge=0.0)
+    prefix_cache_threshold: float = Field(default=0.3, ge=0.0, le=1.0)
+    prefix_balance_abs: int = Field(default=64, ge=0)
+    prefix_balance_rel: float = Field(default=1.5, ge=1.0)
+    # Engines that do not report their cached blocks: what was routed where counts as cached this long.
+    prefix_ttl_s: float = Field(default=120.0, gt=0.0)
     # Request migration: when an instance fails after tokens reached the client (a worker crash,
     # a broken stream), the request continues elsewhere from the prompt plus the tokens already
     # sent (a re-prefill of that prefix), instead of ending with an error. Off: it ends with an error.
