@@ -259,14 +259,14 @@ def test_late_binding_moves_queued_prompts_to_an_idle_prefill_worker(fleet3, orc
     url, state = orchestrator_for(specs_in_roles(fleet3), monitor_interval_ms=100, prefill_engine_backlog=1,
                                   colocate_backlog_tokens=0, colocate_heavy_heavy=False, late_binding="busiest")
     held = state.cluster.instances["prefill-1"]
-    held.inflight_prefills = 1
+    held.inflight_prefills, held.inflight_prefill_tokens = 1, 10**9  # a chunk's worth and more waits there
     n = 10
     bodies = [completion(400 + i, 120 + 16 * (i % 4), 4) for i in range(n)]
     try:
         # Without late binding what waits at prefill-1 never starts: fail in a minute, not hang.
         responses = asyncio.run(asyncio.wait_for(post_all(url, bodies), timeout=60))
     finally:
-        held.inflight_prefills = 0  # the monitor's next tick pumps it (on the orchestrator's loop)
+        held.inflight_prefills = held.inflight_prefill_tokens = 0  # the monitor's next tick pumps it
     ids = assert_all_complete(responses, bodies)
     rows = records(state, ids)
     assert all(r["state"] == "finished" for r in rows.values())
@@ -369,6 +369,7 @@ def test_colocated_fallback_room_test_and_backlog_measure():
     from orchestrator.cluster import Cluster
     from orchestrator.config import Settings
     from orchestrator.placement import Placement
+    from orchestrator.policies.hosts import has_room
     from orchestrator.policies.types import RequestView
 
     class Fake:
@@ -391,31 +392,34 @@ def test_colocated_fallback_room_test_and_backlog_measure():
     p, d1, d2, sg = (cluster.instances[i] for i in ("p", "d1", "d2", "sg"))
     p.load = LoadReport(role="prefill", queued_prompt_tokens=300, running_prompt_tokens=100)
     placement.queue_of(p).push(RequestView(id="q", arrival=0.0, prompt_tokens=250, max_tokens=8), 0.0)
-    assert placement.prefill_backlog(TINY, None, set()) == 650
-    assert placement.prefill_backlog(TINY, None, {"p"}) is None
+    assert placement.view(p).prefill_load == 650  # our queue is folded into the engine's report
 
     req = RequestView(id="r", arrival=0.0, prompt_tokens=200, max_tokens=8)
     for inst in (d1, d2, sg):
         inst.load = LoadReport(role="decode", free_kv_tokens=900, total_kv_tokens=4000, running=2)
-    assert not placement.has_room(d1, req)  # 900 < 0.2 * 4000 + 200
+    assert not has_room(placement.view(d1), req)  # 900 < 0.2 * 4000 + 200
     d1.load = LoadReport(role="decode", free_kv_tokens=1000, total_kv_tokens=2000, running=3)
-    assert placement.has_room(d1, req)  # 1000 >= 400 + 200
-    d1.reserved_kv_tokens = 401
-    assert not placement.has_room(d1, req)
-    d1.reserved_kv_tokens = 0
+    assert has_room(placement.view(d1), req)  # 1000 >= 400 + 200
+    with placement.reserve(d1, RequestView(id="x", arrival=0.0, prompt_tokens=401, max_tokens=8)):
+        assert not has_room(placement.view(d1), req)  # reservations count
     d2.load = LoadReport(role="decode", free_kv_tokens=1900, total_kv_tokens=2000, running=0, queued=1)
-    assert not placement.has_room(d2, req)  # something waits there
+    assert not has_room(placement.view(d2), req)  # something waits there
     sg.load = LoadReport(role="decode", free_kv_tokens=2000, total_kv_tokens=2000)
     assert [i.id for i in placement.decode_hosts(TINY, None, set())] == ["d1", "d2"]
-    assert placement.pick_decode_host(req, TINY, None, set(), test="room") is d1
-    assert placement.pick_decode_host(req, TINY, None, {"d1"}, test="room") is None
+
+    def pick(test, exclude=frozenset()):
+        views = [placement.view(h) for h in placement.decode_hosts(TINY, None, set(exclude))]
+        return placement.core.pick_host(req, views, test)
+
+    assert pick("room") == "d1"
+    assert pick("room", {"d1"}) is None
     # Without a test: the least outstanding (d2: 0 running + 1 queued < d1: 3 running).
-    assert placement.pick_decode_host(req, TINY, None, set(), test=None) is d2
+    assert pick(None) == "d2"
     # ...unless its prefill load is higher: prompt tokens waiting there come first.
     d2.load = LoadReport(role="decode", free_kv_tokens=1900, total_kv_tokens=2000, running=0, queued=1,
                          queued_prompt_tokens=500)  # fmt: skip
     d1.load = LoadReport(role="decode", free_kv_tokens=1000, total_kv_tokens=2000, running=3,
                          running_prompt_tokens=100)  # fmt: skip
-    assert placement.pick_decode_host(req, TINY, None, set(), test=None) is d1
+    assert pick(None) == "d1"
     placement.queue_of(d1).push(RequestView(id="w", arrival=0.0, prompt_tokens=450, max_tokens=8), 0.0)
-    assert placement.pick_decode_host(req, TINY, None, set(), test=None) is d2  # 100 + 450 > 500
+    assert pick(None) == "d2"  # 100 + 450 > 500
