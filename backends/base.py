@@ -87,6 +87,14 @@ class LoadReport:
     backend: str = "native"
     model: str = ""
     accepting: bool = True
+    # Prefix cache (engines that have one): blocks held cached, and prompt tokens looked up and found
+    # since the engine started (counters: a hit rate is their ratio).
+    cached_blocks: int = 0
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    # The engine's block events since this adapter's last poll (backends/prefix.py keys); None: the
+    # engine does not report them.
+    kv_events: KVEvents | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,7 +103,28 @@ class LoadReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoadReport:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        events = known.get("kv_events")
+        if isinstance(events, dict):
+            known["kv_events"] = KVEvents.from_dict(events)
         return cls(**known)
+
+
+@dataclass
+class KVEvents:
+    """Blocks an engine stored in and removed from its prefix cache since a given event sequence
+    number; `reset`: `stored` is its whole cache (the asker was too far behind, or new)."""
+
+    seq: int = 0  # the last event included: ask for what follows next time
+    reset: bool = False
+    stored: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KVEvents:
+        return cls(
+            seq=int(data.get("seq", 0)), reset=bool(data.get("reset", False)),
+            stored=[int(h) for h in data.get("stored", [])], removed=[int(h) for h in data.get("removed", [])],
+        )
 
 
 @dataclass

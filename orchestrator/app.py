@@ -408,6 +408,9 @@ def create_app(
         state.server.predictor = state.predictor
         state.live_accuracy = _live_accuracy(state.predictor, settings.predictor_granularity)
         state.monitor.on_state_change.append(state._on_state_change)
+        state.monitor.on_kv_events.append(
+            lambda inst, ev: state.placement.prefixes.apply(inst.id, ev.reset, ev.stored, ev.removed)
+        )
         state.monitor.listeners.append(state.on_monitor_tick)
         for spec in settings.instances:
             # Configured engines may still be starting with the orchestrator: longer than an admin call.

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from backends.base import LoadReport
+from backends.base import KVEvents, LoadReport
 from orchestrator.cluster import Cluster, Instance
 
 log = logging.getLogger("tetri.monitor")
@@ -28,6 +28,8 @@ class ClusterMonitor:
         self.failures_unhealthy = failures_unhealthy
         self.listeners: list[Listener] = []
         self.on_state_change: list[Callable[[Instance, str, str], None]] = []
+        # Engines that report their prefix-cache block events: placement's index follows them.
+        self.on_kv_events: list[Callable[[Instance, KVEvents], None]] = []
         self._scheduler: AsyncIOScheduler | None = None
         self.polls = 0
 
@@ -67,6 +69,9 @@ class ClusterMonitor:
                 self._set_state(inst, "unhealthy", f"{inst.failures} failed polls: {exc!r}")
             return
         self.cluster.mark_seen(inst, load)
+        if load.kv_events is not None:
+            for on_events in self.on_kv_events:
+                on_events(inst, load.kv_events)
         if inst.state in ("unhealthy", "starting"):
             self._set_state(inst, "healthy", "answers load polls")
         if inst.state == "healthy" and load.role != inst.backend.role:

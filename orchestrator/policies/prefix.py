@@ -79,6 +79,14 @@ class PrefixIndex:
         self._by_instance[instance_id] = _Blocks(precise=True)
         self.stored(instance_id, hashes)
 
+    def apply(self, instance_id: str, reset: bool, stored: Iterable[int], removed: Iterable[int]) -> None:
+        """An engine's events since the last poll (or its whole cache, `reset`)."""
+        if reset:
+            self.reset(instance_id, stored)
+            return
+        self.removed(instance_id, removed)
+        self.stored(instance_id, stored)
+
     def forget(self, instance_id: str) -> None:
         self._by_instance.pop(instance_id, None)
 
