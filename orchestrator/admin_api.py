@@ -15,7 +15,7 @@ from backends.base import BackendError, Role
 from orchestrator.config import BackendKind, InstanceSpec
 from orchestrator.errors import APIError
 from orchestrator.pool_planner import flip_to_split, pd_pool, recommend_for_traffic
-from orchestrator.pools.base import MAX_REPLICAS, POOL_ROLES, PoolStatus, PoolUnavailable, ScaleRefused
+from orchestrator.pools.base import MAX_REPLICAS, POOL_ROLES, PoolProvider, PoolStatus, PoolUnavailable, ScaleRefused
 
 
 class RegisterBody(BaseModel):
@@ -156,7 +156,7 @@ def build_admin_router(app_state: Any) -> APIRouter:
         flips = await flip_to_split(app_state, plan["recommended"]["prefill"])
         return {**plan, "flips": flips}
 
-    def provider_or_503() -> Any:
+    def provider_or_503() -> PoolProvider:
         provider = app_state.pool_provider
         if provider is None:  # the lifespan has not started it (or has stopped it)
             raise APIError(503, "the pool provider is not running", "server_error", code="pools_unavailable",
@@ -207,8 +207,8 @@ _MAX_PLAN_INSTANCES = 512  # a plan simulates every instance: bound the work one
 
 
 def _check_plan_args(window_s: float, objective: str, profile: str, instances: int | None, ttft_slo_ms: float) -> None:
-    from backends.sim.planner import OBJECTIVES
     from backends.sim.profiles import profile_names
+    from orchestrator.sim.config import OBJECTIVES
 
     if objective not in OBJECTIVES:
         raise APIError(400, f"objective must be one of {', '.join(OBJECTIVES)}", param="objective")
