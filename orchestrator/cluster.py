@@ -123,7 +123,21 @@ class Instance:
             "model": self.model or self.spec.model,
             "state": self.state,
             "last_seen": self.last_seen,
-            "last_load": self.load.to_dict() if self.load else None,
+            "last_load": {k: v for k, v in self.load.to_dict().items() if k != "kv_events"} if self.load else None,
+            "prefix_cache": self.prefix_cache(),
+        }
+
+    def prefix_cache(self) -> dict[str, float | int] | None:
+        """Cache occupancy and hit rate as the engine reports them (None: no prefix cache there)."""
+        load = self.load
+        if load is None or (load.cached_blocks == 0 and load.prefix_query_tokens == 0):
+            return None
+        queried = load.prefix_query_tokens
+        return {
+            "cached_blocks": load.cached_blocks,
+            "hit_rate": load.prefix_hit_tokens / queried if queried else 0.0,
+            "hit_tokens": load.prefix_hit_tokens,
+            "query_tokens": queried,
         }
 
 
