@@ -66,6 +66,8 @@ class TokenEvent:
     # On an "error" event: another instance could get past this failure (a broken stream, an
     # engine's 503 retraction), so the control plane may continue the request there (migration).
     retryable: bool = False
+    # On one event of engines with a prefix cache: the prompt tokens it did not have to prefill.
+    cached_tokens: int | None = None
 
 
 @dataclass

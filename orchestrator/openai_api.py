@@ -147,10 +147,15 @@ class CompletionRequest(SamplingFields):
 
 
 # ---- responses, as the OpenAPI document describes them (the routes build plain dicts) ----------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens served from the engine's prefix cache.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class AssistantMessage(BaseModel):
@@ -346,10 +351,11 @@ def build_router(app_state: Any) -> APIRouter:
             return StreamingResponse(sse(job, first, events, chat, include_usage), media_type="text/event-stream")
         return await _unless_client_leaves(request, collect(job, events, chat))
 
-    def usage(job: Job) -> dict[str, int]:
+    def usage(job: Job) -> dict[str, Any]:
         prompt = len(job.prompt_ids)
         return {"prompt_tokens": prompt, "completion_tokens": job.completion_tokens,
-                "total_tokens": prompt + job.completion_tokens}
+                "total_tokens": prompt + job.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
 
     async def collect(job: Job, events: AsyncIterator[TokenEvent], chat: bool) -> dict[str, Any]:
         first = await _first(events)

@@ -360,6 +360,8 @@ class Server:
 
     @staticmethod
     def _count(job: Job, event: TokenEvent) -> None:
+        if event.cached_tokens is not None and job.migrations == 0:
+            job.cached_tokens = event.cached_tokens  # of the client's prompt: the first attempt's
         job.completion_tokens += len(event.token_ids)
         job.generated_ids.extend(event.token_ids)
         if job.stop_window and event.text:
