@@ -12,13 +12,17 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Float, Index, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from orchestrator.request import IN_FLIGHT_STATES
+from orchestrator.request import REQUEST_STATES as _REQUEST_STATES
+
 # SQLite only autoincrements an ``INTEGER PRIMARY KEY`` (rowid alias), not a BIGINT one.
 EventId = BigInteger().with_variant(Integer(), "sqlite")
 
-REQUEST_STATES = ("queued", "prefilling", "transferring", "decoding", "finished", "failed", "cancelled")
+# A request's states are RequestState's (orchestrator/request.py); in-flight ones are not terminal:
+# after a crash nobody will finish them.
+REQUEST_STATES = _REQUEST_STATES
+INFLIGHT_STATES = IN_FLIGHT_STATES
 EVENT_KINDS = ("flip", "drain", "register", "deregister", "unhealthy", "healthy", "scale", "recover")
-# Requests in these states are still being served; after a crash nobody will finish them.
-INFLIGHT_STATES = ("queued", "prefilling", "transferring", "decoding")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_name)s",
