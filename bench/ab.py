@@ -3,7 +3,7 @@
 * Two URLs (``http://...``): both are driven live by the runner with the same requests, one after
   the other (A first), e.g. SGLang vs TensorRT-LLM pools, or two tetri deployments with different
   policies.
-* Two system names: both run in the simulator (``backends/sim/cluster.py``) with the same profile,
+* Two system names: both run in the simulator (``orchestrator/sim/``) with the same profile,
   instance count and requests, e.g. ``--a tetri --b tetri+predictor=oracle``.
 Relative numbers are B vs A.
 """

@@ -166,8 +166,8 @@ def compare(
 ) -> None:
     """Run a workload against colocated-vllm, colocated-sarathi, disagg-simple and tetri (or any
     systems you name) at equal instance counts; write report.md, PNG plots and results.json."""
-    from backends.sim.cluster import system_config
     from bench.compare import CompareSpec, compact, run_compare
+    from orchestrator.sim import system_config
 
     if backend == "sim":
         for name in split_systems(systems):
@@ -252,10 +252,10 @@ def plan(
 ) -> None:
     """The prefill:decode split (P = 0: every request co-located) to run for this traffic, chosen by
     simulating the candidates: what `tetri` does in `bench compare`, and `GET /admin/plan` live."""
-    from backends.sim.cluster import system_config
-    from backends.sim.planner import OBJECTIVES, recommend_split
     from backends.sim.profiles import get_timing, profile_names
     from bench.workloads import build_workload
+    from orchestrator.sim import system_config
+    from orchestrator.sim.planner import OBJECTIVES, recommend_split
 
     if objective not in OBJECTIVES:
         raise typer.BadParameter(f"choose one of {', '.join(OBJECTIVES)}", param_hint="--objective")
@@ -367,10 +367,10 @@ def goodput(
     TTFT and a TPOT SLO, bisected for each system; a Markdown table, an attainment plot, results.json."""
     from rich.progress import Progress
 
-    from backends.sim.cluster import system_config
     from backends.sim.profiles import profile_names
     from bench.goodput import goodput_live, goodput_sim, markdown, write
     from bench.workloads import WORKLOADS
+    from orchestrator.sim import system_config
 
     names = split_systems(systems)
     wls = _split_list(workload_names)

@@ -2,7 +2,7 @@
 
 Backends:
 
-* ``sim``: the in-process discrete-event cluster (backends/sim/cluster.py) with a calibrated timing
+* ``sim``: the in-process discrete-event cluster (orchestrator/sim/) with a calibrated timing
   profile; every system gets the same instance count and the same requests.
 * ``native``: the same systems live on this machine (``tetri up`` with the built-in engine), small
   scale: see ``bench/live.py``.
@@ -74,8 +74,8 @@ def _load_workload(spec: CompareSpec, name: str, max_context: int | None) -> Wor
 
 
 def compare_sim(spec: CompareSpec, progress: Any = None) -> dict[str, Any]:
-    from backends.sim.cluster import simulate, system_config
     from backends.sim.profiles import get_timing
+    from orchestrator.sim import simulate, system_config
 
     tm = get_timing(spec.profile, network=spec.network, kv_tokens=spec.kv_tokens)
     out: dict[str, Any] = {

@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from backends.sim.cluster import simulate
 from backends.sim.profiles import get_timing
 from bench.calibrate import calibrate_cpu, calibrate_from_workers
 from bench.live import Deployment, _free_port
 from bench.metrics import ratio, summarize
 from bench.runner import run_workload
 from bench.workloads import build_workload
+from orchestrator.sim import simulate
 
 SETUPS = {
     # name: (tetri up arguments, environment, simulator system, instances)

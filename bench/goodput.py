@@ -5,7 +5,7 @@
 * **Attainment** of a run against an SLO: the share of its scored requests whose TTFT is within
   ``ttft_ms`` *and* whose TPOT is within ``tpot_ms`` (a one-token answer has no TPOT: only its TTFT
   counts; a request that failed or never finished misses). The definition is
-  ``backends.sim.planner.slo_attainment``, the one the planner's ``slo`` objective ranks layouts by.
+  ``orchestrator.sim.split.slo_attainment``, the one the planner's ``slo`` objective ranks layouts by.
 * **Goodput**: the highest rate at which attainment is at least ``share`` (90%), found by bisection
   (``bisect_rate``) between a rate that meets it and one that does not. Reported per instance.
 
@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.sim.planner import slo_attainment
+from orchestrator.sim.split import slo_attainment
 
 SYSTEMS = ("colocated-vllm", "colocated-sarathi", "disagg-simple", "tetri")
 BASELINE = "colocated-vllm"
@@ -177,8 +177,8 @@ def with_slo(system: str, slo: SLO) -> str:
 
 def sim_probe(case: Case, system: str, rate: float, slo: SLO) -> dict[str, Any]:
     """One simulated run of ``system`` at ``rate``: its attainment and its means over scored requests."""
-    from backends.sim.cluster import simulate
     from bench.metrics import summarize
+    from orchestrator.sim import simulate
 
     reqs, warm = case_requests(case, rate)
     res = simulate(system, _timing(case), case.instances, reqs, seed=case.seed)
@@ -190,8 +190,8 @@ def sim_probe(case: Case, system: str, rate: float, slo: SLO) -> dict[str, Any]:
 
 def capacity_hint(case: Case) -> float:
     """The cluster's decode capacity for this workload (req/s): where the bisection starts."""
-    from backends.sim.capacity import capacity_rate
     from bench.workloads import build_workload
+    from orchestrator.sim.capacity import capacity_rate
 
     tm = _timing(case)
     probe = build_workload(case.workload, 4000, rate=None, seed=case.seed, max_context=tm.max_context).requests
@@ -202,8 +202,8 @@ def tpot_bound(case: Case, tpot_ms: float, cap: float) -> float:
     """The highest rate (req/s) at which the cluster's fluid decode floor (``capacity.decode_floor``:
     the smallest batch that keeps up, its step time) has a mean TPOT within ``tpot_ms``: past it no
     scheduler and no layout keeps the *mean* TPOT under the SLO (a 90% attainment needs more)."""
-    from backends.sim.capacity import decode_floor
     from bench.workloads import build_workload
+    from orchestrator.sim.capacity import decode_floor
 
     tm = _timing(case)
     probe = build_workload(case.workload, 4000, rate=None, seed=case.seed, max_context=tm.max_context).requests
@@ -217,8 +217,8 @@ def tpot_bound(case: Case, tpot_ms: float, cap: float) -> float:
 
 def light_load(case: Case, cap: float) -> dict[str, Any]:
     """The baseline's mean TTFT and TPOT at light load (all requests: there is no queue to warm)."""
-    from backends.sim.cluster import simulate
     from bench.metrics import summarize
+    from orchestrator.sim import simulate
 
     rate = LIGHT_LOAD * cap
     reqs, _ = case_requests(case, rate)
@@ -342,13 +342,13 @@ def goodput_live(workload: str, systems: Sequence[str] = SYSTEMS, instances: int
     deployment has no decode-capacity model)."""
     from types import SimpleNamespace
 
-    from backends.sim.cluster import SYSTEMS as SIM_SYSTEMS
-    from backends.sim.cluster import plan_split
-    from backends.sim.planner import recommend_split
     from backends.sim.profiles import get_timing
     from bench.live import Deployment, _free_port, deployment_args
     from bench.runner import run_workload
     from bench.workloads import build_workload
+    from orchestrator.sim import SYSTEMS as SIM_SYSTEMS
+    from orchestrator.sim.planner import recommend_split
+    from orchestrator.sim.split import plan_split
 
     t0 = time.perf_counter()
     tm = get_timing("cpu-smollm2")

@@ -2,7 +2,7 @@
 
 ``python -m bench.headroom --out DIR`` (or ``tetri bench headroom``) writes ``DIR/headroom.md``,
 ``DIR/headroom.json`` and ``DIR/headroom_jct.png``. Loads are fractions of the cluster's decode
-capacity (``backends.sim.capacity.capacity_rate``: the highest rate whose decode tokens the
+capacity (``orchestrator.sim.capacity.capacity_rate``: the highest rate whose decode tokens the
 instances can generate at all, at the largest batch their KV holds). Past it no layout keeps up.
 
 Each run is long enough to reach steady state, and only requests that arrive once it is warm are
@@ -22,11 +22,11 @@ from typing import Any
 
 from rich.progress import Progress
 
-from backends.sim.capacity import capacity_rate, decode_floor, jct_floor_of
-from backends.sim.cluster import simulate
 from backends.sim.profiles import get_timing
 from bench.metrics import pct, ratio, summarize
 from bench.workloads import build_workload
+from orchestrator.sim import simulate
+from orchestrator.sim.capacity import capacity_rate, decode_floor, jct_floor_of
 
 SYSTEMS = ("colocated-vllm", "colocated-sarathi", "disagg-simple", "tetri")
 VLLM_MAX_SEQS = 256  # SystemConfig.max_num_seqs of colocated-vllm

@@ -133,10 +133,11 @@ def deployment_args(system: str, n: int, split: tuple[int, int], spec: Any) -> t
 
 
 def compare_live(spec: Any, progress: Any = None) -> dict[str, Any]:
-    from backends.sim.cluster import SYSTEMS, plan_split
-    from backends.sim.planner import recommend_split
     from backends.sim.profiles import get_timing
     from bench.compare import _load_workload, _rate_value, _relative
+    from orchestrator.sim import SYSTEMS
+    from orchestrator.sim.planner import recommend_split
+    from orchestrator.sim.split import plan_split
 
     tm = get_timing("cpu-smollm2")
     n = spec.instances

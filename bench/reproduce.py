@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from backends.sim.cluster import simulate
 from backends.sim.profiles import get_timing
 from bench.metrics import pct, ratio, summarize
 from bench.workloads import build_workload
+from orchestrator.sim import simulate
 
 WORKLOADS = ("LPLD", "LPHD", "HPLD", "HPHD", "Mixed", "Mixed-natural")
 SYSTEMS = ("colocated-vllm", "colocated-sarathi", "disagg-simple", "tetri")

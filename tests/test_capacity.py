@@ -7,13 +7,13 @@ import math
 
 import pytest
 
-from backends.sim.capacity import capacity_rate, decode_floor, token_weighted_context
-from backends.sim.cluster import system_config
-from backends.sim.planner import plan_layout, recommend_split
 from backends.sim.profiles import get_timing
 from backends.sim.timing import LinearTimingModel
 from bench.headroom import OVER_CAPACITY_JCT_S, headroom, markdown, run_point, steady_window
 from bench.workloads import build_workload
+from orchestrator.sim import system_config
+from orchestrator.sim.capacity import capacity_rate, decode_floor, token_weighted_context
+from orchestrator.sim.planner import plan_layout, recommend_split
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +130,24 @@ def test_headroom_past_capacity_has_no_floor_but_still_a_report():
     assert steady_window(math.inf) == (4 * OVER_CAPACITY_JCT_S, 12 * OVER_CAPACITY_JCT_S, 14 * OVER_CAPACITY_JCT_S)
     assert steady_window(2.0) == (8.0, 24.0, 28.0)
     row = {"mean_jct_ms": 9000.0, "mean_ttft_ms": 400.0, "split": {"colocated": 4}, "queue_growing": True}
-    doc = {"profile": "p", "instances": 4, "seed": 0, "wall_s": 1.0, "workloads": {"LPHD": {"loads": {"1.2": {
-        "rate": 130.0, "floor": {"jct_floor_ms": math.inf}, "baseline_over_capacity": True,
-        "systems": {"colocated-vllm": row, "tetri": {**row, "mean_jct_ms": 8000.0}}}}}}}
+    doc = {
+        "profile": "p",
+        "instances": 4,
+        "seed": 0,
+        "wall_s": 1.0,
+        "workloads": {
+            "LPHD": {
+                "loads": {
+                    "1.2": {
+                        "rate": 130.0,
+                        "floor": {"jct_floor_ms": math.inf},
+                        "baseline_over_capacity": True,
+                        "systems": {"colocated-vllm": row, "tetri": {**row, "mean_jct_ms": 8000.0}},
+                    }
+                }
+            }
+        },
+    }
     md = markdown(doc)
     assert "none: over capacity" in md and "inf" not in md
     assert "| LPHD | 1.2 † |" in md and "9000 / 400 ↑" in md and "-11%" in md

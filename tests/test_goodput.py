@@ -101,9 +101,9 @@ def test_cli_usage_errors(args: list[str], hint: str) -> None:
 
 
 def test_slo_planner_can_choose_late_binding_too() -> None:
-    from backends.sim.cluster import simulate
     from backends.sim.profiles import get_timing
     from bench.workloads import build_workload
+    from orchestrator.sim import simulate
 
     tm = get_timing("h100-llama-2-7b")
     reqs = build_workload("Mixed", 600, rate=None, seed=0, max_context=tm.max_context).with_arrivals(12.0, 1).requests

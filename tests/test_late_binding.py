@@ -141,8 +141,8 @@ def h100():
 
 
 def test_sim_idle_decode_host_takes_a_prompt_queued_behind_a_long_prefill(h100):
-    from backends.sim.cluster import simulate
     from bench.workloads import BenchRequest
+    from orchestrator.sim import simulate
 
     # All co-located on two decode instances, placed by request count: s2 ties and lands behind the
     # 6,000-token prompt on i0. With late binding i1 takes it at its next iteration.
@@ -161,7 +161,7 @@ def test_sim_idle_decode_host_takes_a_prompt_queued_behind_a_long_prefill(h100):
 
 
 def test_sim_late_binding_in_a_prefill_pool_finishes_everything_once_and_is_deterministic(h100):
-    from backends.sim.cluster import simulate
+    from orchestrator.sim import simulate
     from tests.test_sim import _requests
 
     reqs = _requests(400, rate=60.0)

@@ -10,12 +10,13 @@ import pytest
 
 from backends.base import SamplingParams
 from backends.engine_api import EngineRequest
-from backends.sim.cluster import SYSTEMS, ClusterSim, plan_split, simulate, system_config
 from backends.sim.engine import SimEngine
-from backends.sim.planner import plan_layout, planning_sample
 from backends.sim.profiles import get_timing, profile_names
 from bench.metrics import summarize
 from bench.workloads import BenchRequest, poisson_arrivals
+from orchestrator.sim import SYSTEMS, ClusterSim, simulate, system_config
+from orchestrator.sim.planner import plan_layout, planning_sample
+from orchestrator.sim.split import plan_split
 
 
 @pytest.fixture(scope="module")
@@ -338,8 +339,14 @@ def test_calibrate_from_a_running_worker_recovers_its_timing_model():
     assert coeffs["samples"] >= 16
     # Passes were timed around real sleeps of iter_s / speed: scale back and compare a few shapes.
     for shape in ((96, 96.0**2, 1, 0, 0), (0, 0.0, 0, 1, 100), (150, 150.0**2, 1, 0, 0)):
-        fitted = coeffs["base_ms"] + coeffs["per_token_ms"] * shape[0] + coeffs["per_unit_ms"] * shape[1] + \
-            coeffs["per_seq_ms"] * shape[2] + coeffs["per_decode_ms"] * shape[3] + coeffs["per_ctx_ms"] * shape[4]
+        fitted = (
+            coeffs["base_ms"]
+            + coeffs["per_token_ms"] * shape[0]
+            + coeffs["per_unit_ms"] * shape[1]
+            + coeffs["per_seq_ms"] * shape[2]
+            + coeffs["per_decode_ms"] * shape[3]
+            + coeffs["per_ctx_ms"] * shape[4]
+        )
         assert fitted * 5.0 == pytest.approx(truth.iter_s(*shape) * 1e3, rel=0.2)
 
 
@@ -365,8 +372,11 @@ def test_worker_answers_bad_input_in_the_contract_error_shape_and_keeps_serving(
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "query.since"
         empty = httpx.post(f"{url}/generate", json={"request_id": "e", "prompt_ids": []}, timeout=10)
         assert empty.status_code == 400 and "prompt_ids" in empty.json()["error"]["message"]
-        ok = httpx.post(f"{url}/generate", json={"request_id": "g", "prompt_ids": [5, 6, 7],
-                                                 "sampling": {"max_tokens": 2, "ignore_eos": True}}, timeout=30)
+        ok = httpx.post(
+            f"{url}/generate",
+            json={"request_id": "g", "prompt_ids": [5, 6, 7], "sampling": {"max_tokens": 2, "ignore_eos": True}},
+            timeout=30,
+        )
         assert ok.status_code == 200 and ok.text.count("\n") >= 2
         assert httpx.get(f"{url}/passes", timeout=10).json()["passes"]
 
@@ -519,8 +529,12 @@ def test_system_options_are_checked_before_anything_runs(tmp_path):
 
     from bench.cli import app
 
-    for name, field in (("tetri+late_binding=random", "late_binding"), ("tetri+colocate_pick=zz", "colocate_pick"),
-                        ("disagg-simple+prefill_policy=lifo", "prefill_policy"), ("tetri+ttft_at=never", "ttft_at")):
+    for name, field in (
+        ("tetri+late_binding=random", "late_binding"),
+        ("tetri+colocate_pick=zz", "colocate_pick"),
+        ("disagg-simple+prefill_policy=lifo", "prefill_policy"),
+        ("tetri+ttft_at=never", "ttft_at"),
+    ):
         with pytest.raises(ValueError, match=field):
             system_config(name)
     assert system_config("tetri+late_binding=none,plan_objective=slo").late_binding == "none"

@@ -59,12 +59,8 @@ def cpu_profile_path() -> Path:
     env = os.environ.get("TETRI_SIM_CPU_PROFILE")
     if env:
         return Path(env)
-    try:
-        from orchestrator.config import cache_dir
-
-        root = cache_dir()
-    except Exception:  # pragma: no cover
-        root = Path.home() / ".cache" / "tetri"
+    # cache_dir()'s rule (orchestrator/config.py), read here: the worker side never imports orchestrator/
+    root = Path(os.environ.get("TETRI_CACHE_DIR", Path.home() / ".cache" / "tetri"))
     return root / "sim" / "cpu-smollm2.json"
 
 
@@ -117,7 +113,10 @@ def cpu_model(kv_tokens: int | None = None, **overrides: Any) -> LinearTimingMod
     if kv_tokens:
         coeffs["total_kv_tokens"] = kv_tokens
     tm = LinearTimingModel(
-        name="cpu-smollm2", kv_bytes_per_token=SMOLLM2_KV_BYTES, source=source, **coeffs  # type: ignore[arg-type]
+        name="cpu-smollm2",
+        kv_bytes_per_token=SMOLLM2_KV_BYTES,
+        source=source,
+        **coeffs,  # type: ignore[arg-type]
     )
     if native and native.get("knee"):
         tm.knee_tokens = int(native["knee"])  # the engine's own measured knee (its --chunk-size auto)
@@ -147,9 +146,7 @@ def fit_linear(samples: list[dict[str, float]]) -> dict[str, float]:
 
     if len(samples) < 6:
         raise ValueError("need at least 6 measured passes to fit the CPU profile")
-    a = np.array(
-        [[1.0, s["tokens"], s["units"], s.get("seqs", 0.0), s.get("dseqs", 0.0), s["ctx"]] for s in samples]
-    )
+    a = np.array([[1.0, s["tokens"], s["units"], s.get("seqs", 0.0), s.get("dseqs", 0.0), s["ctx"]] for s in samples])
     y = np.array([s["ms"] for s in samples])
     w = 1.0 / np.maximum(y, 1e-3)
     aw, yw = a * w[:, None], y * w

@@ -16,21 +16,25 @@ from __future__ import annotations
 
 import argparse
 import json
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-TABLES_PATH = Path(__file__).with_name("gpu_tables.json")
+from backends.sim.timing import (
+    GPUS,
+    MODELS,
+    TABLES_PATH,
+    LinTable,
+    NetCurve,
+    _read_csv,
+    data_root,
+    lin_key,
+    net_key,
+    shipped_tables,
+)
+
+__all__ = ["TABLES_PATH", "build_tables", "lin_key", "net_key", "shipped_tables"]
 # KV send/recv between two GPUs: devices_per_node 1 = across nodes, 2 = NVLink inside one node.
 SEND_RECV_LAYOUTS = ((2, 1), (2, 2))
-
-
-def lin_key(gpu: str, model: str, tp: int) -> str:
-    return f"{gpu}/{model}/tp{tp}"
-
-
-def net_key(node: str, op: str, workers: int, devices_per_node: int) -> str:
-    return f"{node}/{op}/w{workers}/d{devices_per_node}"
 
 
 def _round(xs: Any, digits: int = 6) -> list[float]:
@@ -39,8 +43,6 @@ def _round(xs: Any, digits: int = 6) -> list[float]:
 
 def build_tables(root: Path) -> dict[str, Any]:
     """Reduce the Vidur CSVs under ``root`` to the tables ``gpu_model`` reads."""
-    from backends.sim.timing import GPUS, MODELS, LinTable, NetCurve, _read_csv
-
     lin: dict[str, Any] = {}
     net: dict[str, Any] = {}
     for gpu, spec in GPUS.items():
@@ -66,14 +68,7 @@ def _curve(c: Any) -> dict[str, Any]:
     return {"sizes": _round(c.sizes), "ms": _round(c.ms), "bw": float(f"{c.bw:.6g}")}
 
 
-@cache
-def shipped_tables() -> dict[str, Any]:
-    return json.loads(TABLES_PATH.read_text())
-
-
 def main() -> None:  # pragma: no cover - maintenance command
-    from backends.sim.timing import data_root
-
     ap = argparse.ArgumentParser(description="Regenerate backends/sim/gpu_tables.json from the Vidur CSVs.")
     ap.add_argument("--data", type=Path, default=None, help="vidur-profiling folder (default: the shared checkout)")
     a = ap.parse_args()

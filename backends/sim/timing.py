@@ -34,6 +34,7 @@ GPU profiles (``GpuTimingModel``) follow Vidur's decomposition (see
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass, field
 from functools import cache
@@ -428,11 +429,25 @@ def gpu_model(gpu: str, model: str, tp: int | None = None, network: str = "inter
 
 Tables = tuple[LinTable, NetCurve | None, NetCurve]
 
+# The reduced tables shipped with the package (shipped.py builds them from the Vidur CSVs).
+TABLES_PATH = Path(__file__).with_name("gpu_tables.json")
+
+
+def lin_key(gpu: str, model: str, tp: int) -> str:
+    return f"{gpu}/{model}/tp{tp}"
+
+
+def net_key(node: str, op: str, workers: int, devices_per_node: int) -> str:
+    return f"{node}/{op}/w{workers}/d{devices_per_node}"
+
+
+@cache
+def shipped_tables() -> dict:
+    return json.loads(TABLES_PATH.read_text())
+
 
 def _shipped(gpu: str, shape: ModelShape, tp: int, dpn: int) -> Tables | None:
     """The reduced tables shipped in gpu_tables.json, or None for a (GPU, model, TP) they lack."""
-    from backends.sim.shipped import lin_key, net_key, shipped_tables
-
     t = shipped_tables()
     node = GPUS[gpu]["node"]
     lin = t["lin"].get(lin_key(gpu, shape.key, tp))

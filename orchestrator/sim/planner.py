@@ -30,66 +30,14 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any
 
-from backends.sim.capacity import decode_floor
 from backends.sim.timing import TimingModel
-
-if TYPE_CHECKING:
-    from backends.sim.cluster import SystemConfig
-
-OBJECTIVES = ("balanced", "ttft", "jct", "slo")
-
-
-def plan_split(
-    n: int,
-    prompts: Sequence[int],
-    outputs: Sequence[int],
-    timing: TimingModel,
-    chunk: int,
-    cfg: SystemConfig,
-    colocated_mask: Sequence[bool] | None = None,
-    rate: float | None = None,
-    prefill_util: float = 0.7,
-    decode_util: float = 0.95,
-) -> tuple[int, int]:
-    """The prefill:decode split. Work per request: prefill at the knee's tokens/s; decode at the
-    batch the KV pool sustains (min(max_num_seqs, KV / mean context)), so a decode side that is
-    memory-bound is sized as such. Requests that fall back to co-located placement count as decode
-    work. P minimises max(prefill load / (P·prefill_util), decode load / (D·decode_util)): prefill is
-    kept below ~70% busy (its queueing is TTFT), decode may run hot (throughput-bound). Without a
-    rate the split is the plain work share. An explicit ``cfg.pd_ratio = "P:D"`` wins; when most
-    requests fall back to co-located placement there is no prefill pool at all (P = 0)."""
-    if cfg.pd_ratio != "auto":
-        p, d = (int(x) for x in cfg.pd_ratio.split(":"))
-        if p + d != n:
-            raise ValueError(f"pd_ratio {cfg.pd_ratio} does not add up to {n} instances")
-        return p, d
-    if n < 2 or not prompts:
-        return 0, n
-    if colocated_mask is not None and 2 * sum(1 for m in colocated_mask if m) >= len(prompts):
-        return 0, n
-    tput = chunk / timing.prefill_s(chunk)
-    mean_ctx = max(1.0, sum(p + o / 2 for p, o in zip(prompts, outputs, strict=True)) / len(prompts))
-    batch = max(1, min(cfg.max_num_seqs, int(timing.total_kv_tokens / mean_ctx)))
-    per_tok = timing.decode_s(batch, mean_ctx) / batch
-    pw = dw = 0.0  # instance-seconds of work per request, summed
-    for k, (p, o) in enumerate(zip(prompts, outputs, strict=True)):
-        if colocated_mask is not None and colocated_mask[k]:
-            dw += p / tput + o * per_tok
-        else:
-            pw += p / tput
-            dw += o * per_tok
-    if pw <= 0:
-        return 0, n
-    if not rate or not math.isfinite(rate):
-        p = max(1, min(n - 1, round(n * pw / (pw + dw))))
-        return p, n - p
-    p_load = rate * pw / len(prompts)  # instances' worth of prefill work at this rate
-    d_load = rate * dw / len(prompts)
-    p = min(range(1, n), key=lambda k: (max(p_load / (k * prefill_util), d_load / ((n - k) * decode_util)), k))
-    return p, n - p
+from orchestrator.sim.config import OBJECTIVES, SystemConfig, system_config
+from orchestrator.sim.loop import ClusterSim
+from orchestrator.sim.split import LayoutChoice, colocated_by_rule, layout_utilisation, plan_split, slo_attainment
+from orchestrator.sim.state import SimResult
 
 
 @dataclass(frozen=True)
@@ -98,21 +46,6 @@ class _SampleRequest:
     arrival: float
     prompt_tokens: int
     output_tokens: int
-
-
-@dataclass(frozen=True)
-class LayoutChoice:
-    prefill: int
-    decode: int
-    objective: str
-    candidates: dict[str, dict[str, float]]  # "P:D" -> mean_ttft_ms, mean_jct_ms, score, util
-    rejected: dict[str, float] = field(default_factory=dict)  # "P:D" -> util (>= 1), not simulated
-    late_binding: str | None = None  # chosen with the split (plan_late_binding=choose); None: the system's
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"prefill": self.prefill, "decode": self.decode, "objective": self.objective,
-                "candidates": self.candidates, "rejected": self.rejected,
-                **({"late_binding": self.late_binding} if self.late_binding else {})}  # fmt: skip
 
 
 def planning_sample(
@@ -127,27 +60,6 @@ def planning_sample(
         out.append(_SampleRequest(f"plan{i}", t, int(prompts[k]), int(outputs[k])))
         t += rng.expovariate(rate)
     return out
-
-
-def meets_slo(rec: dict[str, Any], ttft_slo_ms: float, tpot_slo_ms: float = math.inf) -> bool:
-    """A finished request whose TTFT is within ``ttft_slo_ms`` and whose TPOT (undefined for a
-    one-token answer: not checked) is within ``tpot_slo_ms``. A request that failed or never
-    finished misses."""
-    if rec.get("error") is not None or rec.get("jct_s") is None or rec.get("ttft_s") is None:
-        return False
-    if 1000.0 * rec["ttft_s"] > ttft_slo_ms:
-        return False
-    tpot = rec.get("tpot_s")
-    return tpot is None or 1000.0 * tpot <= tpot_slo_ms
-
-
-def slo_attainment(records: Sequence[dict[str, Any]], ttft_slo_ms: float, tpot_slo_ms: float = math.inf) -> float:
-    """The share of ``records`` (request dicts: ttft_s, tpot_s, jct_s, error) that meet both SLOs;
-    every request counts, unfinished ones as misses. Goodput is the highest rate at which this stays
-    at or above a target share (``bench.goodput``)."""
-    if not records:
-        raise ValueError("no requests to score")
-    return sum(1 for r in records if meets_slo(r, ttft_slo_ms, tpot_slo_ms)) / len(records)
 
 
 def _rank(objective: str, ttft: float, p99_ttft: float, jct: float, attained: float,
@@ -182,8 +94,6 @@ def plan_layout(
     fallback prefills on decode instances even when there is a prefill pool. Candidates with a pool
     that cannot sustain the rate are dropped while any candidate can; when none can, the least
     overloaded one is kept."""
-    from backends.sim.cluster import ClusterSim  # the planner runs the simulator it plans for
-
     if cfg.plan_objective not in OBJECTIVES:
         raise ValueError(f"plan_objective must be one of {', '.join(OBJECTIVES)}, not {cfg.plan_objective!r}")
     size = max(cfg.plan_min_requests, min(cfg.plan_max_requests, int(rate * cfg.plan_horizon_s)))
@@ -226,36 +136,6 @@ def plan_layout(
     return LayoutChoice(p, n - p, cfg.plan_objective, scores, rejected, chosen)
 
 
-def layout_utilisation(
-    p: int,
-    n: int,
-    prompts: Sequence[int],
-    outputs: Sequence[int],
-    timing: TimingModel,
-    cfg: SystemConfig,
-    rate: float,
-    colocated_mask: Sequence[bool] | None,
-) -> float:
-    """Steady-state utilisation of layout P:(n - P): the busier pool's seconds of work per second.
-    Decode instances: the steps their decode demand needs at the largest batch they hold, plus the
-    prompts they prefill (``capacity.decode_floor``). Prefill instances: their prompts at the knee's
-    tokens/s. At 1 or more that pool falls behind for as long as the load lasts."""
-    here = [True] * len(prompts) if p == 0 else list(colocated_mask or [False] * len(prompts))
-    floor = decode_floor(timing, prompts, outputs, rate, n - p, prefilled_here=here, max_batch=cfg.max_num_seqs)
-    if p == 0:
-        return floor.utilisation
-    chunk = cfg.chunk_size or timing.knee()
-    per_token = timing.prefill_s(chunk) / chunk
-    work = sum(q for q, h in zip(prompts, here, strict=True) if not h) * per_token / len(prompts)
-    return max(floor.utilisation, rate * work / p)
-
-
-def colocated_by_rule(prompts: Sequence[int], outputs: Sequence[int], cfg: SystemConfig) -> list[bool]:
-    """The requests the HPHD rule prefills on their decode instance even beside a prefill pool."""
-    hp, hd = cfg.heavy_prefill_threshold, cfg.heavy_decode_threshold
-    return [p > hp and o > hd for p, o in zip(prompts, outputs, strict=True)]
-
-
 def recommend_split(
     instances: int,
     prompts: Sequence[int],
@@ -283,5 +163,40 @@ def recommend_split(
         p = max(p, 1)
     elif instances < 2:
         return LayoutChoice(0, instances, cfg.plan_objective, {})
-    return plan_layout(instances, prompts, outputs, timing, cfg, p, rate, seed=seed,
-                       allow_no_prefill=allow_no_prefill, colocated_mask=mask)
+    return plan_layout(
+        instances,
+        prompts,
+        outputs,
+        timing,
+        cfg,
+        p,
+        rate,
+        seed=seed,
+        allow_no_prefill=allow_no_prefill,
+        colocated_mask=mask,
+    )
+
+
+def planned(sim: ClusterSim) -> ClusterSim:
+    """``sim`` with its layout chosen by simulating the candidates, where its system asks for that
+    (``layout_plan="simulated"``, ``pd_ratio="auto"``); otherwise it keeps the analytic split."""
+    if sim.wants_layout_plan():
+        assert sim.rate is not None
+        plan = plan_layout(sim.n, sim.prompts(), sim.outputs(), sim.tm, sim.cfg, sim.analytic_prefill, sim.rate,
+                           seed=sim.seed, colocated_mask=sim.colocated_mask)  # fmt: skip
+        sim.use_layout(plan)
+    return sim
+
+
+def simulate(
+    system: str | SystemConfig,
+    timing: TimingModel,
+    instances: int,
+    requests: Sequence[Any],
+    seed: int = 0,
+    **kw: Any,
+) -> SimResult:
+    """Simulate ``system`` (a SystemConfig or a ``system_config`` name) on ``instances`` instances
+    serving ``requests`` (objects with arrival, prompt_tokens, output_tokens; optional id, cls)."""
+    cfg = system if isinstance(system, SystemConfig) else system_config(system)
+    return planned(ClusterSim(cfg, timing, instances, requests, seed=seed, **kw)).run()

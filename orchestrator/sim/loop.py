@@ -1,0 +1,405 @@
+"""Discrete-event simulator of a serving cluster, driven by the live orchestrator's policy objects.
+
+Every instance runs an engine scheduler (batching.py) whose forward passes take the time of a
+calibrated ``TimingModel`` (backends/sim/timing.py). The cluster-level decisions (placement.py) are
+made by the very objects the live control plane uses (``orchestrator/policies``).
+
+Systems (``SYSTEMS`` in config.py):
+
+* ``colocated-vllm``: every instance prefills and decodes; vLLM-v0 style local scheduling:
+  prefill-first whole prompts (≤ ``max_batched_tokens`` per pass, decodes stall meanwhile), greedy KV
+  admission with a 1% watermark, preemption by recompute (newest first), ``max_num_seqs`` = 256.
+* ``colocated-sarathi``: Sarathi-Serve stall-free batching: running decodes first, then partial
+  prefills, then new prompts, within a token budget (= the profile's prefill knee).
+* ``disagg-simple``: prefill/decode instances; least-loaded prefill instance, FCFS, whole chunks at the
+  knee, least-loaded decode instance, greedy admission, no length prediction.
+* ``tetri``: TetriInfer: chunked prefill at the knee, SJF prefill queue (PrefillSchedBatch 16), length
+  predictor (oracle or noisy with the paper's 74.9% bucket accuracy), power-of-two dispatch balancing
+  heavy/light decodes, reserve-dynamic admission, idle flip, and a co-located fallback: requests with
+  a heavy prefill *and* a predicted heavy decode are prefilled on their decode instance in stall-free
+  hybrid batches (no KV transfer, no prefill-instance time), where disaggregation cannot pay; and
+  so is any prompt that the prefill pool would hold back longer than ``fallback_wait_s`` (30 ms)
+  while a decode instance has room ("adaptive": conditional disaggregation, as NVIDIA Dynamo does).
+  Co-located prompts go to the decode instance with the least prefill load (the global scheduler's
+  rule) and wait there in a ``PrefillQueue`` of the same policy (SJF), as in the live placement.
+  Late binding: an instance with room and nothing queued takes the next prompt queued for its
+  busiest peer of the same pool (prefill or decode), as the live placement does.
+  The split, "no prefill pool" (P = 0, every request co-located) included, is chosen by simulating
+  the candidates on a resample of the traffic (planner.py): disaggregation is kept where it pays
+  and dropped where the pools it creates could not keep up.
+
+``ClusterSim`` alone runs the analytic split (split.py); ``simulate`` (planner.py) plans the layout
+first where the system asks for a simulated plan.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from backends.sim.timing import TimingModel
+from orchestrator.policies.predictors import bucket_of
+from orchestrator.policies.types import RequestView
+from orchestrator.sim.batching import Batcher
+from orchestrator.sim.config import SystemConfig, check_config
+from orchestrator.sim.placement import SimPlacement, SimPolicies, wants_colocated
+from orchestrator.sim.split import LayoutChoice, plan_split
+from orchestrator.sim.state import SimInstance, SimRequest, SimResult, request_record
+
+_ARR, _END, _XFER, _TICK, _FLIP = 0, 1, 2, 3, 4
+
+
+class ClusterSim:
+    def __init__(
+        self,
+        cfg: SystemConfig,
+        timing: TimingModel,
+        instances: int,
+        requests: Sequence[Any],
+        seed: int = 0,
+        kv_tokens: int | None = None,
+        exact_views: bool = False,
+    ) -> None:
+        check_config(cfg)
+        self.cfg = cfg
+        self.plan: LayoutChoice | None = None
+        self.exact_views = exact_views
+        self.tm = timing
+        self.n = instances
+        self.seed = seed
+        self.rng = random.Random(seed)  # the dispatcher's samples
+        self.prng = random.Random(seed + 7919)  # the noisy predictor's misses
+        self.kv_capacity = kv_tokens or timing.total_kv_tokens
+        self.chunk = cfg.chunk_size or timing.knee()
+        self.reqs: list[SimRequest] = []
+        for k, r in enumerate(sorted(requests, key=lambda x: x.arrival)):
+            q = SimRequest(k, str(getattr(r, "id", k)), float(r.arrival), int(r.prompt_tokens),
+                           int(r.output_tokens), str(getattr(r, "cls", "")))  # fmt: skip
+            self.reqs.append(q)
+        self._predict()
+        # What a layout plan reads: the requests the fallback's rule co-locates, the arrival rate.
+        self.colocated_mask = [wants_colocated(cfg, r) for r in self.reqs] if cfg.fallback != "none" else None
+        span = self.reqs[-1].arrival - self.reqs[0].arrival if self.reqs else 0.0
+        self.rate = (len(self.reqs) - 1) / span if span > 0 else None
+        self.analytic_prefill = 0
+        if cfg.layout == "disaggregated":
+            p, d = plan_split(instances, self.prompts(), self.outputs(), timing, self.chunk, cfg,
+                              self.colocated_mask, rate=self.rate)  # fmt: skip
+            self.analytic_prefill = p
+        else:
+            p, d = 0, instances
+        self._setup(p, d)
+        self.ev: list[tuple[float, int, int, Any]] = []
+        self.seq = 0
+        self.now = 0.0
+        self.unfinished = len(self.reqs)
+        self.events = 0
+        self.flips = 0
+        self._tick_n = 0
+        self.flip_log: list[dict[str, Any]] = []
+
+    def prompts(self) -> list[int]:
+        return [r.prompt_tokens for r in self.reqs]
+
+    def outputs(self) -> list[int]:
+        return [r.output_tokens for r in self.reqs]
+
+    def wants_layout_plan(self) -> bool:
+        """Does the system ask for its split to be chosen by simulation (planner.plan_layout)?"""
+        cfg = self.cfg
+        return (
+            cfg.layout == "disaggregated" and cfg.pd_ratio == "auto" and cfg.layout_plan == "simulated"
+            and bool(self.rate) and self.n > 1
+        )  # fmt: skip
+
+    def use_layout(self, plan: LayoutChoice) -> None:
+        """Run the split ``plan`` chose (and its late binding, where it chose that too). Before ``run``."""
+        self.plan = plan
+        if plan.late_binding not in (None, self.cfg.late_binding):
+            self.cfg = replace(self.cfg, late_binding=plan.late_binding)
+        self._setup(plan.prefill, plan.decode)
+
+    def _setup(self, p: int, d: int) -> None:
+        cfg = self.cfg
+        disagg = cfg.layout == "disaggregated"
+        self.pol = SimPolicies(cfg)
+        self.split = {"prefill": p, "decode": d} if disagg else {"colocated": self.n}
+        self.insts: list[SimInstance] = []
+        for i in range(self.n):
+            role = "colocated" if not disagg else ("prefill" if i < p else "decode")
+            inst = SimInstance(i, role, self.kv_capacity)
+            if role == "prefill":
+                inst.prefill_queue = self.pol.new_queue()
+            self.insts.append(inst)
+        tps = self.chunk / self.tm.prefill_s(self.chunk)  # prefill tokens/s at the knee
+        self.placement = SimPlacement(cfg, self.pol, self.insts, {}, self.rng, tps, self.exact_views)
+        self.batcher = Batcher(cfg, self.chunk, self.placement)
+
+    def _predict(self) -> None:
+        cfg = self.cfg
+        g = cfg.granularity
+        for r in self.reqs:
+            bucket: int | None
+            if cfg.predictor == "none":
+                bucket = None
+            else:
+                true_b = bucket_of(r.output_tokens, g)  # what the oracle predictor answers
+                bucket = true_b
+                if cfg.predictor == "noisy" and self.prng.random() >= cfg.predictor_accuracy:
+                    # a miss lands on a neighbouring bucket (the classifier's usual error)
+                    bucket = true_b + 1 if true_b == 0 or self.prng.random() < 0.5 else true_b - 1
+            r.view = RequestView(
+                id=r.id,
+                arrival=r.arrival,
+                prompt_tokens=r.prompt_tokens,
+                max_tokens=r.output_tokens,
+                predicted_bucket=bucket,
+                granularity=g,
+                heavy_decode_threshold=cfg.heavy_decode_threshold,
+            )
+            r.predicted_lo = r.view.predicted_output_lo
+            r.heavy_decode = r.view.heavy_decode
+            r.kv_need = r.view.kv_need
+
+    # ---- event plumbing ---------------------------------------------------------------------------
+    def _push(self, t: float, kind: int, obj: Any) -> None:
+        self.seq += 1
+        heapq.heappush(self.ev, (t, self.seq, kind, obj))
+
+    def run(self, until: float | None = None) -> SimResult:
+        wall = time.perf_counter()
+        for r in self.reqs:
+            if r.prompt_tokens + r.output_tokens > self.kv_capacity or r.prompt_tokens <= 0 or r.output_tokens <= 0:
+                r.failed = True
+                self.unfinished -= 1
+                continue
+            self._push(r.arrival, _ARR, r)
+        if self.cfg.layout == "disaggregated":
+            self._push(0.0, _TICK, None)
+        ev = self.ev
+        pop = heapq.heappop
+        while ev:
+            t, _, kind, obj = pop(ev)
+            if until is not None and t > until:
+                break
+            self.now = t
+            self.events += 1
+            if kind == _END:
+                self._on_end(obj)
+            elif kind == _ARR:
+                self._on_arrival(obj)
+            elif kind == _XFER:
+                self._on_xfer(obj)
+            elif kind == _TICK:
+                self._on_tick()
+            elif kind == _FLIP:
+                self._on_flip_done(obj)
+        makespan = max((r.t_finish for r in self.reqs if r.t_finish >= 0), default=0.0)
+        return SimResult(
+            system=self.cfg.name,
+            config=self.cfg.to_dict() | {"chunk_size": self.chunk, "kv_tokens_per_instance": self.kv_capacity},
+            timing=self.tm.describe(),
+            instances=self.n,
+            split=self.split,
+            requests=[request_record(r) for r in self.reqs],
+            makespan_s=makespan,
+            busy_instance_s=sum(i.busy_s for i in self.insts),
+            wall_s=time.perf_counter() - wall,
+            events=self.events,
+            flips=self.flips,
+            preemptions=self.batcher.preemptions,
+            extra={
+                "flip_log": self.flip_log,
+                "steals": self.placement.steals,
+                "final_roles": [i.role for i in self.insts],
+                "plan": self.plan.to_dict() if self.plan is not None else None,
+            },
+        )
+
+    @property
+    def preemptions(self) -> int:
+        return self.batcher.preemptions
+
+    @property
+    def steals(self) -> int:
+        return self.placement.steals
+
+    # ---- arrivals ---------------------------------------------------------------------------------
+    def _on_arrival(self, r: SimRequest) -> None:
+        route, inst = self.placement.route(r)
+        if route == "local":
+            r.prefill_at = r.decode_at = inst.index
+            inst.waiting.append(r)
+            inst.queued_prompt_tokens += r.prefill_len
+            self._kick(inst)
+            return
+        assert r.view is not None
+        if route == "colocated":
+            r.colocated = True
+            r.prefill_at = r.decode_at = inst.index
+            if inst.colocated_queue is None:
+                inst.colocated_queue = self.pol.new_queue()
+            inst.colocated_queue.push(r.view, self.now)  # SJF for tetri: the prefill pool's policy, here too
+            inst.queued_prompt_tokens += r.prefill_len
+        else:
+            assert inst.prefill_queue is not None
+            r.prefill_at = inst.index
+            inst.prefill_queue.push(r.view, self.now)
+            inst.queued_prompt_tokens += r.prompt_tokens
+        self.placement.queued[r.id] = r
+        self._kick(inst)
+        for j in self.placement.thieves(inst):
+            self._kick(j)
+
+    # ---- iterations -------------------------------------------------------------------------------
+    def _kick(self, inst: SimInstance) -> None:
+        if inst.busy:
+            return
+        batch = self.batcher.form(inst, self.now)
+        if batch is None:
+            if (
+                inst.to_role is not None and not inst.has_work() and not inst.held
+                and inst.kv_staged == 0 and inst.reserved_kv == 0
+            ):  # fmt: skip
+                self._push(self.now + self.cfg.flip_cost_s, _FLIP, inst)
+                inst.busy = True
+            return
+        pf, ndec, ctx = batch
+        ptok = 0
+        units = 0.0
+        for r, c in pf:
+            ptok += c
+            units += c * c + 2.0 * c * r.prefilled
+        dt = self.tm.iter_s(ptok, units, len(pf), ndec, ctx)
+        inst.busy = True
+        inst.in_flight = (pf, ndec)
+        inst.busy_s += dt
+        inst.iterations += 1
+        self._push(self.now + dt, _END, inst)
+
+    def _on_end(self, inst: SimInstance) -> None:
+        now = self.now
+        pf, ndec = inst.in_flight  # type: ignore[misc]
+        inst.in_flight = None
+        inst.busy = False
+        if ndec:
+            inst.step += 1
+            inst.running_kv += ndec
+            heap = inst.finish_heap
+            step = inst.step
+            while heap and heap[0][0] <= step:
+                _, _, ep, r = heapq.heappop(heap)
+                if ep != r.epoch or r.index not in inst.running:
+                    continue
+                inst.leave(r)
+                r.generated = r.output_tokens
+                r.t_finish = now
+                self.unfinished -= 1
+        for r, c in pf:
+            r.prefilled += c
+            if inst.role == "prefill":
+                inst.in_engine_tokens -= c
+            if r.prefilled >= r.prefill_len:
+                self._prefilled(inst, r, now)
+        if inst.role == "prefill" and inst.held:
+            self._retry_held(inst)
+        self._kick(inst)
+
+    def _prefilled(self, inst: SimInstance, r: SimRequest, now: float) -> None:
+        if inst.role == "prefill":
+            inst.in_engine.remove(r)
+            r.generated = 1
+            if self.cfg.ttft_at == "prefill" or r.output_tokens <= 1:
+                r.t_first = now
+            if r.output_tokens <= 1:
+                inst.kv_staged -= r.prefill_len
+                r.t_finish = now
+                self.unfinished -= 1
+                return
+            inst.held.append(r)
+            self._retry_held(inst)
+            return
+        inst.prefilling.remove(r)
+        r.generated += 1  # first token, or the next one after a recompute
+        if r.t_first < 0:
+            r.t_first = now
+        if r.generated >= r.output_tokens:
+            inst.kv_staged -= r.prefill_len
+            r.t_finish = now
+            self.unfinished -= 1
+            return
+        inst.join(r, now, self.placement.track_remaining)
+
+    # ---- dispatch and KV transfer -----------------------------------------------------------------
+    def _retry_held(self, inst: SimInstance) -> None:
+        held = inst.held
+        while held:
+            r = held[0]
+            dst = self.placement.pick_decode(r, self.now)
+            if dst is None:
+                break
+            held.popleft()
+            r.decode_at = dst.index
+            r.t_dispatch = self.now
+            start = max(self.now, inst.link_free_at)
+            done = start + self.tm.transfer_s(r.prefill_len)
+            inst.link_free_at = done
+            self._push(done, _XFER, (r, inst, dst))
+
+    def _on_xfer(self, obj: tuple[SimRequest, SimInstance, SimInstance]) -> None:
+        r, src, dst = obj
+        if r.t_first < 0:  # ttft_at == "handoff"
+            r.t_first = self.now
+        src.kv_staged -= r.prefill_len
+        dst.reserved_kv = max(0, dst.reserved_kv - r.kv_need)
+        dst.kv_staged += r.prefill_len  # the lease holds the imported KV until the decode claims it
+        dst.incoming.append(r)
+        self._kick(dst)
+        if src.held:
+            self._retry_held(src)
+        if not src.busy:
+            self._kick(src)
+
+    # ---- monitor tick: retries, view refresh, flips -----------------------------------------------
+    def _on_tick(self) -> None:
+        cfg = self.cfg
+        self._tick_n += 1
+        for inst in self.insts:
+            if inst.role == "prefill" and inst.held:
+                self._retry_held(inst)
+                if not inst.busy:
+                    self._kick(inst)
+        every = max(1, round(cfg.monitor_interval_s / cfg.retry_interval_s))
+        if self.pol.flip is not None and self._tick_n % every == 0:
+            self._flip_tick()
+        if self.unfinished > 0:
+            self._push(self.now + cfg.retry_interval_s, _TICK, None)
+
+    def _flip_tick(self) -> None:
+        assert self.pol.flip is not None
+        for d in self.pol.flip.decide(self.placement.flip_views(), self.now):
+            inst = self.insts[int(d.instance_id[1:])]
+            if inst.to_role is not None or inst.role == d.to_role:
+                continue
+            inst.draining = True
+            inst.to_role = d.to_role
+            self.flip_log.append({"t": self.now, "instance": inst.id, "to": d.to_role, "reason": d.reason})
+            self._kick(inst)
+
+    def _on_flip_done(self, inst: SimInstance) -> None:
+        inst.busy = False
+        role = inst.to_role
+        inst.to_role = None
+        inst.draining = False
+        if role is None:
+            return
+        inst.role = role
+        inst.flips += 1
+        self.flips += 1
+        inst.prefill_queue = self.pol.new_queue() if role == "prefill" else None
+        self.placement.forget_views()
+        self._kick(inst)
