@@ -494,5 +494,48 @@ def router(
     typer.echo(f"wrote {report}")
 
 
+@app.command()
+def scale(
+    url: Annotated[str | None, typer.Option(help="A running orchestrator whose pools scale (e.g. `tetri up`); "
+                                                 "unset: start `tetri up` with --model here.")] = None,
+    admin_token: Annotated[str | None, typer.Option(envvar="TETRI_ADMIN_TOKEN", help="With --url.")] = None,
+    model: Annotated[str, typer.Option(help="Model (served name with --url).")] = "random:tiny-llama",
+    role: Annotated[str, typer.Option(help="The pool to scale: prefill, decode or colocated.")] = "decode",
+    low: Annotated[int, typer.Option(help="Replicas before and after.")] = 1,
+    peak: Annotated[int, typer.Option(help="Replicas in between.")] = 3,
+    clients: Annotated[int, typer.Option(help="Closed-loop clients.")] = 4,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per completion.")] = 8,
+    prompt_words: Annotated[int, typer.Option(help="Numbers in each prompt (its length).")] = 8,
+    burst_at_down: Annotated[int, typer.Option(help="Long prompts sent just before the scale-down.")] = 6,
+    burst_words: Annotated[int, typer.Option(help="Numbers in each of those prompts.")] = 300,
+    kv_tokens: Annotated[int, typer.Option(help="KV pool per worker (without --url).")] = 4096,
+    chunk_size: Annotated[str, typer.Option(help="Prefill chunk (without --url).")] = "16",
+    monitor_interval_ms: Annotated[int, typer.Option(help="The orchestrator's monitor tick (target unit).")] = 100,
+    out: Annotated[Path, typer.Option(help="results.json goes here.")] = Path("bench-results/scale"),
+) -> None:
+    """A pool scaled low -> peak -> low under load: new instances taking traffic vs their ready time plus
+    two monitor ticks; failed requests while it shrinks (issue 19's targets)."""
+    import tempfile
+    from contextlib import nullcontext
+
+    from bench.scale import markdown, measure, tetri_up
+
+    logs = Path(tempfile.mkdtemp(prefix="tetri-bench-scale-"))
+    ctx = nullcontext(url.rstrip("/")) if url else tetri_up(model, kv_tokens, chunk_size, logs)
+    with ctx as base:
+        token = admin_token if url else "bench"
+        result = measure(base, token, model, role=role, low=low, peak=peak, clients=clients, max_tokens=max_tokens,
+                         prompt_words=prompt_words, monitor_interval_s=monitor_interval_ms / 1000,
+                         burst_at_down=burst_at_down, burst_words=burst_words)  # fmt: skip
+    result["logs"] = str(logs)
+    if not url:  # requests a draining instance refused KV for, continued elsewhere (re-prefilled)
+        log_text = (logs / "tetri-up.log").read_text(errors="replace")
+        result["scale_down"]["migrated_refused_kv"] = log_text.count("worker is draining); migrating")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    typer.echo(markdown(result))
+    typer.echo(f"wrote {out / 'results.json'}")
+
+
 def main() -> None:  # pragma: no cover
     app(sys.argv[1:])

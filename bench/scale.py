@@ -51,6 +51,7 @@ class Load:
     model: str
     clients: int = 4
     max_tokens: int = 8
+    prompt_words: int = 8  # longer prompts: more requests between their routing and their KV's arrival
     sent: list[Sent] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -66,25 +67,35 @@ class Load:
         for thread in self._threads:
             thread.join(timeout=120)
 
+    def burst(self, count: int, prompt_words: int) -> None:
+        """`count` one-off requests with long prompts, sent at once (in threads, recorded as the rest)."""
+        for k in range(count):
+            thread = threading.Thread(target=self._send_one, args=(f"Burst {k}", prompt_words), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _send_one(self, tag: str, prompt_words: int, http: httpx.Client | None = None, i: int = 0) -> None:
+        one = Sent(time.time())
+        prompt = f"{tag} counts: " + ", ".join(str(i + j) for j in range(prompt_words)) + ","
+        body = {"model": self.model, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0}
+        try:
+            resp = (http or httpx).post(f"{self.url}/v1/completions", json=body, timeout=120)
+            one.status = resp.status_code
+            data = resp.json()
+            one.id = data.get("id")
+            if resp.status_code != 200:
+                one.error = str(data.get("error", data))[:300]
+        except (httpx.HTTPError, ValueError) as exc:  # no answer, or not JSON
+            one.error = f"{type(exc).__name__}: {exc}"[:300]
+        one.ended = time.time()
+        self.sent.append(one)
+
     def _client(self, k: int) -> None:
         with httpx.Client(timeout=120) as http:
             i = 0
             while not self._stop.is_set():
                 i += 1
-                one = Sent(time.time())
-                prompt = f"Client {k} counts: {i}, {i + 1},"
-                body = {"model": self.model, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0}
-                try:
-                    resp = http.post(f"{self.url}/v1/completions", json=body)
-                    one.status = resp.status_code
-                    data = resp.json()
-                    one.id = data.get("id")
-                    if resp.status_code != 200:
-                        one.error = str(data.get("error", data))[:300]
-                except (httpx.HTTPError, ValueError) as exc:  # no answer, or not JSON
-                    one.error = f"{type(exc).__name__}: {exc}"[:300]
-                one.ended = time.time()
-                self.sent.append(one)
+                self._send_one(f"Client {k}", self.prompt_words, http, i)
 
 
 class Admin:
@@ -107,11 +118,13 @@ class Admin:
         return next(p for p in self.get("/admin/pools")["pools"] if p["role"] == role)
 
     def wait_pool(self, role: str, replicas: int, timeout_s: float) -> float:
-        """Until the pool has `replicas` ready and registered (and nothing more registered): when."""
+        """Until the pool has `replicas` ready and registered, and no more instances of the role
+        (draining ones included: a leaving instance counts until it is deregistered): when."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             pool = self.pool(role)
-            if pool["ready"] == replicas and pool["registered"] == replicas and pool["desired"] == replicas:
+            if (pool["ready"] == replicas and pool["registered"] == replicas and pool["desired"] == replicas
+                    and len(self.instances(role)) == replicas):  # fmt: skip
                 return time.time()
             time.sleep(0.05)
         raise TimeoutError(f"the {role} pool did not reach {replicas} in {timeout_s:.0f} s: {self.pool(role)}")
@@ -122,14 +135,17 @@ class Admin:
 
 def measure(
     url: str, token: str | None, model: str, role: str = "decode", low: int = 1, peak: int = 3, clients: int = 4,
-    max_tokens: int = 8, monitor_interval_s: float = 0.1, settle_s: float = 3.0, timeout_s: float = 300.0,
+    max_tokens: int = 8, prompt_words: int = 8, monitor_interval_s: float = 0.1, settle_s: float = 3.0,
+    timeout_s: float = 300.0, burst_at_down: int = 0, burst_words: int = 600,
 ) -> dict[str, Any]:  # fmt: skip
-    """Scale `role` low -> peak -> low under load; the figures (see the module's docstring)."""
+    """Scale `role` low -> peak -> low under load; the figures (see the module's docstring).
+    `burst_at_down` long-prompt requests are sent just before the scale-down: some are routed to a
+    leaving instance and still prefilling when it starts to drain (what a drain must wait for)."""
     admin = Admin(url, token)
     admin.scale(role, low)
     admin.wait_pool(role, low, timeout_s)
     before = set(admin.instances(role))
-    load = Load(url, model, clients, max_tokens)
+    load = Load(url, model, clients, max_tokens, prompt_words)
     load.start()
     try:
         time.sleep(settle_s)
@@ -143,6 +159,9 @@ def measure(
             time.sleep(0.25)
         time.sleep(settle_s)
         at_peak = set(admin.instances(role))
+        if burst_at_down:
+            load.burst(burst_at_down, burst_words)
+            time.sleep(0.3)  # sent (client threads start slowly under load), routed, prefilling
         t_down = time.time()
         admin.scale(role, low)
         down_done = admin.wait_pool(role, low, timeout_s)
@@ -173,15 +192,24 @@ def measure(
             and traffic_s <= ready_s + 2 * monitor_interval_s,
         })  # fmt: skip
     during_down = [s for s in load.sent if s.ended >= t_down and s.started <= down_done]
+    # What the leaving instances had to drain: requests routed there before the scale-down began
+    # that were still running then.
+    drained = [r for r in records.values() if r.get(field_) in removed and (r.get("prefill_started_at") or 0) <= t_down
+               and (r.get("finished_at") or 0) >= t_down]  # fmt: skip
+    # Of those, the ones whose prefill (elsewhere) had not ended: their KV reached a leaving instance.
+    kv_pending = [r for r in drained if (r.get("first_token_at") or 0) >= t_down]
     failed = [s for s in load.sent if s.status != 200 or s.error]
     return {
         "role": role, "low": low, "peak": peak, "clients": clients, "max_tokens": max_tokens,
+        "prompt_words": prompt_words,
         "monitor_interval_s": monitor_interval_s,
         "scale_up": {"pool_ready_s": up_done - t_up, "instances": new,
                      "target_met": bool(new) and all(n["within_target"] for n in new)},
         "scale_down": {"pool_settled_s": down_done - t_down, "removed": [
             {"id": iid, "drain_s": deregistered[iid]["duration_s"] if iid in deregistered else None}
-            for iid in removed], "requests": len(during_down),
+            for iid in removed], "requests": len(during_down), "drained_requests": len(drained),
+            "drained_failed": sum(1 for r in drained if r.get("state") != "finished"),
+            "kv_pending": len(kv_pending), "requested_at": t_down,
             "failed": sum(1 for s in during_down if s.status != 200 or s.error)},
         "requests": {"sent": len(load.sent), "ok": len(load.sent) - len(failed), "failed": len(failed),
                      "errors": sorted({s.error or str(s.status) for s in failed})[:5],
@@ -250,14 +278,18 @@ def markdown(result: dict[str, Any]) -> str:
     up, down = result["scale_up"], result["scale_down"]
     lines = [f"{result['role']} pool {result['low']} -> {result['peak']} -> {result['low']}, "
              f"{result['clients']} closed-loop clients, max_tokens {result['max_tokens']}", "",
-             "| instance | ready (s) | first traffic (s) | after ready (s) | within ready + 2 ticks |",
-             "|---|---|---|---|---|"]  # fmt: skip
+             "| instance | ready (s) | registered (s) | first traffic (s) | after ready (s) | within ready + 2 ticks |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for n in up["instances"]:
-        lines.append(f"| {n['id']} | {_f(n['ready_s'])} | {_f(n['first_traffic_s'])} | {_f(n['after_ready_s'])} | "
-                     f"{'yes' if n['within_target'] else 'no'} |")  # fmt: skip
+        lines.append(f"| {n['id']} | {_f(n['ready_s'])} | {_f(n['registered_s'])} | {_f(n['first_traffic_s'])} | "
+                     f"{_f(n['after_ready_s'])} | {'yes' if n['within_target'] else 'no'} |")  # fmt: skip
     drains = ", ".join(f"{r['id']} {_f(r['drain_s'])} s" for r in down["removed"])
     lines += ["", f"Scale-down: {down['requests']} requests in flight or sent while the pool shrank, "
-              f"{down['failed']} failed; drains: {drains}; settled in {down['pool_settled_s']:.2f} s.",
+              f"{down['failed']} failed; {down['drained_requests']} were running on the leaving instances "
+              f"({down['drained_failed']} did not finish); drains: {drains}; "
+              f"settled in {down['pool_settled_s']:.2f} s."
+              + (f" {down['migrated_refused_kv']} requests whose KV a leaving instance refused were continued "
+                 "elsewhere (re-prefilled)." if down.get("migrated_refused_kv") else ""),
               f"All: {result['requests']['sent']} requests, {result['requests']['failed']} failed; "
               f"per instance: {result['per_instance']}"]  # fmt: skip
     return "\n".join(lines)

@@ -56,7 +56,11 @@ def test_decode_pool_scales_1_3_1_under_load_and_loses_nothing(up_fleet: Fleet, 
         # Beyond local_max_workers: refused, nothing started.
         too_many = httpx.put(f"{url}/admin/pools/decode", json={"replicas": 9}, headers=AUTH)
         assert too_many.status_code == 409, too_many.text
-        result = measure(url, ADMIN_TOKEN, TINY, role="decode", low=1, peak=3, clients=3, max_tokens=8, settle_s=1.5)
+        # A burst of long prompts just before the scale-down: requests routed to a leaving decode
+        # instance are still prefilling elsewhere when it starts to drain; their KV must still be
+        # taken there (the drain waits for them), or they would fail (migration is off).
+        result = measure(url, ADMIN_TOKEN, TINY, role="decode", low=1, peak=3, clients=4, max_tokens=8,
+                         prompt_words=30, settle_s=1.5, burst_at_down=6, burst_words=300)  # fmt: skip
         provider = state.pool_provider
         stopped = {m.id: m.worker.stopped_at for m in provider.stopped}
         deregistered = {e["instance_id"]: e["at"] for e in state.store.list_events(kind="deregister", limit=100)}
