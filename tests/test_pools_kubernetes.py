@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 
 from backends.base import LoadReport
 from orchestrator.config import Settings
@@ -263,16 +265,19 @@ def test_label_selectors_of_the_fake() -> None:
 
 # ---- end to end: the admin API of a real orchestrator, pods that are tetri-protocol engines ------------
 class StubEngine:
-    """A tetri worker's control protocol (/load, /info, /drain) on a pod's IP: what registration
-    health-checks and what a drain calls."""
+    """A tetri worker's protocol on a pod's IP: /load (its running count), /info, /drain, and a
+    /generate that streams `tokens` tokens `delay_s` apart: what registration health-checks, what
+    a drain calls and waits for, and what serves requests meanwhile."""
 
-    def __init__(self, host: str, port: int, role: str = "decode") -> None:
+    def __init__(self, host: str, port: int, role: str = "decode", tokens: int = 20, delay_s: float = 0.05) -> None:
         self.role, self.drained = role, False
+        self.running = self.served = self.running_at_drain = self.started_after_drain = 0
         app = FastAPI()
 
         @app.get("/load")
         async def load() -> dict[str, Any]:
-            return LoadReport(role=self.role, free_kv_tokens=4096, total_kv_tokens=4096).to_dict()  # type: ignore[arg-type]
+            report = LoadReport(role=self.role, running=self.running, free_kv_tokens=4096, total_kv_tokens=4096)  # type: ignore[arg-type]
+            return report.to_dict()
 
         @app.get("/info")
         async def info() -> dict[str, Any]:
@@ -280,8 +285,26 @@ class StubEngine:
 
         @app.post("/drain")
         async def drain() -> dict[str, Any]:
-            self.drained = True
+            self.drained, self.running_at_drain = True, self.running
             return {"accepting": False}
+
+        @app.post("/generate")
+        async def generate(request: Request) -> StreamingResponse:
+            await request.json()
+            self.running += 1
+            self.started_after_drain += self.drained
+
+            async def lines() -> AsyncIterator[str]:
+                try:
+                    for i in range(tokens):
+                        await asyncio.sleep(delay_s)
+                        yield json.dumps({"token_ids": [100 + i], "text": "a"}) + "\n"
+                    yield json.dumps({"token_ids": [7], "text": "b", "finish_reason": "stop"}) + "\n"
+                    self.served += 1
+                finally:
+                    self.running -= 1
+
+            return StreamingResponse(lines(), media_type="application/x-ndjson")
 
         self.url = f"http://{host}:{port}"
         self.server = _bind(app, host, port)
@@ -355,6 +378,61 @@ def test_admin_api_scales_a_kubernetes_pool_end_to_end(fake: FakeKubernetes, tmp
             assert r.status_code == 409 and "k8s_pools.prefill" in r.json()["error"]["message"]
             assert client.put("/admin/pools/gpu", json={"replicas": 1}).status_code == 404
             assert client.put("/admin/pools/decode", json={"replicas": -1}).status_code == 400
+    finally:
+        for engine in engines.values():
+            engine.stop()
+
+
+def test_scale_down_under_load_drains_with_nothing_lost(fake: FakeKubernetes, tmp_path: Path) -> None:
+    """Requests stream from both pods while the pool goes 2 -> 1: the terminating pod gets no new
+    work, finishes what it runs, and only then leaves; every request completes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator.app import create_app
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.60", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    engines = {e.url: e for e in (StubEngine(f"127.0.0.{60 + i}", port, "colocated", tokens=40) for i in range(2))}
+    fake.add_workload("deployments", "tetri-colocated", {**LABELS, "tetri/role": "colocated"}, port, ips(60),
+                      replicas=2)  # fmt: skip
+    for pod in fake.pod_names("tetri-colocated"):
+        fake.make_ready(pod)
+    pools = {"colocated": {"workload": "deployment/tetri-colocated", "backend": "native"}}
+    settings = make_settings(tmp_path, [], pool_provider="kubernetes", k8s_api_url=fake.url, k8s_namespace=NS,
+                             k8s_pools=pools, monitor_interval_ms=50)  # fmt: skip
+    try:
+        with serve_app(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
+            deadline = time.monotonic() + 15
+            while len(client.get("/admin/instances", headers=AUTH).json()["instances"]) < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+
+            def complete(i: int) -> httpx.Response:
+                return client.post("/v1/completions", json={"model": settings.public_model_name,
+                                                             "prompt": f"hello {i}", "max_tokens": 64})  # fmt: skip
+
+            with ThreadPoolExecutor(16) as pool:
+                futures = [pool.submit(complete, i) for i in range(4)]
+                while not all(e.running for e in engines.values()):  # work on both pods
+                    assert time.monotonic() < deadline + 15, [e.running for e in engines.values()]
+                    futures.append(pool.submit(complete, len(futures)))
+                    time.sleep(0.05)
+                r = client.put("/admin/pools/colocated", headers=AUTH, json={"replicas": 1})
+                assert r.status_code == 200, r.text
+                futures += [pool.submit(complete, len(futures) + i) for i in range(4)]  # arriving meanwhile
+                answers = [f.result() for f in futures]
+            assert [a.status_code for a in answers] == [200] * len(answers), [a.text for a in answers if a.is_error]
+            assert all(a.json()["choices"][0]["finish_reason"] == "stop" for a in answers)
+            (gone,) = [e for e in engines.values() if e.drained]
+            assert gone.running_at_drain > 0  # drained while it had work
+            assert gone.started_after_drain == 0 and gone.running == 0
+            assert sum(e.served for e in engines.values()) == len(answers)
+            deadline = time.monotonic() + 15
+            while gone.url in {i["url"] for i in client.get("/admin/instances", headers=AUTH).json()["instances"]}:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
     finally:
         for engine in engines.values():
             engine.stop()
