@@ -24,6 +24,7 @@ import httpx2
 from lightkube import AsyncClient, KubeConfig
 from lightkube.config.models import Cluster, User
 from lightkube.core.exceptions import ApiError
+from lightkube.models.autoscaling_v1 import Scale
 from lightkube.resources.apps_v1 import Deployment, StatefulSet
 from lightkube.resources.core_v1 import Pod
 from lightkube.types import PatchType
@@ -102,8 +103,7 @@ class KubernetesProvider:
         self._on_ready: OnReady | None = None
         self._on_leaving: OnLeaving | None = None
         self.resource_version: str | None = None  # where the watch resumes from
-        self.watches = 0  # watch requests made (a resumed watch is a new one)
-        self.relists = 0
+        self.relists = 0  # lists made: the first, then one per expired watch
 
     # ---- PoolProvider -------------------------------------------------------------------------------
     async def start(self, on_ready: OnReady, on_leaving: OnLeaving) -> None:
@@ -174,7 +174,7 @@ class KubernetesProvider:
             raise PoolUnavailable("the kubernetes pool provider is not started")
         return self._client
 
-    async def _get_scale(self, pool: K8sPool):  # -> autoscaling/v1 Scale
+    async def _get_scale(self, pool: K8sPool) -> Scale:
         kind, name = pool.workload.split("/", 1)
         try:
             return await self._api().get(_SCALE[kind], name, namespace=self._namespace)
@@ -222,7 +222,6 @@ class KubernetesProvider:
 
     async def _watch(self) -> None:
         """Follow pod events from self.resource_version until the server ends the stream."""
-        self.watches += 1
         events = self._api().watch(Pod, namespace=self._namespace, labels=self._labels,
                                    resource_version=self.resource_version, server_timeout=_WATCH_TIMEOUT_S)  # fmt: skip
         # When the server ends the stream (timeoutSeconds, a restart), lightkube asks again from the
