@@ -6,7 +6,8 @@ and each removed worker was drained and deregistered before its process stopped.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -82,3 +83,113 @@ def test_decode_pool_scales_1_3_1_under_load_and_loses_nothing(up_fleet: Fleet, 
         ran_there = [r for r in records if r["decode_instance"] == iid]
         assert all(r["finished_at"] <= stopped[iid] for r in ran_there)
     assert len(process_fleet().workers) == 2  # back to the prefill worker and one decode worker
+
+
+def test_provider_reports_follows_a_flip_and_drains_before_it_stops(tmp_path: Path) -> None:
+    """The provider alone, with recording callbacks: a worker it starts is reported ready with its
+    id, role and model; a flip moves it (and what was asked for) to the other pool; removing it calls
+    on_leaving while its process still runs, and stops the process after. A worker that cannot start
+    is forgotten without a report; asking beyond local_max_workers is refused."""
+    import asyncio
+
+    from orchestrator.config import Settings
+    from orchestrator.pools.base import ReadyInstance, ScaleRefused
+    from orchestrator.pools.local import LocalProvider
+
+    settings = Settings(model=TINY, local_worker_chunk_size="16", local_worker_kv_tokens=2048,
+                        local_worker_log_dir=str(tmp_path), local_max_workers=2)  # fmt: skip
+    fleet = Fleet()
+    provider = LocalProvider(settings, fleet)
+    ready: list[ReadyInstance] = []
+    leaving: list[tuple[str, bool]] = []
+
+    async def on_ready(inst: ReadyInstance) -> None:
+        ready.append(inst)
+
+    async def on_leaving(url: str) -> None:
+        worker = next(w for w in fleet.workers if w.url == url)
+        leaving.append((url, worker.proc.poll() is None))
+
+    async def until(cond: Callable[[], bool], timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not cond():
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.1)
+
+    async def pools() -> dict[str, tuple[int, int]]:
+        return {p.role: (p.desired, p.ready) for p in await provider.pools()}
+
+    async def run() -> None:
+        await provider.start(on_ready, on_leaving)
+        try:
+            with pytest.raises(ScaleRefused):
+                await provider.scale("decode", 3)
+            status = await provider.scale("decode", 1)
+            assert (status.desired, status.ready) == (1, 0)
+            await until(lambda: bool(ready))
+            assert ready[0].role == "decode" and ready[0].model == TINY and ready[0].backend == "native"
+            assert ready[0].id == "decode-0" and ready[0].url == fleet.workers[0].url
+            # The orchestrator flips it: it now counts in the prefill pool.
+            httpx.post(f"{ready[0].url}/role", json={"role": "prefill"}, timeout=60).raise_for_status()
+            assert (await pools())["prefill"] == (1, 1) and (await pools())["decode"] == (0, 0)
+            worker = fleet.workers[0]
+            await provider.scale("prefill", 0)
+            await until(lambda: not provider.members)
+            assert leaving == [(ready[0].url, True)]  # drained while it ran ...
+            assert worker.proc.poll() is not None and not fleet.workers  # ... and stopped after
+            assert worker.stopped_at is not None
+        finally:
+            await provider.stop()
+
+    async def broken() -> None:
+        bad = LocalProvider(settings.model_copy(update={"model": "no-such-model-spec"}), fleet)
+        calls: list[ReadyInstance] = []
+
+        async def record(inst: ReadyInstance) -> None:
+            calls.append(inst)
+
+        await bad.start(record, on_leaving)
+        try:
+            await bad.scale("decode", 1)
+            await until(lambda: not bad.members)
+            assert calls == [] and not fleet.workers
+            assert {p.role: (p.desired, p.ready) for p in await bad.pools()}["decode"] == (1, 0)
+        finally:
+            await bad.stop()
+
+    try:
+        asyncio.run(run())
+        asyncio.run(broken())
+    finally:
+        fleet.stop()
+
+
+def test_tetri_up_scales_its_decode_pool_and_stops_every_worker(tmp_path: Path) -> None:
+    """`tetri up` runs with the local provider: PUT /admin/pools/decode {"replicas": 3} starts two
+    more decode workers, registered once ready; stopping `tetri up` stops them too."""
+    import subprocess
+
+    from bench.scale import Admin, tetri_up
+
+    with tetri_up(TINY, kv_tokens=2048, chunk_size="16", log_dir=tmp_path) as url:
+        admin = Admin(url, "bench")
+        assert admin.get("/admin/pools")["provider"] == "local"
+        assert admin.scale("decode", 3)["desired"] == 3
+        admin.wait_pool("decode", 3, timeout_s=180)
+        decode = admin.instances("decode")
+        assert len(decode) == 3 and all(i["state"] == "healthy" for i in decode.values())
+        up_pid = int(subprocess.run(["pgrep", "-f", f"orchestrator.cli up --port {url.rsplit(':', 1)[1]}"],
+                                    capture_output=True, text=True).stdout.split()[0])  # fmt: skip
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(up_pid)], capture_output=True,
+                                                  text=True).stdout.split()]  # fmt: skip
+        assert len(workers) == 4  # 1 prefill + 3 decode
+    time.sleep(0.5)
+    assert not [p for p in workers if _alive(p)], "orphan workers"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
