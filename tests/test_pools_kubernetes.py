@@ -436,3 +436,49 @@ def test_scale_down_under_load_drains_with_nothing_lost(fake: FakeKubernetes, tm
     finally:
         for engine in engines.values():
             engine.stop()
+
+
+def test_the_fake_answers_in_the_api_s_schemas(fake: FakeKubernetes) -> None:
+    """Every object the fake serves validates (strictly: no unknown fields) against the Kubernetes
+    1.30 OpenAPI schemas: PodList, Pod (watch events), Scale, Status."""
+    import jsonschema
+    import kubernetes_validate
+    from referencing import Registry, Resource
+
+    def valid(obj: dict[str, Any]) -> dict[str, Any]:
+        if obj.get("kind") == "Status":  # a meta/v1 type served as v1: filed as status-meta-v1
+            schemas = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / "v1.30.0-local-strict"
+            schema, defs = (json.loads((schemas / f).read_text()) for f in ("status-meta-v1.json", "_definitions.json"))
+            registry = Resource.from_contents(defs) @ (Resource.from_contents(schema) @ Registry())
+            jsonschema.Draft202012Validator(schema, registry=registry).validate(obj)
+        else:
+            kubernetes_validate.validate(obj, "1.30", strict=True)
+        return obj
+
+    fake.add_workload("deployments", "tetri-decode", {**LABELS, "tetri/role": "decode"}, 9000, ips(20), replicas=2)
+    pods = fake.pod_names("tetri-decode")
+    fake.make_ready(pods[0])
+    fake.terminate(pods[1])
+    base = f"{fake.url}/api/v1/namespaces/{NS}/pods"
+    with httpx.Client(timeout=5) as client:
+        listing = valid(client.get(base, params={"labelSelector": "tetri/role=decode"}).json())
+        assert len(listing["items"]) == 2 and listing["metadata"]["resourceVersion"]
+        for item in listing["items"]:
+            valid({"kind": "Pod", "apiVersion": "v1", **item})
+        with client.stream("GET", base, params={"watch": "true", "resourceVersion": "0", "timeoutSeconds": "1"}) as r:
+            assert r.headers["content-type"] == "application/json"
+            events = [json.loads(line) for line in r.iter_lines() if line]
+        assert {e["type"] for e in events} == {"ADDED"} and len(events) == 2
+        for event in events:
+            valid(event["object"])
+        scale_url = f"{fake.url}/apis/apps/v1/namespaces/{NS}/deployments/tetri-decode/scale"
+        assert valid(client.get(scale_url).json())["spec"] == {"replicas": 2}
+        patched = client.patch(scale_url, content=b'{"spec": {"replicas": 3}}',
+                               headers={"content-type": "application/merge-patch+json"})  # fmt: skip
+        assert valid(patched.json())["spec"] == {"replicas": 3}
+        missing = client.get(f"{fake.url}/apis/apps/v1/namespaces/{NS}/deployments/nope/scale")
+        assert missing.status_code == 404 and valid(missing.json())["reason"] == "NotFound"
+        fake.compact()
+        with client.stream("GET", base, params={"watch": "true", "resourceVersion": "1"}) as r:
+            (expired,) = [json.loads(line) for line in r.iter_lines() if line]
+        assert expired["type"] == "ERROR" and valid(expired["object"])["code"] == 410
