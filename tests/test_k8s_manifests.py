@@ -98,9 +98,13 @@ def test_rbac_is_least_privilege(overlay: str) -> None:
     assert binding["roleRef"] == ref
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": "tetri"}]
     assert named(docs, "ServiceAccount", account)
-    for doc in docs:  # the engines get no API token at all
-        if doc["kind"] == "Deployment" and doc["metadata"]["name"] != "tetri-orchestrator":
-            assert doc["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    for doc in docs:
+        if doc["kind"] == "Deployment":
+            pod = doc["spec"]["template"]["spec"]
+            # Kubernetes would set TETRI_PORT=tcp://... (the Service `tetri`): tetri reads TETRI_* as settings.
+            assert pod["enableServiceLinks"] is False
+            if doc["metadata"]["name"] != "tetri-orchestrator":  # the engines get no API token at all
+                assert pod["automountServiceAccountToken"] is False
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
