@@ -14,9 +14,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bench.compare import CompareSpec, _load_workload, _rate_value, _relative, compare_sim, write_results
+from bench.compare import compare_sim, write_results
 from bench.metrics import by_class
 from bench.runner import run_workload
+from bench.spec import CompareSpec
+from bench.spec import load_workload as _load_workload
+from bench.spec import rate_value as _rate_value
+from bench.spec import relative as _relative
 
 
 def _is_url(s: str) -> bool:

@@ -10,23 +10,10 @@ from typing import Annotated
 
 import typer
 
+from bench.spec import split_list as _split_list
+from bench.spec import split_systems
+
 app = typer.Typer(help="Workloads, live runs, simulator comparisons.", no_args_is_help=True)
-
-
-def _split_list(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
-
-
-def split_systems(s: str) -> list[str]:
-    """Comma-separated systems, where ``tetri+a=1,b=2`` is one system: an item with ``=`` but no ``+``
-    continues the previous system's overrides."""
-    out: list[str] = []
-    for item in _split_list(s):
-        if out and "=" in item and "+" not in item and "+" in out[-1]:
-            out[-1] += "," + item
-        else:
-            out.append(item)
-    return out
 
 
 @app.command()

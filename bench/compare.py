@@ -18,59 +18,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.metrics import by_class, ratio, summarize
-from bench.workloads import Workload, build_workload
-
-STANDARD_SYSTEMS = ("colocated-vllm", "colocated-sarathi", "disagg-simple", "tetri")
-BASELINE = "colocated-vllm"
-SUMMARY_KEYS = (
-    "mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms",
-    "mean_tpot_ms", "p50_tpot_ms", "p99_tpot_ms",
-    "mean_jct_ms", "p50_jct_ms", "p99_jct_ms",
-    "throughput_rps", "output_tokens_per_s", "instance_seconds", "busy_instance_seconds",
-    "perf_per_instance_s", "completed", "errors", "makespan_s",
-)  # fmt: skip
-
-
-@dataclass
-class CompareSpec:
-    workloads: list[str]
-    backend: str = "sim"
-    profile: str = "h100-llama-2-7b"
-    instances: int = 4
-    requests: int = 500
-    rate: str = "auto"
-    load: float = 1.0
-    seed: int = 0
-    systems: list[str] = field(default_factory=lambda: list(STANDARD_SYSTEMS))
-    network: str = "inter"
-    kv_tokens: int | None = None
-    length_scale: float = 1.0
-    max_prompt: int | None = None
-    max_output: int | None = None
-    model: str = "smollm2-135m-instruct"
-    live_backend: str = "native"
-    title: str | None = None
-
-
-def _rate_value(spec: CompareSpec) -> float | None:
-    r = (spec.rate or "auto").strip().lower()
-    if r == "auto":
-        return None
-    if r in ("inf", "burst", "0"):
-        return math.inf
-    return float(r)
-
-
-def _load_workload(spec: CompareSpec, name: str, max_context: int | None) -> Workload:
-    wl = build_workload(name, spec.requests, rate=None, seed=spec.seed, max_context=max_context)
-    if spec.length_scale != 1.0 or spec.max_prompt or spec.max_output:
-        wl = wl.scaled(spec.length_scale, spec.max_prompt, spec.max_output)
-    return wl
+from bench.metrics import by_class, summarize
+from bench.spec import BASELINE, SUMMARY_KEYS, CompareSpec
+from bench.spec import load_workload as _load_workload
+from bench.spec import rate_value as _rate_value
+from bench.spec import relative as _relative
 
 
 def compare_sim(spec: CompareSpec, progress: Any = None) -> dict[str, Any]:
@@ -128,21 +83,6 @@ def compare_sim(spec: CompareSpec, progress: Any = None) -> dict[str, Any]:
         _relative(wres)
         out["workloads"][wname] = wres
     return out
-
-
-def _relative(wres: dict[str, Any], refs: tuple[str, ...] = (BASELINE, "colocated-sarathi")) -> None:
-    systems = wres["systems"]
-    for ref in refs:
-        if ref not in systems:
-            continue
-        b = systems[ref]["summary"]
-        for s in systems.values():
-            rel = s.setdefault("relative", {})
-            rel[f"vs_{ref}"] = {
-                k: ratio(s["summary"].get(k), b.get(k))
-                for k in ("mean_ttft_ms", "mean_jct_ms", "mean_tpot_ms", "p99_ttft_ms", "instance_seconds",
-                          "busy_instance_seconds", "perf_per_instance_s")
-            }  # fmt: skip
 
 
 def compact(results: dict[str, Any]) -> dict[str, Any]:

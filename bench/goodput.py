@@ -523,13 +523,3 @@ def write(doc: dict[str, Any], out: Path) -> dict[str, Path]:
     paths["report"].write_text(markdown(doc))
     plot(doc, paths["plot"])
     return paths
-
-
-def main() -> None:  # pragma: no cover - CLI
-    from bench.cli import app
-
-    app(["goodput", *__import__("sys").argv[1:]])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

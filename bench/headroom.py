@@ -183,7 +183,7 @@ def main() -> None:  # pragma: no cover - CLI
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    from bench.cli import split_systems  # "tetri+a=1,b=2" is one system
+    from bench.spec import split_systems  # "tetri+a=1,b=2" is one system
 
     doc = headroom(a.out, a.profile, a.instances, tuple(a.workloads.split(",")),
                    tuple(float(x) for x in a.loads.split(",")), tuple(split_systems(a.systems)), a.seed)  # fmt: skip

@@ -134,7 +134,9 @@ def deployment_args(system: str, n: int, split: tuple[int, int], spec: Any) -> t
 
 def compare_live(spec: Any, progress: Any = None) -> dict[str, Any]:
     from backends.sim.profiles import get_timing
-    from bench.compare import _load_workload, _rate_value, _relative
+    from bench.spec import load_workload as _load_workload
+    from bench.spec import rate_value as _rate_value
+    from bench.spec import relative as _relative
     from orchestrator.sim import SYSTEMS
     from orchestrator.sim.planner import recommend_split
     from orchestrator.sim.split import plan_split
