@@ -127,7 +127,7 @@ class Placement:
         views = self._views(role, model, backend, exclude, req)
         if not views:
             raise Overloaded(f"no healthy {role} instance for model {model!r}")
-        chosen = self.core.pick_prefill(req, views)
+        chosen = self.core.pick_prefill(req, role, views)
         if chosen is None:
             raise Overloaded(f"no {role} instance can take the request")
         return self.cluster.instances[chosen]

@@ -153,8 +153,13 @@ class PlacementCore:
         return pick_host(hosts, self.colocate_pick)
 
     # ---- 2-4. prefill queues ---------------------------------------------------------------------
-    def pick_prefill(self, req: RequestView, views: Sequence[InstanceView]) -> str | None:
-        return self.global_scheduler.pick(views, req)
+    def pick_prefill(self, req: RequestView, role: Role, views: Sequence[InstanceView]) -> str | None:
+        """Where the request queues: a prefill instance by the global scheduler, or a `colocated`
+        one by the co-located host rule (`colocate_pick`: what a plain load balancer does in front
+        of co-located engines, or the least prefill work)."""
+        if role == "prefill":
+            return self.global_scheduler.pick(views, req)
+        return pick_host(views, self.colocate_pick)
 
     def may_release(self, role: Role, in_engine: int, in_engine_tokens: int, chunk_tokens: int) -> bool:
         """Whether one more queued prompt may enter an engine that holds `in_engine` released prompts
