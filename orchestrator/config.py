@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from orchestrator.policies import registry
+from orchestrator.policies.config import POLICY_KNOBS, PolicyConfig
 
 Role = Literal["prefill", "decode", "colocated"]
 BackendKind = Literal["native", "sglang", "tensorrt-llm", "sim"]
@@ -138,25 +141,23 @@ class Settings(BaseSettings):
     kv_lease_s: float = 30.0
 
     # --- TetriInfer scheduling ---
-    prefill_policy: Literal["fcfs", "sjf", "ljf"] = "fcfs"
+    prefill_policy: str = "fcfs"
     prefill_sched_batch: int = 16
     prefill_engine_backlog: int = 2
     # Late binding: an instance with room and an empty queue takes the next prompt queued for its
     # busiest peer of the same pool (orchestrator/policies/late_binding.py); "none" keeps every
     # prompt where the global scheduler put it, as in the paper.
-    late_binding: Literal["none", "busiest"] = "busiest"
-    dispatch_policy: Literal["power_of_two", "random", "round_robin", "least_loaded", "imbalanced"] = (
-        "power_of_two"
-    )
+    late_binding: str = "busiest"
+    dispatch_policy: str = "power_of_two"
     power_of_d: int = 2
     # Where the paper is vague (docs/scheduling.md): α empty -> most-free β instance or nobody;
     # heavy:light objective "balance" (heavy to lowest ratio, light to highest), "after", "delta".
-    dispatch_fallback: Literal["most_free", "none"] = "most_free"
-    dispatch_ratio_objective: Literal["balance", "after", "delta"] = "balance"
-    decode_admission: Literal["greedy", "reserve_static", "reserve_dynamic"] = "reserve_dynamic"
+    dispatch_fallback: str = "most_free"
+    dispatch_ratio_objective: str = "balance"
+    decode_admission: str = "reserve_dynamic"
     heavy_decode_threshold: int = 128
     heavy_prefill_threshold: int = 512
-    predictor: Literal["learned", "oracle", "constant"] = "learned"
+    predictor: str = "learned"
     predictor_granularity: int = 200
     # When no placement decision can turn on a request's predicted length (one decode instance with
     # room, or none), predict only every Nth request: enough for the live accuracy figures. 1 = all.
@@ -206,7 +207,7 @@ class Settings(BaseSettings):
     plan_auto_window_s: float = Field(default=900.0, gt=0.0)
     monitor_interval_ms: int = 100
     monitor_failures_unhealthy: int = 3
-    flip_policy: Literal["none", "idle"] = "none"
+    flip_policy: str = "none"
     flip_idle_s: float = 60.0
     flip_min_per_role: int = 1
     flip_cooldown_s: float | None = None
@@ -233,6 +234,18 @@ class Settings(BaseSettings):
     plan_scale_max: dict[Role, int] = Field(default_factory=lambda: {"prefill": 4, "decode": 4})
     plan_scale_up_util: float = Field(default=0.8, gt=0.0)
     plan_scale_down_util: float = Field(default=0.5, ge=0.0)
+
+    @field_validator(*POLICY_KNOBS)
+    @classmethod
+    def _registered_policy(cls, value: str, info: ValidationInfo) -> str:
+        """A knob that selects a policy takes a name registered for it (orchestrator/policies/registry.py)."""
+        assert info.field_name is not None
+        return registry.check(POLICY_KNOBS[info.field_name], value)
+
+    def policy_config(self) -> PolicyConfig:
+        """The scheduling knobs of this deployment: what the placement core, the policies and the
+        simulator (the pool planner's) read."""
+        return PolicyConfig.from_source(self)
 
     @classmethod
     def load(cls, yaml_path: str | Path | None = None, **overrides: Any) -> Settings:

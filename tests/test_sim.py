@@ -139,7 +139,7 @@ def test_fallback_colocates_heavy_heavy_requests(h100):
 
 def test_stated_pd_ratio_and_system_overrides(h100):
     cfg = system_config("tetri+pd_ratio=1:3,predictor=oracle,prefill_policy=fcfs")
-    assert cfg.pd_ratio == "1:3" and cfg.predictor == "oracle" and cfg.prefill_policy == "fcfs"
+    assert cfg.pd_ratio == "1:3" and cfg.policy.predictor == "oracle" and cfg.policy.prefill_policy == "fcfs"
     res = ClusterSim(cfg, h100, 4, _requests(50)).run()
     assert res.split == {"prefill": 1, "decode": 3}
     with pytest.raises(ValueError):
@@ -285,7 +285,8 @@ def test_compare_reads_systems_with_several_overrides():
     got = split_systems("colocated-vllm, tetri+predictor=oracle,dispatch_policy=random ,tetri+pd_ratio=2:2,tetri")
     assert got == ["colocated-vllm", "tetri+predictor=oracle,dispatch_policy=random", "tetri+pd_ratio=2:2", "tetri"]
     cfg = system_config(got[1])
-    assert (cfg.predictor, cfg.dispatch_policy, cfg.admission) == ("oracle", "random", "reserve_dynamic")
+    p = cfg.policy
+    assert (p.predictor, p.dispatch_policy, p.decode_admission) == ("oracle", "random", "reserve_dynamic")
 
 
 def test_cluster_sim_and_sim_worker_agree_on_chunk_size():
@@ -537,7 +538,7 @@ def test_system_options_are_checked_before_anything_runs(tmp_path):
     ):
         with pytest.raises(ValueError, match=field):
             system_config(name)
-    assert system_config("tetri+late_binding=none,plan_objective=slo").late_binding == "none"
+    assert system_config("tetri+late_binding=none,plan_objective=slo").policy.late_binding == "none"
     for systems in ("bogus", "colocated-vllm,tetri+late_binding=random", "tetri+nope=1"):
         res = CliRunner().invoke(app, ["compare", "--systems", systems, "--requests", "20", "--out", str(tmp_path)])
         assert res.exit_code == 2 and "Invalid value" in res.output, (systems, res.output)

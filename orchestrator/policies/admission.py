@@ -26,9 +26,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from orchestrator.policies.capacity import available_kv, fits
+from orchestrator.policies.registry import lookup, names, register
 from orchestrator.policies.types import InstanceView, RequestView
-
-ADMISSION_POLICY_NAMES: tuple[str, ...] = ("greedy", "reserve_static", "reserve_dynamic")
 
 
 class DecodeAdmission(Protocol):
@@ -37,6 +36,7 @@ class DecodeAdmission(Protocol):
     def admits(self, inst: InstanceView, req: RequestView) -> bool: ...
 
 
+@register("decode_admission", "greedy")
 class Greedy:
     name = "greedy"
 
@@ -44,6 +44,7 @@ class Greedy:
         return available_kv(inst) >= req.prompt_tokens + 1
 
 
+@register("decode_admission", "reserve_static")
 class ReserveStatic:
     name = "reserve_static"
 
@@ -66,6 +67,7 @@ def lookahead_need(inst: InstanceView, req: RequestView) -> int:
     return req.prompt_tokens + min(req.predicted_output_lo, horizon) + horizon * n_running
 
 
+@register("decode_admission", "reserve_dynamic")
 class ReserveDynamic:
     name = "reserve_dynamic"
 
@@ -75,11 +77,8 @@ class ReserveDynamic:
         return lookahead_need(inst, req) <= available_kv(inst)
 
 
+ADMISSION_POLICY_NAMES: tuple[str, ...] = names("decode_admission")
+
+
 def make_admission(name: str) -> DecodeAdmission:
-    if name == "greedy":
-        return Greedy()
-    if name == "reserve_static":
-        return ReserveStatic()
-    if name == "reserve_dynamic":
-        return ReserveDynamic()
-    raise ValueError(f"unknown decode admission {name!r}; choose one of {', '.join(ADMISSION_POLICY_NAMES)}")
+    return lookup("decode_admission", name)()

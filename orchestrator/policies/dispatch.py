@@ -42,16 +42,11 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from fractions import Fraction
-from typing import Literal, Protocol
+from typing import Protocol
 
 from orchestrator.policies.capacity import available_kv, fits
+from orchestrator.policies.registry import build, lookup, names, register
 from orchestrator.policies.types import InstanceView, RequestView
-
-DISPATCH_POLICY_NAMES: tuple[str, ...] = ("power_of_two", "random", "round_robin", "least_loaded", "imbalanced")
-DISPATCH_FALLBACK_NAMES: tuple[str, ...] = ("most_free", "none")
-Fallback = Literal["most_free", "none"]
-RATIO_OBJECTIVE_NAMES: tuple[str, ...] = ("after", "balance", "delta")
-RatioObjective = Literal["after", "balance", "delta"]
 
 
 class Dispatcher(Protocol):
@@ -70,6 +65,7 @@ def split_alpha_beta(
     return alpha, beta
 
 
+@register("dispatch_ratio_objective", "after")
 def heavy_light_ratio_after(inst: InstanceView, heavy: bool) -> Fraction:
     """(heavy + 1) / (light + 1) on ``inst`` once this request (heavy or light) is added."""
     h = inst.heavy_decodes + (1 if heavy else 0)
@@ -77,12 +73,14 @@ def heavy_light_ratio_after(inst: InstanceView, heavy: bool) -> Fraction:
     return Fraction(h + 1, light + 1)
 
 
+@register("dispatch_ratio_objective", "delta")
 def ratio_increase(inst: InstanceView, heavy: bool) -> Fraction:
     """How much this request raises ``inst``'s smoothed heavy:light ratio (negative: lowers it)."""
     before = Fraction(inst.heavy_decodes + 1, inst.light_decodes + 1)
     return heavy_light_ratio_after(inst, heavy) - before
 
 
+@register("dispatch_ratio_objective", "balance")
 def balance_score(inst: InstanceView, heavy: bool) -> Fraction:
     """Lower is better: a heavy decode goes where the ratio after adding it is lowest, a light one
     where it is highest (it dilutes the most heavy-dominated mix), so ratios even out."""
@@ -94,14 +92,25 @@ def _most_free(instances: Sequence[InstanceView]) -> InstanceView:
     return min(instances, key=lambda d: (-available_kv(d), d.running, d.id))
 
 
+# What a dispatcher does when no instance fits (α empty): the β instance with the most available KV
+# (admission has the last word), or nobody.
+register("dispatch_fallback", "most_free")(_most_free)
+
+
+@register("dispatch_fallback", "none")
+def _no_fallback(instances: Sequence[InstanceView]) -> InstanceView | None:
+    return None
+
+
+DISPATCH_FALLBACK_NAMES: tuple[str, ...] = names("dispatch_fallback")
+RATIO_OBJECTIVE_NAMES: tuple[str, ...] = names("dispatch_ratio_objective")
+
+
 class _Base:
     name = "base"
 
-    def __init__(self, fallback: Fallback | str = "most_free", heavy_decode_threshold: int | None = None) -> None:
-        if fallback not in DISPATCH_FALLBACK_NAMES:
-            raise ValueError(
-                f"unknown dispatch fallback {fallback!r}; choose one of {', '.join(DISPATCH_FALLBACK_NAMES)}"
-            )
+    def __init__(self, fallback: str = "most_free", heavy_decode_threshold: int | None = None) -> None:
+        self._fallback = lookup("dispatch_fallback", fallback)
         self.fallback = fallback
         self.heavy_decode_threshold = heavy_decode_threshold
 
@@ -116,26 +125,24 @@ class _Base:
         alpha, beta = split_alpha_beta(decodes, req)
         if alpha:
             return self.choose(alpha, req, rng).id
-        if beta and self.fallback == "most_free":
-            return _most_free(beta).id
-        return None
+        chosen = self._fallback(beta) if beta else None
+        return chosen.id if chosen is not None else None
 
     def choose(self, alpha: list[InstanceView], req: RequestView, rng: random.Random) -> InstanceView:
         raise NotImplementedError
 
 
+@register("dispatch_policy", "power_of_two")
 class PowerOfTwo(_Base):
     name = "power_of_two"
 
-    def __init__(self, power_of_d: int = 2, objective: RatioObjective | str = "balance", **kw: object) -> None:
+    def __init__(self, power_of_d: int = 2, objective: str = "balance", **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         if power_of_d < 1:
             raise ValueError(f"power_of_d must be >= 1, got {power_of_d}")
-        if objective not in RATIO_OBJECTIVE_NAMES:
-            raise ValueError(f"unknown ratio objective {objective!r}; choose one of {', '.join(RATIO_OBJECTIVE_NAMES)}")
+        self._score = lookup("dispatch_ratio_objective", objective)
         self.power_of_d = int(power_of_d)
         self.objective = objective
-        self._score = {"after": heavy_light_ratio_after, "balance": balance_score, "delta": ratio_increase}[objective]
 
     def candidates(self, alpha: list[InstanceView], rng: random.Random) -> list[InstanceView]:
         """``min(power_of_d, |α|)`` distinct instances of α (sorted by id) in random order."""
@@ -148,6 +155,7 @@ class PowerOfTwo(_Base):
         return min(cands, key=lambda d: (self._score(d, heavy), -available_kv(d), d.running))
 
 
+@register("dispatch_policy", "random")
 class RandomDispatch(_Base):
     name = "random"
 
@@ -155,13 +163,14 @@ class RandomDispatch(_Base):
         return alpha[rng.randrange(len(alpha))]
 
 
+@register("dispatch_policy", "round_robin")
 class RoundRobin(_Base):
     """Stateful: remembers the id it picked last and takes the next id of α after it (wrapping)."""
 
     name = "round_robin"
 
-    def __init__(self, **kw: object) -> None:
-        super().__init__(**kw)  # type: ignore[arg-type]
+    def __init__(self, fallback: str = "most_free", heavy_decode_threshold: int | None = None) -> None:
+        super().__init__(fallback, heavy_decode_threshold)
         self.last_id: str | None = None
 
     def choose(self, alpha: list[InstanceView], req: RequestView, rng: random.Random) -> InstanceView:
@@ -172,6 +181,7 @@ class RoundRobin(_Base):
         return chosen
 
 
+@register("dispatch_policy", "least_loaded")
 class LeastLoadedDecode(_Base):
     name = "least_loaded"
 
@@ -179,6 +189,7 @@ class LeastLoadedDecode(_Base):
         return _most_free(alpha)
 
 
+@register("dispatch_policy", "imbalanced")
 class Imbalanced(_Base):
     name = "imbalanced"
 
@@ -190,18 +201,11 @@ def make_dispatcher(
     name: str,
     power_of_d: int = 2,
     heavy_decode_threshold: int | None = None,
-    fallback: Fallback | str = "most_free",
-    ratio_objective: RatioObjective | str = "balance",
+    fallback: str = "most_free",
+    ratio_objective: str = "balance",
 ) -> Dispatcher:
-    kw = {"fallback": fallback, "heavy_decode_threshold": heavy_decode_threshold}
-    if name == "power_of_two":
-        return PowerOfTwo(power_of_d=power_of_d, objective=ratio_objective, **kw)
-    if name == "random":
-        return RandomDispatch(**kw)
-    if name == "round_robin":
-        return RoundRobin(**kw)
-    if name == "least_loaded":
-        return LeastLoadedDecode(**kw)
-    if name == "imbalanced":
-        return Imbalanced(**kw)
-    raise ValueError(f"unknown dispatch policy {name!r}; choose one of {', '.join(DISPATCH_POLICY_NAMES)}")
+    return build("dispatch_policy", name, power_of_d=power_of_d, objective=ratio_objective, fallback=fallback,
+                 heavy_decode_threshold=heavy_decode_threshold)  # fmt: skip
+
+
+DISPATCH_POLICY_NAMES: tuple[str, ...] = names("dispatch_policy")

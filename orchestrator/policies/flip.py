@@ -28,10 +28,13 @@ from collections.abc import Sequence
 from typing import Literal, Protocol
 
 from orchestrator.policies.capacity import kv_utilisation
+from orchestrator.policies.registry import build, check, names, register
 from orchestrator.policies.types import FlipDecision, InstanceView, Role
 
-FLIP_POLICY_NAMES: tuple[str, ...] = ("none", "idle")
-FLIP_SCOPE_NAMES: tuple[str, ...] = ("instance", "pool")
+# What an idle flip watches: each instance's idle time, or (also) its whole pool's.
+for _scope in ("instance", "pool"):
+    register("flip_scope", _scope)(_scope)
+FLIP_SCOPE_NAMES: tuple[str, ...] = names("flip_scope")
 _FLIPPABLE: tuple[Role, Role] = ("prefill", "decode")
 
 
@@ -41,6 +44,7 @@ class FlipPolicy(Protocol):
     def decide(self, instances: Sequence[InstanceView], now: float) -> list[FlipDecision]: ...
 
 
+@register("flip_policy", "none")
 class NoFlip:
     name = "none"
 
@@ -73,6 +77,7 @@ def pool_loaded(pool: Sequence[InstanceView], load_kv_threshold: float) -> bool:
     return mean_util >= load_kv_threshold
 
 
+@register("flip_policy", "idle")
 class IdleFlip:
     name = "idle"
 
@@ -88,8 +93,7 @@ class IdleFlip:
             raise ValueError(f"flip_idle_s must be >= 0, got {idle_s}")
         if min_per_role < 0:
             raise ValueError(f"flip_min_per_role must be >= 0, got {min_per_role}")
-        if scope not in FLIP_SCOPE_NAMES:
-            raise ValueError(f"unknown flip scope {scope!r}; choose one of {', '.join(FLIP_SCOPE_NAMES)}")
+        check("flip_scope", scope)
         self.idle_s = float(idle_s)
         self.min_per_role = int(min_per_role)
         self.cooldown_s = float(idle_s if cooldown_s is None else cooldown_s)
@@ -174,11 +178,8 @@ def make_flip_policy(
     load_kv_threshold: float = 0.8,
     scope: str = "instance",
 ) -> FlipPolicy:
-    if name == "none":
-        return NoFlip()
-    if name == "idle":
-        return IdleFlip(
-            idle_s=idle_s, min_per_role=min_per_role, cooldown_s=cooldown_s,
-            load_kv_threshold=load_kv_threshold, scope=scope,
-        )  # fmt: skip
-    raise ValueError(f"unknown flip policy {name!r}; choose one of {', '.join(FLIP_POLICY_NAMES)}")
+    return build("flip_policy", name, idle_s=idle_s, min_per_role=min_per_role, cooldown_s=cooldown_s,
+                 load_kv_threshold=load_kv_threshold, scope=scope)  # fmt: skip
+
+
+FLIP_POLICY_NAMES: tuple[str, ...] = names("flip_policy")

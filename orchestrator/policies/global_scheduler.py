@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from orchestrator.policies.registry import build, names, register
 from orchestrator.policies.types import InstanceView, RequestView
-
-GLOBAL_SCHEDULER_NAMES: tuple[str, ...] = ("least_loaded", "prefix_aware", "sglang_cache_aware")
 
 
 class GlobalScheduler(Protocol):
@@ -33,6 +32,7 @@ def prefill_candidates(instances: Sequence[InstanceView]) -> list[InstanceView]:
     return [i for i in usable if i.role == "colocated"]
 
 
+@register("global_scheduler", "least_loaded")
 class LeastLoadedPrefill:
     """Least ``prefill_load`` (queued + running prompt tokens); tie: fewest running, then id."""
 
@@ -47,6 +47,7 @@ class LeastLoadedPrefill:
         return best.id
 
 
+@register("global_scheduler", "prefix_aware")
 class PrefixAwarePrefill:
     """Least uncached prefill work: the instance's prefill load plus this prompt's tokens it does not
     hold cached (``cached_prompt_tokens``, weighted); tie: fewest running, then id. The paper's load
@@ -70,6 +71,7 @@ class PrefixAwarePrefill:
         return best.id
 
 
+@register("global_scheduler", "sglang_cache_aware")
 class SGLangCacheAware:
     """The SGLang router's `cache_aware` rule (sglang-router 0.3.2): load = requests in flight; if
     the load is imbalanced (max - min > balance_abs and max > min * balance_rel) the least loaded,
@@ -100,13 +102,14 @@ class SGLangCacheAware:
 
 
 def make_global_scheduler(
-    name: str = "least_loaded", cache_weight: float = 1.0, cache_threshold: float = 0.3, balance_abs: int = 64,
+    name: str = "least_loaded",
+    cache_weight: float = 1.0,
+    cache_threshold: float = 0.3,
+    balance_abs: int = 64,
     balance_rel: float = 1.5,
 ) -> GlobalScheduler:
-    if name == "least_loaded":
-        return LeastLoadedPrefill()
-    if name == "prefix_aware":
-        return PrefixAwarePrefill(cache_weight)
-    if name == "sglang_cache_aware":
-        return SGLangCacheAware(cache_threshold, balance_abs, balance_rel)
-    raise ValueError(f"unknown global scheduler {name!r}; choose one of {', '.join(GLOBAL_SCHEDULER_NAMES)}")
+    return build("global_scheduler", name, cache_weight=cache_weight, cache_threshold=cache_threshold,
+                 balance_abs=balance_abs, balance_rel=balance_rel)  # fmt: skip
+
+
+GLOBAL_SCHEDULER_NAMES: tuple[str, ...] = names("global_scheduler")

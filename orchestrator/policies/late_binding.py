@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-LATE_BINDING_NAMES: tuple[str, ...] = ("none", "busiest")
+from orchestrator.policies.registry import lookup, names, register
 
 
 class LateBinding(Protocol):
@@ -27,6 +27,7 @@ class LateBinding(Protocol):
     def victim(self, thief: str, queued_tokens: Mapping[str, int]) -> str | None: ...
 
 
+@register("late_binding", "none")
 class NoLateBinding:
     """A prompt stays where the global scheduler put it (the paper's behaviour)."""
 
@@ -36,6 +37,7 @@ class NoLateBinding:
         return None
 
 
+@register("late_binding", "busiest")
 class StealFromBusiest:
     """The peer with the most prompt tokens queued; ties by id, so the choice is deterministic."""
 
@@ -46,9 +48,8 @@ class StealFromBusiest:
         return min(peers)[1] if peers else None
 
 
+LATE_BINDING_NAMES: tuple[str, ...] = names("late_binding")
+
+
 def make_late_binding(name: str = "busiest") -> LateBinding:
-    if name == "none":
-        return NoLateBinding()
-    if name == "busiest":
-        return StealFromBusiest()
-    raise ValueError(f"unknown late binding {name!r}; choose one of {', '.join(LATE_BINDING_NAMES)}")
+    return lookup("late_binding", name)()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-PREDICTOR_NAMES: tuple[str, ...] = ("learned", "oracle", "constant")
+from orchestrator.policies.registry import build, names, register
 
 
 @runtime_checkable
@@ -34,6 +34,7 @@ class MissingOutputLength(KeyError, ValueError):
         return str(self.args[0]) if self.args else "missing output_len"
 
 
+@register("predictor", "oracle")
 class OraclePredictor:
     name = "oracle"
 
@@ -54,6 +55,7 @@ class OraclePredictor:
         return n // self.granularity
 
 
+@register("predictor", "constant")
 class ConstantPredictor:
     name = "constant"
 
@@ -71,18 +73,19 @@ def bucket_of(output_len: int, granularity: int) -> int:
     return max(0, int(output_len)) // int(granularity)
 
 
+@register("predictor", "learned")
+def _learned(granularity: int = 200, **kwargs: Any) -> LengthPredictor:
+    try:
+        from predictor import load_predictor  # noqa: PLC0415 - optional, heavy dependency
+    except ImportError as exc:
+        raise RuntimeError(
+            f"predictor=learned needs the predictor package (predictor.load_predictor); it could not be imported: {exc}"
+        ) from exc
+    return load_predictor("learned", granularity, **kwargs)
+
+
+PREDICTOR_NAMES: tuple[str, ...] = names("predictor")
+
+
 def make_predictor(name: str, granularity: int = 200, **kwargs: Any) -> LengthPredictor:
-    if name == "oracle":
-        return OraclePredictor(granularity)
-    if name == "constant":
-        return ConstantPredictor(int(kwargs.get("bucket", 0)), granularity)
-    if name == "learned":
-        try:
-            from predictor import load_predictor  # noqa: PLC0415 - optional, heavy dependency
-        except ImportError as exc:
-            raise RuntimeError(
-                "predictor=learned needs the predictor package (predictor.load_predictor); "
-                f"it could not be imported: {exc}"
-            ) from exc
-        return load_predictor(name, granularity, **kwargs)
-    raise ValueError(f"unknown predictor {name!r}; choose one of {', '.join(PREDICTOR_NAMES)}")
+    return build("predictor", name, granularity=granularity, **kwargs)

@@ -16,12 +16,9 @@ import bisect
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
 
+from orchestrator.policies.registry import lookup, names, register
 from orchestrator.policies.types import RequestView
-
-PrefillPolicy = Literal["fcfs", "sjf", "ljf"]
-PREFILL_POLICY_NAMES: tuple[str, ...] = ("fcfs", "sjf", "ljf")
 
 
 @dataclass(frozen=True)
@@ -35,23 +32,22 @@ class _Entry:
         return (self.req.arrival, self.seq)
 
 
+@register("prefill_policy", "fcfs")
 def _fcfs_key(e: _Entry) -> tuple[float, float, int]:
     return (0.0, e.req.arrival, e.seq)
 
 
+@register("prefill_policy", "sjf")
 def _sjf_key(e: _Entry) -> tuple[float, float, int]:
     return (float(e.req.prompt_tokens), e.req.arrival, e.seq)
 
 
+@register("prefill_policy", "ljf")
 def _ljf_key(e: _Entry) -> tuple[float, float, int]:
     return (-float(e.req.prompt_tokens), e.req.arrival, e.seq)
 
 
-_KEYS: dict[str, Callable[[_Entry], tuple[float, float, int]]] = {
-    "fcfs": _fcfs_key,
-    "sjf": _sjf_key,
-    "ljf": _ljf_key,
-}
+PREFILL_POLICY_NAMES: tuple[str, ...] = names("prefill_policy")
 
 
 class PrefillQueue:
@@ -70,14 +66,12 @@ class PrefillQueue:
     same clock), and summarised in ``released``, ``total_wait_s``, ``max_wait_s`` and ``last_waits``.
     """
 
-    def __init__(self, policy: PrefillPolicy | str = "fcfs", sched_batch: int = 16) -> None:
-        if policy not in _KEYS:
-            raise ValueError(f"unknown prefill policy {policy!r}; choose one of {', '.join(PREFILL_POLICY_NAMES)}")
+    def __init__(self, policy: str = "fcfs", sched_batch: int = 16) -> None:
         if sched_batch < 1:
             raise ValueError(f"prefill_sched_batch must be >= 1, got {sched_batch}")
         self.policy: str = policy
         self.sched_batch = int(sched_batch)
-        self._key = _KEYS[policy]
+        self._key: Callable[[_Entry], tuple[float, float, int]] = lookup("prefill_policy", policy)
         self._raw: list[_Entry] = []  # sorted by arrival_key
         self._raw_keys: list[tuple[float, int]] = []
         self._batch: list[_Entry] = []  # current sorted batch, next to release first
@@ -185,5 +179,5 @@ class PrefillQueue:
         return None
 
 
-def make_prefill_queue(policy: PrefillPolicy | str = "fcfs", sched_batch: int = 16) -> PrefillQueue:
+def make_prefill_queue(policy: str = "fcfs", sched_batch: int = 16) -> PrefillQueue:
     return PrefillQueue(policy, sched_batch=sched_batch)

@@ -38,7 +38,6 @@ import heapq
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 from backends.sim.timing import TimingModel
@@ -82,7 +81,7 @@ class ClusterSim:
             self.reqs.append(q)
         self._predict()
         # What a layout plan reads: the requests the fallback's rule co-locates, the arrival rate.
-        self.colocated_mask = [wants_colocated(cfg, r) for r in self.reqs] if cfg.fallback != "none" else None
+        self.colocated_mask = [wants_colocated(cfg, r) for r in self.reqs] if cfg.policy.colocate_heavy_heavy else None
         span = self.reqs[-1].arrival - self.reqs[0].arrival if self.reqs else 0.0
         self.rate = (len(self.reqs) - 1) / span if span > 0 else None
         self.analytic_prefill = 0
@@ -119,14 +118,14 @@ class ClusterSim:
     def use_layout(self, plan: LayoutChoice) -> None:
         """Run the split ``plan`` chose (and its late binding, where it chose that too). Before ``run``."""
         self.plan = plan
-        if plan.late_binding not in (None, self.cfg.late_binding):
-            self.cfg = replace(self.cfg, late_binding=plan.late_binding)
+        if plan.late_binding not in (None, self.cfg.policy.late_binding):
+            self.cfg = self.cfg.with_policy(late_binding=plan.late_binding)
         self._setup(plan.prefill, plan.decode)
 
     def _setup(self, p: int, d: int) -> None:
         cfg = self.cfg
         disagg = cfg.layout == "disaggregated"
-        self.pol = SimPolicies(cfg)
+        self.pol = SimPolicies(cfg.policy)
         self.split = {"prefill": p, "decode": d} if disagg else {"colocated": self.n}
         self.insts: list[SimInstance] = []
         for i in range(self.n):
@@ -136,21 +135,22 @@ class ClusterSim:
                 inst.prefill_queue = self.pol.new_queue()
             self.insts.append(inst)
         tps = self.chunk / self.tm.prefill_s(self.chunk)  # prefill tokens/s at the knee
-        self.placement = SimPlacement(cfg, self.pol, self.insts, {}, self.rng, tps, self.exact_views)
+        self.backlog_tokens = cfg.backlog_tokens(tps) if disagg else 0
+        self.placement = SimPlacement(cfg, self.pol, self.insts, {}, self.rng, self.backlog_tokens, self.exact_views)
         self.batcher = Batcher(cfg, self.chunk, self.placement)
 
     def _predict(self) -> None:
-        cfg = self.cfg
-        g = cfg.granularity
+        """Each request's predicted bucket, as the live predictor of that name answers: ``oracle`` the
+        true one, ``constant`` bucket 0, ``learned`` (no prompt text here) the true one with
+        ``learned_accuracy``, a miss landing on a neighbouring bucket (the classifier's usual error)."""
+        p = self.cfg.policy
+        g = p.predictor_granularity
         for r in self.reqs:
-            bucket: int | None
-            if cfg.predictor == "none":
-                bucket = None
-            else:
+            bucket = 0
+            if p.predictor != "constant":
                 true_b = bucket_of(r.output_tokens, g)  # what the oracle predictor answers
                 bucket = true_b
-                if cfg.predictor == "noisy" and self.prng.random() >= cfg.predictor_accuracy:
-                    # a miss lands on a neighbouring bucket (the classifier's usual error)
+                if p.predictor == "learned" and self.prng.random() >= self.cfg.learned_accuracy:
                     bucket = true_b + 1 if true_b == 0 or self.prng.random() < 0.5 else true_b - 1
             r.view = RequestView(
                 id=r.id,
@@ -159,7 +159,7 @@ class ClusterSim:
                 max_tokens=r.output_tokens,
                 predicted_bucket=bucket,
                 granularity=g,
-                heavy_decode_threshold=cfg.heavy_decode_threshold,
+                heavy_decode_threshold=p.heavy_decode_threshold,
             )
             r.predicted_lo = r.view.predicted_output_lo
             r.heavy_decode = r.view.heavy_decode
@@ -201,7 +201,12 @@ class ClusterSim:
         makespan = max((r.t_finish for r in self.reqs if r.t_finish >= 0), default=0.0)
         return SimResult(
             system=self.cfg.name,
-            config=self.cfg.to_dict() | {"chunk_size": self.chunk, "kv_tokens_per_instance": self.kv_capacity},
+            config=self.cfg.to_dict()
+            | {
+                "chunk_size": self.chunk,
+                "kv_tokens_per_instance": self.kv_capacity,
+                "colocate_backlog_tokens": self.backlog_tokens,
+            },  # fmt: skip
             timing=self.tm.describe(),
             instances=self.n,
             split=self.split,

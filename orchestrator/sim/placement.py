@@ -20,6 +20,7 @@ from dataclasses import replace
 from typing import Literal
 
 from orchestrator.policies.admission import make_admission
+from orchestrator.policies.config import PolicyConfig
 from orchestrator.policies.dispatch import make_dispatcher
 from orchestrator.policies.flip import FlipPolicy, make_flip_policy
 from orchestrator.policies.global_scheduler import make_global_scheduler
@@ -37,35 +38,41 @@ Route = Literal["local", "colocated", "prefill"]
 class SimPolicies:
     """The live orchestrator's policy objects, built from a system's configuration."""
 
-    def __init__(self, cfg: SystemConfig) -> None:
-        self.global_scheduler = make_global_scheduler("least_loaded")
+    def __init__(self, p: PolicyConfig) -> None:
+        self.global_scheduler = make_global_scheduler(
+            p.global_scheduler, cache_weight=p.prefix_cache_weight, cache_threshold=p.prefix_cache_threshold,
+            balance_abs=p.prefix_balance_abs, balance_rel=p.prefix_balance_rel,
+        )  # fmt: skip
         self.dispatcher = make_dispatcher(
-            cfg.dispatch_policy, power_of_d=cfg.power_of_d, heavy_decode_threshold=cfg.heavy_decode_threshold
-        )
-        self.admission = make_admission(cfg.admission)
+            p.dispatch_policy, power_of_d=p.power_of_d, heavy_decode_threshold=p.heavy_decode_threshold,
+            fallback=p.dispatch_fallback, ratio_objective=p.dispatch_ratio_objective,
+        )  # fmt: skip
+        self.admission = make_admission(p.decode_admission)
         self.flip: FlipPolicy | None = (
-            make_flip_policy(cfg.flip_policy, idle_s=cfg.flip_idle_s, min_per_role=1)
-            if cfg.flip_policy != "none"
+            make_flip_policy(
+                p.flip_policy,
+                idle_s=p.flip_idle_s,
+                min_per_role=p.flip_min_per_role,
+                cooldown_s=p.flip_cooldown_s,
+                load_kv_threshold=p.flip_load_kv_threshold,
+            )  # fmt: skip
+            if p.flip_policy != "none"
             else None
         )
-        self.late_binding = make_late_binding(cfg.late_binding)
-        self._policy, self._batch = cfg.prefill_policy, cfg.prefill_sched_batch
+        self.late_binding = make_late_binding(p.late_binding)
+        self._policy, self._batch = p.prefill_policy, p.prefill_sched_batch
 
     def new_queue(self) -> PrefillQueue:
         return make_prefill_queue(self._policy, sched_batch=self._batch)
 
 
 def wants_colocated(cfg: SystemConfig, r: SimRequest) -> bool:
-    """The fallback's static rule: does ``r`` run co-located whatever the load (HPHD, or all)?"""
-    if cfg.layout != "disaggregated" or cfg.fallback == "none":
-        return False
-    if cfg.fallback in ("hphd", "adaptive"):
-        return r.prompt_tokens > cfg.heavy_prefill_threshold and r.heavy_decode
-    if cfg.fallback == "backlog":
-        return False
-    if cfg.fallback == "all":
-        return True
-    raise ValueError(f"unknown fallback {cfg.fallback!r}")
+    """The HPHD rule: a heavy prompt predicted to decode heavy runs co-located whatever the load."""
+    p = cfg.policy
+    return (
+        cfg.layout == "disaggregated" and p.colocate_heavy_heavy
+        and r.prompt_tokens > p.heavy_prefill_threshold and r.heavy_decode
+    )  # fmt: skip
 
 
 class SimPlacement:
@@ -79,19 +86,21 @@ class SimPlacement:
         insts: list[SimInstance],
         queued: dict[str, SimRequest],
         rng: random.Random,
-        prefill_tps: float,
+        backlog_tokens: int,
         exact_views: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.policy = cfg.policy
         self.pol = pol
         self.insts = insts
         self.queued = queued
         self.rng = rng
-        self.prefill_tps = prefill_tps  # prefill tokens/s at the knee: the backlog rule's clock
+        # The backlog rule: co-locate while the least-loaded prefill instance holds more prompt tokens (0: off).
+        self.backlog_tokens = backlog_tokens
         # Views carry decode_remaining as its minimum only (all reserve_dynamic reads, with `running`
         # for the count) unless exact_views: the full per-request tuple, O(batch) per view.
         self.exact_views = exact_views
-        self.track_remaining = cfg.admission != "greedy"
+        self.track_remaining = cfg.policy.decode_admission != "greedy"
         self.steals = 0  # late binding: prompts taken from a peer's queue
         self._views_at = -1.0
         self._dviews: dict[str, InstanceView] = {}
@@ -185,8 +194,7 @@ class SimPlacement:
         prefills = [i for i in self.insts if i.role == "prefill" and not i.draining]
         if not prefills:
             prefills = [i for i in self.insts if i.role == "prefill"]
-        backlog_rule = cfg.fallback in ("adaptive", "backlog")
-        backlogged = backlog_rule and bool(prefills) and self.prefill_backlogged(prefills, r)
+        backlogged = self.backlog_tokens > 0 and bool(prefills) and self.prefill_backlogged(prefills, r)
         if not prefills or wants_colocated(cfg, r) or backlogged:
             # Co-located fallback: prefill and decode on one decode instance (stall-free hybrid
             # batches, no KV transfer).
@@ -200,11 +208,10 @@ class SimPlacement:
         return "prefill", (self.insts[int(pick[1:])] if pick is not None else prefills[0])
 
     def prefill_backlogged(self, prefills: Sequence[SimInstance], r: SimRequest) -> bool:
-        """Adaptive fallback: the least-loaded prefill instance would start this prompt only after
-        `fallback_wait_s` (its queued + in-engine prompt tokens at the knee's tokens/s), while a
-        decode instance has room for it now."""
+        """The backlog rule: the least-loaded prefill instance holds more than `backlog_tokens` prompt
+        tokens (queued and in its engine), while a decode instance has room for this one now."""
         backlog = min(i.queued_prompt_tokens + i.in_engine_tokens for i in prefills)
-        if backlog / self.prefill_tps < self.cfg.fallback_wait_s:
+        if backlog <= self.backlog_tokens:
             return False
         for i in self.insts:
             if i.role != "decode" or i.draining or i.n_waiting or i.incoming:
@@ -217,7 +224,7 @@ class SimPlacement:
     def pick_colocated(self, insts: Sequence[SimInstance]) -> SimInstance | None:
         """The host of a co-located request: least prefill load (the global scheduler's rule) or
         least outstanding requests (a plain load balancer), by ``colocate_pick``."""
-        if self.cfg.colocate_pick == "prefill_load":
+        if self.policy.colocate_pick == "prefill_load":
 
             def load(i: SimInstance) -> tuple[int, int, int]:
                 prompt = i.queued_prompt_tokens + sum(q.prefill_len - q.prefilled for q in i.prefilling)
@@ -229,7 +236,7 @@ class SimPlacement:
     # ---- late binding -----------------------------------------------------------------------------
     def victim(self, thief: SimInstance, queue_of: Callable[[SimInstance], PrefillQueue | None]) -> SimInstance | None:
         """The peer of the thief's pool whose queue (`queue_of`) it takes from, by the policy."""
-        if self.cfg.late_binding == "none":
+        if self.policy.late_binding == "none":
             return None
         queued: dict[str, int] = {}
         for j in self.insts:
@@ -276,7 +283,7 @@ class SimPlacement:
 
     def thieves(self, inst: SimInstance) -> list[SimInstance]:
         """A prompt queued behind a busy instance: the idle peers of its pool that may take it now."""
-        if self.cfg.late_binding == "none" or not inst.busy:
+        if self.policy.late_binding == "none" or not inst.busy:
             return []
         return [j for j in self.insts if j is not inst and j.role == inst.role and not j.busy and not j.draining]
 

@@ -109,12 +109,12 @@ def plan_layout(
     cands = keep
     scores: dict[str, dict[str, float]] = {}
     best: tuple[tuple[int, float, float], int, str] | None = None
-    bindings = [cfg.late_binding]
-    if cfg.plan_late_binding == "choose" and cfg.late_binding != "none":
+    bindings = [cfg.policy.late_binding]
+    if cfg.plan_late_binding == "choose" and cfg.policy.late_binding != "none":
         bindings.append("none")
     for p, lb in ((p, lb) for p in cands for lb in bindings):
-        key = f"{p}:{n - p}" + (f" late_binding={lb}" if lb != cfg.late_binding else "")
-        sub = replace(cfg, pd_ratio=f"{p}:{n - p}", layout_plan="work_share", late_binding=lb)
+        key = f"{p}:{n - p}" + (f" late_binding={lb}" if lb != cfg.policy.late_binding else "")
+        sub = replace(cfg, pd_ratio=f"{p}:{n - p}", layout_plan="work_share").with_policy(late_binding=lb)
         res = ClusterSim(sub, timing, n, sample, seed=seed).run()
         done = [r for r in res.requests if r["jct_s"] is not None and r["arrival"] >= warm]
         if not done:

@@ -128,5 +128,5 @@ def layout_utilisation(
 
 def colocated_by_rule(prompts: Sequence[int], outputs: Sequence[int], cfg: SystemConfig) -> list[bool]:
     """The requests the HPHD rule prefills on their decode instance even beside a prefill pool."""
-    hp, hd = cfg.heavy_prefill_threshold, cfg.heavy_decode_threshold
+    hp, hd = cfg.policy.heavy_prefill_threshold, cfg.policy.heavy_decode_threshold
     return [p > hp and o > hd for p, o in zip(prompts, outputs, strict=True)]
