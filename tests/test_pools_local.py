@@ -6,6 +6,8 @@ and each removed worker was drained and deregistered before its process stopped.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -87,9 +89,10 @@ def test_decode_pool_scales_1_3_1_under_load_and_loses_nothing(up_fleet: Fleet, 
 
 def test_provider_reports_follows_a_flip_and_drains_before_it_stops(tmp_path: Path) -> None:
     """The provider alone, with recording callbacks: a worker it starts is reported ready with its
-    id, role and model; a flip moves it (and what was asked for) to the other pool; removing it calls
-    on_leaving while its process still runs, and stops the process after. A worker that cannot start
-    is forgotten without a report; asking beyond local_max_workers is refused."""
+    id, role and model; a flip moves it (and what was asked for) to the other pool; one that dies is
+    deregistered and replaced; removing one calls on_leaving while its process still runs, and stops
+    the process after. A worker that cannot start is forgotten without a report; asking beyond
+    local_max_workers is refused."""
     import asyncio
 
     from orchestrator.config import Settings
@@ -132,10 +135,15 @@ def test_provider_reports_follows_a_flip_and_drains_before_it_stops(tmp_path: Pa
             # The orchestrator flips it: it now counts in the prefill pool.
             httpx.post(f"{ready[0].url}/role", json={"role": "prefill"}, timeout=60).raise_for_status()
             assert (await pools())["prefill"] == (1, 1) and (await pools())["decode"] == (0, 0)
+            # It dies: deregistered, and a replacement starts (the pool still asks for one).
+            os.killpg(fleet.workers[0].proc.pid, signal.SIGKILL)
+            await until(lambda: len(ready) == 2)
+            assert leaving == [(ready[0].url, False)]
+            assert ready[1].role == "prefill" and ready[1].url != ready[0].url and ready[1].id == "prefill-1"
             worker = fleet.workers[0]
             await provider.scale("prefill", 0)
             await until(lambda: not provider.members)
-            assert leaving == [(ready[0].url, True)]  # drained while it ran ...
+            assert leaving[1:] == [(ready[1].url, True)]  # drained while it ran ...
             assert worker.proc.poll() is not None and not fleet.workers  # ... and stopped after
             assert worker.stopped_at is not None
         finally:
@@ -153,7 +161,8 @@ def test_provider_reports_follows_a_flip_and_drains_before_it_stops(tmp_path: Pa
             await bad.scale("decode", 1)
             await until(lambda: not bad.members)
             assert calls == [] and not fleet.workers
-            assert {p.role: (p.desired, p.ready) for p in await bad.pools()}["decode"] == (1, 0)
+            # Given up: the pool asks for one fewer (no restart loop), and says so in the log.
+            assert {p.role: (p.desired, p.ready) for p in await bad.pools()}["decode"] == (0, 0)
         finally:
             await bad.stop()
 

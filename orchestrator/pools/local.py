@@ -33,6 +33,7 @@ from orchestrator.pools.base import POOL_ROLES, OnLeaving, OnReady, PoolStatus, 
 log = logging.getLogger("tetri.pools.local")
 _PROBE_TIMEOUT_S = 2.0
 _POLL_S = 0.05  # /health polls of a starting worker: it takes traffic this much sooner
+_WATCH_S = 1.0  # how often the pools are reconciled: flips followed, dead workers replaced
 
 MemberState = Literal["starting", "ready", "leaving"]
 
@@ -85,6 +86,9 @@ class LocalProvider:
                 member.state, member.healthy, member.ready_at = "ready", True, time.monotonic()
             else:
                 self._start_bring_up(member)
+        # What runs now is what is asked for, until a PUT says otherwise.
+        self._desired = {role: len(self._active(role)) for role in POOL_ROLES}
+        self._spawn(self._watch())
 
     async def stop(self) -> None:
         """Stop the background work; the processes stay with their owner (`tetri up`, or the
@@ -160,13 +164,13 @@ class LocalProvider:
 
     async def _bring_up(self, member: Member) -> None:
         """Wait for the worker's /health, then report it. A worker that exits or never answers is
-        stopped and forgotten (the pool then has fewer ready than desired; a PUT starts another)."""
+        stopped and forgotten, and the pool asks for one fewer (no restart loop: a PUT tries again)."""
         deadline = time.monotonic() + self.settings.local_worker_start_timeout_s
         while True:
             if member.worker.proc.poll() is not None:
                 tail = member.worker.log_path.read_text(errors="replace")[-1500:]
                 log.error("%s worker %s exited before it was ready:\n%s", member.role, member.id, tail)
-                await self._forget(member)
+                await self._give_up(member)
                 return
             health = await self._health(member)
             if health is not None:
@@ -174,7 +178,7 @@ class LocalProvider:
             if time.monotonic() > deadline:
                 log.error("%s worker %s not healthy after %.0f s: stopped", member.role, member.id,
                           self.settings.local_worker_start_timeout_s)  # fmt: skip
-                await self._forget(member)
+                await self._give_up(member)
                 return
             await asyncio.sleep(_POLL_S)
         member.healthy, member.ready_at = True, time.monotonic()
@@ -186,7 +190,7 @@ class LocalProvider:
             await self._on_ready(ready)
         except Exception:  # refused (e.g. a conflict): a worker nobody routes to is only a cost
             log.exception("registering %s worker %s failed: stopping it", member.role, member.id)
-            await self._forget(member)
+            await self._give_up(member)
             return
         if member.state == "starting":
             member.state = "ready"
@@ -208,6 +212,11 @@ class LocalProvider:
                 return
         await self._forget(member)
         log.info("%s worker %s drained and stopped", member.role, member.id)
+
+    async def _give_up(self, member: Member) -> None:
+        if member.state != "leaving":
+            self._desired[member.role] = max(0, self._desired.get(member.role, 1) - 1)
+        await self._forget(member)
 
     async def _forget(self, member: Member) -> None:
         await asyncio.to_thread(self.fleet.stop_worker, member.worker)
@@ -232,20 +241,32 @@ class LocalProvider:
         healths = await asyncio.gather(*(self._health(m) for m in ready))
         for member, health in zip(ready, healths, strict=True):
             role = _role_of(health)
+            if member.state != "ready":  # retired meanwhile
+                continue
             if role is not None:
                 if role != member.role:  # flipped: it moved pools, and so does what they ask for
-                    self._follow_flip(member.role, role)
+                    self._desired[member.role] = max(0, self._desired.get(member.role, 1) - 1)
+                    self._desired[role] = self._desired.get(role, 0) + 1
                 member.role = role
             elif member.worker.proc.poll() is not None:
                 log.warning("%s worker %s exited (code %s)", member.role, member.id, member.worker.proc.returncode)
                 member.state = "leaving"
                 self._spawn(self._retire(member))
 
-    def _follow_flip(self, old: Role, new: Role) -> None:
-        if old in self._desired:
-            self._desired[old] = max(0, self._desired[old] - 1)
-        if new in self._desired:
-            self._desired[new] += 1
+    async def _watch(self) -> None:
+        """Reconcile every _WATCH_S: follow flips, and start a replacement for a worker that died
+        after it was ready (the pool still asks for it)."""
+        while True:
+            await asyncio.sleep(_WATCH_S)
+            try:
+                async with self._lock:
+                    await self._refresh()
+                    for role in POOL_ROLES:
+                        for _ in range(self._desired.get(role, 0) - len(self._active(role))):
+                            log.warning("the %s pool has fewer workers than asked for: starting one", role)
+                            await self._launch(role)
+            except Exception:  # never let one failed round stop the watch
+                log.exception("local pool reconciliation failed")
 
     async def _health(self, member: Member) -> dict[str, object] | None:
         assert self._http is not None
