@@ -7,6 +7,7 @@ still under way. The plans are scripted; the provider is a recording stand-in fo
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -174,3 +175,61 @@ def test_off_by_default_the_planner_only_flips(monkeypatch: pytest.MonkeyPatch) 
     state.settings = Settings()  # plan_scale off
     _ticks(state, 2)
     assert provider.calls == [] and sorted(m.role for m in state.members) == ["decode", "decode"]
+
+
+@pytest.mark.slow
+def test_the_automatic_planner_grows_a_real_local_pool(tmp_path: Path) -> None:
+    """End to end: recorded traffic too heavy for 1 prefill + 1 decode worker; the automatic planner
+    (plan_scale, decode at most 2) asks the local provider for a second decode worker, which starts,
+    registers and takes the pools to 1:2; then it stays there (the maximum), all of it as events."""
+    import random
+    import time
+
+    import httpx
+
+    from orchestrator.app import create_app
+    from orchestrator.config import InstanceSpec
+    from orchestrator.launcher import process_fleet
+    from tests.conftest import ADMIN_TOKEN, TINY, make_settings, serve_app
+
+    fleet = process_fleet()
+    try:
+        for role in ("prefill", "decode"):
+            fleet.start_worker(role, TINY, chunk_size="16", kv_tokens=2048, log_dir=tmp_path)  # type: ignore[arg-type]
+        fleet.wait_healthy(timeout_s=300)
+        specs = [InstanceSpec(url=w.url, backend="native", role=w.role, model=TINY, id=f"{w.role}-{i}")
+                 for i, w in enumerate(fleet.workers)]  # fmt: skip
+        settings = make_settings(
+            tmp_path, specs, pool_provider="local", local_worker_chunk_size="16", local_worker_kv_tokens=2048,
+            local_worker_log_dir=str(tmp_path), plan_profile="h100-llama-2-7b", plan_auto_interval_s=0.5,
+            plan_scale=True, plan_scale_max={"prefill": 1, "decode": 2},
+        )  # fmt: skip
+        app = create_app(settings)
+        state = app.state.tetri
+        with serve_app(app) as url:
+            rng = random.Random(0)
+            t = time.time() - 900 / 60.0
+            for i in range(900):  # 60 req/s of 20-300 prompt, 200-800 output tokens: 0:2 runs at 1.8
+                t += rng.expovariate(60.0)
+                state.store.save_request(f"past-{i}", state="finished", arrival=t, prompt_tokens=rng.randint(20, 300),
+                                         completion_tokens=rng.randint(200, 800))  # fmt: skip
+            assert state.store.flush(10.0)
+            auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+            def decode_ready() -> int:
+                pools = httpx.get(f"{url}/admin/pools", headers=auth).json()["pools"]
+                return next(p["registered"] for p in pools if p["role"] == "decode")
+
+            deadline = time.monotonic() + 180
+            while decode_ready() < 2 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert decode_ready() == 2
+            time.sleep(2.0)  # more plans: the pools are at the maximum, nothing more happens
+            events = httpx.get(f"{url}/admin/events", params={"kind": "plan_scale"}, headers=auth).json()["events"]
+            pools = httpx.get(f"{url}/admin/pools", headers=auth).json()["pools"]
+        assert [e["detail"] for e in events] == [
+            {"role": "decode", "from": 1, "to": 2, "replicas": 2, "provider": "local"}
+        ]  # fmt: skip
+        assert {p["role"]: p["registered"] for p in pools} == {"prefill": 1, "decode": 2, "colocated": 0}
+    finally:
+        fleet.stop()
