@@ -97,7 +97,7 @@ class Batcher:
             pf.append((r, c))
             budget -= c
         gate = inst.role == "decode"
-        admission = self.placement.pol.admission
+        admission = self.placement.core.admission
         while budget > 0 and self._next_waiting(inst, now) and nrun + len(inst.prefilling) < cfg.max_num_seqs:
             r = inst.waiting[0]
             if inst.running_kv + inst.kv_staged + r.prefill_len + nrun > inst.kv_capacity:
@@ -120,8 +120,9 @@ class Batcher:
         then (late binding) the next co-located prompt queued for the busiest peer, if it fits here."""
         if not inst.waiting:
             if inst.colocated_queue is not None and len(inst.colocated_queue):
-                for v in inst.colocated_queue.pop_ready(now, 0, 1):
-                    inst.waiting.append(self.placement.queued.pop(v.id))
+                while len(inst.colocated_queue) and self.placement.may_release(inst):
+                    for v in inst.colocated_queue.pop_ready(now, 0, 1):
+                        inst.waiting.append(self.placement.queued.pop(v.id))
             elif inst.role == "decode" and not inst.draining:
                 self.placement.steal_colocated(inst, now)
         return bool(inst.waiting)
@@ -131,7 +132,7 @@ class Batcher:
         assert q is not None
         queued = self.placement.queued
         # Release from the policy queue into the engine until a chunk's worth of tokens is waiting.
-        while len(q) and inst.in_engine_tokens < self.chunk:
+        while len(q) and self.placement.may_release(inst):
             got = q.pop_ready(now, len(inst.in_engine), len(inst.in_engine) + 1)
             if not got:
                 break
@@ -140,7 +141,7 @@ class Batcher:
                 inst.queued_prompt_tokens -= r.prompt_tokens
                 inst.in_engine.append(r)
                 inst.in_engine_tokens += r.prefill_len
-        while not len(q) and inst.in_engine_tokens < self.chunk and not inst.draining:
+        while not len(q) and self.placement.may_release(inst) and not inst.draining:
             n = len(inst.in_engine)
             self.placement.steal_prefill(inst, now)
             if len(inst.in_engine) == n:

@@ -136,7 +136,9 @@ class ClusterSim:
             self.insts.append(inst)
         tps = self.chunk / self.tm.prefill_s(self.chunk)  # prefill tokens/s at the knee
         self.backlog_tokens = cfg.backlog_tokens(tps) if disagg else 0
-        self.placement = SimPlacement(cfg, self.pol, self.insts, {}, self.rng, self.backlog_tokens, self.exact_views)
+        self.placement = SimPlacement(
+            cfg, self.pol, self.insts, {}, self.rng, self.backlog_tokens, self.exact_views, chunk_tokens=self.chunk
+        )
         self.batcher = Batcher(cfg, self.chunk, self.placement)
 
     def _predict(self) -> None:

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Literal
 
-from orchestrator.policies.admission import make_admission
 from orchestrator.policies.config import PolicyConfig
-from orchestrator.policies.dispatch import make_dispatcher
+from orchestrator.policies.core import PlacementCore
 from orchestrator.policies.flip import FlipPolicy, make_flip_policy
-from orchestrator.policies.global_scheduler import make_global_scheduler
-from orchestrator.policies.late_binding import make_late_binding
 from orchestrator.policies.prefill_queue import PrefillQueue, make_prefill_queue
 from orchestrator.policies.types import InstanceView
 from orchestrator.sim.config import SystemConfig
@@ -36,18 +33,10 @@ Route = Literal["local", "colocated", "prefill"]
 
 
 class SimPolicies:
-    """The live orchestrator's policy objects, built from a system's configuration."""
+    """The policy objects the simulator's loop keeps besides the placement core: the flip policy and
+    the prefill queues' factory."""
 
     def __init__(self, p: PolicyConfig) -> None:
-        self.global_scheduler = make_global_scheduler(
-            p.global_scheduler, cache_weight=p.prefix_cache_weight, cache_threshold=p.prefix_cache_threshold,
-            balance_abs=p.prefix_balance_abs, balance_rel=p.prefix_balance_rel,
-        )  # fmt: skip
-        self.dispatcher = make_dispatcher(
-            p.dispatch_policy, power_of_d=p.power_of_d, heavy_decode_threshold=p.heavy_decode_threshold,
-            fallback=p.dispatch_fallback, ratio_objective=p.dispatch_ratio_objective,
-        )  # fmt: skip
-        self.admission = make_admission(p.decode_admission)
         self.flip: FlipPolicy | None = (
             make_flip_policy(
                 p.flip_policy,
@@ -59,7 +48,6 @@ class SimPolicies:
             if p.flip_policy != "none"
             else None
         )
-        self.late_binding = make_late_binding(p.late_binding)
         self._policy, self._batch = p.prefill_policy, p.prefill_sched_batch
 
     def new_queue(self) -> PrefillQueue:
@@ -88,9 +76,15 @@ class SimPlacement:
         rng: random.Random,
         backlog_tokens: int,
         exact_views: bool = False,
+        chunk_tokens: int = 0,
     ) -> None:
         self.cfg = cfg
         self.policy = cfg.policy
+        # The placement core the live control plane runs, over this system's policy (the backlog rule
+        # in tokens of this timing model; a co-located system has only a colocated pool).
+        mode = "colocated" if cfg.layout == "colocated" else cfg.policy.mode
+        self.core = PlacementCore.from_knobs(replace(cfg.policy, mode=mode, colocate_backlog_tokens=backlog_tokens))
+        self.chunk_tokens = chunk_tokens  # the engines' chunk: the core's release rule reads it
         self.pol = pol
         self.insts = insts
         self.queued = queued
@@ -132,7 +126,8 @@ class SimPlacement:
             accepting=not inst.draining,
             queued_prompt_tokens=inst.queued_prompt_tokens,
             running_prompt_tokens=sum(r.prefill_len - r.prefilled for r in inst.prefilling),
-            running=nrun,
+            # As an engine reports it: running counts prompts being prefilled too (heavy/light only decodes).
+            running=nrun + len(inst.prefilling),
             queued=inst.n_waiting + len(inst.incoming),
             heavy_decodes=inst.heavy_decodes,
             light_decodes=nrun - inst.heavy_decodes,
@@ -185,101 +180,80 @@ class SimPlacement:
 
     # ---- arrivals ---------------------------------------------------------------------------------
     def route(self, r: SimRequest) -> tuple[Route, SimInstance]:
-        """Where an arriving request runs, and on which instance."""
-        cfg = self.cfg
-        if cfg.layout == "colocated":
-            best = self.pick_colocated(self.insts)
-            assert best is not None
-            return "local", best
+        """Where an arriving request runs, and on which instance: the core's route and pick over this
+        cluster's views (instances flipping take no new work, as live ones that are not healthy)."""
+        assert r.view is not None
+        if self.cfg.layout == "colocated":
+            pick = self.core.pick_prefill(r.view, "colocated", [self.decode_view(i) for i in self.insts])
+            assert pick is not None
+            return "local", self._inst(pick)
         prefills = [i for i in self.insts if i.role == "prefill" and not i.draining]
-        if not prefills:
-            prefills = [i for i in self.insts if i.role == "prefill"]
-        backlogged = self.backlog_tokens > 0 and bool(prefills) and self.prefill_backlogged(prefills, r)
-        if not prefills or wants_colocated(cfg, r) or backlogged:
-            # Co-located fallback: prefill and decode on one decode instance (stall-free hybrid
-            # batches, no KV transfer).
-            inst = self.pick_colocated([i for i in self.insts if i.role == "decode" and not i.draining])
-            if inst is None and not prefills:
-                inst = self.pick_colocated([i for i in self.insts if i.role == "decode"])
-            if inst is not None:
-                return "colocated", inst
-        views = [self.prefill_view(i) for i in prefills]
-        pick = self.pol.global_scheduler.pick(views, r.view)
-        return "prefill", (self.insts[int(pick[1:])] if pick is not None else prefills[0])
+        decodes = [i for i in self.insts if i.role == "decode" and not i.draining]
+        choice = self.core.route(
+            r.view, [self.prefill_view(i) for i in prefills], bool(decodes), [self.decode_view(i) for i in decodes],
+            colocated_pool=False,
+        )
+        if choice.mode == "colocated":
+            if choice.host is not None:
+                return "colocated", self._inst(choice.host)
+            # Nowhere usable (every decode instance flipping): wait at one anyway rather than drop it.
+            anyhost = self.core.pick_host(r.view, [self.decode_view(i) for i in self.insts if i.role == "decode"], None)
+            if anyhost is not None:
+                return "colocated", self._inst(anyhost)
+        prefills = prefills or [i for i in self.insts if i.role == "prefill"]
+        pick = self.core.pick_prefill(r.view, "prefill", [self.prefill_view(i) for i in prefills])
+        return "prefill", (self._inst(pick) if pick is not None else prefills[0])
 
-    def prefill_backlogged(self, prefills: Sequence[SimInstance], r: SimRequest) -> bool:
-        """The backlog rule: the least-loaded prefill instance holds more than `backlog_tokens` prompt
-        tokens (queued and in its engine), while a decode instance has room for this one now."""
-        backlog = min(i.queued_prompt_tokens + i.in_engine_tokens for i in prefills)
-        if backlog <= self.backlog_tokens:
-            return False
-        for i in self.insts:
-            if i.role != "decode" or i.draining or i.n_waiting or i.incoming:
-                continue
-            used = i.kv_used + i.reserved_kv + r.kv_need
-            if used <= 0.8 * i.kv_capacity:  # the decode side has memory and no queue of its own
-                return True
-        return False
+    def _inst(self, instance_id: str) -> SimInstance:
+        return self.insts[int(instance_id[1:])]
 
-    def pick_colocated(self, insts: Sequence[SimInstance]) -> SimInstance | None:
-        """The host of a co-located request: least prefill load (the global scheduler's rule) or
-        least outstanding requests (a plain load balancer), by ``colocate_pick``."""
-        if self.policy.colocate_pick == "prefill_load":
+    # ---- releases and late binding ----------------------------------------------------------------
+    def may_release(self, inst: SimInstance) -> bool:
+        """The core's release rule: one more queued prompt may enter this instance's engine."""
+        if inst.role == "prefill":
+            return self.core.may_release("prefill", len(inst.in_engine), inst.in_engine_tokens, self.chunk_tokens)
+        started = len(inst.waiting) + len(inst.prefilling)
+        left = sum(r.prefill_len for r in inst.waiting) + sum(r.prefill_len - r.prefilled for r in inst.prefilling)
+        return self.core.may_release(inst.role, started, left, self.chunk_tokens)  # type: ignore[arg-type]
 
-            def load(i: SimInstance) -> tuple[int, int, int]:
-                prompt = i.queued_prompt_tokens + sum(q.prefill_len - q.prefilled for q in i.prefilling)
-                return prompt, len(i.running) + i.n_waiting + len(i.incoming), i.index
-
-            return min(insts, key=load, default=None)
-        return least_outstanding(insts)
-
-    # ---- late binding -----------------------------------------------------------------------------
-    def victim(self, thief: SimInstance, queue_of: Callable[[SimInstance], PrefillQueue | None]) -> SimInstance | None:
-        """The peer of the thief's pool whose queue (`queue_of`) it takes from, by the policy."""
-        if self.policy.late_binding == "none":
+    def _steal(self, thief: SimInstance, view: InstanceView, queue_of: QueueOf) -> tuple[SimInstance, str] | None:
+        """The core's late-binding pick among the thief's pool: the victim and the request id."""
+        queues = {j.id: q for j in self.insts if j is not thief and j.role == thief.role and (q := queue_of(j))}
+        got = self.core.steal(view, queues, _NO_AVOID) if queues else None
+        if got is None:
             return None
-        queued: dict[str, int] = {}
-        for j in self.insts:
-            q = queue_of(j) if j.role == thief.role else None
-            if q is not None and len(q):
-                queued[j.id] = q.queued_prompt_tokens
-        pick = self.pol.late_binding.victim(thief.id, queued) if queued else None
-        return self.insts[int(pick[1:])] if pick is not None else None
+        victim_id, req = got
+        victim = self._inst(victim_id)
+        queue = queue_of(victim)
+        assert queue is not None
+        queue.remove(req.id)
+        self.steals += 1
+        return victim, req.id
 
     def steal_colocated(self, inst: SimInstance, now: float) -> None:
-        """A decode instance with nothing of its own takes the next co-located prompt queued for its
-        busiest peer, if it fits here and passes admission."""
-        victim = self.victim(inst, lambda j: j.colocated_queue)
-        if victim is None:
+        """A decode instance with room takes the next co-located prompt queued for its busiest peer
+        (if decode admission takes it here: the core's rule)."""
+        got = self._steal(inst, self.decode_view(inst), lambda j: j.colocated_queue)
+        if got is None:
             return
-        assert victim.colocated_queue is not None
-        r = self.queued[victim.colocated_queue.peek().id]
-        nrun = len(inst.running)
-        if inst.running_kv + inst.kv_staged + r.prefill_len + nrun > inst.kv_capacity:
-            return
-        if r.preemptions == 0 and not self.pol.admission.admits(self.decode_view(inst), r.view):
-            return
-        victim.colocated_queue.pop_ready(now, 0, 1)
-        del self.queued[r.id]
+        victim, rid = got
+        r = self.queued.pop(rid)
         victim.queued_prompt_tokens -= r.prefill_len
         inst.queued_prompt_tokens += r.prefill_len
         r.prefill_at = r.decode_at = inst.index
         inst.waiting.append(r)
-        self.steals += 1
 
     def steal_prefill(self, inst: SimInstance, now: float) -> None:
         """A prefill instance with an engine to fill takes the next prompt queued for its busiest peer."""
-        victim = self.victim(inst, lambda j: j.prefill_queue)
-        if victim is None:
+        got = self._steal(inst, self.prefill_view(inst), lambda j: j.prefill_queue)
+        if got is None:
             return
-        assert victim.prefill_queue is not None
-        (v,) = victim.prefill_queue.pop_ready(now, 0, 1)
-        r = self.queued.pop(v.id)
+        victim, rid = got
+        r = self.queued.pop(rid)
         victim.queued_prompt_tokens -= r.prompt_tokens
         r.prefill_at = inst.index
         inst.in_engine.append(r)
         inst.in_engine_tokens += r.prefill_len
-        self.steals += 1
 
     def thieves(self, inst: SimInstance) -> list[SimInstance]:
         """A prompt queued behind a busy instance: the idle peers of its pool that may take it now."""
@@ -290,29 +264,22 @@ class SimPlacement:
     # ---- dispatch ---------------------------------------------------------------------------------
     def pick_decode(self, r: SimRequest, now: float) -> SimInstance | None:
         """The decode instance a prefilled request goes to (its KV reserved there), or None: no
-        instance accepts it now."""
+        instance accepts it now (the core's pick: the dispatcher gated by admission)."""
+        assert r.view is not None
         views = self.decode_views(now)
         cands = [v for v in views.values() if v.accepting]
-        if not cands:
-            return None
-        pick = self.pol.dispatcher.pick(cands, r.view, self.rng)
+        pick = self.core.pick_decode(r.view, cands, self.rng) if cands else None
         if pick is None:
             return None
         view = views[pick]
-        if not self.pol.admission.admits(view, r.view):
-            return None
-        dst = self.insts[int(pick[1:])]
+        dst = self._inst(pick)
         views[pick] = replace(view, reserved_kv_tokens=view.reserved_kv_tokens + r.kv_need)
         dst.reserved_kv += r.kv_need
         return dst
 
 
-def least_outstanding(insts: Sequence[SimInstance]) -> SimInstance | None:
-    """Co-located placement (a plain load balancer): fewest outstanding requests, then index."""
-    best = None
-    best_load = 0
-    for inst in insts:
-        load = len(inst.running) + inst.n_waiting + len(inst.prefilling) + len(inst.incoming)
-        if best is None or load < best_load:
-            best, best_load = inst, load
-    return best
+QueueOf = Callable[[SimInstance], "PrefillQueue | None"]
+
+
+def _NO_AVOID(request_id: str) -> frozenset[str]:  # noqa: N802 - a constant function
+    return frozenset()
