@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from backends.base import SamplingParams
-from backends.engine_api import EngineRequest
+from backends.engines.api import EngineRequest
 from backends.sim.profiles import fit_linear, predict_ms, save_cpu_profile
 
 PREFILL_SIZES = (16, 32, 64, 128, 256)
@@ -82,7 +82,7 @@ def measure_core(
 
 def calibrate_cpu(save: bool = True, core: Any = None, path: Any = None) -> dict[str, Any]:
     if core is None:
-        from backends.native.engine import NativeEngine
+        from backends.engines.native.engine import NativeEngine
 
         core = NativeEngine(role="colocated", batching="sarathi", chunk_size=512)
     info = core.info() if hasattr(core, "info") else {}

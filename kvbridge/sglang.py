@@ -20,8 +20,9 @@ from typing import Any
 import orjson
 
 from backends.base import Backend, BackendError, GenRequest, TokenEvent
+from backends.common import tag
 from backends.http import DataStream
-from backends.sglang import ChunkState, SGLangBackend, check_pd_pair, new_rid, new_room, tag
+from backends.sglang import ChunkState, SGLangBackend, check_pd_pair, new_rid, new_room
 from kvbridge.base import HandoffStats, HandoffStrategy
 
 log = logging.getLogger("tetri.kvbridge.sglang")

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from backends.base import Backend, BackendError, GenRequest, KVHandle, TokenEvent
-from backends.sglang import tag
+from backends.common import tag
 from backends.tensorrt_llm import TensorRTLLMBackend, new_disagg_request_id
 from kvbridge.base import HandoffStats, HandoffStrategy
 

@@ -96,7 +96,7 @@ def up(
     if backend == "native":
         # A first run converts the model and profiles the chunk size: do it here, with progress
         # bars, rather than silently inside every worker (which then find both cached).
-        from backends.native.prepare import prepare
+        from backends.engines.native.prepare import prepare
 
         prepare(model, "cpu", chunk_size)
     fleet = process_fleet()  # the provider's too: it counts (and may stop) these workers
@@ -159,7 +159,7 @@ def worker(
     """Run one engine worker process (the HTTP API of docs/contracts.md)."""
     import uvicorn
 
-    from backends.worker_server import create_worker_app
+    from backends.engines.server import create_worker_app
 
     _logging()
     chunk: int | str = int(chunk_size) if chunk_size.isdigit() else chunk_size
@@ -168,8 +168,8 @@ def worker(
     if backend == "native":
         from rich.console import Console
 
-        from backends.native.engine import NativeEngine
-        from backends.native.prepare import prepare
+        from backends.engines.native.engine import NativeEngine
+        from backends.engines.native.prepare import prepare
 
         # A first start converts the model and profiles the chunk size: say so in the worker's log
         # (a container's first start would otherwise be a silent minute).
@@ -198,7 +198,7 @@ def profile(
                                         "(exit 1 if not); cache nothing.")] = False,
 ) -> None:
     """Sweep tokens per prefill pass; print the curve and the saturation knee (cached)."""
-    from backends.native.profile import profile_command
+    from backends.engines.native.profile import profile_command
 
     try:
         profile_command(model, device, json_out, sizes, check=check)

@@ -51,7 +51,7 @@ def url_key(url: str) -> tuple[str, str, int | None, str]:
 def make_backend(spec: InstanceSpec, instance_id: str, pool: PoolLimits | None = None) -> Backend:
     """The adapter for an instance spec; adapters for GPU engines are imported lazily."""
     if spec.backend in ("native", "sim"):
-        from backends.worker_client import WorkerBackend
+        from backends.worker import WorkerBackend
 
         return WorkerBackend(spec.url, instance_id, spec.role, spec.model, kind=spec.backend, pool=pool)
     if spec.backend == "sglang":

@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from backends.native.model_source import DEFAULT_MODEL, default_tokenizer_dir
+from backends.engines.native.model_source import DEFAULT_MODEL, default_tokenizer_dir
 
-# Names of the built-in default model (as backends.native.model_source.load_model accepts them).
+# Names of the built-in default model (as backends.engines.native.model_source.load_model accepts them).
 _BUILTIN_NAMES = frozenset({DEFAULT_MODEL, "smollm2", "default"})
 
 

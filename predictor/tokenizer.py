@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Any
 
 # One place finds the GGUF and caches its tokenizer (with a cross-process lock): the engine's.
-from backends.native.model_source import default_gguf_path, default_tokenizer_dir
+from backends.engines.native.model_source import default_gguf_path, default_tokenizer_dir
 
 
 @lru_cache(maxsize=1)

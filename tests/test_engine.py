@@ -1,4 +1,4 @@
-"""The built-in engine (backends/native): greedy equivalence with transformers, batching styles,
+"""The built-in engine (backends/engines/native): greedy equivalence with transformers, batching styles,
 chunked prefill, KV export/import, sampling, stop strings, EOS, pool accounting, validation."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from backends.base import SamplingParams
-from backends.engine_api import EngineRequest, KVPayload, StepOutput
-from backends.native.engine import NativeEngine
-from backends.native.model_source import load_model
+from backends.engines.api import EngineRequest, KVPayload, StepOutput
+from backends.engines.native.engine import NativeEngine
+from backends.engines.native.model_source import load_model
 
 TINY = "random:tiny-llama"
 N_TOKENS = 32
@@ -119,8 +119,8 @@ def reqs(prompts, **kw) -> list[EngineRequest]:
 def test_random_model_has_clear_greedy_margins(tiny_hf, prompts, references):
     """The equivalence tests are honest: at every greedy position, the gap between the top two
     logits is far larger than the numerical difference between our forward pass and transformers'."""
-    from backends.native.kv_cache import BlockTable, blocks_for
-    from backends.native.llama import ForwardBatch, PrefillSeq
+    from backends.engines.native.kv_cache import BlockTable, blocks_for
+    from backends.engines.native.llama import ForwardBatch, PrefillSeq
 
     eng = make()
     worst_gap, worst_diff = float("inf"), 0.0
@@ -366,7 +366,7 @@ def test_text_deltas_and_stop_strings(engine, prompts):
 
 
 def test_incremental_detokenizer_multibyte(engine):
-    from backends.native.detokenize import IncrementalDetokenizer
+    from backends.engines.native.detokenize import IncrementalDetokenizer
 
     text = "Grüße aus Köln 🙂🚀 — 東京で会いましょう! ok"
     ids = engine.encode(text)

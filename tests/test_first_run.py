@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from backends.native import prepare as prep
-from backends.native import profile
+from backends.engines.native import prepare as prep
+from backends.engines.native import profile
 from orchestrator.config import Settings, data_dir
 
 TINY = "random:tiny-llama"

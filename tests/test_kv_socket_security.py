@@ -16,10 +16,10 @@ import httpx
 import pytest
 import torch
 
-from backends.engine_api import KVPayload
+from backends.engines import kv_socket
+from backends.engines.api import KVPayload
+from backends.engines.kv_socket import KVAnnounce, KVRefused, KVSocketServer, load_kv_secret, push_kv
 from backends.sim.engine import SimEngine
-from kvbridge import socket_channel
-from kvbridge.socket_channel import KVAnnounce, KVRefused, KVSocketServer, load_kv_secret, push_kv
 from tests.conftest import serve_app
 
 SECRET = b"test-kv-secret"
@@ -60,13 +60,13 @@ def server(sink: Sink) -> Iterator[KVSocketServer]:
 def allocations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Sizes of the receive buffers the channel allocates."""
     sizes: list[int] = []
-    real = socket_channel._allocate
+    real = kv_socket._allocate
 
     def spy(size: int):
         sizes.append(size)
         return real(size)
 
-    monkeypatch.setattr(socket_channel, "_allocate", spy)
+    monkeypatch.setattr(kv_socket, "_allocate", spy)
     return sizes
 
 
@@ -79,7 +79,7 @@ def _header(tokens: int, model: str = "m") -> bytes:
     """A KV header (4-byte length + JSON) announcing `tokens` tokens of shape (1, 2, tokens, 1, 1) float16."""
     raw = json.dumps({"request_id": "r1", "num_tokens": tokens, "model": model, "dtype": "float16",
                       "shape": [1, 2, tokens, 1, 1], "extra": {}}).encode()
-    raw = raw.ljust(-(-(4 + len(raw)) // 64) * 64 - 4)  # padded as kvbridge.native pads it
+    raw = raw.ljust(-(-(4 + len(raw)) // 64) * 64 - 4)  # padded as backends.engines.kv_codec pads it
     return struct.pack(">I", len(raw)) + raw
 
 
@@ -89,7 +89,7 @@ def _raw_push(port: int, size: int, rest: bytes, secret: bytes | None = SECRET) 
         replies = sock.makefile("rb")
         hello = replies.read(20)
         assert hello[:4] == b"TKV2"
-        mac = socket_channel._mac(secret, hello[4:], size) if secret else os.urandom(32)
+        mac = kv_socket._mac(secret, hello[4:], size) if secret else os.urandom(32)
         sock.sendall(struct.pack(">Q", size) + mac + rest)
         return json.loads(replies.readline())
 
@@ -103,7 +103,7 @@ def test_default_bind_is_loopback(sink: Sink) -> None:
 
 
 def test_a_worker_binds_its_kv_socket_to_its_own_host() -> None:
-    from backends.worker_server import create_worker_app
+    from backends.engines.server import create_worker_app
 
     app = create_worker_app(SimEngine(profile="cpu-smollm2", speed=50.0), backend="sim", kv_secret=SECRET)
     with serve_app(app):
@@ -222,7 +222,7 @@ def _prefill(prefill_url: str, decode_url: str, rid: str) -> dict[str, Any]:
 
 
 def test_workers_push_kv_over_the_authenticated_socket_and_fall_back_to_http_on_a_wrong_secret() -> None:
-    from backends.worker_server import create_worker_app
+    from backends.engines.server import create_worker_app
 
     def worker(role: str, secret: bytes):
         return create_worker_app(SimEngine(profile="cpu-smollm2", role=role, speed=50.0), backend="sim",  # type: ignore[arg-type]

@@ -254,7 +254,7 @@ def test_a_peer_dying_while_connecting_is_a_connect_error(monkeypatch):
     import httpx
 
     from backends.base import BackendError
-    from backends.worker_client import WorkerBackend
+    from backends.worker import WorkerBackend
 
     async def dies(self, request):
         raise AttributeError("'NoneType' object has no attribute 'getpeername'")

@@ -47,7 +47,7 @@ def test_an_unhealthy_instance_comes_back_when_it_answers_again():
 
 
 async def test_a_full_pool_is_busy_not_a_failure():
-    from backends.worker_client import WorkerBackend
+    from backends.worker import WorkerBackend
 
     backend: HTTPBackend = WorkerBackend("http://127.0.0.1:9", "d", "decode",
                                          pool=PoolLimits(max_connections=2, acquire_timeout_s=0.1))

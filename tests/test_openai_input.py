@@ -328,7 +328,7 @@ def test_chat_completion_ids_start_with_chatcmpl(api, engine):
 # ---- item 9: a tiny top_p keeps the most likely token ----------------------------------------------
 @pytest.mark.parametrize("top_p", [5e-324, 1e-300, 1e-45])
 def test_tiny_top_p_samples_the_most_likely_token(top_p: float):
-    from backends.native.sampling import sample
+    from backends.engines.native.sampling import sample
 
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     params = [SamplingParams(temperature=1.0, top_p=top_p, seed=s) for s in (None, 1, 2)]

@@ -27,7 +27,7 @@ def pd_orchestrator(tiny_pd_fleet, orchestrator_for):
 def _hf_tiny():
     import torch
 
-    from backends.native.model_source import load_model
+    from backends.engines.native.model_source import load_model
 
     return load_model(TINY, dtype=torch.float32, device="cpu")[0]
 
@@ -347,7 +347,7 @@ def _token_prompt(i: int, n: int) -> list[int]:
 
 @functools.lru_cache(maxsize=1)
 def _tiny_tokenizer():
-    from backends.native.model_source import load_model
+    from backends.engines.native.model_source import load_model
 
     return load_model(TINY, device="cpu")[1]
 

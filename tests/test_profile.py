@@ -1,4 +1,4 @@
-"""The saturation-knee profiler (backends/native/profile.py) and chunk_size="auto"."""
+"""The saturation-knee profiler (backends/engines/native/profile.py) and chunk_size="auto"."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from backends.native import profile
-from backends.native.engine import NativeEngine
+from backends.engines.native import profile
+from backends.engines.native.engine import NativeEngine
 
 TINY = "random:tiny-llama"
 

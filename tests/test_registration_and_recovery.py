@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from backends.base import LoadReport
-from backends.native.model_source import DEFAULT_MODEL, default_tokenizer_dir
+from backends.engines.native.model_source import DEFAULT_MODEL, default_tokenizer_dir
 from orchestrator import metrics
 from orchestrator import tokenizer as tokenizer_mod
 from orchestrator.config import InstanceSpec

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from backends.base import SamplingParams
-from backends.engine_api import EngineRequest
+from backends.engines.api import EngineRequest
 from backends.sim.engine import SimEngine
 from backends.sim.profiles import get_timing, profile_names
 from bench.metrics import summarize
@@ -299,7 +299,7 @@ def test_cluster_sim_and_sim_worker_agree_on_chunk_size():
 
 async def test_runner_hands_over_prefilled_kv_with_the_output_and_frees_the_blocks():
     # The hand-off must not wait for the engine's next step: the KV comes with the "prefilled" output.
-    from backends.runner import EngineRunner
+    from backends.engines.runner import EngineRunner
 
     core = SimEngine(role="prefill", speed=1000.0)
     runner = EngineRunner(core)
@@ -323,7 +323,7 @@ def test_calibrate_from_a_running_worker_recovers_its_timing_model():
     # must give that model back (the same fit `tetri bench calibrate --url` runs on a native worker).
     import httpx
 
-    from backends.worker_server import create_worker_app
+    from backends.engines.server import create_worker_app
     from bench.calibrate import calibrate_from_workers
     from tests.conftest import serve_app
 
@@ -365,7 +365,7 @@ def test_ttft_at_handoff_adds_the_kv_transfer_to_disaggregated_first_tokens(h100
 def test_worker_answers_bad_input_in_the_contract_error_shape_and_keeps_serving():
     import httpx
 
-    from backends.worker_server import create_worker_app
+    from backends.engines.server import create_worker_app
     from tests.conftest import serve_app
 
     with serve_app(create_worker_app(SimEngine(profile="cpu-smollm2", speed=50.0), backend="sim", kv_port=None)) as url:

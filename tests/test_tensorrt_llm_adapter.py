@@ -8,7 +8,7 @@ import time
 import pytest
 
 from backends.base import BackendError, GenRequest, SamplingParams
-from backends.sglang import RestartRequired
+from backends.common import RestartRequired
 from backends.tensorrt_llm import PLACEHOLDER_ID, TensorRTLLMBackend, new_disagg_request_id
 from kvbridge.base import HandoffStats, strategy_for
 from kvbridge.tensorrt_llm import DisaggregatedParamsStrategy

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 
 from backends.base import Role
-from backends.engine_api import EngineRequest
-from backends.native.engine_base import ScheduledEngine, check_role
-from backends.native.kv_cache import KVPool
-from backends.native.scheduler import PassShape
-from backends.native.sequence import Sequence
+from backends.engines.api import EngineRequest
+from backends.engines.native.engine_base import ScheduledEngine, check_role
+from backends.engines.native.kv_cache import KVPool
+from backends.engines.native.scheduler import PassShape
+from backends.engines.native.sequence import Sequence
 from backends.sim.profiles import get_timing
 
 SIM_VOCAB = 49152  # SmolLM2's vocabulary size: prompts tokenized by the orchestrator stay valid

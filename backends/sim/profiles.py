@@ -5,7 +5,7 @@ built-in engine on this machine.
 
 1. ``$TETRI_SIM_CPU_PROFILE`` or ``cache_dir()/sim/cpu-smollm2.json`` (written by
    ``calibrate_cpu()`` / ``tetri bench calibrate`` from measured forward passes),
-2. the native engine's cached profile (``backends.native.profile``), when it has a usable curve,
+2. the native engine's cached profile (``backends.engines.native.profile``), when it has a usable curve,
 3. the defaults below, measured on the 2-core development container with SmolLM2-135M (fp32
    PyTorch, 2 threads): see docs/benchmarks.md "Simulator and comparisons".
 """
@@ -68,7 +68,7 @@ def _native_prefill_curve() -> dict[str, float] | None:
     """Prefill coefficients from the native engine's cached knee profile (tokens/s per pass size),
     when one exists for this machine: fits base + tok·N + unit·N² to its curve."""
     try:
-        from backends.native.profile import load_cached
+        from backends.engines.native.profile import load_cached
 
         prof = load_cached("smollm2-135m-instruct", "cpu")
     except Exception:
@@ -108,7 +108,7 @@ def cpu_model(kv_tokens: int | None = None, **overrides: Any) -> LinearTimingMod
         native = _native_prefill_curve()
         if native:
             coeffs.update({k: v for k, v in native.items() if k in CPU_DEFAULT})
-            source = "backends.native.profile (prefill curve) + documented decode defaults"
+            source = "backends.engines.native.profile (prefill curve) + documented decode defaults"
     coeffs.update(overrides)
     if kv_tokens:
         coeffs["total_kv_tokens"] = kv_tokens

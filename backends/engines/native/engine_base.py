@@ -14,11 +14,11 @@ import itertools
 from typing import Any
 
 from backends.base import LoadReport, Role
-from backends.engine_api import EngineRequest, KVPayload, StepOutput
-from backends.native.detokenize import IncrementalDetokenizer
-from backends.native.kv_cache import BLOCK_SIZE, BlockTable, KVPool, blocks_for
-from backends.native.scheduler import PassShape, Scheduler
-from backends.native.sequence import Sequence, Status
+from backends.engines.api import EngineRequest, KVPayload, StepOutput
+from backends.engines.native.detokenize import IncrementalDetokenizer
+from backends.engines.native.kv_cache import BLOCK_SIZE, BlockTable, KVPool, blocks_for
+from backends.engines.native.scheduler import PassShape, Scheduler
+from backends.engines.native.sequence import Sequence, Status
 
 ROLES = ("prefill", "decode", "colocated")
 # Modes each role accepts.
@@ -39,7 +39,7 @@ def check_role(role: str) -> None:
 
 class ScheduledEngine:
     """EngineCore around the native Scheduler. Synchronous: call everything from one thread
-    (except `import_kv`, see engine_api)."""
+    (except `import_kv`, see api.py)."""
 
     backend: str
     # Set by the subclass before ScheduledEngine.__init__ (the scheduler's token cap reads max_context).

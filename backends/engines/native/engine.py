@@ -16,15 +16,15 @@ from typing import Any
 import torch
 
 from backends.base import Role
-from backends.engine_api import EngineRequest, KVPayload
-from backends.native.detokenize import IncrementalDetokenizer
-from backends.native.engine_base import ScheduledEngine, check_role
-from backends.native.kv_cache import BlockTable, KVPool, blocks_for
-from backends.native.llama import ForwardBatch, NativeLlama, PrefillSeq
-from backends.native.model_source import DEFAULT_MODEL, configure_threads, load_model
-from backends.native.sampling import sample
-from backends.native.scheduler import Batching, PassShape
-from backends.native.sequence import Sequence
+from backends.engines.api import EngineRequest, KVPayload
+from backends.engines.native.detokenize import IncrementalDetokenizer
+from backends.engines.native.engine_base import ScheduledEngine, check_role
+from backends.engines.native.kv_cache import BlockTable, KVPool, blocks_for
+from backends.engines.native.llama import ForwardBatch, NativeLlama, PrefillSeq
+from backends.engines.native.model_source import DEFAULT_MODEL, configure_threads, load_model
+from backends.engines.native.sampling import sample
+from backends.engines.native.scheduler import Batching, PassShape
+from backends.engines.native.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class NativeEngine(ScheduledEngine):
             self.device,
         )
         if chunk_size == "auto":
-            from backends.native.profile import resolve_chunk_size
+            from backends.engines.native.profile import resolve_chunk_size
 
             chunk_size = resolve_chunk_size("auto", name, str(self.device), engine=self)
         super().__init__(self.pool, role, batching, int(chunk_size), max_batch, max_batched_tokens)

@@ -2,7 +2,7 @@
 
 The engine thread owns the core: every call into it (add, abort, KV export, role change) is queued
 as a command and executed between two steps, so the core needs no locks beyond one exception: a KV
-import may run on another thread beside a step (its allocator is locked; see engine_api.import_kv).
+import may run on another thread beside a step (its allocator is locked; see api.import_kv).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from backends.base import LoadReport
-from backends.engine_api import EngineCore, EngineRequest, StepOutput
+from backends.engines.api import EngineCore, EngineRequest, StepOutput
 
 T = TypeVar("T")
 _IDLE_WAIT_S = 0.05

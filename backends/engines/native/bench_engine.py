@@ -1,6 +1,6 @@
 """Benchmark of the built-in engine on this machine, printed as Markdown (docs/benchmarks.md).
 
-    python -m backends.native.bench_engine [--model smollm2-135m-instruct] [--device cpu]
+    python -m backends.engines.native.bench_engine [--model smollm2-135m-instruct] [--device cpu]
 
 1. Prefill tokens/s against tokens per forward pass (the full sweep, no early stop) and the knee.
 2. Decode tokens/s against batch size (every request `--context` tokens deep).
@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from backends.native.engine import NativeEngine
-from backends.native.model_source import DEFAULT_MODEL
-from backends.native.profile import DEFAULT_SIZES, decode_throughput, device_name, profile_knee
+from backends.engines.native.engine import NativeEngine
+from backends.engines.native.model_source import DEFAULT_MODEL
+from backends.engines.native.profile import DEFAULT_SIZES, decode_throughput, device_name, profile_knee
 
 
 def main(argv: list[str] | None = None) -> None:

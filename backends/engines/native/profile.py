@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 
-from backends.native.model_source import DEFAULT_MODEL
+from backends.engines.native.model_source import DEFAULT_MODEL
 from orchestrator.config import cache_dir
 
 if TYPE_CHECKING:
-    from backends.native.engine import NativeEngine
+    from backends.engines.native.engine import NativeEngine
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +232,8 @@ def _sync(dev: torch.device) -> None:
 
 def _prefill_pass_seconds(engine: NativeEngine, tokens: int, generator: torch.Generator) -> float:
     """Time one forward pass that prefills `tokens` fresh tokens (packed prompts)."""
-    from backends.native.kv_cache import BlockTable, blocks_for
-    from backends.native.llama import ForwardBatch, PrefillSeq
+    from backends.engines.native.kv_cache import BlockTable, blocks_for
+    from backends.engines.native.llama import ForwardBatch, PrefillSeq
 
     pool, dev = engine.pool, engine.device
     vocab = engine.model.vocab_size
@@ -286,7 +286,7 @@ def profile_knee(
     comes from `fit_knee`.
     """
     if engine is None:
-        from backends.native.engine import NativeEngine
+        from backends.engines.native.engine import NativeEngine
 
         engine = NativeEngine(model, chunk_size=max(sizes or DEFAULT_SIZES), device=device)
     sizes = sorted(set(sizes or DEFAULT_SIZES))
@@ -360,7 +360,7 @@ def resolve_chunk_size(
     """An explicit size is returned as is; "auto" gives the cached knee, profiling once."""
     if chunk_size != "auto":
         return int(chunk_size)
-    from backends.native.model_source import file_lock
+    from backends.engines.native.model_source import file_lock
 
     name = engine.model_name if engine is not None else model
     cached = load_cached(name, device)
@@ -389,7 +389,7 @@ def decode_throughput(
     tokens deep. Tokens/s and ms come from the fastest of `steps` timed steps (other work on a
     shared machine only ever slows a step down); the median is there to show the spread."""
     from backends.base import SamplingParams
-    from backends.engine_api import EngineRequest
+    from backends.engines.api import EngineRequest
 
     gen = torch.Generator().manual_seed(1)
     rows = []
@@ -466,7 +466,7 @@ def profile_command(
     console = Console()
     cached = None
     if check:
-        from backends.native.prepare import model_name
+        from backends.engines.native.prepare import model_name
 
         cached = load_cached(model_name(model), device)
         if cached is None:

@@ -40,17 +40,17 @@ from typing import Any
 
 import numpy as np
 
-from backends.engine_api import KVPayload
-from kvbridge.native import decode_kv, encode_kv_chunks, encoded_size
+from backends.engines.api import KVPayload
+from backends.engines.kv_codec import decode_kv, encode_kv_chunks, encoded_size
 
-log = logging.getLogger("tetri.kvbridge")
+log = logging.getLogger("tetri.engines.kv_socket")
 _MAGIC = b"TKV2"
 _NONCE_BYTES = 16
 _MAC_BYTES = hashlib.sha256().digest_size
 _RECV_CHUNK = 1 << 22
 _MAX_FRAME = 1 << 36  # absolute ceiling; `admit` holds each frame to what the pool can take
 _MAX_HEADER = 1 << 16  # the JSON header of a KV is a few hundred bytes
-_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # the dtypes kvbridge.native decodes
+_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # the dtypes kv_codec decodes
 _SECRET_ENV = "TETRI_KV_SECRET"
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from backends.native.kv_cache import KVPool
+from backends.engines.native.kv_cache import KVPool
 
 # Llama-family decoders this forward pass reproduces exactly (Qwen2 adds QKV biases).
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}

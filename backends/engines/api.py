@@ -1,7 +1,7 @@
 """The contract between a stepped engine core (native PyTorch or sim) and the worker process.
 
-The worker runs the core in one thread (`backends.runner.EngineRunner`) and exposes it over HTTP
-(`backends.worker_server`). Cores are synchronous and single-threaded: every call below is made
+The worker runs the core in one thread (`backends.engines.runner.EngineRunner`) and exposes it over HTTP
+(`backends.engines.server`). Cores are synchronous and single-threaded: every call below is made
 from the runner's thread only, except `import_kv` (see there).
 """
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from backends.base import LoadReport, Role, SamplingParams
 
 if TYPE_CHECKING:
-    from backends.native.scheduler import PassShape
+    from backends.engines.native.scheduler import PassShape
 
 Mode = Literal["full", "prefill_only", "decode_only"]
 

@@ -63,7 +63,7 @@ class KVPool:
         self.k[:, :block_size].zero_()
         self.v[:, :block_size].zero_()
         self._free: deque[int] = deque(range(1, self.num_blocks + 1))
-        # KV imports allocate from another thread while the engine thread steps (engine_api.import_kv);
+        # KV imports allocate from another thread while the engine thread steps (engines/api.py import_kv);
         # the scheduler holds this lock while it plans, so its check-then-allocate stays atomic.
         self.lock = threading.RLock()
 

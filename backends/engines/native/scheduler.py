@@ -20,8 +20,8 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from backends.native.kv_cache import KVPool, blocks_for
-from backends.native.sequence import Sequence, Status
+from backends.engines.native.kv_cache import KVPool, blocks_for
+from backends.engines.native.sequence import Sequence, Status
 
 Batching = Literal["vllm", "sarathi"]
 

@@ -18,12 +18,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from backends.base import LoadReport, Role, SamplingParams, TokenEvent
-from backends.engine_api import EngineCore, EngineRequest, KVPayload, Mode, StepOutput
+from backends.engines.api import EngineCore, EngineRequest, KVPayload, Mode, StepOutput
+from backends.engines.kv_codec import KVReceiver, encode_kv_chunks, encoded_size
+from backends.engines.kv_socket import KVAnnounce, KVRefused, KVSocketServer, load_kv_secret
+from backends.engines.kv_socket import push_kv as socket_push_kv
+from backends.engines.runner import EngineRunner
 from backends.http import PeerGoneTransport
-from backends.runner import EngineRunner
-from kvbridge.native import KVReceiver, encode_kv_chunks, encoded_size
-from kvbridge.socket_channel import KVAnnounce, KVRefused, KVSocketServer, load_kv_secret
-from kvbridge.socket_channel import push_kv as socket_push_kv
 from orchestrator.errors import error_body, error_response, install_error_handlers
 
 log = logging.getLogger("tetri.worker")

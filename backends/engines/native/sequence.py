@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from backends.engine_api import EngineRequest
-from backends.native.detokenize import IncrementalDetokenizer
-from backends.native.kv_cache import BlockTable
+from backends.engines.api import EngineRequest
+from backends.engines.native.detokenize import IncrementalDetokenizer
+from backends.engines.native.kv_cache import BlockTable
 
 
 class Status(Enum):

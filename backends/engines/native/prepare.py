@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from backends.native.model_source import CONVERT_STEPS, DEFAULT_MODEL, convert_model, gguf_to_convert
+from backends.engines.native.model_source import CONVERT_STEPS, DEFAULT_MODEL, convert_model, gguf_to_convert
 
 
 def _progress(console: Console) -> Progress:
@@ -50,8 +50,8 @@ def ensure_converted(spec: str, console: Console) -> None:
 
 def ensure_profiled(spec: str, device: str, console: Console) -> None:
     """Profile the chunk-size knee now unless one is cached for this (device, model)."""
-    from backends.native import profile
-    from backends.native.model_source import file_lock
+    from backends.engines.native import profile
+    from backends.engines.native.model_source import file_lock
 
     name = model_name(spec)
     if profile.load_cached(name, device) is not None:
