@@ -74,7 +74,7 @@ def test_the_planner_simulates_the_deployed_settings(h100):
     settings = Settings(database_url="sqlite://", prefill_policy="ljf", decode_admission="greedy", late_binding="none")
     cfg = deployed_system(settings.policy_config(), plan_min_requests=200, plan_max_requests=200)
     sim = ClusterSim(cfg, h100, 4, _reqs())
-    assert sim.pol.admission.name == "greedy" and sim.pol.new_queue().policy == "ljf"
+    assert sim.placement.core.admission.name == "greedy" and sim.pol.new_queue().policy == "ljf"
     reqs = _reqs()
     choice = recommend_split(4, [r.prompt_tokens for r in reqs], [r.output_tokens for r in reqs], 50.0, h100, cfg)
     assert choice.prefill + choice.decode == 4 and choice.candidates

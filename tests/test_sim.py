@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -543,3 +544,16 @@ def test_system_options_are_checked_before_anything_runs(tmp_path):
         res = CliRunner().invoke(app, ["compare", "--systems", systems, "--requests", "20", "--out", str(tmp_path)])
         assert res.exit_code == 2 and "Invalid value" in res.output, (systems, res.output)
     assert not (tmp_path / "report.md").exists()
+
+
+def test_predictors_are_the_live_ones_the_learned_model_reading_prompt_texts(h100):
+    texts = ["Write a detailed, multi-part essay on the history of Rome, with sources.", "Say hi."]
+    reqs = [BenchRequest(f"r{i}", i * 0.05, 40, 300 if i % 2 == 0 else 8, prompt=texts[i % 2]) for i in range(40)]
+    learned = simulate("tetri+pd_ratio=1:3", h100, 4, reqs)
+    assert learned.extra["predicted_by"] == "learned"  # the shipped model, run on the prompts
+    bare = [replace(r, prompt=None) for r in reqs]
+    assert simulate("tetri+pd_ratio=1:3", h100, 4, bare).extra["predicted_by"] == "learned-standin"
+    oracle = simulate("tetri+pd_ratio=1:3,predictor=oracle", h100, 4, reqs)
+    assert [r["predicted_lo"] for r in oracle.requests] == [200 if r.output_tokens >= 200 else 0 for r in reqs]
+    constant = simulate("tetri+pd_ratio=1:3,predictor=constant", h100, 4, reqs)
+    assert constant.extra["predicted_by"] == "constant" and {r["predicted_lo"] for r in constant.requests} == {0}

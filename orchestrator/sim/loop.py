@@ -41,11 +41,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from backends.sim.timing import TimingModel
-from orchestrator.policies.predictors import bucket_of
 from orchestrator.policies.types import RequestView
 from orchestrator.sim.batching import Batcher
 from orchestrator.sim.config import SystemConfig, check_config
 from orchestrator.sim.placement import SimPlacement, SimPolicies, wants_colocated
+from orchestrator.sim.predict import predicted_buckets
 from orchestrator.sim.split import LayoutChoice, plan_split
 from orchestrator.sim.state import SimInstance, SimRequest, SimResult, request_record
 
@@ -75,11 +75,14 @@ class ClusterSim:
         self.kv_capacity = kv_tokens or timing.total_kv_tokens
         self.chunk = cfg.chunk_size or timing.knee()
         self.reqs: list[SimRequest] = []
+        texts: list[str | None] = []  # prompt texts, where the requests carry them (the learned predictor)
         for k, r in enumerate(sorted(requests, key=lambda x: x.arrival)):
             q = SimRequest(k, str(getattr(r, "id", k)), float(r.arrival), int(r.prompt_tokens),
                            int(r.output_tokens), str(getattr(r, "cls", "")))  # fmt: skip
             self.reqs.append(q)
-        self._predict()
+            text = getattr(r, "prompt", None)
+            texts.append(text if isinstance(text, str) else None)
+        self._predict(texts)
         # What a layout plan reads: the requests the fallback's rule co-locates, the arrival rate.
         self.colocated_mask = [wants_colocated(cfg, r) for r in self.reqs] if cfg.policy.colocate_heavy_heavy else None
         span = self.reqs[-1].arrival - self.reqs[0].arrival if self.reqs else 0.0
@@ -141,19 +144,13 @@ class ClusterSim:
         )
         self.batcher = Batcher(cfg, self.chunk, self.placement)
 
-    def _predict(self) -> None:
-        """Each request's predicted bucket, as the live predictor of that name answers: ``oracle`` the
-        true one, ``constant`` bucket 0, ``learned`` (no prompt text here) the true one with
-        ``learned_accuracy``, a miss landing on a neighbouring bucket (the classifier's usual error)."""
+    def _predict(self, texts: Sequence[str | None]) -> None:
+        """Each request's view, with the bucket the configured predictor gives it (predict.py)."""
         p = self.cfg.policy
         g = p.predictor_granularity
-        for r in self.reqs:
-            bucket = 0
-            if p.predictor != "constant":
-                true_b = bucket_of(r.output_tokens, g)  # what the oracle predictor answers
-                bucket = true_b
-                if p.predictor == "learned" and self.prng.random() >= self.cfg.learned_accuracy:
-                    bucket = true_b + 1 if true_b == 0 or self.prng.random() < 0.5 else true_b - 1
+        outputs = [r.output_tokens for r in self.reqs]
+        buckets, self.predicted_by = predicted_buckets(p, outputs, texts, self.prng, self.cfg.learned_accuracy)
+        for r, bucket in zip(self.reqs, buckets, strict=True):
             r.view = RequestView(
                 id=r.id,
                 arrival=r.arrival,
@@ -224,6 +221,7 @@ class ClusterSim:
                 "steals": self.placement.steals,
                 "final_roles": [i.role for i in self.insts],
                 "plan": self.plan.to_dict() if self.plan is not None else None,
+                "predicted_by": self.predicted_by,
             },
         )
 
