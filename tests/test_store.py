@@ -91,14 +91,14 @@ def test_migration_creates_tables_matching_models(db_url, tmp_path, monkeypatch)
         assert s.current_revision() is None
         s.upgrade()
         s.upgrade()  # idempotent
-        assert s.current_revision() == head_revision() == "0002_replica"
+        assert s.current_revision() == head_revision() == "0003_cached_tokens"
         insp = sa.inspect(s.engine)
         assert {"instances", "requests", "events", "alembic_version"} <= set(insp.get_table_names())
         req_cols = {c["name"] for c in insp.get_columns("requests")}
         for col in (
             "id model backend state prefill_instance decode_instance prompt_tokens completion_tokens "
             "predicted_bucket predictor_granularity arrival prefill_started_at first_token_at "
-            "decode_started_at finished_at finish_reason error kv_bytes kv_transfer_s"
+            "decode_started_at finished_at finish_reason error kv_bytes kv_transfer_s cached_tokens"
         ).split():
             assert col in req_cols
         indexed = {tuple(ix["column_names"]) for ix in insp.get_indexes("requests")}
@@ -121,10 +121,10 @@ def test_migration_creates_tables_matching_models(db_url, tmp_path, monkeypatch)
 def test_db_upgrade_command(db_url, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     msg = db_upgrade_command(db_url)
-    assert "0002_replica" in msg
+    assert "0003_cached_tokens" in msg
     s = Store(db_url)
     try:
-        assert s.current_revision() == "0002_replica"
+        assert s.current_revision() == "0003_cached_tokens"
     finally:
         s.close()
 
@@ -133,10 +133,10 @@ def test_db_upgrade_command_uses_environment(tmp_path, monkeypatch):
     path = tmp_path / "env" / "from-env.db"
     monkeypatch.setenv("TETRI_DATABASE_URL", f"sqlite:///{path}")
     monkeypatch.chdir(tmp_path)
-    assert "0002_replica" in db_upgrade_command(None)
+    assert "0003_cached_tokens" in db_upgrade_command(None)
     assert path.exists()
     with sa.create_engine(f"sqlite:///{path}").connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002_replica"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0003_cached_tokens"
 
 
 def test_sqlite_uses_wal(tmp_path):

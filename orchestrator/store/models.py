@@ -69,6 +69,8 @@ class RequestRow(Base):
     prefill_instance: Mapped[str | None] = mapped_column(String(128))
     decode_instance: Mapped[str | None] = mapped_column(String(128))
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    # Prompt tokens the engine served from its prefix cache (0003); NULL: the engine reported none.
+    cached_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     predicted_bucket: Mapped[int | None] = mapped_column(Integer)
     predictor_granularity: Mapped[int | None] = mapped_column(Integer)
