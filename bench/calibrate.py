@@ -22,7 +22,7 @@ from typing import Any
 
 from backends.base import SamplingParams
 from backends.engines.api import EngineRequest
-from backends.sim.profiles import fit_linear, predict_ms, save_cpu_profile
+from backends.engines.simulated.profiles import fit_linear, predict_ms, save_cpu_profile
 
 PREFILL_SIZES = (16, 32, 64, 128, 256)
 DECODE_POINTS = ((1, 64), (4, 64), (4, 256), (16, 64), (8, 256))

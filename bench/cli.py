@@ -239,7 +239,7 @@ def plan(
 ) -> None:
     """The prefill:decode split (P = 0: every request co-located) to run for this traffic, chosen by
     simulating the candidates: what `tetri` does in `bench compare`, and `GET /admin/plan` live."""
-    from backends.sim.profiles import get_timing, profile_names
+    from backends.engines.simulated.profiles import get_timing, profile_names
     from bench.workloads import build_workload
     from orchestrator.sim import system_config
     from orchestrator.sim.planner import OBJECTIVES, recommend_split
@@ -302,7 +302,7 @@ def headroom(
 ) -> None:
     """Steady-state mean JCT of each system next to the floor no scheduler can beat, at loads set as
     fractions of the cluster's decode capacity (simulator)."""
-    from backends.sim.profiles import profile_names
+    from backends.engines.simulated.profiles import profile_names
     from bench.headroom import headroom as run_headroom
     from bench.headroom import markdown
 
@@ -354,7 +354,7 @@ def goodput(
     TTFT and a TPOT SLO, bisected for each system; a Markdown table, an attainment plot, results.json."""
     from rich.progress import Progress
 
-    from backends.sim.profiles import profile_names
+    from backends.engines.simulated.profiles import profile_names
     from bench.goodput import goodput_live, goodput_sim, markdown, write
     from bench.workloads import WORKLOADS
     from orchestrator.sim import system_config

@@ -29,7 +29,7 @@ from bench.spec import relative as _relative
 
 
 def compare_sim(spec: CompareSpec, progress: Any = None) -> dict[str, Any]:
-    from backends.sim.profiles import get_timing
+    from backends.engines.simulated.profiles import get_timing
     from orchestrator.sim import simulate, system_config
 
     tm = get_timing(spec.profile, network=spec.network, kv_tokens=spec.kv_tokens)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from backends.sim.profiles import get_timing
+from backends.engines.simulated.profiles import get_timing
 from bench.calibrate import calibrate_cpu, calibrate_from_workers
 from bench.live import Deployment, _free_port
 from bench.metrics import ratio, summarize

@@ -133,7 +133,7 @@ _BASE: dict[tuple[str, int, int], Any] = {}
 
 
 def _timing(case: Case) -> Any:
-    from backends.sim.profiles import get_timing
+    from backends.engines.simulated.profiles import get_timing
 
     key = (case.profile, case.network, case.kv_tokens)
     if key not in _TIMING:
@@ -342,7 +342,7 @@ def goodput_live(workload: str, systems: Sequence[str] = SYSTEMS, instances: int
     deployment has no decode-capacity model)."""
     from types import SimpleNamespace
 
-    from backends.sim.profiles import get_timing
+    from backends.engines.simulated.profiles import get_timing
     from bench.live import Deployment, _free_port, deployment_args
     from bench.runner import run_workload
     from bench.workloads import build_workload

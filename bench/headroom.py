@@ -22,7 +22,7 @@ from typing import Any
 
 from rich.progress import Progress
 
-from backends.sim.profiles import get_timing
+from backends.engines.simulated.profiles import get_timing
 from bench.metrics import pct, ratio, summarize
 from bench.workloads import build_workload
 from orchestrator.sim import simulate

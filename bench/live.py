@@ -133,7 +133,7 @@ def deployment_args(system: str, n: int, split: tuple[int, int], spec: Any) -> t
 
 
 def compare_live(spec: Any, progress: Any = None) -> dict[str, Any]:
-    from backends.sim.profiles import get_timing
+    from backends.engines.simulated.profiles import get_timing
     from bench.spec import load_workload as _load_workload
     from bench.spec import rate_value as _rate_value
     from bench.spec import relative as _relative

@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from backends.sim.profiles import get_timing
+from backends.engines.simulated.profiles import get_timing
 from bench.sharegpt import prompt_text
 from bench.workloads import build_workload, sharegpt_pool
 from orchestrator.sim import simulate, system_config

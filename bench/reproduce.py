@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from backends.sim.profiles import get_timing
+from backends.engines.simulated.profiles import get_timing
 from bench.metrics import pct, ratio, summarize
 from bench.workloads import build_workload
 from orchestrator.sim import simulate

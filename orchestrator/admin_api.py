@@ -207,7 +207,7 @@ _MAX_PLAN_INSTANCES = 512  # a plan simulates every instance: bound the work one
 
 
 def _check_plan_args(window_s: float, objective: str, profile: str, instances: int | None, ttft_slo_ms: float) -> None:
-    from backends.sim.profiles import profile_names
+    from backends.engines.simulated.profiles import profile_names
     from orchestrator.sim.config import OBJECTIVES
 
     if objective not in OBJECTIVES:

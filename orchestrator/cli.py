@@ -177,7 +177,7 @@ def worker(
         core = NativeEngine(model=model, role=role, batching=batching, chunk_size=chunk,  # type: ignore[arg-type]
                             kv_tokens=kv_tokens, device=device)
     elif backend == "sim":
-        from backends.sim.engine import SimEngine
+        from backends.engines.simulated.engine import SimEngine
 
         core = SimEngine(profile=profile, role=role, batching=batching, chunk_size=chunk,  # type: ignore[arg-type]
                          kv_tokens=kv_tokens)

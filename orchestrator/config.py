@@ -194,7 +194,7 @@ class Settings(BaseSettings):
     # a broken stream), the request continues elsewhere from the prompt plus the tokens already
     # sent (a re-prefill of that prefix), instead of ending with an error. Off: it ends with an error.
     migrate_on_failure: bool = True
-    # The timing profile (backends/sim/profiles.py) `GET /admin/plan` simulates this deployment with:
+    # The timing profile (backends/engines/simulated/profiles.py) `GET /admin/plan` simulates this deployment with:
     # cpu-smollm2 for the built-in engine here, e.g. h100-llama-2-7b for SGLang on H100s.
     plan_profile: str = "cpu-smollm2"
     # GET /admin/plan?objective=slo: the p99 TTFT (ms) a layout must meet; the least mean JCT among those.

@@ -28,7 +28,7 @@ def recommend_for_traffic(
 ) -> dict[str, Any]:
     """The split the finished requests of the last `window_s` call for (what GET /admin/plan
     answers); APIError 409 when there is too little traffic or nothing to divide."""
-    from backends.sim.profiles import get_timing
+    from backends.engines.simulated.profiles import get_timing
     from orchestrator.sim import system_config
     from orchestrator.sim.planner import recommend_split
     from orchestrator.sim.split import colocated_by_rule, layout_utilisation

@@ -88,7 +88,7 @@ def test_plan_recommends_a_split_for_the_recorded_traffic(tiny_pd_fleet, orchest
 
 
 def test_a_deployment_whose_decode_engines_cannot_run_whole_requests_keeps_a_prefill_pool():
-    from backends.sim.profiles import get_timing
+    from backends.engines.simulated.profiles import get_timing
     from orchestrator.sim import system_config
     from orchestrator.sim.planner import recommend_split
 

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from backends.sim.profiles import get_timing
-from backends.sim.timing import LinearTimingModel
+from backends.engines.simulated.profiles import get_timing
+from backends.engines.simulated.timing import LinearTimingModel
 from bench.headroom import OVER_CAPACITY_JCT_S, headroom, markdown, run_point, steady_window
 from bench.workloads import build_workload
 from orchestrator.sim import system_config

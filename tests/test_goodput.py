@@ -101,7 +101,7 @@ def test_cli_usage_errors(args: list[str], hint: str) -> None:
 
 
 def test_slo_planner_can_choose_late_binding_too() -> None:
-    from backends.sim.profiles import get_timing
+    from backends.engines.simulated.profiles import get_timing
     from bench.workloads import build_workload
     from orchestrator.sim import simulate
 

@@ -19,7 +19,7 @@ import torch
 from backends.engines import kv_socket
 from backends.engines.api import KVPayload
 from backends.engines.kv_socket import KVAnnounce, KVRefused, KVSocketServer, load_kv_secret, push_kv
-from backends.sim.engine import SimEngine
+from backends.engines.simulated.engine import SimEngine
 from tests.conftest import serve_app
 
 SECRET = b"test-kv-secret"

@@ -135,7 +135,7 @@ def test_a_decode_host_takes_a_colocated_prompt_only_if_admission_lets_it():
 # ---- the simulator: the same policy object, at engine-iteration granularity ----------------------
 @pytest.fixture(scope="module")
 def h100():
-    from backends.sim.profiles import get_timing
+    from backends.engines.simulated.profiles import get_timing
 
     return get_timing("h100-llama-2-7b")
 

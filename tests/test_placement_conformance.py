@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from backends.base import LoadReport
-from backends.sim.profiles import get_timing
+from backends.engines.simulated.profiles import get_timing
 from bench.workloads import BenchRequest
 from orchestrator.cluster import Cluster
 from orchestrator.config import InstanceSpec, Settings

@@ -82,6 +82,6 @@ def test_the_planner_simulates_the_deployed_settings(h100):
 
 @pytest.fixture(scope="module")
 def h100():
-    from backends.sim.profiles import get_timing
+    from backends.engines.simulated.profiles import get_timing
 
     return get_timing("h100-llama-2-7b")

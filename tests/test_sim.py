@@ -11,8 +11,8 @@ import pytest
 
 from backends.base import SamplingParams
 from backends.engines.api import EngineRequest
-from backends.sim.engine import SimEngine
-from backends.sim.profiles import get_timing, profile_names
+from backends.engines.simulated.engine import SimEngine
+from backends.engines.simulated.profiles import get_timing, profile_names
 from bench.metrics import summarize
 from bench.workloads import BenchRequest, poisson_arrivals
 from orchestrator.sim import SYSTEMS, ClusterSim, simulate, system_config
@@ -39,7 +39,7 @@ def _requests(n: int = 300, rate: float = 30.0, seed: int = 0) -> list[BenchRequ
 
 def test_gpu_profiles_run_from_the_shipped_tables_without_the_csvs(monkeypatch, tmp_path):
     # An installed package has no shared/data checkout: every GPU profile must load from gpu_tables.json.
-    from backends.sim import timing
+    from backends.engines.simulated import timing
 
     monkeypatch.delenv("TETRI_VIDUR_DIR", raising=False)
     monkeypatch.setattr(timing, "data_root", lambda: tmp_path / "absent")
@@ -54,8 +54,8 @@ def test_gpu_profiles_run_from_the_shipped_tables_without_the_csvs(monkeypatch, 
 
 
 def test_shipped_tables_match_the_vidur_csvs():
-    from backends.sim.shipped import build_tables, shipped_tables
-    from backends.sim.timing import data_root
+    from backends.engines.simulated.shipped import build_tables, shipped_tables
+    from backends.engines.simulated.timing import data_root
 
     root = data_root()
     if not (root / "compute").is_dir():
@@ -63,7 +63,7 @@ def test_shipped_tables_match_the_vidur_csvs():
     fresh, shipped = build_tables(root), shipped_tables()
     assert fresh["lin"].keys() == shipped["lin"].keys() and fresh["net"] == shipped["net"]
     for key, table in fresh["lin"].items():
-        assert table == shipped["lin"][key], f"{key} is stale: run python -m backends.sim.shipped"
+        assert table == shipped["lin"][key], f"{key} is stale: run python -m backends.engines.simulated.shipped"
 
 
 def test_timing_matches_the_measured_h100_rows(h100):

@@ -1,6 +1,6 @@
 """TetriInfer scheduling policies: pure objects over InstanceView/RequestView, clock (``now``) and
 randomness (``rng``) injected, no I/O. The live control plane (orchestrator/placement.py, app.py)
-and the simulator (backends/sim) run the very same objects. See docs/scheduling.md."""
+and the simulator (orchestrator/sim) run the very same objects. See docs/scheduling.md."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from backends.sim.timing import TimingModel
+from backends.engines.simulated.timing import TimingModel
 
 
 @dataclass(frozen=True)

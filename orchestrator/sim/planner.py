@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from backends.sim.timing import TimingModel
+from backends.engines.simulated.timing import TimingModel
 from orchestrator.sim.config import OBJECTIVES, SystemConfig, system_config
 from orchestrator.sim.loop import ClusterSim
 from orchestrator.sim.split import LayoutChoice, colocated_by_rule, layout_utilisation, plan_split, slo_attainment

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.sim.timing import TimingModel
+from backends.engines.simulated.timing import TimingModel
 from orchestrator.sim.capacity import decode_floor
 from orchestrator.sim.config import SystemConfig
 

@@ -67,7 +67,7 @@ H100_DEC_RATIO = 0.62
 
 def data_root() -> Path:
     """Where the raw vidur-profiling CSVs live (TETRI_VIDUR_DIR, else the shared checkout). The simulator
-    normally reads the reduced tables shipped in ``gpu_tables.json`` instead (``backends/sim/shipped.py``)."""
+    normally reads the reduced tables shipped in ``gpu_tables.json`` instead (``shipped.py``)."""
     env = os.environ.get("TETRI_VIDUR_DIR")
     if env:
         return Path(env)

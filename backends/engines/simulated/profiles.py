@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from backends.sim.timing import GPUS, MODELS, LinearTimingModel, TimingModel, gpu_model
+from backends.engines.simulated.timing import GPUS, MODELS, LinearTimingModel, TimingModel, gpu_model
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from backends.engines.native.engine_base import ScheduledEngine, check_role
 from backends.engines.native.kv_cache import KVPool
 from backends.engines.native.scheduler import PassShape
 from backends.engines.native.sequence import Sequence
-from backends.sim.profiles import get_timing
+from backends.engines.simulated.profiles import get_timing
 
 SIM_VOCAB = 49152  # SmolLM2's vocabulary size: prompts tokenized by the orchestrator stay valid
 EOS_ID = 2

@@ -9,7 +9,7 @@ instead of ~15 MB of CSV. ``TETRI_VIDUR_DIR`` still points the simulator at the 
 Regenerate after the data changes (a test checks the shipped file against the CSVs when they are
 present)::
 
-    python -m backends.sim.shipped [--data DIR]
+    python -m backends.engines.simulated.shipped [--data DIR]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from backends.sim.timing import (
+from backends.engines.simulated.timing import (
     GPUS,
     MODELS,
     TABLES_PATH,
@@ -69,7 +69,7 @@ def _curve(c: Any) -> dict[str, Any]:
 
 
 def main() -> None:  # pragma: no cover - maintenance command
-    ap = argparse.ArgumentParser(description="Regenerate backends/sim/gpu_tables.json from the Vidur CSVs.")
+    ap = argparse.ArgumentParser(description=f"Regenerate {TABLES_PATH.name} (beside this module) from the Vidur CSVs.")
     ap.add_argument("--data", type=Path, default=None, help="vidur-profiling folder (default: the shared checkout)")
     a = ap.parse_args()
     root = a.data or data_root()
