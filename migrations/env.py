@@ -32,7 +32,7 @@ def _url() -> str:
         from orchestrator.config import Settings
 
         url = Settings.load().database_url
-    from orchestrator.store.store import normalize_url
+    from orchestrator.store.urls import normalize_url
 
     return normalize_url(url)
 
@@ -65,7 +65,7 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    from orchestrator.store.store import prepare_sqlite_path
+    from orchestrator.store.urls import prepare_sqlite_path
 
     url = _url()
     prepare_sqlite_path(url)

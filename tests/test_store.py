@@ -16,6 +16,8 @@ import sqlalchemy as sa
 
 from orchestrator.store import REQUEST_STATES, Base, Store, db_upgrade_command, head_revision
 
+# The newest migration: a new revision changes this one line.
+HEAD = "0004_leases"
 PG_URL = os.environ.get("TETRI_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
@@ -91,7 +93,7 @@ def test_migration_creates_tables_matching_models(db_url, tmp_path, monkeypatch)
         assert s.current_revision() is None
         s.upgrade()
         s.upgrade()  # idempotent
-        assert s.current_revision() == head_revision() == "0003_cached_tokens"
+        assert s.current_revision() == head_revision() == HEAD
         insp = sa.inspect(s.engine)
         assert {"instances", "requests", "events", "alembic_version"} <= set(insp.get_table_names())
         req_cols = {c["name"] for c in insp.get_columns("requests")}
@@ -121,10 +123,10 @@ def test_migration_creates_tables_matching_models(db_url, tmp_path, monkeypatch)
 def test_db_upgrade_command(db_url, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     msg = db_upgrade_command(db_url)
-    assert "0003_cached_tokens" in msg
+    assert HEAD in msg
     s = Store(db_url)
     try:
-        assert s.current_revision() == "0003_cached_tokens"
+        assert s.current_revision() == HEAD
     finally:
         s.close()
 
@@ -133,10 +135,10 @@ def test_db_upgrade_command_uses_environment(tmp_path, monkeypatch):
     path = tmp_path / "env" / "from-env.db"
     monkeypatch.setenv("TETRI_DATABASE_URL", f"sqlite:///{path}")
     monkeypatch.chdir(tmp_path)
-    assert "0003_cached_tokens" in db_upgrade_command(None)
+    assert HEAD in db_upgrade_command(None)
     assert path.exists()
     with sa.create_engine(f"sqlite:///{path}").connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0003_cached_tokens"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == HEAD
 
 
 def test_sqlite_uses_wal(tmp_path):

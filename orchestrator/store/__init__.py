@@ -1,5 +1,6 @@
-"""The SQL store (write-behind writes, synchronous reads) and its Alembic migrations."""
+"""The SQL store (write-behind writes, synchronous reads, leases) and its Alembic migrations."""
 
+from orchestrator.store.leases import Lease
 from orchestrator.store.models import (
     EVENT_KINDS,
     INFLIGHT_STATES,
@@ -7,16 +8,12 @@ from orchestrator.store.models import (
     Base,
     EventRow,
     InstanceRow,
+    LeaseRow,
+    ReplicaRow,
     RequestRow,
 )
-from orchestrator.store.store import (
-    Store,
-    alembic_config,
-    db_upgrade_command,
-    default_url,
-    head_revision,
-    migrations_dir,
-)
+from orchestrator.store.store import Store, db_upgrade_command
+from orchestrator.store.urls import alembic_config, default_url, head_revision, migrations_dir
 
 __all__ = [
     "EVENT_KINDS",
@@ -25,6 +22,9 @@ __all__ = [
     "Base",
     "EventRow",
     "InstanceRow",
+    "Lease",
+    "LeaseRow",
+    "ReplicaRow",
     "RequestRow",
     "Store",
     "alembic_config",

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models of the store: instances, requests and events.
+"""SQLAlchemy 2 models of the store: instances, requests, events, leases and replicas.
 
 Times are UNIX seconds (float), as everywhere in tetri. The Alembic migration in
 ``migrations/versions`` creates exactly these tables; ``tests/test_store.py`` checks that the
@@ -22,7 +22,7 @@ EventId = BigInteger().with_variant(Integer(), "sqlite")
 # after a crash nobody will finish them.
 REQUEST_STATES = _REQUEST_STATES
 INFLIGHT_STATES = IN_FLIGHT_STATES
-EVENT_KINDS = ("flip", "drain", "register", "deregister", "unhealthy", "healthy", "scale", "recover")
+EVENT_KINDS = ("flip", "drain", "register", "deregister", "unhealthy", "healthy", "scale", "recover", "leader")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_name)s",
@@ -110,6 +110,37 @@ class EventRow(Base):
         Index("ix_events_at", "at"),
         Index("ix_events_instance_id", "instance_id"),
     )
+
+
+class LeaseRow(Base):
+    """A named lease (the leader's): held by one replica until ``expires_at``, in the database's clock.
+
+    ``term`` grows by one each time the lease changes hands: a number a leader can stamp on what it
+    does (fencing), and what tests read to count takeovers."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(64))
+    # The holding process (a fresh token per start): a restarted replica with the same id is a new holder.
+    token: Mapped[str | None] = mapped_column(String(64))
+    term: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[float] = mapped_column(Float)
+    acquired_at: Mapped[float | None] = mapped_column(Float)
+    renewed_at: Mapped[float | None] = mapped_column(Float)
+
+
+class ReplicaRow(Base):
+    """A live orchestrator replica: its heartbeat, renewed every few seconds. The leader fails the
+    in-flight requests of a replica whose heartbeat expired, then deletes its row."""
+
+    __tablename__ = "replicas"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token: Mapped[str] = mapped_column(String(64))
+    host: Mapped[str | None] = mapped_column(String(256))
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float)
 
 
 INSTANCE_COLUMNS = frozenset(c.name for c in InstanceRow.__table__.columns)
