@@ -25,6 +25,7 @@ from orchestrator.body_limit import BodyLimitMiddleware
 from orchestrator.cluster import Cluster, Instance, check_url, url_key
 from orchestrator.config import InstanceSpec, Settings
 from orchestrator.errors import APIError, install_error_handlers
+from orchestrator.leader import DEAD_REPLICA_ERROR, InstanceSync, Leader
 from orchestrator.monitor import ClusterMonitor
 from orchestrator.openai_api import build_router
 from orchestrator.placement import Placement
@@ -75,6 +76,14 @@ class AppState:
         self.auto_planner = AutoPlanner(self)
         # What scales the pools (GET/PUT /admin/pools): made and started in the lifespan.
         self.pool_provider: PoolProvider | None = None
+        # Several replicas on one store (orchestrator/leader.py): every replica serves; the flip policy,
+        # the automatic planner and recovery of dead replicas run on the leader only.
+        self.leader = Leader(self.store, settings.replica_id, lease_s=settings.leader_lease_s,
+                             renew_s=settings.leader_renew_s, replica_timeout_s=settings.replica_timeout_s)  # fmt: skip
+        self.leader.duties.append(self._recover_dead_replicas)
+        self.leader.on_change.append(self._leadership_changed)
+        self.instance_sync = InstanceSync(self.store, self.cluster, self.register, self.forget, self._save_instance,
+                                          settings.instance_sync_s)  # fmt: skip
 
     # ---- models and prompts ----------------------------------------------------------------------
     def served_models(self) -> list[str]:
@@ -193,6 +202,7 @@ class AppState:
         finally:
             self._registering.pop(inst.id, None)
         self._save_instance(inst)
+        self.instance_sync.registered_at[inst.id] = time.time()
         self.event("register", inst.id, {"url": spec.url, "backend": spec.backend, "role": inst.role},
                    time.perf_counter() - started)
         return inst
@@ -218,6 +228,29 @@ class AppState:
         duration = time.perf_counter() - started
         self.event("deregister", inst.id, {}, duration)
         return {"id": inst.id, "state": "removed", "drain_s": duration}
+
+    async def forget(self, inst: Instance) -> None:
+        """A peer replica deregistered `inst` (it drained the engine): stop using it here, without
+        draining it again or writing its row."""
+        inst.state = "draining"
+        self.placement.replace_queued(inst)
+        await self._wait_released(inst, self.settings.register_timeout_s)
+        if self.cluster.get(inst.id) is inst:
+            self.cluster.remove(inst.id)
+            with contextlib.suppress(Exception):
+                await inst.backend.close()
+            log.info("instance %s deregistered through a peer replica: forgotten here", inst.id)
+
+    # ---- leadership (orchestrator/leader.py) ---------------------------------------------------------
+    async def _recover_dead_replicas(self) -> None:
+        for done in await asyncio.to_thread(
+            self.store.recover_dead_replicas, self.settings.replica_timeout_s, DEAD_REPLICA_ERROR
+        ):
+            log.warning("replica %s stopped answering: %s", done["replica"], done)
+            self.event("recover", None, done)
+
+    def _leadership_changed(self, leader: bool) -> None:
+        self.event("leader", None, {"replica": self.settings.replica_id, "leader": leader, "term": self.leader.term})
 
     # ---- pool providers (orchestrator/pools/base.py: OnReady, OnLeaving) ---------------------------
     async def pool_ready(self, ready: ReadyInstance) -> None:
@@ -300,6 +333,8 @@ class AppState:
                 count = sum(1 for i in self.cluster.instances.values() if i.role == role and i.state == state)
                 metrics.INSTANCES.labels(role=role, state=state).set(count)
         metrics.observe_instances(self.cluster.instances.values())
+        if not self.leader.is_leader:  # the leader flips for every replica; followers see it in load reports
+            return
         views = [i.view() for i in self.cluster.instances.values() if i.role in ("prefill", "decode")]
         for decision in self.flip_policy.decide(views, time.monotonic()):
             inst = self.cluster.get(decision.instance_id)
@@ -311,6 +346,8 @@ class AppState:
         return bool(self._flipping)
 
     async def auto_plan(self) -> None:
+        if not self.leader.is_leader:
+            return
         try:
             await self.auto_planner.tick()
         except Exception:  # a failed flip or plan must not stop the timer; the next tick retries
@@ -390,6 +427,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(state.store.upgrade)
+        await state.leader.join()  # no live process has our replica id: what it left in flight is dead
         # A previous run of this replica that died (SIGKILL, OOM) left requests in flight and
         # instances "healthy" in the store: nobody will finish or watch them now.
         recovered = await asyncio.to_thread(state.store.recover, settings.replica_id, _RESTART_ERROR)
@@ -419,6 +457,9 @@ def create_app(
         await provider.start(state.pool_ready, state.pool_leaving)
         state.pool_provider = provider
         state.monitor.start()
+        await state.leader.tick()  # a lone replica leads from the start, not a renewal later
+        state.leader.start()
+        state.instance_sync.start()
         planner_job = None
         if settings.plan_auto_interval_s > 0:
             planner_job = AsyncIOScheduler()
@@ -437,7 +478,12 @@ def create_app(
         state.pool_provider = None
         await provider.stop()
         state.monitor.stop()
-        state._save_instances_stopped()
+        await state.instance_sync.stop()
+        await state.leader.stop()
+        # Peers still drive the instances: only the last replica to stop leaves them "unknown".
+        with contextlib.suppress(Exception):
+            if not await asyncio.to_thread(state.store.live_replicas, settings.replica_timeout_s):
+                state._save_instances_stopped()
         for inst in list(state.cluster.instances.values()):
             await inst.backend.close()
         state.store.close()

@@ -117,6 +117,14 @@ class Settings(BaseSettings):
     # by a previous run of the same replica id and marks its stale instance rows "unknown". Replicas
     # sharing one database need distinct ids.
     replica_id: str = Field(default="default", min_length=1, max_length=64)
+    # Several replicas (orchestrator/leader.py): the leader lease lasts leader_lease_s and is renewed
+    # every leader_renew_s (a dead leader is replaced within their sum); a replica whose heartbeat is
+    # older than replica_timeout_s is dead and the leader fails its in-flight requests; every replica
+    # reads the store's instance table every instance_sync_s (0: off) to drive what its peers registered.
+    leader_lease_s: float = Field(default=3.0, gt=0.0)
+    leader_renew_s: float = Field(default=1.0, gt=0.0)
+    replica_timeout_s: float = Field(default=6.0, gt=0.0)
+    instance_sync_s: float = Field(default=2.0, ge=0.0)
     # OpenTelemetry: an OTLP/HTTP collector (e.g. http://collector:4318) gets one span per request
     # with its phases; unset: no tracing (and no SDK needed). `pip install tetri[otel]`.
     otel_endpoint: str | None = None
