@@ -156,9 +156,9 @@ class PlacementCore:
     def pick_prefill(self, req: RequestView, role: Role, views: Sequence[InstanceView]) -> str | None:
         """Where the request queues: a prefill instance by the global scheduler, or a `colocated`
         one by the co-located host rule (`colocate_pick`: what a plain load balancer does in front
-        of co-located engines, or the least prefill work)."""
-        if role == "prefill":
-            return self.global_scheduler.pick(views, req)
+        of co-located engines, or the least prefill work), unless the global scheduler is cache-aware."""
+        if role == "prefill" or self.global_scheduler.uses_prefix:
+            return self.global_scheduler.pick(views, req)  # a cache-aware scheduler places every pool
         return pick_host(views, self.colocate_pick)
 
     def may_release(self, role: Role, in_engine: int, in_engine_tokens: int, chunk_tokens: int) -> bool:

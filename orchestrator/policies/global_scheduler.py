@@ -47,6 +47,20 @@ class LeastLoadedPrefill:
         return best.id
 
 
+def prefill_wait(inst: InstanceView, own_tokens: float) -> float:
+    """How long a prompt waits for its prefill there, in passes' worth of tokens: the prompt work
+    ahead of it plus its own uncached tokens, over what a pass prefills (the chunk less one token per
+    running decode, where decodes share the pass: co-located and decode instances); the token count
+    itself where the chunk is unknown."""
+    work = inst.prefill_load + own_tokens
+    if inst.chunk_tokens <= 0:
+        return work
+    per_pass = float(inst.chunk_tokens)
+    if inst.role != "prefill":
+        per_pass = max(per_pass - inst.running, per_pass / 8)
+    return work / per_pass * inst.chunk_tokens
+
+
 @register("global_scheduler", "prefix_aware")
 class PrefixAwarePrefill:
     """Least uncached prefill work: the instance's prefill load plus this prompt's tokens it does not
@@ -65,8 +79,7 @@ class PrefixAwarePrefill:
             return None
         w = self.cache_weight
         best = min(
-            candidates,
-            key=lambda i: (i.prefill_load + req.prompt_tokens - w * i.cached_prompt_tokens, i.running, i.id),
+            candidates, key=lambda i: (prefill_wait(i, req.prompt_tokens - w * i.cached_prompt_tokens), i.running, i.id)
         )
         return best.id
 

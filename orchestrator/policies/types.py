@@ -30,6 +30,9 @@ class InstanceView:
     # For the request being placed: its prompt tokens this instance holds cached (prefix-aware
     # placement fills it in; 0 otherwise).
     cached_prompt_tokens: int = 0
+    # Prompt tokens the engine prefills per pass (its chunk; 0: unknown). Running decodes take one
+    # token of it each, in engines that batch prefill chunks with decodes.
+    chunk_tokens: int = 0
 
     @property
     def prefill_load(self) -> int:

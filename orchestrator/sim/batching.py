@@ -65,10 +65,11 @@ class Batcher:
                 inst.waiting.popleft()
                 inst.queued_prompt_tokens -= r.prefill_len
                 inst.kv_staged += r.prefill_len
-                budget -= r.prefill_len
+                reuse_cached(inst, r)
+                budget -= r.prefill_len - r.prefilled
                 nseq += 1
                 inst.prefilling.append(r)
-                pf.append((r, r.prefill_len))
+                pf.append((r, r.prefill_len - r.prefilled))
             if pf:
                 return pf, 0, 0
         if not inst.running:
@@ -107,8 +108,9 @@ class Batcher:
             inst.waiting.popleft()
             inst.queued_prompt_tokens -= r.prefill_len
             inst.kv_staged += r.prefill_len
+            reuse_cached(inst, r)
             inst.prefilling.append(r)
-            c = min(r.prefill_len, budget)
+            c = min(r.prefill_len - r.prefilled, budget)
             pf.append((r, c))
             budget -= c
         if not pf and not nrun:
@@ -157,9 +159,20 @@ class Batcher:
                     break  # KV of this prompt does not fit until transfers drain
                 free -= r.prefill_len
                 inst.kv_staged += r.prefill_len
+                inst.in_engine_tokens -= reuse_cached(inst, r)
             c = min(r.prefill_len - r.prefilled, budget)
             pf.append((r, c))
             budget -= c
         if not pf:
             return None
         return pf, 0, 0
+
+
+def reuse_cached(inst: SimInstance, r: SimRequest) -> int:
+    """The engine starts a prompt: on its first prefill it skips the leading blocks its instance
+    holds cached (their KV is still allocated to it: shared blocks). Returns the tokens skipped."""
+    if inst.cache is None or not r.blocks or r.generated or r.preemptions:
+        return 0
+    r.cached = inst.cache.reuse(r.blocks, r.prompt_tokens)
+    r.prefilled = r.cached
+    return r.cached

@@ -51,6 +51,10 @@ class SystemConfig:
     max_batched_tokens: int = 4096  # vLLM whole-prompt batches
     watermark: float = 0.01
     flip_cost_s: float = 0.006  # how long an instance's role change takes
+    # Prefix caching (prefix.py): engines reuse cached prompt blocks; placement sees their contents
+    # exactly ("precise": engine events) or as what was routed where ("approx": no events).
+    prefix_cache: bool = False
+    prefix_index: str = "precise"
     # The scheduling policy: the live control plane's configuration (the default: the deployed defaults).
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     # predictor=learned where the requests carry no prompt text: the oracle's bucket with this
@@ -195,7 +199,7 @@ def check_config(cfg: SystemConfig) -> SystemConfig:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "layout": ("colocated", "disaggregated"), "batching": ("vllm", "sarathi"),
     "layout_plan": ("work_share", "simulated"), "plan_objective": OBJECTIVES, "ttft_at": ("prefill", "handoff"),
-    "plan_late_binding": ("fixed", "choose"),
+    "plan_late_binding": ("fixed", "choose"), "prefix_index": ("precise", "approx"),
 }  # fmt: skip
 
 

@@ -38,14 +38,17 @@ import heapq
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from backends.engines.simulated.timing import TimingModel
+from backends.prefix import BLOCK_TOKENS, reusable_tokens
 from orchestrator.policies.types import RequestView
 from orchestrator.sim.batching import Batcher
 from orchestrator.sim.config import SystemConfig, check_config
 from orchestrator.sim.placement import SimPlacement, SimPolicies, wants_colocated
 from orchestrator.sim.predict import predicted_buckets
+from orchestrator.sim.prefix import SimPrefixCache
 from orchestrator.sim.split import LayoutChoice, plan_split
 from orchestrator.sim.state import SimInstance, SimRequest, SimResult, request_record
 
@@ -79,6 +82,9 @@ class ClusterSim:
         for k, r in enumerate(sorted(requests, key=lambda x: x.arrival)):
             q = SimRequest(k, str(getattr(r, "id", k)), float(r.arrival), int(r.prompt_tokens),
                            int(r.output_tokens), str(getattr(r, "cls", "")))  # fmt: skip
+            q.blocks = tuple(getattr(r, "blocks", None) or ())
+            q.after = getattr(r, "after", None)
+            q.think_s = float(getattr(r, "think_s", 0.0) or 0.0)
             self.reqs.append(q)
             text = getattr(r, "prompt", None)
             texts.append(text if isinstance(text, str) else None)
@@ -134,6 +140,8 @@ class ClusterSim:
         for i in range(self.n):
             role = "colocated" if not disagg else ("prefill" if i < p else "decode")
             inst = SimInstance(i, role, self.kv_capacity)
+            if cfg.prefix_cache:
+                inst.cache = SimPrefixCache(self.kv_capacity // BLOCK_TOKENS)
             if role == "prefill":
                 inst.prefill_queue = self.pol.new_queue()
             self.insts.append(inst)
@@ -163,6 +171,8 @@ class ClusterSim:
             r.predicted_lo = r.view.predicted_output_lo
             r.heavy_decode = r.view.heavy_decode
             r.kv_need = r.view.kv_need
+            if r.blocks:  # the keys of cache-aware placement (the live path hashes token blocks)
+                r.view = replace(r.view, prefix_hashes=r.blocks[: r.prompt_tokens // BLOCK_TOKENS])
 
     # ---- event plumbing ---------------------------------------------------------------------------
     def _push(self, t: float, kind: int, obj: Any) -> None:
@@ -171,10 +181,15 @@ class ClusterSim:
 
     def run(self, until: float | None = None) -> SimResult:
         wall = time.perf_counter()
+        self._by_id = {r.id: r for r in self.reqs}
+        self._next_turns: dict[str, list[SimRequest]] = {}
         for r in self.reqs:
             if r.prompt_tokens + r.output_tokens > self.kv_capacity or r.prompt_tokens <= 0 or r.output_tokens <= 0:
                 r.failed = True
                 self.unfinished -= 1
+                continue
+            if r.after is not None and r.after in self._by_id:
+                self._next_turns.setdefault(r.after, []).append(r)  # arrives once the turn before it ends
                 continue
             self._push(r.arrival, _ARR, r)
         if self.cfg.layout == "disaggregated":
@@ -302,8 +317,7 @@ class ClusterSim:
                     continue
                 inst.leave(r)
                 r.generated = r.output_tokens
-                r.t_finish = now
-                self.unfinished -= 1
+                self._finished(inst, r, now)
         for r, c in pf:
             r.prefilled += c
             if inst.role == "prefill":
@@ -320,10 +334,11 @@ class ClusterSim:
             r.generated = 1
             if self.cfg.ttft_at == "prefill" or r.output_tokens <= 1:
                 r.t_first = now
+            if inst.cache is not None:
+                inst.cache.insert(r.blocks[: r.prompt_tokens // BLOCK_TOKENS])
             if r.output_tokens <= 1:
                 inst.kv_staged -= r.prefill_len
-                r.t_finish = now
-                self.unfinished -= 1
+                self._finished(inst, r, now)
                 return
             inst.held.append(r)
             self._retry_held(inst)
@@ -332,12 +347,26 @@ class ClusterSim:
         r.generated += 1  # first token, or the next one after a recompute
         if r.t_first < 0:
             r.t_first = now
+        if inst.cache is not None:
+            inst.cache.insert(r.blocks[: r.prefill_len // BLOCK_TOKENS])
         if r.generated >= r.output_tokens:
             inst.kv_staged -= r.prefill_len
-            r.t_finish = now
-            self.unfinished -= 1
+            self._finished(inst, r, now)
             return
         inst.join(r, now, self.placement.track_remaining)
+
+    def _finished(self, inst: SimInstance, r: SimRequest, now: float) -> None:
+        """The request's last token: its answer's blocks are cached where it decoded, and the next
+        turn of its session (if any) arrives after its think time."""
+        r.t_finish = now
+        self.unfinished -= 1
+        if inst.cache is not None and r.blocks:
+            inst.cache.insert(r.blocks[: (r.prompt_tokens + r.output_tokens) // BLOCK_TOKENS])
+        for nxt in self._next_turns.pop(r.id, ()):
+            nxt.arrival = now + nxt.think_s
+            if nxt.view is not None:
+                nxt.view = replace(nxt.view, arrival=nxt.arrival)
+            self._push(nxt.arrival, _ARR, nxt)
 
     # ---- dispatch and KV transfer -----------------------------------------------------------------
     def _retry_held(self, inst: SimInstance) -> None:
@@ -351,7 +380,9 @@ class ClusterSim:
             r.decode_at = dst.index
             r.t_dispatch = self.now
             start = max(self.now, inst.link_free_at)
-            done = start + self.tm.transfer_s(r.prefill_len)
+            # A receiver that already holds the prompt's leading blocks is not sent them again.
+            have = dst.cache.match(r.blocks[: r.prompt_tokens // BLOCK_TOKENS]) if dst.cache is not None else 0
+            done = start + self.tm.transfer_s(r.prefill_len - reusable_tokens(r.prefill_len, have))
             inst.link_free_at = done
             self._push(done, _XFER, (r, inst, dst))
 
@@ -362,6 +393,8 @@ class ClusterSim:
         src.kv_staged -= r.prefill_len
         dst.reserved_kv = max(0, dst.reserved_kv - r.kv_need)
         dst.kv_staged += r.prefill_len  # the lease holds the imported KV until the decode claims it
+        if dst.cache is not None:
+            dst.cache.insert(r.blocks[: r.prompt_tokens // BLOCK_TOKENS])
         dst.incoming.append(r)
         self._kick(dst)
         if src.held:

@@ -19,10 +19,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Literal
 
+from backends.prefix import BLOCK_TOKENS, reusable_tokens
 from orchestrator.policies.config import PolicyConfig
 from orchestrator.policies.core import PlacementCore
 from orchestrator.policies.flip import FlipPolicy, make_flip_policy
 from orchestrator.policies.prefill_queue import PrefillQueue, make_prefill_queue
+from orchestrator.policies.prefix import PrefixIndex
 from orchestrator.policies.types import InstanceView
 from orchestrator.sim.config import SystemConfig
 from orchestrator.sim.state import SimInstance, SimRequest
@@ -85,6 +87,13 @@ class SimPlacement:
         mode = "colocated" if cfg.layout == "colocated" else cfg.policy.mode
         self.core = PlacementCore.from_knobs(replace(cfg.policy, mode=mode, colocate_backlog_tokens=backlog_tokens))
         self.chunk_tokens = chunk_tokens  # the engines' chunk: the core's release rule reads it
+        # Cache-aware placement: what each instance holds, from its cache ("precise", as from engine
+        # events) or from what was routed where ("approx", as in front of engines without events).
+        self.prefix_aware = cfg.prefix_cache and (
+            self.core.global_scheduler.uses_prefix or cfg.policy.colocate_pick == "prefill_load"
+        )
+        self.prefix_index = cfg.prefix_index
+        self.routed = PrefixIndex()
         self.pol = pol
         self.insts = insts
         self.queued = queued
@@ -182,27 +191,51 @@ class SimPlacement:
     def route(self, r: SimRequest) -> tuple[Route, SimInstance]:
         """Where an arriving request runs, and on which instance: the core's route and pick over this
         cluster's views (instances flipping take no new work, as live ones that are not healthy)."""
+        route, inst = self._route(r)
+        if self.prefix_aware and self.prefix_index == "approx":
+            self.routed.routed(inst.id, r.blocks[: r.prompt_tokens // BLOCK_TOKENS], r.arrival)
+        return route, inst
+
+    def _route(self, r: SimRequest) -> tuple[Route, SimInstance]:
         assert r.view is not None
+        dv, pv = self._with_cache(self.decode_view, r), self._with_cache(self.prefill_view, r)
         if self.cfg.layout == "colocated":
-            pick = self.core.pick_prefill(r.view, "colocated", [self.decode_view(i) for i in self.insts])
+            pick = self.core.pick_prefill(r.view, "colocated", [dv(i) for i in self.insts])
             assert pick is not None
             return "local", self._inst(pick)
         prefills = [i for i in self.insts if i.role == "prefill" and not i.draining]
         decodes = [i for i in self.insts if i.role == "decode" and not i.draining]
         choice = self.core.route(
-            r.view, [self.prefill_view(i) for i in prefills], bool(decodes), [self.decode_view(i) for i in decodes],
-            colocated_pool=False,
+            r.view, [pv(i) for i in prefills], bool(decodes), [dv(i) for i in decodes], colocated_pool=False
         )
         if choice.mode == "colocated":
             if choice.host is not None:
                 return "colocated", self._inst(choice.host)
             # Nowhere usable (every decode instance flipping): wait at one anyway rather than drop it.
-            anyhost = self.core.pick_host(r.view, [self.decode_view(i) for i in self.insts if i.role == "decode"], None)
+            anyhost = self.core.pick_host(r.view, [dv(i) for i in self.insts if i.role == "decode"], None)
             if anyhost is not None:
                 return "colocated", self._inst(anyhost)
         prefills = prefills or [i for i in self.insts if i.role == "prefill"]
-        pick = self.core.pick_prefill(r.view, "prefill", [self.prefill_view(i) for i in prefills])
+        pick = self.core.pick_prefill(r.view, "prefill", [pv(i) for i in prefills])
         return "prefill", (self._inst(pick) if pick is not None else prefills[0])
+
+    def _with_cache(
+        self, view_of: Callable[[SimInstance], InstanceView], r: SimRequest
+    ) -> Callable[[SimInstance], InstanceView]:
+        """`view_of`, with the request's prompt tokens cached there folded in (cache-aware placement)."""
+        if not (self.prefix_aware and r.blocks):
+            return view_of
+        blocks = r.blocks[: r.prompt_tokens // BLOCK_TOKENS]
+
+        def cached(inst: SimInstance) -> int:
+            if self.prefix_index == "approx":
+                return self.routed.match(inst.id, blocks, r.arrival)
+            return inst.cache.match(blocks) if inst.cache is not None else 0
+
+        chunk = self.chunk_tokens
+        return lambda inst: replace(
+            view_of(inst), cached_prompt_tokens=reusable_tokens(r.prompt_tokens, cached(inst)), chunk_tokens=chunk
+        )
 
     def _inst(self, instance_id: str) -> SimInstance:
         return self.insts[int(instance_id[1:])]

@@ -15,6 +15,7 @@ from typing import Any
 
 from orchestrator.policies.prefill_queue import PrefillQueue
 from orchestrator.policies.types import RequestView
+from orchestrator.sim.prefix import SimPrefixCache
 
 
 class SimRequest:
@@ -22,7 +23,7 @@ class SimRequest:
         "index", "id", "arrival", "prompt_tokens", "output_tokens", "cls", "view", "predicted_lo",
         "heavy_decode", "kv_need", "prefill_len", "prefilled", "generated", "generated_at_join",
         "kv_at_join", "step_at_join", "epoch", "t_first", "t_finish", "t_dispatch", "t_decode",
-        "prefill_at", "decode_at", "preemptions", "colocated", "failed",
+        "prefill_at", "decode_at", "preemptions", "colocated", "failed", "blocks", "cached", "after", "think_s",
     )  # fmt: skip
 
     def __init__(self, index: int, rid: str, arrival: float, prompt: int, output: int, cls: str) -> None:
@@ -52,6 +53,13 @@ class SimRequest:
         self.preemptions = 0  # times its KV was dropped for a recompute
         self.colocated = False  # prefilled on its decode instance (fallback) rather than disaggregated
         self.failed = False  # can never run (longer than an instance's KV, or empty)
+        # Prefix caching (prefix.py): ids of the full blocks of prompt + answer (equal ids, equal
+        # prefixes); the prompt tokens its prefill reused; a session's next turn arrives `think_s`
+        # after the turn `after` finished.
+        self.blocks: tuple[int, ...] = ()
+        self.cached = 0
+        self.after: str | None = None
+        self.think_s = 0.0
 
 
 class SimInstance:
@@ -60,7 +68,7 @@ class SimInstance:
         "running", "finish_heap", "remaining_heap", "heap_seq", "waiting", "prefilling", "incoming",
         "prefill_queue", "colocated_queue", "in_engine", "in_engine_tokens", "held", "link_free_at",
         "heavy_decodes", "reserved_kv", "draining", "to_role", "busy_s", "iterations",
-        "queued_prompt_tokens", "flips",
+        "queued_prompt_tokens", "flips", "cache",
     )  # fmt: skip
 
     def __init__(self, index: int, role: str, kv_capacity: int) -> None:
@@ -97,6 +105,7 @@ class SimInstance:
         self.iterations = 0
         self.queued_prompt_tokens = 0  # prompt tokens queued here (co-located / prefill queue)
         self.flips = 0
+        self.cache: SimPrefixCache | None = None  # its prefix cache, when the system has one
 
     @property
     def kv_used(self) -> int:
@@ -176,4 +185,5 @@ def request_record(r: SimRequest) -> dict[str, Any]:
         "p_inst": r.prefill_at,
         "d_inst": r.decode_at,
         "decode_wait_s": (r.t_decode - r.t_first) if r.t_decode >= 0 and r.t_first >= 0 else None,
+        "cached_tokens": r.cached,
     }
