@@ -112,6 +112,7 @@ class Instance:
             light_decodes=load.light_decodes,
             decode_remaining=tuple(load.decode_remaining),
             reserved_kv_tokens=self.reserved_kv_tokens,
+            chunk_tokens=load.chunk_size,
         )
 
     def describe(self) -> dict[str, object]:
