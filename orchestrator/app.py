@@ -214,6 +214,9 @@ class AppState:
         reachable = inst.state in ("healthy", "draining", "flipping")
         inst.state = "draining"
         if reachable:
+            # Requests already routed here (prompts released to it, KV on its way) finish first, as
+            # before a flip: the engine would refuse them once it drains.
+            await self._wait_released(inst)
             with contextlib.suppress(Exception):
                 # An engine that does not answer within the registration timeout is not answering.
                 await asyncio.wait_for(inst.backend.drain(False), self.settings.register_timeout_s)

@@ -204,13 +204,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AppState.deregister (pool_leaving) does not wait for requests already routed to the instance "
-    "(_wait_released, as flip() does): it returns while their KV is on its way, the provider stops the "
-    "worker, the request fails. Verified fix: `await self._wait_released(inst)` before backend.drain(False) "
-    "in deregister(); remove this mark with it.",
-)
 def test_a_leaving_decode_instance_takes_the_kv_of_a_request_routed_to_it_before_its_drain(
     up_fleet: Fleet, tmp_path: Path
 ) -> None:
