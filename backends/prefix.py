@@ -16,11 +16,14 @@ def _seed(namespace: str) -> int:
     return int.from_bytes(hashlib.blake2b(namespace.encode(), digest_size=8).digest(), "little")
 
 
-def block_hashes(token_ids: Sequence[int], namespace: str, block_tokens: int = BLOCK_TOKENS) -> list[int]:
+def block_hashes(
+    token_ids: Sequence[int], namespace: str, block_tokens: int = BLOCK_TOKENS, parent: int | None = None
+) -> list[int]:
     """One 63-bit hash per FULL block of `token_ids` (a trailing partial block has none), each
-    covering the whole prefix up to its end. `namespace`: the model (and any cache salt)."""
+    covering the whole prefix up to its end. `namespace`: the model (and any cache salt). `parent`:
+    the hash of the block before `token_ids[0]`, to extend a chain (an engine hashing blocks as they fill)."""
     out: list[int] = []
-    parent = _seed(namespace)
+    parent = _seed(namespace) if parent is None else parent
     data = array("i", token_ids[: len(token_ids) // block_tokens * block_tokens]).tobytes()
     step = 4 * block_tokens
     blake2b, from_bytes = hashlib.blake2b, int.from_bytes

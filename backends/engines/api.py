@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from backends.base import LoadReport, Role, SamplingParams
+from backends.base import KVEvents, LoadReport, Role, SamplingParams
 
 if TYPE_CHECKING:
     from backends.engines.native.scheduler import PassShape
@@ -43,6 +43,8 @@ class StepOutput:
     # "prefilled" outputs from an EngineRunner carry the KV, exported on the engine thread right after
     # the step (the blocks are released then), so a hand-off never waits behind the next forward pass.
     kv: KVPayload | None = None
+    # On the output of a request's first token: the prompt tokens it found in the prefix cache.
+    cached_tokens: int | None = None
 
 
 @dataclass
@@ -87,6 +89,10 @@ class EngineCore(Protocol):
         """Change role; only called when the engine has no work."""
 
     def load(self) -> LoadReport: ...
+
+    def kv_events(self, since: int) -> KVEvents | None:
+        """Prefix-cache block events after event number `since`, or a reset (KVEvents.reset) with the
+        whole cached set; None when the engine keeps no prefix cache. Safe from any thread."""
 
     def detokenize(self, token_ids: list[int]) -> str: ...
 

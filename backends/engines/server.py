@@ -141,6 +141,7 @@ def _event(out: StepOutput, phase: str) -> TokenEvent:
         finish_reason=None if reason == "prefilled" else reason,  # type: ignore[arg-type]
         phase=phase,  # type: ignore[arg-type]
         error=out.error,
+        cached_tokens=out.cached_tokens,
     )
 
 
@@ -162,13 +163,17 @@ class WorkerState:
         self.kv_pool_tokens: int | None = None
         self.pushes: dict[str, KVPush] = {}  # by request id, oldest first
 
-    async def load(self) -> LoadReport:
+    async def load(self, kv_since: int | None = None) -> LoadReport:
+        """The engine's load; with `kv_since`, its prefix-cache block events after that event number
+        (each poller, e.g. each orchestrator replica, keeps its own number)."""
         snapshot = self.runner.snapshot
         report = replace(snapshot) if snapshot is not None else await self.runner.call(lambda core: core.load())
         report.leased_kv_tokens = sum(lease.num_tokens for lease in self.leases.values())
         report.active_leases = len(self.leases)
         report.accepting = self.accepting
         report.backend = self.backend
+        if kv_since is not None and hasattr(self.core, "kv_events"):
+            report.kv_events = self.core.kv_events(kv_since)  # thread-safe: no wait behind a step
         return report
 
     async def accept_kv(self, payload: KVPayload, lease_s: float) -> dict[str, Any]:
@@ -342,8 +347,8 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
         )
 
     @app.get("/load")
-    async def load() -> dict[str, Any]:
-        return (await state.load()).to_dict()
+    async def load(kv_since: int | None = None) -> dict[str, Any]:
+        return (await state.load(kv_since)).to_dict()
 
     @app.get("/passes")
     async def passes(since: float = 0.0) -> dict[str, Any]:

@@ -45,6 +45,8 @@ class WorkerBackend(HTTPBackend):
                  pool: PoolLimits | None = None):
         super().__init__(url, instance_id, role, model, timeout=_TIMEOUT, pool=pool)
         self.kind = kind
+        # The last prefix-cache event this adapter saw (0: none yet, the worker answers a reset).
+        self._kv_seq = 0
 
     async def _post(self, path: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """A control call (abort, drain, role): on the control pool, never queued behind streams."""
@@ -57,10 +59,13 @@ class WorkerBackend(HTTPBackend):
         return resp.json()
 
     async def load(self) -> LoadReport:
-        resp = await self.poll_get("/load", 2.0)
+        resp = await self.poll_get(f"/load?kv_since={self._kv_seq}", 2.0)
         if resp.status_code >= 400:
             raise BackendError(f"{self.instance_id}: load failed: HTTP {resp.status_code}", status=503)
-        return LoadReport.from_dict(resp.json())
+        report = LoadReport.from_dict(resp.json())
+        if report.kv_events is not None:
+            self._kv_seq = report.kv_events.seq
+        return report
 
     async def info(self) -> dict[str, Any]:
         resp = await self._control.get("/info", timeout=5.0)

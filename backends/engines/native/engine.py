@@ -71,6 +71,7 @@ class NativeEngine(ScheduledEngine):
         dtype: str | torch.dtype | None = "auto",
         kv_fraction: float | None = None,
         max_batched_tokens: int | None = None,
+        prefix_caching: bool = True,
     ) -> None:
         check_role(role)  # before loading the model: a bad role should fail fast
         if torch.device(device).type == "cpu":
@@ -98,6 +99,7 @@ class NativeEngine(ScheduledEngine):
             int(kv_tokens),
             self.dtype,
             self.device,
+            prefix_caching=prefix_caching,
         )
         if chunk_size == "auto":
             from backends.engines.native.profile import resolve_chunk_size
@@ -190,8 +192,8 @@ class NativeEngine(ScheduledEngine):
             raise ValueError(f"KV shape {tuple(data.shape)} does not match this model's {expected}")
         return data
 
-    def _write_kv(self, table: BlockTable, data: torch.Tensor) -> None:
-        self.pool.write(table, data)
+    def _write_kv(self, table: BlockTable, data: torch.Tensor, start: int) -> None:
+        self.pool.write(table, data[:, :, start:], start)
 
     def _model_info(self) -> dict[str, Any]:
         m = self.model

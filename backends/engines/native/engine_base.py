@@ -11,9 +11,10 @@ its pool, calls `ScheduledEngine.__init__` and implements `_run_pass` and the sm
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import LoadReport, Role
+from backends.base import KVEvents, LoadReport, Role
 from backends.engines.api import EngineRequest, KVPayload, StepOutput
 from backends.engines.native.detokenize import IncrementalDetokenizer
 from backends.engines.native.kv_cache import BLOCK_SIZE, BlockTable, KVPool, blocks_for
@@ -30,6 +31,16 @@ ROLE_MODES = {
     "decode": ("decode_only", "full"),
     "colocated": ("full", "prefill_only", "decode_only"),
 }
+
+
+@dataclass
+class _Imported:
+    """A pushed KV waiting for its decode request: its blocks, and the prefix hashes of the blocks it
+    shared with this pool's cache instead of copying (checked against the prompt on claim)."""
+
+    table: BlockTable
+    num_tokens: int
+    shared_hashes: list[int] = field(default_factory=list)
 
 
 def check_role(role: str) -> None:
@@ -68,9 +79,10 @@ class ScheduledEngine:
             pool, chunk_size, max_batch, batching,  # type: ignore[arg-type]
             max_batched_tokens=max_batched_tokens or max(chunk_size, self.max_context),
         )  # fmt: skip
+        self.scheduler.namespace = self.model_name  # prefix-cache blocks are never shared across models
         self._apply_style()
         self._seqs: dict[str, Sequence] = {}  # every request the engine knows: queued..held
-        self._imported: dict[str, tuple[BlockTable, int]] = {}  # KV waiting for its decode request
+        self._imported: dict[str, _Imported] = {}  # KV waiting for its decode request
         self._pending: list[StepOutput] = []  # outputs produced outside a pass
         self._order = itertools.count()
         self.steps = 0
@@ -108,8 +120,9 @@ class ScheduledEngine:
         """Check (and convert) an imported payload's data before any block is allocated."""
         return payload.data
 
-    def _write_kv(self, table: BlockTable, data: Any) -> None:
-        """Copy imported data into freshly allocated blocks (outside the pool lock)."""
+    def _write_kv(self, table: BlockTable, data: Any, start: int) -> None:
+        """Copy imported data's positions `start`.. into the table's fresh blocks (outside the pool
+        lock); the positions before `start` are in blocks shared with the prefix cache."""
 
     def _on_import(self, request_id: str, num_tokens: int) -> None:
         """Runs under the pool lock right after an import is registered."""
@@ -168,12 +181,17 @@ class ScheduledEngine:
                 raise ValueError(f"no imported KV for request {rid!r}")
             if request.first_token is None:
                 raise ValueError("a decode_only request needs first_token (sampled by the prefill side)")
-            table, num_tokens = imported
+            num_tokens = imported.num_tokens
             if num_tokens != len(request.prompt_ids):
                 raise ValueError(f"imported KV holds {num_tokens} tokens but the prompt has {len(request.prompt_ids)}")
+            hashes = seq.block_hashes(self.model_name, num_tokens)
+            shared = imported.shared_hashes
+            if hashes[: len(shared)] != shared:  # the pushed hashes named cached blocks of another prefix
+                raise ValueError("the imported KV's block hashes do not match the prompt")
             del self._imported[rid]
-            seq.table = table
+            seq.table = imported.table
             seq.num_computed = num_tokens
+            self.pool.register(seq.table, hashes, num_tokens // BLOCK_SIZE)  # later requests hit them
             first = int(request.first_token)
             seq.tokens.append(first)
             seq.outputs.append(first)
@@ -202,6 +220,7 @@ class ScheduledEngine:
         sampled = self._run_pass(plan, shape)
         for seq, n in plan:
             seq.num_computed += n
+            self._cache_blocks(seq)
         self.steps += 1
         self.tokens_processed += shape.tokens + shape.dseqs  # every token the pass fed
         for seq, tok in sampled:
@@ -229,6 +248,8 @@ class ScheduledEngine:
                 "dtype": self._dtype_name,
                 "block_size": BLOCK_SIZE,
                 "first_token": seq.outputs[0] if seq.outputs else None,
+                # The receiver shares the blocks it already caches instead of copying them.
+                "block_hashes": seq.block_hashes(self.model_name, seq.num_computed)[: seq.num_computed // BLOCK_SIZE],
                 **self._kv_extra(),
             },
         )
@@ -240,26 +261,29 @@ class ScheduledEngine:
         data = self._import_data(payload)
         if payload.num_tokens < 1 or payload.num_tokens >= self.max_context:
             raise ValueError(f"KV of {payload.num_tokens} tokens does not fit the model's context")
-        need = blocks_for(payload.num_tokens)
-        try:
-            table = BlockTable(self.pool.allocate(need))
-        except MemoryError:
-            raise MemoryError(
-                f"KV pool full: {payload.num_tokens} tokens need {need} blocks, {self.pool.free_blocks} free"
-            ) from None
-        # The blocks are this import's alone until registered: the copy runs beside the forward pass.
-        self._write_kv(table, data)
-        with self.pool.lock:
+        n = payload.num_tokens
+        hashes = [int(h) for h in payload.extra.get("block_hashes") or []][: n // BLOCK_SIZE]
+        pool = self.pool
+        with pool.lock:  # match, share and allocate at once: no eviction in between
+            shared = pool.match(hashes)
+            need = blocks_for(n) - len(shared)
+            if need + pool.evictable_among(shared) > pool.free_blocks:
+                raise MemoryError(f"KV pool full: {n} tokens need {need} new blocks, {pool.free_blocks} free")
+            pool.share(shared)
+            table = BlockTable(shared + pool.allocate(need), registered=len(shared))
+        # The new blocks are this import's alone until registered: the copy runs beside the forward pass.
+        self._write_kv(table, data, len(shared) * BLOCK_SIZE)
+        with pool.lock:
             if rid in self._imported or rid in self._seqs:  # a second import of the same id raced us
-                self.pool.release(table)
+                pool.release(table)
                 raise ValueError(f"request {rid!r} already has KV or is running here")
-            self._imported[rid] = (table, payload.num_tokens)
-            self._on_import(rid, payload.num_tokens)
+            self._imported[rid] = _Imported(table, n, hashes[: len(shared)])
+            self._on_import(rid, n)
 
     def release_kv(self, request_id: str) -> None:
         imported = self._imported.pop(request_id, None)
         if imported is not None:
-            self.pool.release(imported[0])
+            self.pool.release(imported.table)
         seq = self._seqs.get(request_id)
         if seq is not None and seq.status is Status.HELD:
             self._finish(seq)
@@ -274,31 +298,42 @@ class ScheduledEngine:
     def load(self) -> LoadReport:
         sched = self.scheduler
         held = [s for s in self._seqs.values() if s.status is Status.HELD]
+        pool = self.pool
         return LoadReport(
             role=self.role,
-            free_kv_tokens=self.pool.free_tokens,
-            total_kv_tokens=self.pool.total_tokens,
+            free_kv_tokens=pool.free_tokens,
+            total_kv_tokens=pool.total_tokens,
             chunk_size=self.chunk_size,
             backend=self.backend,
             model=self.model_name,
+            cached_blocks=pool.cached_blocks,
+            prefix_query_tokens=pool.query_tokens,
+            prefix_hit_tokens=pool.hit_tokens,
             **sched.load_fields(),  # type: ignore[arg-type]
             extra={
                 "batching": self.batching,
                 "held_kv_requests": len(held),
                 "held_kv_tokens": sum(s.num_computed for s in held),
                 "imported_kv_requests": len(self._imported),
-                "imported_kv_tokens": sum(n for _t, n in self._imported.values()),
+                "imported_kv_tokens": sum(i.num_tokens for i in self._imported.values()),
+                "used_kv_blocks": pool.used_blocks,
                 "preemptions": sched.preemptions,
                 "steps": self.steps,
                 **self._load_extra(),
             },
         )
 
+    def kv_events(self, since: int) -> KVEvents | None:
+        """Prefix-cache block events after event `since` (a reset with the whole cached set when the
+        asker is new or too far behind); None when caching is off. Safe from any thread."""
+        return self.pool.events_since(since) if self.pool.prefix_caching else None
+
     def info(self) -> dict[str, Any]:
         return {
             "model": self.model_name,
             "backend": self.backend,
             "block_size": BLOCK_SIZE,
+            "prefix_caching": self.pool.prefix_caching,
             "total_kv_tokens": self.pool.total_tokens,
             "dtype": self._dtype_name,
             "chunk_size": self.chunk_size,
@@ -330,9 +365,17 @@ class ScheduledEngine:
         seq.status = Status.FINISHED
         self._seqs.pop(seq.request_id, None)
 
+    def _cache_blocks(self, seq: Sequence) -> None:
+        """Register the sequence's blocks that the pass just filled (prompt or generated tokens)."""
+        full = seq.num_computed // BLOCK_SIZE
+        if full > seq.table.registered and self.pool.prefix_caching:
+            self.pool.register(seq.table, seq.block_hashes(self.model_name, seq.num_computed), full)
+
     def _append(self, seq: Sequence, tok: int) -> StepOutput:
         seq.tokens.append(tok)
         seq.outputs.append(tok)
+        # The first token's output says how much of the prompt came from the prefix cache.
+        cached = seq.cached_tokens if len(seq.outputs) == 1 else None
         delta, stopped = seq.detok.push(tok)
         reason = self._end_reason(seq, tok, stopped)
         if reason is not None:
@@ -343,4 +386,4 @@ class ScheduledEngine:
             reason = "prefilled"
             self.scheduler.remove(seq)
             seq.status = Status.HELD
-        return StepOutput(seq.request_id, tok, delta, reason)
+        return StepOutput(seq.request_id, tok, delta, reason, cached_tokens=cached)

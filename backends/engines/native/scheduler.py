@@ -9,7 +9,9 @@
   decode batch.
 
 Admission reserves blocks for the whole prompt, so a started prefill never stalls for memory; a
-prompt that does not fit stays queued (FCFS, no skipping). A running decode that needs a new
+prompt that does not fit stays queued (FCFS, no skipping). Admission first looks the prompt up in
+the pool's prefix cache: its leading cached full blocks are shared and the prefill starts after them
+(at most (n-1)//B blocks: the last prompt token is always computed, for its logits). A running decode that needs a new
 block and finds none preempts the newest running request (its blocks are freed and it is
 recomputed later from its prompt plus the tokens it already produced).
 """
@@ -77,6 +79,7 @@ class Scheduler:
         self.ready: deque[Sequence] = deque()  # decode_only, KV imported
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.namespace = ""  # prefix-cache namespace (the model name), set by the engine
         # A small reserve of blocks so admitted requests can grow a little before preempting.
         self.watermark = int(0.01 * pool.num_blocks)
 
@@ -127,15 +130,33 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
 
-    def _can_admit(self, seq: Sequence) -> bool:
+    def _lookup(self, seq: Sequence) -> list[int] | None:
+        """The cached blocks `seq` would share if admitted now, or None when it cannot be."""
         if len(self.running) >= self.max_batch:
-            return False
-        need = blocks_for(len(seq.tokens), self.pool.block_size)
-        return self.pool.free_blocks - need >= (self.watermark if self.running else 0)
+            return None
+        pool = self.pool
+        n = len(seq.tokens)
+        hits: list[int] = []
+        if pool.prefix_caching:
+            hashes = seq.block_hashes(self.namespace, n)
+            hits = pool.match(hashes[: (n - 1) // pool.block_size])
+        # Sharing an unreferenced cached block takes it off the free list too.
+        need = blocks_for(n, pool.block_size) - len(hits) + pool.evictable_among(hits)
+        if pool.free_blocks - need < (self.watermark if self.running else 0):
+            return None
+        return hits
 
-    def _admit(self, seq: Sequence) -> None:
-        ok = self.pool.ensure(seq.table, len(seq.tokens))
+    def _admit(self, seq: Sequence, hits: list[int]) -> None:
+        pool = self.pool
+        pool.share(hits)
+        seq.table.blocks = list(hits)
+        seq.table.registered = len(hits)
+        seq.num_computed = len(hits) * pool.block_size
+        ok = pool.ensure(seq.table, len(seq.tokens))
         assert ok, "admission checked the pool"
+        if seq.cached_tokens is None:  # the first admission: a recompute after preemption is not a query
+            seq.cached_tokens = seq.num_computed
+            pool.count_lookup(len(seq.tokens), seq.num_computed)
         self.waiting.popleft()
         seq.status = Status.RUNNING
         self.running.append(seq)
@@ -179,9 +200,12 @@ class Scheduler:
                 n = min(seq.remaining, budget)
                 plan.append((seq, n))
                 budget -= n
-        while budget > 0 and self.waiting and self._can_admit(self.waiting[0]):
+        while budget > 0 and self.waiting:
             seq = self.waiting[0]
-            self._admit(seq)
+            hits = self._lookup(seq)
+            if hits is None:
+                break
+            self._admit(seq, hits)
             n = min(seq.remaining, budget)
             plan.append((seq, n))
             budget -= n
@@ -194,11 +218,12 @@ class Scheduler:
             if seq.remaining > 1:
                 plan.append((seq, seq.remaining))
                 budget -= seq.remaining
-        while self.waiting and self._can_admit(self.waiting[0]):
+        while self.waiting:
             seq = self.waiting[0]
-            if plan and seq.remaining > budget:
+            hits = self._lookup(seq)
+            if hits is None or (plan and len(seq.tokens) - len(hits) * self.pool.block_size > budget):
                 break
-            self._admit(seq)
+            self._admit(seq, hits)
             plan.append((seq, seq.remaining))
             budget -= seq.remaining
         plan.sort(key=lambda e: e[1] != 1)

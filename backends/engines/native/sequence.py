@@ -7,7 +7,8 @@ from enum import Enum
 
 from backends.engines.api import EngineRequest
 from backends.engines.native.detokenize import IncrementalDetokenizer
-from backends.engines.native.kv_cache import BlockTable
+from backends.engines.native.kv_cache import BLOCK_SIZE, BlockTable
+from backends.prefix import block_hashes
 
 
 class Status(Enum):
@@ -30,6 +31,17 @@ class Sequence:
     table: BlockTable = field(default_factory=BlockTable)
     status: Status = Status.WAITING
     preemptions: int = 0
+    hashes: list[int] = field(default_factory=list)  # prefix hashes of the full blocks of `tokens` so far
+    cached_tokens: int | None = None  # prompt tokens its first admission found cached (reported once)
+
+    def block_hashes(self, namespace: str, num_tokens: int) -> list[int]:
+        """`hashes`, extended to cover the full blocks of the first `num_tokens` tokens (tokens are
+        only ever appended, so hashes once computed stay valid; the list may be longer)."""
+        want, have = num_tokens // BLOCK_SIZE, len(self.hashes)
+        if want > have:
+            parent = self.hashes[-1] if have else None
+            self.hashes += block_hashes(self.tokens[have * BLOCK_SIZE : want * BLOCK_SIZE], namespace, parent=parent)
+        return self.hashes
 
     @property
     def request_id(self) -> str:
