@@ -112,7 +112,9 @@ class Leases:
             if res.rowcount:
                 return True
             values = {"id": replica, "token": token, "host": host, "started_at": now, "heartbeat_at": now}
-            return bool(conn.execute(self._insert_ignore(REPLICAS, ["id"]).values(values)).rowcount)
+            # RETURNING, not rowcount: psycopg reports no usable rowcount for a skipped INSERT.
+            inserted = conn.execute(self._insert_ignore(REPLICAS, ["id"]).values(values).returning(c.id)).first()
+            return inserted is not None
 
     def heartbeat(self, replica: str, token: str) -> bool:
         """Renew this replica's heartbeat. False when its row is gone (the leader declared it dead
