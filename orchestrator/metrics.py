@@ -46,6 +46,15 @@ INSTANCE_QUEUED = Gauge("tetri_instance_queued", "Requests queued in an instance
 INSTANCE_RUNNING = Gauge("tetri_instance_running", "Requests running in an instance's engine", ["instance", "role"])
 INSTANCE_KV_USED = Gauge("tetri_instance_kv_used_ratio", "Share of an instance's KV pool in use (0..1)",
                          ["instance", "role"])
+INSTANCE_PREFIX_HIT = Gauge(
+    "tetri_instance_prefix_cache_hit_ratio",
+    "Share of an instance's prompt tokens served from its prefix cache since it started (engines with one)",
+    ["instance", "role"],
+)
+INSTANCE_CACHED_BLOCKS = Gauge(
+    "tetri_instance_prefix_cache_blocks", "KV blocks an instance holds in its prefix cache", ["instance", "role"]
+)
+_GAUGES = (INSTANCE_QUEUED, INSTANCE_RUNNING, INSTANCE_KV_USED, INSTANCE_PREFIX_HIT, INSTANCE_CACHED_BLOCKS)
 _instance_labels: set[tuple[str, str]] = set()
 
 
@@ -63,8 +72,11 @@ def observe_instances(instances: Iterable[Any]) -> None:
         INSTANCE_RUNNING.labels(*labels).set(load.running)
         total = load.total_kv_tokens
         INSTANCE_KV_USED.labels(*labels).set((total - load.free_kv_tokens) / total if total else 0.0)
+        if load.prefix_query_tokens:
+            INSTANCE_PREFIX_HIT.labels(*labels).set(load.prefix_hit_tokens / load.prefix_query_tokens)
+            INSTANCE_CACHED_BLOCKS.labels(*labels).set(load.cached_blocks)
     for labels in _instance_labels - seen:
-        for gauge in (INSTANCE_QUEUED, INSTANCE_RUNNING, INSTANCE_KV_USED):
+        for gauge in _GAUGES:
             try:
                 gauge.remove(*labels)
             except KeyError:
