@@ -1,4 +1,8 @@
-"""The simulator's configuration: a ``SystemConfig`` is the engine, batching and planning knobs of one
+"""The simulator's configuration (the systems: ``colocated-vllm``, vLLM-v0 style whole-prompt batches that
+stall decodes; ``colocated-sarathi``, stall-free chunked batches; ``disagg-simple``, prefill/decode pools
+with plain policies; ``tetri``, TetriInfer with this project's additions; see docs/reproduction.md).
+
+The configuration: a ``SystemConfig`` is the engine, batching and planning knobs of one
 simulated system plus its scheduling policy, a ``PolicyConfig`` (orchestrator/policies/config.py):
 the very configuration the live control plane runs, so ``Settings.policy_config()`` simulates the
 deployed system. The named systems (``SYSTEMS``) are overrides of the default (deployed) policy.

@@ -4,29 +4,7 @@ Every instance runs an engine scheduler (batching.py) whose forward passes take 
 calibrated ``TimingModel`` (backends/engines/simulated/timing.py). The cluster-level decisions (placement.py) are
 made by the very objects the live control plane uses (``orchestrator/policies``).
 
-Systems (``SYSTEMS`` in config.py):
-
-* ``colocated-vllm``: every instance prefills and decodes; vLLM-v0 style local scheduling:
-  prefill-first whole prompts (≤ ``max_batched_tokens`` per pass, decodes stall meanwhile), greedy KV
-  admission with a 1% watermark, preemption by recompute (newest first), ``max_num_seqs`` = 256.
-* ``colocated-sarathi``: Sarathi-Serve stall-free batching: running decodes first, then partial
-  prefills, then new prompts, within a token budget (= the profile's prefill knee).
-* ``disagg-simple``: prefill/decode instances; least-loaded prefill instance, FCFS, whole chunks at the
-  knee, least-loaded decode instance, greedy admission, no length prediction.
-* ``tetri``: TetriInfer: chunked prefill at the knee, SJF prefill queue (PrefillSchedBatch 16), length
-  predictor (oracle or noisy with the paper's 74.9% bucket accuracy), power-of-two dispatch balancing
-  heavy/light decodes, reserve-dynamic admission, idle flip, and a co-located fallback: requests with
-  a heavy prefill *and* a predicted heavy decode are prefilled on their decode instance in stall-free
-  hybrid batches (no KV transfer, no prefill-instance time), where disaggregation cannot pay; and
-  so is any prompt that the prefill pool would hold back longer than ``fallback_wait_s`` (30 ms)
-  while a decode instance has room ("adaptive": conditional disaggregation, as NVIDIA Dynamo does).
-  Co-located prompts go to the decode instance with the least prefill load (the global scheduler's
-  rule) and wait there in a ``PrefillQueue`` of the same policy (SJF), as in the live placement.
-  Late binding: an instance with room and nothing queued takes the next prompt queued for its
-  busiest peer of the same pool (prefill or decode), as the live placement does.
-  The split, "no prefill pool" (P = 0, every request co-located) included, is chosen by simulating
-  the candidates on a resample of the traffic (planner.py): disaggregation is kept where it pays
-  and dropped where the pools it creates could not keep up.
+The systems it compares are described in config.py.
 
 ``ClusterSim`` alone runs the analytic split (split.py); ``simulate`` (planner.py) plans the layout
 first where the system asks for a simulated plan.
@@ -43,11 +21,10 @@ from typing import Any
 
 from backends.engines.simulated.timing import TimingModel
 from backends.prefix import BLOCK_TOKENS, reusable_tokens
-from orchestrator.policies.types import RequestView
 from orchestrator.sim.batching import Batcher
 from orchestrator.sim.config import SystemConfig, check_config
 from orchestrator.sim.placement import SimPlacement, SimPolicies, wants_colocated
-from orchestrator.sim.predict import predicted_buckets
+from orchestrator.sim.predict import set_views
 from orchestrator.sim.prefix import SimPrefixCache
 from orchestrator.sim.split import LayoutChoice, plan_split
 from orchestrator.sim.state import SimInstance, SimRequest, SimResult, request_record
@@ -154,25 +131,7 @@ class ClusterSim:
 
     def _predict(self, texts: Sequence[str | None]) -> None:
         """Each request's view, with the bucket the configured predictor gives it (predict.py)."""
-        p = self.cfg.policy
-        g = p.predictor_granularity
-        outputs = [r.output_tokens for r in self.reqs]
-        buckets, self.predicted_by = predicted_buckets(p, outputs, texts, self.prng, self.cfg.learned_accuracy)
-        for r, bucket in zip(self.reqs, buckets, strict=True):
-            r.view = RequestView(
-                id=r.id,
-                arrival=r.arrival,
-                prompt_tokens=r.prompt_tokens,
-                max_tokens=r.output_tokens,
-                predicted_bucket=bucket,
-                granularity=g,
-                heavy_decode_threshold=p.heavy_decode_threshold,
-            )
-            r.predicted_lo = r.view.predicted_output_lo
-            r.heavy_decode = r.view.heavy_decode
-            r.kv_need = r.view.kv_need
-            if r.blocks:  # the keys of cache-aware placement (the live path hashes token blocks)
-                r.view = replace(r.view, prefix_hashes=r.blocks[: r.prompt_tokens // BLOCK_TOKENS])
+        self.predicted_by = set_views(self.reqs, self.cfg.policy, texts, self.prng, self.cfg.learned_accuracy)
 
     # ---- event plumbing ---------------------------------------------------------------------------
     def _push(self, t: float, kind: int, obj: Any) -> None:

@@ -14,8 +14,11 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+from backends.prefix import BLOCK_TOKENS
 from orchestrator.policies.config import PolicyConfig
 from orchestrator.policies.predictors import bucket_of, make_predictor
+from orchestrator.policies.types import RequestView
+from orchestrator.sim.state import SimRequest
 
 
 def predicted_buckets(
@@ -44,3 +47,24 @@ def predicted_buckets(
             bucket = true_b + 1 if true_b == 0 or rng.random() < 0.5 else true_b - 1
         out.append(bucket)
     return out, "oracle" if policy.predictor == "oracle" else "learned-standin"
+
+
+def set_views(
+    reqs: Sequence[SimRequest], policy: PolicyConfig, texts: Sequence[str | None], rng: random.Random,
+    learned_accuracy: float,
+) -> str:
+    """Give each request its view (predicted bucket, KV need; its prompt's block ids as prefix keys)
+    and return how the buckets were predicted."""
+    g = policy.predictor_granularity
+    outputs = [r.output_tokens for r in reqs]
+    buckets, predicted_by = predicted_buckets(policy, outputs, texts, rng, learned_accuracy)
+    for r, bucket in zip(reqs, buckets, strict=True):
+        r.view = RequestView(
+            id=r.id, arrival=r.arrival, prompt_tokens=r.prompt_tokens, max_tokens=r.output_tokens,
+            predicted_bucket=bucket, granularity=g, heavy_decode_threshold=policy.heavy_decode_threshold,
+            prefix_hashes=r.blocks[: r.prompt_tokens // BLOCK_TOKENS],
+        )  # fmt: skip
+        r.predicted_lo = r.view.predicted_output_lo
+        r.heavy_decode = r.view.heavy_decode
+        r.kv_need = r.view.kv_need
+    return predicted_by
