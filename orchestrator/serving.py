@@ -87,7 +87,7 @@ class Server:
             prediction.cancel()
             job.transition(
                 end, finished_at=time.time(), completion_tokens=job.completion_tokens,
-                finish_reason=job.finish_reason, error=error, backend=job.backend,
+                finish_reason=job.finish_reason, error=error, backend=job.backend, cached_tokens=job.cached_tokens,
                 predicted_bucket=job.predicted_bucket, predictor_granularity=self.settings.predictor_granularity,
             )
             metrics.REQUESTS.labels(outcome=end.value).inc()
