@@ -49,7 +49,9 @@ class FailoverResult:
     requests: int
     completed: int = 0
     lost: int = 0
-    retried: int = 0  # cut by the kill (or refused while it happened), answered by the other replica
+    retried: int = 0  # answered on a later attempt: cut by the kill (sent to the other replica) or refused
+    cut_by_kill: int = 0  # attempts whose connection the kill broke
+    refused: dict[str, int] = field(default_factory=dict)  # attempts answered with an error status, by status
     per_replica: dict[str, int] = field(default_factory=dict)  # answered by each
     leader_before: str = ""
     leader_after: str = ""
@@ -185,7 +187,8 @@ def measure(
         prompts = [" ".join(str(rng.randrange(1000)) for _ in range(rng.randrange(10, 120))) for _ in range(requests)]
         done = threading.Semaphore(0)
         dead: set[str] = set()
-        counts = {"completed": 0, "lost": 0, "retried": 0, "a": 0, "b": 0}
+        counts = {"completed": 0, "lost": 0, "retried": 0, "cut": 0, "a": 0, "b": 0}
+        refused: dict[str, int] = {}
         lock = threading.Lock()
 
         def one(i: int) -> None:
@@ -201,8 +204,12 @@ def measure(
                             counts[name] += 1
                             counts["retried"] += int(attempt > 0)
                         break
+                    with lock:
+                        refused[str(resp.status_code)] = refused.get(str(resp.status_code), 0) + 1
                     time.sleep(float(resp.headers.get("retry-after", "0.2")))
                 except httpx.HTTPError:  # the replica went away under the request: the other one serves it
+                    with lock:
+                        counts["cut"] += 1
                     name = "b" if name == "a" else "a"
                     time.sleep(0.05)
             else:
@@ -234,6 +241,7 @@ def measure(
         result.leader_after = (reader.get_lease("leader") or {}).get("holder") or ""
         result.completed, result.lost, result.retried = counts["completed"], counts["lost"], counts["retried"]
         result.per_replica = {"a": counts["a"], "b": counts["b"]}
+        result.cut_by_kill, result.refused = counts["cut"], refused
         result.handoff_507 += _handoff_507(urls[survivor])
         result.kv = kv
         for ev in reader.list_events("recover", limit=20):
@@ -268,6 +276,7 @@ def markdown(r: FailoverResult) -> str:
         f"| {r.sync_visible_s} | {r.handoff_507} |",
         "",
         f"leader {r.leader_before} killed, {r.leader_after} leads; answered per replica {r.per_replica}; "
+        f"attempts cut by the kill {r.cut_by_kill}, answered with an error {r.refused} (then retried); "
         f"the dead replica's in-flight rows failed by the new leader: {r.dead_requests_failed}; "
         f"rows left in flight: {r.inflight_rows_left}; lease {r.lease_s:g} s renewed every {r.renew_s:g} s",
         f"KV: {kv}",
