@@ -292,6 +292,47 @@ async def _polls_and_push(pre_url: str, dec_url: str, dec, system: list[int], ba
         await other.close()
 
 
+def _prefill_push(pre_url: str, dec_url: str, rid: str, prompt: list[int], n: int) -> tuple[dict, str]:
+    sampling = {"max_tokens": n, "ignore_eos": True, "temperature": 0.0}
+    body = {"request_id": rid, "prompt_ids": prompt, "sampling": sampling, "handoff": {"decode_url": dec_url}}
+    resp = httpx.post(f"{pre_url}/prefill", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    kv = resp.json()["kv"]
+    decode = {**body, "first_token": kv["first_token_id"], "lease_id": kv["lease_id"]}
+    del decode["handoff"]
+    text = httpx.post(f"{dec_url}/decode", json=decode, timeout=60).text
+    return kv, text
+
+
+def test_socket_push_skips_the_blocks_the_decode_worker_holds(system):
+    from backends.engines.server import create_worker_app
+    from tests.conftest import serve_app
+
+    pre, dec = make("prefill"), make("decode")
+    ref = make(prefix_caching=False)
+    with serve_app(create_worker_app(dec, backend="native")) as dec_url, \
+            serve_app(create_worker_app(pre, backend="native")) as pre_url:  # fmt: skip
+        run(dec, [])  # (idle)
+        warm = {"request_id": "w", "prompt_ids": system + [3], "sampling": {"max_tokens": 1, "ignore_eos": True}}
+        assert httpx.post(f"{dec_url}/generate", json=warm, timeout=60).status_code == 200
+        prompt = system + [4, 5, 6]
+        kv, text = _prefill_push(pre_url, dec_url, "s", prompt, 6)
+        assert kv["extra"]["skipped_tokens"] == 4 * B and "wire_s" in kv["extra"]  # the socket sent 14 positions
+        got = [kv["first_token_id"]] + [int(x) for x in re.findall(r'"token_ids": \[(\d+)\]', text)]
+        assert got == run(ref, [EngineRequest("s", prompt, greedy(6))])["s"]["tokens"]
+
+        # A receiver that announced a prefix it no longer holds refuses the import (410): the sender
+        # pushes the whole KV over HTTP instead, and the outputs stay exact.
+        dec.held_prefix_tokens = lambda hashes, n: 4 * B  # as if evicted between announce and import
+        other = [9] * 75 + [1]
+        kv, text = _prefill_push(pre_url, dec_url, "g", other, 4)
+        assert "wire_s" not in kv["extra"]  # over HTTP, in full
+        got = [kv["first_token_id"]] + [int(x) for x in re.findall(r'"token_ids": \[(\d+)\]', text)]
+        assert got == run(ref, [EngineRequest("g", other, greedy(4))])["g"]["tokens"]
+    assert_idle_and_empty(pre)
+    assert_idle_and_empty(dec)
+
+
 def test_migration_reprefill_hits_what_is_cached(tiny_hf, system):
     eng = make(chunk_size=32)
     out = run(eng, [EngineRequest("a", system, greedy(20))])["a"]

@@ -58,6 +58,11 @@ class KVPayload:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class KVPrefixGone(ValueError):
+    """import_kv of a push that skipped positions the receiver's prefix cache held when the push was
+    announced, evicted since: the sender must push the whole KV again."""
+
+
 class EngineCore(Protocol):
     role: Role
     model_name: str

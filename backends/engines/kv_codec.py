@@ -56,7 +56,13 @@ def encode_kv_chunks(payload: KVPayload) -> Iterator[memoryview | bytes]:
     """The wire form as a header and zero-copy views of the tensor's memory (for streaming)."""
     tensor: torch.Tensor = payload.data
     yield _header(payload, tensor)
-    body = _raw(tensor)
+    yield from tensor_chunks(tensor)
+
+
+def tensor_chunks(tensor: torch.Tensor, skip_tokens: int = 0) -> Iterator[memoryview]:
+    """The tensor's bytes in chunks; with `skip_tokens`, those of positions skip_tokens.. only (the
+    receiver holds the leading ones in its prefix cache: a copy of the tail is sent)."""
+    body = _raw(tensor[:, :, skip_tokens:] if skip_tokens else tensor)
     for offset in range(0, len(body), _CHUNK):
         yield body[offset : offset + _CHUNK]
 
@@ -85,7 +91,9 @@ class KVReceiver:
         return decode_kv(self.buffer)
 
 
-def decode_kv(blob: bytes | bytearray | np.ndarray) -> KVPayload:
+def decode_kv(blob: bytes | bytearray | np.ndarray, skip_tokens: int = 0) -> KVPayload:
+    """`skip_tokens`: the body holds positions skip_tokens.. only (the header's shape is the whole
+    KV's); the payload then says so in `extra["skip_tokens"]`, its `num_tokens` staying the whole."""
     buf = blob if isinstance(blob, np.ndarray) else np.frombuffer(bytearray(blob), dtype=np.uint8)
     if len(buf) < 4:
         raise ValueError("KV payload too short")
@@ -97,6 +105,12 @@ def decode_kv(blob: bytes | bytearray | np.ndarray) -> KVPayload:
     if dtype is None:
         raise ValueError(f"unsupported KV dtype {header['dtype']!r}")
     shape = tuple(int(d) for d in header["shape"])
+    extra = header.get("extra", {})
+    if skip_tokens:
+        if not 0 < skip_tokens < shape[2]:
+            raise ValueError(f"cannot skip {skip_tokens} of {shape[2]} KV positions")
+        shape = (shape[0], shape[1], shape[2] - skip_tokens, *shape[3:])
+        extra = {**extra, "skip_tokens": skip_tokens}
     body = buf[4 + hlen :]
     expected = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     if len(body) != expected:
@@ -108,5 +122,5 @@ def decode_kv(blob: bytes | bytearray | np.ndarray) -> KVPayload:
         num_tokens=header["num_tokens"],
         data=tensor.reshape(shape),
         model=header["model"],
-        extra=header.get("extra", {}),
+        extra=extra,
     )

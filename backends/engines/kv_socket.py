@@ -10,8 +10,11 @@ One push per connection:
 3. receiver: checks the MAC in constant time, that the length is the header plus the tensor the
    header announces, and that the KV pool has room for it (`admit`); only then allocates the
    buffer. Answers one JSON line: ``{"status": 100}`` (go on) or ``{"status": 4xx/5xx, "error"}``
-   and closes.
-4. sender: the tensor bytes. Receiver: ``{"status": 200, "lease": {...}}`` or an error line.
+   and closes. When the header's extra has ``skip_ok`` and ``block_hashes`` (the prefix hashes of
+   the KV's full blocks) and the receiver's prefix cache holds the leading ones, the go-on says
+   ``"skip_tokens": N``: the sender then sends positions N.. only (the frame shrinks by that much).
+4. sender: the tensor bytes. Receiver: ``{"status": 200, "lease": {...}}`` or an error line (410:
+   the held prefix was evicted meanwhile; the sender pushes the whole KV again).
 
 The secret is shared by the deployment's workers: TETRI_KV_SECRET, else a random one kept in the
 cache directory (mode 0600), which every worker of one user on one machine finds without setup (as
@@ -34,14 +37,14 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from backends.engines.api import KVPayload
-from backends.engines.kv_codec import decode_kv, encode_kv_chunks, encoded_size
+from backends.engines.kv_codec import decode_kv, encode_kv_chunks, encoded_size, tensor_chunks
 
 log = logging.getLogger("tetri.engines.kv_socket")
 _MAGIC = b"TKV2"
@@ -49,7 +52,7 @@ _NONCE_BYTES = 16
 _MAC_BYTES = hashlib.sha256().digest_size
 _RECV_CHUNK = 1 << 22
 _MAX_FRAME = 1 << 36  # absolute ceiling; `admit` holds each frame to what the pool can take
-_MAX_HEADER = 1 << 16  # the JSON header of a KV is a few hundred bytes
+_MAX_HEADER = 1 << 21  # the JSON header of a KV: a few hundred bytes and its block hashes (~20 bytes per 16 tokens)
 _ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # the dtypes kv_codec decodes
 _SECRET_ENV = "TETRI_KV_SECRET"
 
@@ -70,14 +73,16 @@ class KVAnnounce:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int  # the tensor's bytes
+    block_hashes: tuple[int, ...] = ()  # prefix hashes of its full blocks, when the sender may skip held ones
 
 
 # Called on the receiving side with the payload and the lease length; returns the lease as a dict
 # or raises KVRefused.
 OnPayload = Callable[[KVPayload, float], dict[str, Any]]
 # Called before the buffer is allocated, with the tokens of other pushes admitted but not yet
-# imported; raises KVRefused when the pool cannot take this one.
-Admit = Callable[[KVAnnounce, int], None]
+# imported; raises KVRefused when the pool cannot take this one, else returns the leading positions
+# the receiver already holds (the sender skips them; 0: send all).
+Admit = Callable[[KVAnnounce, int], int]
 
 
 def load_kv_secret() -> bytes:
@@ -194,12 +199,13 @@ class KVSocketServer:
                 raise KVRefused(401, "KV push not authenticated (TETRI_KV_SECRET differs between workers?)")
             started = time.perf_counter()
             prefix, announce = self._read_header(sock, size)
+            skip = 0
             with self._lock:
                 if self._admit is not None:
-                    self._admit(announce, self._inflight_tokens)
+                    skip = self._admit(announce, self._inflight_tokens) or 0
                 self._inflight_tokens += announce.num_tokens
                 admitted = announce.num_tokens
-            reply = self._receive(sock, size, prefix, started)
+            reply = self._receive(sock, size, prefix, started, announce, skip)
         except KVRefused as exc:
             reply = {"status": exc.status, "error": str(exc)}
         except (ValueError, KeyError, TypeError) as exc:
@@ -239,12 +245,20 @@ class KVSocketServer:
             nbytes *= d
         if 4 + hlen + nbytes != size:
             raise KVRefused(400, f"KV frame of {size} bytes, its header announces {4 + hlen + nbytes}")
+        extra = header.get("extra") or {}
+        hashes = tuple(int(h) for h in extra.get("block_hashes") or ()) if extra.get("skip_ok") else ()
         announce = KVAnnounce(str(header["request_id"]), str(header["model"]), int(header["num_tokens"]),
-                              dtype, shape, nbytes)
+                              dtype, shape, nbytes, hashes)
         return struct.pack(">I", hlen) + raw, announce
 
-    def _receive(self, sock: socket.socket, size: int, prefix: bytes, started: float) -> dict[str, Any]:
-        sock.sendall(b'{"status": 100}\n')
+    def _receive(self, sock: socket.socket, size: int, prefix: bytes, started: float, announce: KVAnnounce,
+                 skip: int) -> dict[str, Any]:
+        skip = skip if 0 < skip < announce.num_tokens and len(announce.shape) == 5 else 0
+        if skip:
+            size -= announce.nbytes // announce.shape[2] * skip
+            sock.sendall(json.dumps({"status": 100, "skip_tokens": skip}).encode() + b"\n")
+        else:
+            sock.sendall(b'{"status": 100}\n')
         buffer = _allocate(size)
         buffer[: len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
         filled = len(prefix)
@@ -254,7 +268,7 @@ class KVSocketServer:
             if n == 0:
                 raise ConnectionError("sender closed mid-frame")
             filled += n
-        payload = decode_kv(buffer)
+        payload = decode_kv(buffer, skip)
         received = time.perf_counter()
         lease_s = float(payload.extra.get("lease_s", 30.0))
         try:
@@ -299,7 +313,9 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 def push_kv(host: str, port: int, payload: KVPayload, lease_s: float, secret: bytes,
             timeout_s: float = 120.0) -> dict[str, Any]:
     """Blocking push; returns the receiver's lease. Raises KVRefused (401: the secrets differ) or OSError."""
-    payload.extra = {**payload.extra, "lease_s": lease_s}
+    # A copy: the caller may push the same payload again over HTTP, its size computed without these.
+    skip_ok = bool(payload.extra.get("block_hashes"))
+    payload = replace(payload, extra={**payload.extra, "lease_s": lease_s, "skip_ok": skip_ok})
     header, *body = encode_kv_chunks(payload)  # any copy to contiguous memory happens here, not mid-send
     size = encoded_size(payload)
     with socket.create_connection((host, port), timeout=timeout_s) as sock:
@@ -309,10 +325,12 @@ def push_kv(host: str, port: int, payload: KVPayload, lease_s: float, secret: by
         if len(hello) != len(_MAGIC) + _NONCE_BYTES or not hello.startswith(_MAGIC):
             raise ConnectionError("not a tetri KV socket (or an older protocol)")
         sock.sendall(struct.pack(">Q", size) + _mac(secret, hello[len(_MAGIC) :], size) + bytes(header))
-        _check(replies.readline(), expect=100)
-        for chunk in body:
+        go_on = _check(replies.readline(), expect=100)
+        skip = int(go_on.get("skip_tokens") or 0)
+        for chunk in tensor_chunks(payload.data, skip) if skip else body:
             sock.sendall(chunk)
         reply = _check(replies.readline(), expect=200)
+    reply["lease"].setdefault("skipped_tokens", skip)
     return dict(reply["lease"])
 
 

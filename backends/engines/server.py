@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from backends.base import LoadReport, Role, SamplingParams, TokenEvent
-from backends.engines.api import EngineCore, EngineRequest, KVPayload, Mode, StepOutput
+from backends.engines.api import EngineCore, EngineRequest, KVPayload, KVPrefixGone, Mode, StepOutput
 from backends.engines.kv_codec import KVReceiver, encode_kv_chunks, encoded_size
 from backends.engines.kv_socket import KVAnnounce, KVRefused, KVSocketServer, load_kv_secret
 from backends.engines.kv_socket import push_kv as socket_push_kv
@@ -190,6 +190,8 @@ class WorkerState:
             await asyncio.to_thread(self.core.import_kv, payload)
         except MemoryError as exc:
             raise KVRefused(507, f"KV pool full: {exc}") from exc
+        except KVPrefixGone as exc:  # the positions the push skipped were evicted meanwhile
+            raise KVRefused(410, str(exc)) from exc
         await self.runner.refresh_snapshot()
         nbytes = payload.data.numel() * payload.data.element_size()
         lease = KVLease(uuid.uuid4().hex, rid, payload.num_tokens, nbytes, time.time() + lease_s)
@@ -197,9 +199,10 @@ class WorkerState:
         return {"lease_id": lease.lease_id, "deadline": lease.deadline, "num_tokens": lease.num_tokens,
                 "nbytes": lease.nbytes}
 
-    def admit_kv(self, announce: KVAnnounce, inflight_tokens: int) -> None:
+    def admit_kv(self, announce: KVAnnounce, inflight_tokens: int) -> int:
         """The socket channel asks before it allocates a pushed KV's buffer: refuse what the pool
-        cannot take (`inflight_tokens`: other pushes admitted, not yet imported)."""
+        cannot take (`inflight_tokens`: other pushes admitted, not yet imported). Returns the leading
+        positions the prefix cache holds, which the sender skips."""
         if not self.accepting:
             raise KVRefused(503, "worker is draining")
         if announce.model != self.core.model_name:
@@ -211,8 +214,14 @@ class WorkerState:
                 raise KVRefused(400, f"KV shape {announce.shape} does not match this model's {expected}")
         snapshot = self.runner.snapshot  # None until the engine's first command: the pool is empty then
         total = snapshot.total_kv_tokens if snapshot else self.kv_pool_tokens
-        if total is None:
-            return
+        if total is not None:
+            self._check_room(announce, inflight_tokens, total, snapshot)
+        held = getattr(self.core, "held_prefix_tokens", None)
+        if not announce.block_hashes or held is None:
+            return 0
+        return held(list(announce.block_hashes), announce.num_tokens)
+
+    def _check_room(self, announce: KVAnnounce, inflight_tokens: int, total: int, snapshot: LoadReport | None) -> None:
         if announce.num_tokens > total:
             raise KVRefused(413, f"KV of {announce.num_tokens} tokens exceeds the pool ({total})")
         replaced = self.leases.get(announce.request_id)  # a retried push frees the earlier one first
@@ -436,11 +445,14 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
                 try:
                     lease = await asyncio.to_thread(socket_push_kv, host, port, payload, lease_s, state.kv_secret)
                 except KVRefused as exc:
-                    if exc.status != 401:
+                    if exc.status == 410:  # it evicted the prefix it told us to skip: this one whole, over HTTP
+                        log.info("KV push of %s: the held prefix was evicted; pushing it whole", rid)
+                    elif exc.status != 401:
                         raise
-                    # Our secrets differ: the HTTP API still takes the KV; stop trying the socket there.
-                    log.warning("KV socket of %s refused our secret; pushing over HTTP from now on", decode_url)
-                    state.kv_ports[decode_url] = None
+                    else:
+                        # Our secrets differ: the HTTP API still takes the KV; stop trying the socket there.
+                        log.warning("KV socket of %s refused our secret; pushing over HTTP from now on", decode_url)
+                        state.kv_ports[decode_url] = None
                 except ConnectionRefusedError:
                     # The decode worker restarted (same URL, new KV port): push this one over HTTP and
                     # read its port again for the next.
@@ -464,7 +476,7 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
         return {"request_id": rid, "num_tokens": payload.num_tokens, "first_token_id": event.token_ids[0],
                 "lease_id": lease["lease_id"], "lease_deadline": lease["deadline"], "nbytes": nbytes,
                 "transfer_s": transfer_s,
-                "extra": {k: lease[k] for k in ("wire_s", "import_s") if k in lease}}
+                "extra": {k: lease[k] for k in ("wire_s", "import_s", "skipped_tokens") if k in lease}}
 
     @app.put("/kv/{request_id}")
     async def receive_kv(request_id: str, request: Request, lease_s: float = 30.0):

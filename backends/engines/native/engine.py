@@ -187,13 +187,14 @@ class NativeEngine(ScheduledEngine):
         if not isinstance(data, torch.Tensor):
             data = torch.as_tensor(data)
         m = self.model
-        expected = (m.num_layers, 2, payload.num_tokens, m.num_kv_heads, m.head_dim)
+        tokens = payload.num_tokens - int(payload.extra.get("skip_tokens") or 0)  # a push may skip held positions
+        expected = (m.num_layers, 2, tokens, m.num_kv_heads, m.head_dim)
         if tuple(data.shape) != expected:
             raise ValueError(f"KV shape {tuple(data.shape)} does not match this model's {expected}")
         return data
 
     def _write_kv(self, table: BlockTable, data: torch.Tensor, start: int) -> None:
-        self.pool.write(table, data[:, :, start:], start)
+        self.pool.write(table, data, start)
 
     def _model_info(self) -> dict[str, Any]:
         m = self.model

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import KVEvents, LoadReport, Role
-from backends.engines.api import EngineRequest, KVPayload, StepOutput
+from backends.engines.api import EngineRequest, KVPayload, KVPrefixGone, StepOutput
 from backends.engines.native.detokenize import IncrementalDetokenizer
 from backends.engines.native.kv_cache import BLOCK_SIZE, BlockTable, KVPool, blocks_for
 from backends.engines.native.scheduler import PassShape, Scheduler
@@ -121,8 +121,9 @@ class ScheduledEngine:
         return payload.data
 
     def _write_kv(self, table: BlockTable, data: Any, start: int) -> None:
-        """Copy imported data's positions `start`.. into the table's fresh blocks (outside the pool
-        lock); the positions before `start` are in blocks shared with the prefix cache."""
+        """Copy imported data (positions `start`.., sliced by the caller) into the table's fresh
+        blocks (outside the pool lock); the positions before `start` are in blocks shared with the
+        prefix cache."""
 
     def _on_import(self, request_id: str, num_tokens: int) -> None:
         """Runs under the pool lock right after an import is registered."""
@@ -263,22 +264,32 @@ class ScheduledEngine:
             raise ValueError(f"KV of {payload.num_tokens} tokens does not fit the model's context")
         n = payload.num_tokens
         hashes = [int(h) for h in payload.extra.get("block_hashes") or []][: n // BLOCK_SIZE]
+        skip = int(payload.extra.get("skip_tokens") or 0)  # `data` holds positions skip.. only
         pool = self.pool
         with pool.lock:  # match, share and allocate at once: no eviction in between
             shared = pool.match(hashes)
+            if len(shared) * BLOCK_SIZE < skip:
+                raise KVPrefixGone(f"KV push skipped {skip} positions, this pool now holds {len(shared) * BLOCK_SIZE}")
             need = blocks_for(n) - len(shared)
             if need + pool.evictable_among(shared) > pool.free_blocks:
                 raise MemoryError(f"KV pool full: {n} tokens need {need} new blocks, {pool.free_blocks} free")
             pool.share(shared)
             table = BlockTable(shared + pool.allocate(need), registered=len(shared))
         # The new blocks are this import's alone until registered: the copy runs beside the forward pass.
-        self._write_kv(table, data, len(shared) * BLOCK_SIZE)
+        start = len(shared) * BLOCK_SIZE
+        self._write_kv(table, data[:, :, start - skip :] if start > skip else data, start)
         with pool.lock:
             if rid in self._imported or rid in self._seqs:  # a second import of the same id raced us
                 pool.release(table)
                 raise ValueError(f"request {rid!r} already has KV or is running here")
             self._imported[rid] = _Imported(table, n, hashes[: len(shared)])
             self._on_import(rid, n)
+
+    def held_prefix_tokens(self, block_hashes: list[int], num_tokens: int) -> int:
+        """Leading positions of a KV of `num_tokens` (full blocks `block_hashes`) this pool caches,
+        which a push may skip (the last block is always sent). Safe from any thread."""
+        with self.pool.lock:
+            return len(self.pool.match(block_hashes[: (num_tokens - 1) // BLOCK_SIZE])) * BLOCK_SIZE
 
     def release_kv(self, request_id: str) -> None:
         imported = self._imported.pop(request_id, None)
