@@ -25,7 +25,7 @@ from orchestrator.body_limit import BodyLimitMiddleware
 from orchestrator.cluster import Cluster, Instance, check_url, url_key
 from orchestrator.config import InstanceSpec, Settings
 from orchestrator.errors import APIError, install_error_handlers
-from orchestrator.leader import DEAD_REPLICA_ERROR, InstanceSync, Leader
+from orchestrator.leader import DEAD_REPLICA_ERROR, InstanceSync, Leader, shareable_options
 from orchestrator.monitor import ClusterMonitor
 from orchestrator.openai_api import build_router
 from orchestrator.placement import Placement
@@ -380,6 +380,7 @@ class AppState:
             model=inst.model or inst.spec.model,
             capacity_kv_tokens=inst.load.total_kv_tokens if inst.load else None,
             last_load=inst.load.to_dict() if inst.load else None, last_seen=inst.last_seen or None,
+            options=shareable_options(inst.spec.options),  # a peer registering it from the table needs them
         )
 
     def _save_instances_stopped(self) -> None:

@@ -37,7 +37,14 @@ from orchestrator.store import Store
 log = logging.getLogger("tetri.leader")
 
 LEADER_LEASE = "leader"
+# Option names that hold credentials: never written to the store; each replica's configuration has them.
+_SECRET_WORDS = ("key", "token", "secret", "password", "credential")
 DEAD_REPLICA_ERROR = "the orchestrator replica serving the request stopped answering"
+
+
+def shareable_options(options: dict[str, Any]) -> dict[str, Any]:
+    """An instance's adapter options as the store keeps them for the other replicas: no credentials."""
+    return {k: v for k, v in options.items() if not any(w in k.lower() for w in _SECRET_WORDS)}
 
 
 class ReplicaIdInUse(RuntimeError):
@@ -219,7 +226,7 @@ class InstanceSync:
                 if now - self._failed.get(iid, 0.0) < self.retry_s:
                     continue
                 spec = InstanceSpec(url=row["url"], backend=row["backend"] or "native", role=row["role"] or "colocated",
-                                    model=row["model"], id=iid)  # fmt: skip
+                                    model=row["model"], id=iid, options=row.get("options") or {})  # fmt: skip
                 self._spawn(iid, self._add(spec))
             elif state == "removed" and row["updated_at"] > self.registered_at.get(iid, 0.0):
                 self._spawn(iid, self._forget(inst))

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from orchestrator.leader import Leader, ReplicaIdInUse
+from orchestrator.leader import Leader, ReplicaIdInUse, shareable_options
 from orchestrator.store import Store
 from tests.test_store import db_url  # noqa: F401 - the fixture, parametrized over both databases
 
@@ -211,3 +211,11 @@ def test_a_leader_that_loses_the_database_steps_down_before_the_lease_can_pass(s
         await a.stop()
 
     asyncio.run(run())
+
+
+def test_instance_options_reach_the_store_without_credentials(stores):
+    s = stores()
+    opts = {"bootstrap_port": 8998, "bootstrap_host": "10.0.0.7", "api_key": "sk-1", "auth_token": "t"}
+    s.save_instance("p0", state="healthy", url="http://p0:1", options=shareable_options(opts))
+    assert s.flush()
+    assert s.get_instance("p0")["options"] == {"bootstrap_port": 8998, "bootstrap_host": "10.0.0.7"}

@@ -1,4 +1,4 @@
-"""leases and replicas: the leader lease and the replicas' heartbeats (several orchestrator replicas)
+"""leases and replicas (the leader lease, the replicas' heartbeats); instances.options (several replicas)
 
 Revision ID: 0004_leases
 Revises: 0003_cached_tokens
@@ -19,6 +19,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    # An instance's adapter options (secrets left out): a replica registering it from the table needs them.
+    op.add_column("instances", sa.Column("options", sa.JSON(), nullable=True))
     op.create_table(
         "leases",
         sa.Column("name", sa.String(length=64), nullable=False),
@@ -44,3 +46,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("replicas")
     op.drop_table("leases")
+    with op.batch_alter_table("instances") as batch:
+        batch.drop_column("options")

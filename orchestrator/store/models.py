@@ -55,6 +55,8 @@ class InstanceRow(Base):
     updated_at: Mapped[float] = mapped_column(Float)
     # The orchestrator replica (Settings.replica_id) that drives it; NULL: written before 0002.
     replica: Mapped[str | None] = mapped_column(String(64))
+    # Its adapter options without secrets (0004): what another replica needs to register it too.
+    options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class RequestRow(Base):
