@@ -342,3 +342,13 @@ def test_migration_reprefill_hits_what_is_cached(tiny_hf, system):
     assert got["outputs"][0].cached_tokens == (len(resumed) - 1) // B * B
     assert got["tokens"] == out["tokens"][12:20]
     assert_idle_and_empty(eng)
+
+
+def test_prefix_caching_can_be_switched_off_for_a_worker(monkeypatch, system):
+    monkeypatch.setenv("TETRI_PREFIX_CACHING", "0")
+    eng = make(chunk_size=64)
+    run(eng, [EngineRequest("a", system, greedy(2))])
+    out = run(eng, [EngineRequest("b", system, greedy(2))])["b"]
+    assert out["outputs"][0].cached_tokens == 0 and eng.pool.cached_blocks == 0
+    assert eng.kv_events(0) is None and eng.info()["prefix_caching"] is False
+    assert_idle_and_empty(eng)

@@ -11,6 +11,7 @@ its pool, calls `ScheduledEngine.__init__` and implements `_run_pass` and the sm
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from backends.engines.native.scheduler import PassShape, Scheduler
 from backends.engines.native.sequence import Sequence, Status
 
 ROLES = ("prefill", "decode", "colocated")
+PREFIX_CACHING_ENV = "TETRI_PREFIX_CACHING"  # "0": no prefix caching, whatever the engine was built with
 # Modes each role accepts.
 ROLE_MODES = {
     "prefill": ("prefill_only",),
@@ -70,6 +72,8 @@ class ScheduledEngine:
         check_role(role)
         if chunk_size < 1:
             raise ValueError("chunk_size must be a positive number of tokens")
+        if os.environ.get(PREFIX_CACHING_ENV, "1").lower() in ("0", "false", "off", "no"):
+            pool.prefix_caching = False  # a worker-wide switch, for caching-off baselines (native and sim)
         self.pool = pool
         self.role: Role = role
         self.batching = batching
