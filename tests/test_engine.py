@@ -313,7 +313,8 @@ def test_vllm_style_prefills_whole_prompts_first():
 def test_full_pool_keeps_prompts_waiting():
     eng = make(kv_tokens=16 * 8, chunk_size=64)  # 128 tokens of KV
     for i in range(4):
-        eng.add_request(EngineRequest(f"w{i}", list(range(5, 65)), greedy(8)))  # 60 + 8 tokens each
+        # 60 + 8 tokens each, no two sharing a block (the queued ones would hit the prefix cache)
+        eng.add_request(EngineRequest(f"w{i}", list(range(5 + 100 * i, 65 + 100 * i)), greedy(8)))
     eng.step()
     load = eng.load()
     assert load.running >= 1 and load.queued >= 1

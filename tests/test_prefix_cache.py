@@ -352,3 +352,14 @@ def test_prefix_caching_can_be_switched_off_for_a_worker(monkeypatch, system):
     assert out["outputs"][0].cached_tokens == 0 and eng.pool.cached_blocks == 0
     assert eng.kv_events(0) is None and eng.info()["prefix_caching"] is False
     assert_idle_and_empty(eng)
+
+
+def test_queued_prompt_tokens_count_only_the_uncached_work(system):
+    eng = make(chunk_size=64, max_batch=1)
+    run(eng, [EngineRequest("warm", system, greedy(1))])
+    eng.add_request(EngineRequest("busy", [7] * 40, greedy(30)))
+    eng.step()  # the one batch slot is taken: the next request waits
+    eng.add_request(EngineRequest("q", system + [1, 2], greedy(2)))
+    assert eng.load().queued == 1 and eng.load().queued_prompt_tokens == len(system) + 2 - 4 * B
+    run(eng, [])
+    assert_idle_and_empty(eng)

@@ -229,6 +229,16 @@ class Scheduler:
         plan.sort(key=lambda e: e[1] != 1)
         return plan
 
+    def _uncached(self, seq: Sequence) -> int:
+        """A waiting sequence's prefill work as of now: its tokens less the leading cached ones."""
+        pool, n = self.pool, len(seq.tokens)
+        if not pool.prefix_caching or n <= pool.block_size:
+            return seq.prefill_left
+        hashes = seq.block_hashes(self.namespace, n)
+        with pool.lock:
+            hit = len(pool.match(hashes[: (n - 1) // pool.block_size])) * pool.block_size
+        return n - hit
+
     def load_fields(self) -> dict[str, object]:
         """The scheduler's part of a LoadReport (shared by the native and sim engines)."""
         heavy = light = running_prompt = 0
@@ -247,7 +257,7 @@ class Scheduler:
         return {
             "running": len(self.running),
             "queued": len(self.waiting) + len(self.ready),
-            "queued_prompt_tokens": sum(s.prefill_left for s in self.waiting),
+            "queued_prompt_tokens": sum(self._uncached(s) for s in self.waiting),
             "running_prompt_tokens": running_prompt,
             "heavy_decodes": heavy,
             "light_decodes": light,
