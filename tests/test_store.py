@@ -477,7 +477,9 @@ def test_recover_fails_inflight_requests_of_this_replica_only(db_url):
     try:
         before = time.time()
         assert s.recover("r1", "orchestrator restarted while the request was in flight") == {
-            "requests_failed": 5, "instances_unknown": 1}
+            "requests_failed": 5,
+            "instances_unknown": 1,
+        }
         for rid in ("mine-queued", "mine-prefilling", "mine-transferring", "mine-decoding", "legacy-queued"):
             row = s.get_request(rid)
             assert row["state"] == "failed", rid
