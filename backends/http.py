@@ -25,7 +25,7 @@ import httpx
 import orjson
 
 from backends.base import Backend, BackendBusy, BackendError, Role
-from orchestrator.tracing import TRACEPARENT
+from backends.tracing import TRACEPARENT
 
 log = logging.getLogger("tetri.backends.http")
 

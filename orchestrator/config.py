@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from backends.engines.paths import cache_dir as cache_dir  # re-exported: the worker side owns the rule
 from orchestrator.policies import registry
 from orchestrator.policies.config import POLICY_KNOBS, PolicyConfig
 
@@ -28,13 +29,6 @@ def _key_list(value: Any) -> Any:
     if isinstance(value, list):
         return [k.strip() if isinstance(k, str) else k for k in value if not isinstance(k, str) or k.strip()]
     return value
-
-
-def cache_dir() -> Path:
-    """Where converted weights, profiles and datasets are cached (TETRI_CACHE_DIR)."""
-    path = Path(os.environ.get("TETRI_CACHE_DIR", Path.home() / ".cache" / "tetri"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def data_dir() -> Path:

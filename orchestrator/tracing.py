@@ -5,8 +5,8 @@ prefill's start), `prefill` (to the first token), `kv_handoff` (first token to t
 output, disaggregated only) and `decode` (to the end). The children are recorded when the request
 ends, from the times the server notes as it goes (a few `time.time()` calls), so a request's path
 does no tracing work beyond `if job.trace is not None`. The W3C `traceparent` of the request's
-span goes to the engines on every generation call (`TRACEPARENT`, read by backends/http.py and
-the TensorRT-LLM adapter), so an engine that traces (our workers, SGLang, TensorRT-LLM, vLLM)
+span goes to the engines on every generation call (`TRACEPARENT`, backends/tracing.py, read by backends/http.py
+and the TensorRT-LLM adapter), so an engine that traces (our workers, SGLang, TensorRT-LLM, vLLM)
 can join the trace.
 
 The SDK is imported only when tracing is configured: the default install does not need it.
@@ -19,12 +19,10 @@ import logging
 import time
 from typing import Any
 
+from backends.tracing import TRACEPARENT  # the adapters read it: defined on their side
+
 log = logging.getLogger(__name__)
 
-# The traceparent header value for calls to engines made on behalf of the current request (None:
-# no tracing, no header). A context variable, so adapters need no extra argument: every request
-# runs in its own task, and tasks it spawns (an SGLang P/D pair's shielded send) inherit it.
-TRACEPARENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("tetri_traceparent", default=None)
 # The traceparent a client sent with its request (set by the app's middleware when tracing is on):
 # our request span then continues the client's trace.
 INCOMING: contextvars.ContextVar[str | None] = contextvars.ContextVar("tetri_incoming_traceparent", default=None)

@@ -90,7 +90,7 @@ def load_kv_secret() -> bytes:
     from_env = os.environ.get(_SECRET_ENV, "").strip()
     if from_env:
         return from_env.encode()
-    from orchestrator.config import cache_dir  # lazy: the channel itself needs no settings
+    from backends.engines.paths import cache_dir
 
     path = cache_dir() / "kv_secret"
     if not path.exists():

@@ -23,8 +23,8 @@ from backends.engines.kv_codec import KVReceiver, encode_kv_chunks, encoded_size
 from backends.engines.kv_socket import KVAnnounce, KVRefused, KVSocketServer, load_kv_secret
 from backends.engines.kv_socket import push_kv as socket_push_kv
 from backends.engines.runner import EngineRunner
+from backends.errors import error_body, error_response, install_error_handlers
 from backends.http import PeerGoneTransport
-from orchestrator.errors import error_body, error_response, install_error_handlers
 
 log = logging.getLogger("tetri.worker")
 _LEASE_REAP_INTERVAL_S = 0.5

@@ -55,7 +55,7 @@ from backends.tensorrt_llm.wire import (
     map_finish,
     new_disagg_request_id,
 )
-from orchestrator.tracing import TRACEPARENT
+from backends.tracing import TRACEPARENT
 
 log = logging.getLogger("tetri.backends.tensorrt_llm")
 

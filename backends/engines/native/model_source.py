@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.config import cache_dir
+from backends.engines.paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TOKENIZER_CACHE = "smollm2-tokenizer"

@@ -34,7 +34,7 @@ def ensure_converted(spec: str, console: Console) -> None:
     if todo is None:
         return
     gguf, name = todo
-    from orchestrator.config import cache_dir
+    from backends.engines.paths import cache_dir
 
     console.print(f"first run: converting [bold]{gguf.name}[/] to safetensors, once "
                   f"(cached in {cache_dir() / 'models' / name})")

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import torch
 
 from backends.engines.native.model_source import DEFAULT_MODEL
-from orchestrator.config import cache_dir
+from backends.engines.paths import cache_dir
 
 if TYPE_CHECKING:
     from backends.engines.native.engine import NativeEngine
