@@ -198,7 +198,7 @@ def profile(
                                         "(exit 1 if not); cache nothing.")] = False,
 ) -> None:
     """Sweep tokens per prefill pass; print the curve and the saturation knee (cached)."""
-    from backends.engines.native.profile import profile_command
+    from backends.engines.native.prepare import profile_command
 
     try:
         profile_command(model, device, json_out, sizes, check=check)

@@ -1,4 +1,5 @@
-"""The saturation-knee profiler (backends/engines/native/profile.py) and chunk_size="auto"."""
+"""The saturation-knee profiler (backends/engines/native/profile.py), chunk_size="auto" and `tetri profile`
+(backends/engines/native/prepare.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-from backends.engines.native import profile
+from backends.engines.native import prepare, profile
 from backends.engines.native.engine import NativeEngine
 
 TINY = "random:tiny-llama"
@@ -31,7 +32,7 @@ def test_find_knee_is_smallest_size_within_5_percent_of_peak():
 
 
 def test_profile_knee_sweeps_and_caches(tiny, tmp_cache):
-    result = profile.profile_knee(TINY, "cpu", sizes=[16, 32, 64, 128], engine=tiny, rounds=2)
+    result = profile.profile_knee(tiny, [16, 32, 64, 128], rounds=2)
     sizes = [n for n, _ in result.curve]
     assert sizes[0] == 16 and sizes == sorted(sizes) and set(sizes) <= {16, 32, 64, 128}
     assert all(tps > 0 for _, tps in result.curve)
@@ -50,6 +51,8 @@ def test_profile_knee_sweeps_and_caches(tiny, tmp_cache):
 
 def test_auto_chunk_size_uses_the_cached_knee(tmp_cache, monkeypatch):
     assert profile.resolve_chunk_size(96, TINY) == 96
+    with pytest.raises(LookupError):  # nothing cached and no engine to profile
+        profile.resolve_chunk_size("auto", "nothing-cached", "cpu")
     profile.save_cached(profile.ProfileResult(model=TINY, device="x", curve=[(48, 1.0)], knee=48))
 
     def no_profiling(*a, **k):
@@ -77,12 +80,12 @@ def test_decode_throughput(tiny):
 
 def test_profile_command_prints_curve_and_knee(tmp_cache, tmp_path, capsys):
     out = tmp_path / "knee.json"
-    profile.profile_command(model=TINY, device="cpu", json_out=out, sizes="16,32")
+    prepare.profile_command(model=TINY, device="cpu", json_out=out, sizes="16,32")
     printed = capsys.readouterr().out
     assert "knee" in printed and "tokens/s" in printed
     data = json.loads(out.read_text())
     assert data["knee"] in (16, 32) and len(data["curve"]) == 2
-    profile.profile_command(model=TINY, device="cpu", json_out=True, sizes="16")
+    prepare.profile_command(model=TINY, device="cpu", json_out=True, sizes="16")
     printed = capsys.readouterr().out
     assert json.loads(printed[printed.index("{") :])["knee"] == 16
 
@@ -153,7 +156,7 @@ def test_profile_takes_the_median_of_repeated_passes(monkeypatch, tmp_cache):
     # 50 ms + 1 ms per token, and every 4th pass ten times slower (another process took the CPU).
     _timed(monkeypatch, lambda t, i: (0.05 + t / 1000) * (10 if i % 4 == 0 else 1))
     monkeypatch.setattr(profile, "_loadavg", lambda: 0.1)
-    result = profile.profile_knee("synthetic", engine=_FakeEngine(), sizes=SIZES, early_stop=False, save=False)
+    result = profile.profile_knee(_FakeEngine(), SIZES, early_stop=False, save=False)
     for t, tps in result.curve:
         assert tps == pytest.approx(1000 * t / (t + 50), rel=1e-6)
     assert result.knee_found and result.knee == 1024 and result.repeats == profile.REPEATS
@@ -163,7 +166,7 @@ def test_profile_takes_the_median_of_repeated_passes(monkeypatch, tmp_cache):
 def test_the_load_average_is_recorded_and_a_busy_machine_flagged(monkeypatch, tmp_cache):
     _timed(monkeypatch, lambda t, i: 0.05 + t / 1000)
     monkeypatch.setattr(profile, "_loadavg", lambda: 64.0)
-    result = profile.profile_knee("synthetic", engine=_FakeEngine(), sizes=SIZES[:3], save=True)
+    result = profile.profile_knee(_FakeEngine(), SIZES[:3], save=True)
     assert result.high_load and any("profiled under load" in w for w in result.warnings())
     cached = profile.load_cached("synthetic", "cpu")
     assert cached is not None and cached.loadavg == 64.0 and cached.high_load

@@ -7,13 +7,10 @@ from the runner's thread only, except `import_kv` (see there).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
 
 from backends.base import KVEvents, LoadReport, Role, SamplingParams
-
-if TYPE_CHECKING:
-    from backends.engines.native.scheduler import PassShape
 
 Mode = Literal["full", "prefill_only", "decode_only"]
 
@@ -61,6 +58,43 @@ class KVPayload:
 class KVPrefixGone(ValueError):
     """import_kv of a push that skipped positions the receiver's prefix cache held when the push was
     announced, evicted since: the sender must push the whole KV again."""
+
+
+class Scheduled(Protocol):
+    """What PassShape reads of a scheduled sequence (backends/engines/native/sequence.py's Sequence)."""
+
+    num_computed: int  # leading tokens whose K/V is in the pool
+    outputs: list[int]
+
+
+@dataclass(frozen=True)
+class PassShape:
+    """The aggregates of one forward pass that a timing model prices (backends/engines/simulated/timing.py)."""
+
+    tokens: int = 0  # prefill tokens, Σc
+    units: float = 0.0  # causal attention work, Σ(c² + 2ck) over chunks c with k cached tokens
+    seqs: int = 0  # prefill chunks
+    dseqs: int = 0  # decoding sequences
+    ctx: int = 0  # Σ context of the decoding sequences
+
+    @classmethod
+    def of(cls, plan: list[tuple[Scheduled, int]]) -> PassShape:
+        """Call before the plan runs (it reads each sequence's cached length)."""
+        tokens = seqs = dseqs = ctx = 0
+        units = 0.0
+        for seq, n in plan:
+            start = seq.num_computed
+            if n == 1 and seq.outputs:
+                dseqs += 1
+                ctx += start + 1
+            else:
+                tokens += n
+                seqs += 1
+                units += n * n + 2.0 * n * start
+        return cls(tokens, units, seqs, dseqs, ctx)
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
 
 
 class EngineCore(Protocol):

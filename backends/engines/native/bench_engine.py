@@ -51,10 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     t0 = time.perf_counter()
     result = profile_knee(
-        args.model,
-        args.device,
-        sizes=sizes,
-        engine=engine,
+        engine,
+        sizes,
         save=not args.no_save,
         early_stop=False,
         rounds=args.rounds,

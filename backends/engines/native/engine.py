@@ -16,14 +16,14 @@ from typing import Any
 import torch
 
 from backends.base import Role
-from backends.engines.api import EngineRequest, KVPayload
+from backends.engines.api import EngineRequest, KVPayload, PassShape
 from backends.engines.native.detokenize import IncrementalDetokenizer
 from backends.engines.native.engine_base import ScheduledEngine, check_role
 from backends.engines.native.kv_cache import BlockTable, KVPool, blocks_for
 from backends.engines.native.llama import ForwardBatch, NativeLlama, PrefillSeq
 from backends.engines.native.model_source import DEFAULT_MODEL, configure_threads, load_model
 from backends.engines.native.sampling import sample
-from backends.engines.native.scheduler import Batching, PassShape
+from backends.engines.native.scheduler import Batching
 from backends.engines.native.sequence import Sequence
 
 log = logging.getLogger(__name__)

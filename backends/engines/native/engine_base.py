@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import KVEvents, LoadReport, Role
-from backends.engines.api import EngineRequest, KVPayload, KVPrefixGone, StepOutput
+from backends.engines.api import EngineRequest, KVPayload, KVPrefixGone, PassShape, StepOutput
 from backends.engines.native.detokenize import IncrementalDetokenizer
 from backends.engines.native.kv_cache import BLOCK_SIZE, BlockTable, KVPool, blocks_for
-from backends.engines.native.scheduler import PassShape, Scheduler
+from backends.engines.native.scheduler import Scheduler
 from backends.engines.native.sequence import Sequence, Status
 
 ROLES = ("prefill", "decode", "colocated")

@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -35,7 +35,30 @@ from backends.engines.native.model_source import DEFAULT_MODEL
 from backends.engines.paths import cache_dir
 
 if TYPE_CHECKING:
-    from backends.engines.native.engine import NativeEngine
+    from backends.engines.api import EngineRequest, StepOutput
+    from backends.engines.native.kv_cache import KVPool
+    from backends.engines.native.llama import NativeLlama
+    from backends.engines.native.scheduler import Scheduler
+
+
+class ProfiledEngine(Protocol):
+    """What the profiler needs of an engine: NativeEngine, which resolves chunk_size="auto" here (so
+    this module takes the engine it is given; prepare.py builds one for `tetri profile`)."""
+
+    model_name: str
+    device: torch.device
+    max_context: int
+    max_batch: int
+    pool: KVPool
+    model: NativeLlama
+    scheduler: Scheduler
+
+    def add_request(self, request: EngineRequest) -> None: ...
+
+    def step(self) -> list[StepOutput]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +253,7 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _prefill_pass_seconds(engine: NativeEngine, tokens: int, generator: torch.Generator) -> float:
+def _prefill_pass_seconds(engine: ProfiledEngine, tokens: int, generator: torch.Generator) -> float:
     """Time one forward pass that prefills `tokens` fresh tokens (packed prompts)."""
     from backends.engines.native.kv_cache import BlockTable, blocks_for
     from backends.engines.native.llama import ForwardBatch, PrefillSeq
@@ -266,10 +289,9 @@ def _prefill_pass_seconds(engine: NativeEngine, tokens: int, generator: torch.Ge
 
 
 def profile_knee(
-    model: str = DEFAULT_MODEL,
-    device: str = "cpu",
+    engine: ProfiledEngine,
     sizes: list[int] | tuple[int, ...] | None = None,
-    engine: NativeEngine | None = None,
+    *,
     save: bool = True,
     budget_s: float | None = None,
     early_stop: bool = True,
@@ -283,12 +305,8 @@ def profile_knee(
     past its peak (STOP_AFTER sizes below STOP_FRACTION of the best) or the time budget is spent.
     Each size is timed at least `repeats` times and its median pass counts; `rounds` > 1 repeats
     the sweep (over the sizes the first round reached), adding to each size's samples. The knee
-    comes from `fit_knee`.
+    comes from `fit_knee`. prepare.profile_model profiles a model spec (builds the engine).
     """
-    if engine is None:
-        from backends.engines.native.engine import NativeEngine
-
-        engine = NativeEngine(model, chunk_size=max(sizes or DEFAULT_SIZES), device=device)
     sizes = sorted(set(sizes or DEFAULT_SIZES))
     sizes = [n for n in sizes if n <= min(engine.pool.total_tokens, engine.max_context * 64)]
     if not sizes:
@@ -355,9 +373,10 @@ def resolve_chunk_size(
     chunk_size: int | str,
     model: str = DEFAULT_MODEL,
     device: str = "cpu",
-    engine: NativeEngine | None = None,
+    engine: ProfiledEngine | None = None,
 ) -> int:
-    """An explicit size is returned as is; "auto" gives the cached knee, profiling once."""
+    """An explicit size is returned as is; "auto" gives the cached knee, else profiles `engine` once
+    (None: LookupError; `tetri profile` caches a knee)."""
     if chunk_size != "auto":
         return int(chunk_size)
     from backends.engines.native.model_source import file_lock
@@ -373,14 +392,16 @@ def resolve_chunk_size(
         cached = load_cached(name, device)
         if cached is not None:
             return cached.knee
-        result = profile_knee(name, device, engine=engine)
+        if engine is None:
+            raise LookupError(f"no cached chunk-size profile of {name} on {device_name(device)}: run `tetri profile`")
+        result = profile_knee(engine)
         for warning in result.warnings():
             log.warning("chunk-size profile of %s: %s", name, warning)
         return result.knee
 
 
 def decode_throughput(
-    engine: NativeEngine,
+    engine: ProfiledEngine,
     batch_sizes: list[int] | tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
     context: int = 128,
     steps: int = 8,
@@ -422,21 +443,6 @@ def decode_throughput(
     return rows
 
 
-# ---- CLI (mounted as `tetri profile`) --------------------------------------------------------
-try:
-    import typer
-
-    _Model = Annotated[str, typer.Option("--model", help="model spec (name, HF dir, .gguf, random:<shape>)")]
-    _Device = Annotated[str, typer.Option("--device", help="cpu or cuda")]
-    _Json = Annotated[Path | None, typer.Option("--json", "--json-out", help="also write the result as JSON here")]
-    _Sizes = Annotated[str | None, typer.Option("--sizes", help="comma-separated tokens per pass")]
-except ImportError:  # pragma: no cover - typer is a dependency
-    _Model = str  # type: ignore[misc]
-    _Device = str  # type: ignore[misc]
-    _Json = Path | None  # type: ignore[misc]
-    _Sizes = str | None  # type: ignore[misc]
-
-
 def check_knee(cached: ProfileResult, fresh: ProfileResult) -> tuple[bool, str]:
     """Does the cached knee still hold against a fresh measurement? Yes when the fresh knee is
     within one doubling of it (the sweep's own resolution) and both found a knee."""
@@ -448,62 +454,3 @@ def check_knee(cached: ProfileResult, fresh: ProfileResult) -> tuple[bool, str]:
     if 0.5 <= ratio <= 2.0:
         return True, f"cached knee {cached.knee} holds (fresh knee {fresh.knee})"
     return False, f"cached knee {cached.knee} no longer holds: the fresh knee is {fresh.knee}"
-
-
-def profile_command(
-    model: _Model = DEFAULT_MODEL,
-    device: _Device = "cpu",
-    json_out: _Json = None,
-    sizes: _Sizes = None,
-    check: bool = False,
-) -> None:
-    """Sweep tokens per prefill forward pass, print the curve and the knee, cache the knee.
-    `check`: re-measure, compare with the cached knee (exit 1 when it no longer holds), cache nothing."""
-    from rich.console import Console
-    from rich.table import Table
-
-    size_list = [int(s) for s in sizes.split(",")] if sizes else None
-    console = Console()
-    cached = None
-    if check:
-        from backends.engines.native.prepare import model_name
-
-        cached = load_cached(model_name(model), device)
-        if cached is None:
-            console.print(f"no cached profile of {model} on {device_name(device)} to check; run `tetri profile`")
-            raise SystemExit(2)
-        size_list = size_list or sorted(n for n, _ in cached.curve)
-    console.print(f"profiling prefill of [bold]{model}[/] on {device_name(device)} ...")
-    result = profile_knee(model, device, sizes=size_list, save=not check)
-    peak = result.peak_tokens_per_s
-    table = Table(title=f"prefill throughput vs tokens per forward pass ({result.model}, "
-                        f"median of {result.repeats}+ passes)")
-    table.add_column("tokens/pass", justify="right")
-    table.add_column("tokens/s", justify="right")
-    table.add_column("% of peak", justify="right")
-    table.add_column("fit", justify="right")
-    table.add_column("")
-    fit = result.fit
-    for n, tps in result.curve:
-        fitted = f"{float(saturation(n, fit['a'], fit['k'], fit.get('n', 1.0))):,.0f}" if fit else "-"
-        table.add_row(str(n), f"{tps:,.0f}", f"{100 * tps / peak:.0f}%", fitted,
-                      "knee" if n == result.knee and result.knee_found else "")
-    console.print(table)
-    if result.knee_found:
-        basis = (f"fitted asymptote {fit['a']:,.0f} tokens/s, R² {fit['r2']:.2f}" if fit
-                 else f"peak {peak:,.0f} tokens/s")
-        console.print(f"knee: [bold]{result.knee}[/] tokens per forward pass (smallest within "
-                      f"{KNEE_TOLERANCE:.0%} of the {basis})")
-    for warning in result.warnings():
-        console.print(f"[yellow]warning:[/] {warning}")
-    if not check:
-        console.print(f"cached at {profile_path(result.model, device)}")
-    if json_out is True:  # a flag: print the result as JSON too
-        print(json.dumps(result.to_dict(), indent=2))
-    elif json_out:  # a path: write it there
-        Path(json_out).write_text(json.dumps(result.to_dict(), indent=2))
-    if cached is not None:
-        holds, why = check_knee(cached, result)
-        console.print(("[green]ok:[/] " if holds else "[red]changed:[/] ") + why)
-        if not holds:
-            raise SystemExit(1)

@@ -19,43 +19,12 @@ recomputed later from its prompt plus the tokens it already produced).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import asdict, dataclass
 from typing import Literal
 
 from backends.engines.native.kv_cache import KVPool, blocks_for
 from backends.engines.native.sequence import Sequence, Status
 
 Batching = Literal["vllm", "sarathi"]
-
-
-@dataclass(frozen=True)
-class PassShape:
-    """The aggregates of one forward pass that a timing model prices (backends/engines/simulated/timing.py)."""
-
-    tokens: int = 0  # prefill tokens, Σc
-    units: float = 0.0  # causal attention work, Σ(c² + 2ck) over chunks c with k cached tokens
-    seqs: int = 0  # prefill chunks
-    dseqs: int = 0  # decoding sequences
-    ctx: int = 0  # Σ context of the decoding sequences
-
-    @classmethod
-    def of(cls, plan: list[tuple[Sequence, int]]) -> PassShape:
-        """Call before the plan runs (it reads each sequence's cached length)."""
-        tokens = seqs = dseqs = ctx = 0
-        units = 0.0
-        for seq, n in plan:
-            start = seq.num_computed
-            if n == 1 and seq.outputs:
-                dseqs += 1
-                ctx += start + 1
-            else:
-                tokens += n
-                seqs += 1
-                units += n * n + 2.0 * n * start
-        return cls(tokens, units, seqs, dseqs, ctx)
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in asdict(self).items()}
 
 
 class Scheduler:

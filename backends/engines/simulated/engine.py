@@ -26,10 +26,9 @@ from typing import Any
 import torch
 
 from backends.base import Role
-from backends.engines.api import EngineRequest
+from backends.engines.api import EngineRequest, PassShape
 from backends.engines.native.engine_base import ScheduledEngine, check_role
 from backends.engines.native.kv_cache import KVPool
-from backends.engines.native.scheduler import PassShape
 from backends.engines.native.sequence import Sequence
 from backends.engines.simulated.profiles import get_timing
 
