@@ -26,7 +26,7 @@ from orchestrator.cluster import Cluster, Instance, check_url, url_key
 from orchestrator.config import InstanceSpec, Settings
 from orchestrator.errors import APIError, install_error_handlers
 from orchestrator.leader import DEAD_REPLICA_ERROR, InstanceSync, Leader, shareable_options
-from orchestrator.monitor import ClusterMonitor
+from orchestrator.monitor import ClusterMonitor, check_load
 from orchestrator.openai_api import build_router
 from orchestrator.placement import Placement
 from orchestrator.policies.flip import make_flip_policy
@@ -322,9 +322,10 @@ class AppState:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and inst.state != "removed":
             try:
-                load = await asyncio.wait_for(inst.backend.load(), self.settings.register_timeout_s)
+                load = check_load(await asyncio.wait_for(inst.backend.load(), self.settings.register_timeout_s))
             except Exception:  # noqa: BLE001 - gone, hung or garbled: nothing to wait for
                 return
+            self.monitor.seen(inst, load)
             if load.running == 0 and load.queued == 0 and inst.inflight_prefills == 0:
                 return
             await asyncio.sleep(0.05)

@@ -68,14 +68,19 @@ class ClusterMonitor:
             if inst.failures >= self.failures_unhealthy and inst.state in ("healthy", "starting"):
                 self._set_state(inst, "unhealthy", f"{inst.failures} failed polls: {exc!r}")
             return
-        self.cluster.mark_seen(inst, load)
-        if load.kv_events is not None:
-            for on_events in self.on_kv_events:
-                on_events(inst, load.kv_events)
+        self.seen(inst, load)
         if inst.state in ("unhealthy", "starting"):
             self._set_state(inst, "healthy", "answers load polls")
         if inst.state == "healthy" and load.role != inst.backend.role:
             inst.backend.role = load.role  # flipped behind our back (e.g. by another replica)
+
+    def seen(self, inst: Instance, load: LoadReport) -> None:
+        """Keep a load report: every poll's, whoever asked (an adapter hands out each block event
+        once, so a report read for another reason must still reach placement's prefix index)."""
+        self.cluster.mark_seen(inst, load)
+        if load.kv_events is not None:
+            for on_events in self.on_kv_events:
+                on_events(inst, load.kv_events)
 
     def _set_state(self, inst: Instance, state: str, why: str) -> None:
         old = inst.state
@@ -102,7 +107,7 @@ class ClusterMonitor:
             except Exception as exc:  # noqa: BLE001 - any failure of the engine's answer
                 why = str(exc) or repr(exc)
             else:
-                self.cluster.mark_seen(inst, load)
+                self.seen(inst, load)
                 inst.state = "healthy"
                 if load.role != inst.backend.role:  # the engine says what it is, as poll() trusts it
                     inst.backend.role = load.role

@@ -40,3 +40,28 @@ def test_the_listing_shows_the_cache_and_leaves_the_block_events_out():
 def test_load_reports_carry_block_events_over_the_wire():
     load = LoadReport.from_dict({"role": "decode", "kv_events": {"seq": 9, "reset": True, "stored": [5, 6]}})
     assert load.kv_events == KVEvents(seq=9, reset=True, stored=[5, 6], removed=[])
+
+
+def test_block_events_read_at_registration_reach_the_prefix_index():
+    """An adapter hands each block event out once: the report read by the health check (a worker
+    registered with a warm cache) must reach the index as the monitor's polls do."""
+    import asyncio
+
+    from orchestrator.config import Settings
+    from orchestrator.monitor import ClusterMonitor
+    from orchestrator.placement import Placement
+
+    class Warm:
+        role = "decode"
+
+        async def load(self) -> LoadReport:
+            return LoadReport(role="decode", kv_events=KVEvents(seq=4, reset=True, stored=[11, 12]))
+
+    cluster = Cluster()
+    inst = cluster.create(InstanceSpec(url="http://d0.invalid", role="decode", id="d0"))
+    inst.backend = Warm()  # type: ignore[assignment]
+    placement = Placement(Settings(database_url="sqlite://"), cluster)
+    monitor = ClusterMonitor(cluster)
+    monitor.on_kv_events.append(lambda i, ev: placement.prefixes.apply(i.id, ev.reset, ev.stored, ev.removed))
+    assert asyncio.run(monitor.check_health(inst, 1.0)) is None
+    assert placement.prefixes.match("d0", [11, 12, 13], now=0.0) == 2
