@@ -155,6 +155,7 @@ def worker(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     profile: Annotated[str, typer.Option(help="Sim backend: timing profile.")] = "cpu-smollm2",
     kv_port: Annotated[int, typer.Option(help="Raw KV socket port (0: any free port, -1: HTTP pushes only).")] = 0,
+    prefix_caching: Annotated[bool, typer.Option(help="Reuse cached prompt blocks (TETRI_PREFIX_CACHING).")] = True,
 ) -> None:
     """Run one engine worker process (the HTTP API of docs/contracts.md)."""
     import uvicorn
@@ -162,6 +163,8 @@ def worker(
     from backends.engines.server import create_worker_app
 
     _logging()
+    if not prefix_caching:
+        os.environ["TETRI_PREFIX_CACHING"] = "0"  # the engine reads it (engine_base.PREFIX_CACHING_ENV)
     chunk: int | str = int(chunk_size) if chunk_size.isdigit() else chunk_size
     if role not in ("prefill", "decode", "colocated"):
         raise typer.BadParameter(f"unknown role {role!r}")
