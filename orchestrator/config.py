@@ -157,6 +157,8 @@ class Settings(BaseSettings):
     dispatch_fallback: str = "most_free"
     dispatch_ratio_objective: str = "balance"
     decode_admission: str = "reserve_dynamic"
+    # Batch cap per decode instance (0: none): it refuses new requests while it runs this many.
+    decode_max_running: int = Field(default=0, ge=0)
     heavy_decode_threshold: int = 128
     heavy_prefill_threshold: int = 512
     predictor: str = "learned"

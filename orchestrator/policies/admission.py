@@ -19,6 +19,10 @@ All policies are admission gates only: once admitted, a request's KV still grows
   ``fits``, i.e. ``reserve_static``. Because ``fits`` is required too, it never admits a request
   whose predicted working set exceeds what is available, and it is never looser than
   ``reserve_static``.
+
+Any of them can be capped (``decode_max_running`` > 0, :class:`CappedAdmission`): the instance also
+refuses while it runs that many requests (decodes and prompts being prefilled), a batch cap derived
+from the TPOT SLO (orchestrator/policies/tpot.py). 0: no cap.
 """
 
 from __future__ import annotations
@@ -80,5 +84,19 @@ class ReserveDynamic:
 ADMISSION_POLICY_NAMES: tuple[str, ...] = names("decode_admission")
 
 
-def make_admission(name: str) -> DecodeAdmission:
-    return lookup("decode_admission", name)()
+class CappedAdmission:
+    """``base``, and fewer than ``max_running`` requests running there (a batch cap: a longer step
+    than the TPOT SLO allows is refused, the prompt waits in our queue instead)."""
+
+    def __init__(self, base: DecodeAdmission, max_running: int) -> None:
+        self.base = base
+        self.max_running = max_running
+        self.name = f"{base.name}+cap{max_running}"
+
+    def admits(self, inst: InstanceView, req: RequestView) -> bool:
+        return inst.running < self.max_running and self.base.admits(inst, req)
+
+
+def make_admission(name: str, max_running: int = 0) -> DecodeAdmission:
+    base: DecodeAdmission = lookup("decode_admission", name)()
+    return CappedAdmission(base, max_running) if max_running > 0 else base

@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from orchestrator.policies import registry
+from orchestrator.policies import registry, tpot  # tpot adds its TPOT-aware pickers to HOST_PICKERS
 from orchestrator.policies.hosts import HOST_PICKERS
 
 # The co-located host pickers live in hosts.py as a table; register them under their knob here.
+assert "light_first" in HOST_PICKERS and tpot.TPOT_PICKERS
 for _name, _key in HOST_PICKERS.items():
     registry.register("colocate_pick", _name)(_key)
 
@@ -57,6 +58,9 @@ class PolicyConfig:
     dispatch_fallback: str = "most_free"
     dispatch_ratio_objective: str = "balance"
     decode_admission: str = "reserve_dynamic"
+    # A decode instance also refuses new requests while it runs this many (0: no cap): a batch cap
+    # from the TPOT SLO (orchestrator/policies/tpot.py); it gates co-located hosts' admission too.
+    decode_max_running: int = 0
     # The length predictor and what counts as heavy.
     predictor: str = "learned"
     predictor_granularity: int = 200
@@ -81,6 +85,8 @@ class PolicyConfig:
             registry.check(reg, getattr(self, knob))
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.decode_max_running < 0:
+            raise ValueError(f"decode_max_running must be >= 0, got {self.decode_max_running}")
         if self.colocate_backlog_tokens < 0:
             raise ValueError(f"colocate_backlog_tokens must be >= 0, got {self.colocate_backlog_tokens}")
 

@@ -48,6 +48,7 @@ class PlacementKnobs(Protocol):
     dispatch_fallback: str
     dispatch_ratio_objective: str
     decode_admission: str
+    decode_max_running: int
     late_binding: str
     global_scheduler: str
     prefix_cache_weight: float
@@ -107,7 +108,8 @@ class PlacementCore:
                 k.dispatch_policy, power_of_d=k.power_of_d, heavy_decode_threshold=k.heavy_decode_threshold,
                 fallback=k.dispatch_fallback, ratio_objective=k.dispatch_ratio_objective,  # type: ignore[arg-type]
             ),
-            admission=make_admission(k.decode_admission), late_binding=make_late_binding(k.late_binding),
+            admission=make_admission(k.decode_admission, k.decode_max_running),
+            late_binding=make_late_binding(k.late_binding),
         )
 
     # ---- 1. route ------------------------------------------------------------------------------
