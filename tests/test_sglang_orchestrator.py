@@ -50,7 +50,8 @@ def test_chat_disaggregated_non_streamed(sglang_cluster):
     exp = toy_model.expected(prompt, 12)
     assert data["choices"][0]["message"]["content"] == exp.text
     assert data["choices"][0]["finish_reason"] == "length"
-    assert data["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 12, "total_tokens": len(prompt) + 12}
+    assert data["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 12, "total_tokens": len(prompt) + 12,
+                             "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
     record = httpx.get(f"{url}/admin/requests/{data['id']}", headers=AUTH, timeout=10).json()
     assert record["backend"] == "sglang" and record["state"] == "finished"
     assert record["prefill_instance"] == "sg-prefill" and record["decode_instance"] == "sg-decode"
