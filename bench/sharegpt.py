@@ -44,7 +44,6 @@ class Sample:
     index: int  # position among parsed conversations (to fetch the prompt text again)
 
 
-
 def _cache_root() -> Path:
     path = cache_dir() / "sharegpt"
     path.mkdir(parents=True, exist_ok=True)
@@ -118,3 +117,23 @@ def prompt_text(index: int) -> str:
     if _PROMPTS is None:
         _PROMPTS = [c.prompt for c in load_conversations()]
     return _PROMPTS[index]
+
+
+def load_dialogues(min_turns: int = 2, path: Path | None = None) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Multi-turn conversations as (id, [(human message, gpt answer), ...]): the leading run of
+    alternating human/gpt pairs with text, kept when it has at least `min_turns` pairs."""
+    out: list[tuple[str, list[tuple[str, str]]]] = []
+    for rec in iter_records(path):
+        conv = rec.get("conversations") or []
+        pairs: list[tuple[str, str]] = []
+        for i in range(0, len(conv) - 1, 2):
+            h, g = conv[i], conv[i + 1]
+            if h.get("from") != "human" or g.get("from") != "gpt":
+                break
+            p, a = h.get("value") or "", g.get("value") or ""
+            if not isinstance(p, str) or not isinstance(a, str) or not p.strip() or not a.strip():
+                break
+            pairs.append((p, a))
+        if len(pairs) >= min_turns:
+            out.append((str(rec.get("id", len(out))), pairs))
+    return out
