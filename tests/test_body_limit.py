@@ -41,9 +41,15 @@ def test_a_large_body_gets_413_by_its_length_and_by_its_bytes(orchestrator_for):
 def test_health_stays_fast_while_4mb_prompts_are_refused(orchestrator_for):
     url, _ = orchestrator_for([])
 
-    async def main() -> list[float]:
+    async def main() -> tuple[list[float], list[float]]:
         async with httpx.AsyncClient(timeout=30) as client:
             stop = asyncio.Event()
+            idle = []  # the machine's own /health latency, nothing being refused
+            for _ in range(30):
+                start = time.perf_counter()
+                await client.get(f"{url}/health")
+                idle.append(time.perf_counter() - start)
+                await asyncio.sleep(0.01)
 
             async def big() -> None:
                 while not stop.is_set():
@@ -62,8 +68,11 @@ def test_health_stays_fast_while_4mb_prompts_are_refused(orchestrator_for):
                 await asyncio.sleep(0.01)
             stop.set()
             await asyncio.gather(*senders)
-            return latencies
+            return latencies, idle
 
-    latencies = sorted(asyncio.run(main()))
+    latencies, idle = asyncio.run(main())
+    latencies.sort()
     p99 = latencies[int(0.99 * (len(latencies) - 1))]
-    assert p99 < 0.05, f"/health p99 {p99 * 1e3:.1f} ms (median {statistics.median(latencies) * 1e3:.1f} ms)"
+    # 50 ms on a quiet machine; on one loaded by other jobs, no worse than 3x its own idle p99.
+    limit = max(0.05, 3 * sorted(idle)[int(0.99 * (len(idle) - 1))])
+    assert p99 < limit, f"/health p99 {p99 * 1e3:.1f} ms (median {statistics.median(latencies) * 1e3:.1f} ms)"

@@ -393,7 +393,7 @@ def test_health_p99_stays_low_while_a_tokenizer_loads(orchestrator, engines, mon
     monkeypatch.setattr(tokenizer_mod, "load_tokenizer", slow)
     engine = new_engine(engines)
 
-    async def main() -> tuple[list[float], int, int]:
+    async def main() -> tuple[list[float], list[float], int, int]:
         samples: list[float] = []
         done = asyncio.Event()
         async with httpx.AsyncClient(timeout=60) as client:
@@ -412,7 +412,8 @@ def test_health_p99_stays_low_while_a_tokenizer_loads(orchestrator, engines, mon
                 await asyncio.gather(*probes)
 
             poller = asyncio.create_task(poll_health())
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.3)
+            before = list(samples)  # the machine's own /health latency, nothing loading
             reg = await client.post(f"{url}/admin/instances", headers=AUTH, json={
                 "url": engine.url, "backend": "native", "role": "colocated", "model": "toy-slow", "id": "slow-0"})
             chat = await client.post(f"{url}/v1/chat/completions", json={
@@ -420,21 +421,24 @@ def test_health_p99_stays_low_while_a_tokenizer_loads(orchestrator, engines, mon
             await asyncio.sleep(0.2)
             done.set()
             await poller
-        return samples, reg.status_code, chat.status_code
+        return samples, before, reg.status_code, chat.status_code
 
     # This process holds torch, transformers and every earlier test's objects: a full garbage
     # collection takes 50-200 ms here, a pause of the harness, not the loop stall under test.
     gc.collect()
     gc.freeze()
     try:
-        samples, reg_status, chat_status = asyncio.run(main())
+        samples, before, reg_status, chat_status = asyncio.run(main())
     finally:
         gc.unfreeze()
     assert reg_status == 201 and chat_status == 200
     samples.sort()
     p99 = samples[int(0.99 * (len(samples) - 1))]
     assert len(samples) >= 50, len(samples)
-    assert p99 < 0.05, f"/health p99 {p99 * 1000:.0f} ms while a tokenizer loaded (max {samples[-1] * 1000:.0f} ms)"
+    # 50 ms on a quiet machine; on one loaded by other jobs, no worse than 3x its own idle p99 (a
+    # stalled loop would show the 1.5 s load in every probe sent meanwhile).
+    limit = max(0.05, 3 * sorted(before)[int(0.99 * (len(before) - 1))])
+    assert p99 < limit, f"/health p99 {p99 * 1000:.0f} ms while a tokenizer loaded (limit {limit * 1000:.0f} ms)"
     assert calls == [str(default_tokenizer_dir())]  # once, at registration, from the configured path
 
 
