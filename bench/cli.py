@@ -124,7 +124,10 @@ def _print_summaries(rows: dict[str, dict]) -> None:
 
 @app.command()
 def compare(
-    workload_name: Annotated[str, typer.Option("--workload", "-w", help="Workload(s), comma separated.")] = "Mixed",
+    workload_name: Annotated[str, typer.Option("--workload", "-w", help="Workload(s), comma separated; "
+                             "sessions[:turns=6:think=1:max_output=128:ctx=4096] and shared-prefix[:groups=8:"
+                             "per_group=8:system=1024:question=64:output=32] replay closed-loop "
+                             "(-n: sessions).")] = "Mixed",
     backend: Annotated[str, typer.Option(help="sim (discrete-event cluster) or native (live, small scale).")] = "sim",
     profile: Annotated[
         str, typer.Option(help="Timing profile (sim), e.g. h100-llama-2-7b, cpu-smollm2.")
@@ -135,7 +138,9 @@ def compare(
     load: Annotated[
         float, typer.Option(help="Offered load for --rate auto, x the co-located baseline's capacity.")
     ] = 1.0,
-    systems: Annotated[str, typer.Option(help="Systems, comma separated; 'name+key=value' overrides.")] = (
+    systems: Annotated[str, typer.Option(help="Systems, comma separated; 'name+key=value' overrides (live: "
+                                              "+global_scheduler=least_loaded|prefix_aware|sglang_cache_aware, "
+                                              "+prefix_caching=0 turns the workers' cache off).")] = (
         "colocated-vllm,colocated-sarathi,disagg-simple,tetri"
     ),
     seed: Annotated[int, typer.Option()] = 0,

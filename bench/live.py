@@ -33,6 +33,10 @@ import httpx
 
 from bench.metrics import by_class
 from bench.runner import run_workload
+from bench.sessions import SessionWorkload
+from bench.sessions_live import run_sessions
+
+BENCH_ADMIN_TOKEN = "tetri-bench"  # loopback-only deployments; lets the runner read GET /admin/instances
 
 SYSTEM_ENV: dict[str, dict[str, str]] = {
     "disagg-simple": {
@@ -117,9 +121,10 @@ def deployment_args(system: str, n: int, split: tuple[int, int], spec: Any) -> t
         common += ["--kv-tokens", str(spec.kv_tokens)]
     if base in ("colocated-vllm", "colocated-sarathi"):
         batching = "vllm" if base == "colocated-vllm" else "sarathi"
-        return ["--colocated", str(n), "--prefill", "0", "--decode", "0", "--batching", batching, *common], {
-            "TETRI_MODE": "colocated"
-        }
+        # overrides become settings (global_scheduler=least_loaded) and reach the workers too
+        # (prefix_caching=0: the engine's TETRI_PREFIX_CACHING, the caching-off baseline)
+        env = {"TETRI_MODE": "colocated", **{f"TETRI_{k.upper()}": v for k, v in overrides.items()}}
+        return ["--colocated", str(n), "--prefill", "0", "--decode", "0", "--batching", batching, *common], env
     if base not in SYSTEM_ENV:
         raise ValueError(f"no live deployment for system {system!r}")
     p, d = split
@@ -156,9 +161,10 @@ def compare_live(spec: Any, progress: Any = None) -> dict[str, Any]:
         prompts = [r.prompt_tokens for r in wl.requests]
         outputs = [r.output_tokens for r in wl.requests]
         finite = rate if math.isfinite(rate) else None
+        sessions = isinstance(wl, SessionWorkload)  # closed loop: the rate is of sessions, not requests
         simple = plan_split(n, prompts, outputs, tm, tm.knee(), SYSTEMS["disagg-simple"], rate=finite)
         splits = {"disagg-simple": simple}
-        if finite:
+        if finite and not sessions:
             choice = recommend_split(n, prompts, outputs, finite, tm, SYSTEMS["tetri"], seed=spec.seed)
             splits["tetri"] = (choice.prefill, choice.decode)
         else:
@@ -169,10 +175,15 @@ def compare_live(spec: Any, progress: Any = None) -> dict[str, Any]:
         for sname in spec.systems:
             split = splits.get(sname.partition("+")[0], splits["disagg-simple"])
             args, env = deployment_args(sname, n, split, spec)
-            dep = Deployment(args, env, _free_port(), log_dir / f"bench-{sname.replace('+', '_')}.log")
+            env = {**env, "TETRI_ADMIN_TOKEN": BENCH_ADMIN_TOKEN}  # the workers' prefix counters
+            log_name = f"bench-{sname.replace('+', '_').replace('=', '-').replace(',', '_')}.log"
+            dep = Deployment(args, env, _free_port(), log_dir / log_name)
             try:
                 dep.wait_ready()
-                res = run_workload(dep.url, wl, instances=n, show_progress=progress is None)
+                if sessions:
+                    res = run_sessions(dep.url, wl, instances=n, admin_token=BENCH_ADMIN_TOKEN)  # type: ignore[arg-type]
+                else:
+                    res = run_workload(dep.url, wl, instances=n, show_progress=progress is None)
             finally:
                 dep.stop()
             summ = res["summary"]

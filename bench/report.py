@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.metrics import pct
+from bench.sessions import prefix_plot, prefix_table
 
 DEFINITIONS = """\
 **Definitions.** TTFT: arrival (simulator) or send (live) to first token. TPOT: (last token − first
@@ -106,6 +107,7 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
                     f"{pct(r.get('instance_seconds'))} | {pct(r.get('busy_instance_seconds'))} | "
                     f"{pct(r.get('perf_per_instance_s'))} |"
                 )
+        lines.extend(prefix_table(systems, st))  # session workloads: hit rates vs the oracle's
         classes = sorted({c for s in systems.values() for c in (s.get("by_class") or {})})
         if len(classes) > 1:
             lines.append("\nPer class (mean TTFT / mean JCT, ms):\n")
@@ -158,7 +160,7 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         if notes:
             lines.append("\nConfiguration:\n")
             lines.extend(notes)
-        for kind in ("ttft_cdf", "jct_cdf", "bars"):
+        for kind in ("ttft_cdf", "jct_cdf", "bars", "prefix"):
             p = paths.get(f"{wname}:{kind}")
             if p is not None:
                 lines.append(f"\n![{kind}]({p.name})")
@@ -222,6 +224,8 @@ def _plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         fig.savefig(p, dpi=110)
         plt.close(fig)
         paths[f"{wname}:bars"] = p
+        if prefix_plot(wname, systems, out_dir / f"{_safe(wname)}_prefix.png"):
+            paths[f"{wname}:prefix"] = out_dir / f"{_safe(wname)}_prefix.png"
     wls = list(results["workloads"])
     if len(wls) > 1:
         sysnames: list[str] = []

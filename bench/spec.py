@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.metrics import ratio
+from bench.sessions import build_session_workload, is_session_workload
 from bench.workloads import Workload, build_workload
 
 STANDARD_SYSTEMS = ("colocated-vllm", "colocated-sarathi", "disagg-simple", "tetri")
@@ -52,6 +53,11 @@ def rate_value(spec: CompareSpec) -> float | None:
 
 
 def load_workload(spec: CompareSpec, name: str, max_context: int | None) -> Workload:
+    if is_session_workload(name):  # closed-loop sessions or shared system prompts (bench/sessions.py)
+        swl = build_session_workload(name, spec.requests, seed=spec.seed, max_context=max_context)
+        if spec.length_scale != 1.0 or spec.max_prompt or spec.max_output:
+            swl.scaled(spec.length_scale, spec.max_prompt, spec.max_output)  # refuses, saying why
+        return swl
     wl = build_workload(name, spec.requests, rate=None, seed=spec.seed, max_context=max_context)
     if spec.length_scale != 1.0 or spec.max_prompt or spec.max_output:
         wl = wl.scaled(spec.length_scale, spec.max_prompt, spec.max_output)

@@ -7,7 +7,9 @@ heavy-decode (HD) when it generates more than 128 tokens; LP/LD otherwise. Workl
 * ``Mixed``: uniform over the four classes (equal counts, shuffled);
 * ``Mixed-natural``: ShareGPT's own class proportions;
 * ``synthetic:P:O``: every request has P prompt tokens and O output tokens;
-* ``trace:PATH``: replay a JSONL trace (``arrival`` s, ``prompt`` or ``prompt_tokens``, ``output_tokens``).
+* ``trace:PATH``: replay a JSONL trace (``arrival`` s, ``prompt`` or ``prompt_tokens``, ``output_tokens``);
+* ``sessions[:...]``, ``shared-prefix[:...]``: multi-turn ShareGPT sessions and shared system prompts,
+  closed-loop, built by bench/sessions.py (``tetri bench compare`` loads them through bench/spec.py).
 
 Every request carries its exact output length; a live run enforces it with ``max_tokens`` and the
 ``ignore_eos`` extension, so every run of a workload does the same work. Arrivals are Poisson at
