@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
-from starlette.types import Receive
 
 from backends.base import BackendError, SamplingParams, TokenEvent
 from orchestrator import metrics
 from orchestrator.errors import APIError, error_body, error_responses
 from orchestrator.placement import Overloaded
 from orchestrator.serving import Job
+from orchestrator.sse import ClientWatch, SSEResponse
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def _utf8(value: Any) -> Any:
@@ -342,14 +339,21 @@ def build_router(app_state: Any) -> APIRouter:
 
     async def respond(job: Job, body: SamplingFields, request: Request, chat: bool):
         events = app_state.server.run(job)
+        watch = ClientWatch(request.receive)
         if body.stream:
             # Wait for the first event before answering, so that "no capacity" is a real 503 and a
-            # request that cannot run is a 4xx, not a broken stream. Once streaming, Starlette's
-            # StreamingResponse notices a client that leaves.
-            first = await _unless_client_leaves(request, _first(events))
+            # request that cannot run is a 4xx, not a broken stream; the same watch then covers the stream.
+            try:
+                first = await watch.run(_first(events))
+            except BaseException:
+                watch.stop()
+                raise
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(job, first, events, chat, include_usage), media_type="text/event-stream")
-        return await _unless_client_leaves(request, collect(job, events, chat))
+            return SSEResponse(sse(job, first, events, chat, include_usage), watch)
+        try:
+            return await watch.run(collect(job, events, chat))
+        finally:
+            watch.stop()
 
     def usage(job: Job) -> dict[str, Any]:
         prompt = len(job.prompt_ids)
@@ -453,31 +457,6 @@ async def _first(events: AsyncIterator[TokenEvent]) -> TokenEvent:
         return TokenEvent([], "", finish_reason="stop")
     except (Overloaded, BackendError) as exc:
         raise _refusal(exc) from exc
-
-
-async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
-    """`await work`, cancelled if the client disconnects first. Cancelling the iteration of
-    server.run() closes it, which aborts the request on every instance that holds it (as a streamed
-    request's does). One waiter task on the ASGI receive channel, no polling."""
-    scope = asyncio.timeout(None)
-    try:
-        async with scope:
-            waiter = asyncio.create_task(_expire_on_disconnect(request.receive, scope))
-            try:
-                return await work
-            finally:
-                waiter.cancel()
-    except TimeoutError:
-        if scope.expired():
-            raise APIError(499, "the client closed the request", code="client_closed_request") from None
-        raise
-
-
-async def _expire_on_disconnect(receive: Receive, scope: asyncio.Timeout) -> None:
-    # The body is read already: what comes next is http.disconnect, when the client goes.
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.reschedule(asyncio.get_running_loop().time())
 
 
 def _refusal(exc: Overloaded | BackendError) -> APIError:
