@@ -182,6 +182,10 @@ class Settings(BaseSettings):
     # Which decode instance a co-located request runs on (orchestrator/policies/hosts.py):
     # "prefill_load" (least prompt work waiting there) or "outstanding" (fewest requests).
     colocate_pick: str = "prefill_load"
+    # TPOT-aware isolation (orchestrator/policies/tpot.py; 0: off): co-located requests predicted to
+    # hold at least this many KV token-steps run on the first tpot_isolate_share of the hosts.
+    tpot_isolate_weight: int = Field(default=0, ge=0)
+    tpot_isolate_share: float = Field(default=0.25, gt=0, lt=1)
     # --- prefix caching (orchestrator/policies/prefix.py, global_scheduler.py) ---
     # The global scheduler: "least_loaded" (the paper's), "prefix_aware" (least uncached prefill work:
     # prefill load + prompt - cached prefix there x prefix_cache_weight) or "sglang_cache_aware" (the

@@ -98,3 +98,29 @@ def h100():
     from backends.engines.simulated.profiles import get_timing
 
     return get_timing("h100-llama-2-7b")
+
+
+def test_isolation_puts_heavy_requests_on_their_own_hosts():
+    from orchestrator.policies.tpot import Isolation, pick_isolated, predicted_weight
+
+    heavy = RequestView(id="h", arrival=0.0, prompt_tokens=2000, max_tokens=2048, predicted_bucket=3)
+    light = RequestView(id="l", arrival=0.0, prompt_tokens=300, max_tokens=2048, predicted_bucket=0)
+    unknown = RequestView(id="u", arrival=0.0, prompt_tokens=3000, max_tokens=2048)
+    assert predicted_weight(heavy) == 700 * (2000 + 350) and predicted_weight(light) == 100 * (300 + 50)
+    assert predicted_weight(unknown) == 0  # no prediction: light
+    iso = Isolation(weight=1_000_000, share=0.25)
+    hosts = [view(f"d{i}", load=100 * (8 - i)) for i in range(8)]  # d7 has the least prefill work
+    assert [h.id for h in iso.group(heavy, hosts)] == ["d0", "d1"]
+    assert pick_isolated(heavy, hosts, "prefill_load", iso) == "d1"
+    assert pick_isolated(light, hosts, "prefill_load", iso) == "d7"
+    assert pick_isolated(heavy, hosts, "prefill_load", None) == "d7"  # off: one pool
+    assert iso.group(heavy, hosts[4:]) == hosts[4:5]  # re-formed among those offered: 4 x 0.25 = 1
+    assert iso.group(heavy, hosts[:1]) == hosts[:1]  # one host: no groups
+    knobs = PolicyConfig(global_scheduler="least_loaded", tpot_isolate_weight=1_000_000, tpot_isolate_share=0.25)
+    core = PlacementCore.from_knobs(knobs)
+    assert core.pick_prefill(heavy, "colocated", hosts) == "d1"
+    assert core.pick_host(light, hosts, None) == "d7"
+    with pytest.raises(ValueError):
+        PolicyConfig(tpot_isolate_share=1.0)
+    s = Settings(database_url="sqlite://", tpot_isolate_weight=5, tpot_isolate_share=0.5).policy_config()
+    assert (s.tpot_isolate_weight, s.tpot_isolate_share) == (5, 0.5)

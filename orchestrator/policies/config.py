@@ -73,6 +73,11 @@ class PolicyConfig:
     colocate_on_decode: bool = True
     colocate_backlog_tokens: int = 1200
     colocate_pick: str = "prefill_load"
+    # TPOT-aware isolation (orchestrator/policies/tpot.py): co-located requests whose predicted
+    # output x context is at least this many KV token-steps run on the first tpot_isolate_share of
+    # the hosts, the rest on the others (0: off).
+    tpot_isolate_weight: int = 0
+    tpot_isolate_share: float = 0.25
     # Instance flips between the prefill and decode pools.
     flip_policy: str = "none"
     flip_idle_s: float = 60.0
@@ -85,6 +90,8 @@ class PolicyConfig:
             registry.check(reg, getattr(self, knob))
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.tpot_isolate_weight < 0 or not 0 < self.tpot_isolate_share < 1:
+            raise ValueError("tpot_isolate_weight must be >= 0 and tpot_isolate_share in (0, 1)")
         if self.decode_max_running < 0:
             raise ValueError(f"decode_max_running must be >= 0, got {self.decode_max_running}")
         if self.colocate_backlog_tokens < 0:

@@ -23,9 +23,10 @@ from backends.base import Role
 from orchestrator.policies.admission import DecodeAdmission, make_admission
 from orchestrator.policies.dispatch import Dispatcher, make_dispatcher
 from orchestrator.policies.global_scheduler import GlobalScheduler, make_global_scheduler
-from orchestrator.policies.hosts import HOST_PICKERS, has_room, pick_host
+from orchestrator.policies.hosts import HOST_PICKERS, has_room
 from orchestrator.policies.late_binding import LateBinding, make_late_binding
 from orchestrator.policies.prefill_queue import PrefillQueue
+from orchestrator.policies.tpot import Isolation, pick_isolated
 from orchestrator.policies.types import InstanceView, RequestView
 
 Mode = Literal["auto", "colocated", "disaggregated"]
@@ -41,6 +42,8 @@ class PlacementKnobs(Protocol):
     colocate_on_decode: bool
     colocate_backlog_tokens: int
     colocate_pick: str
+    tpot_isolate_weight: int
+    tpot_isolate_share: float
     prefill_engine_backlog: int
     dispatch_policy: str
     power_of_d: int
@@ -79,6 +82,7 @@ class PlacementCore:
         prefill_engine_backlog: int = 2, global_scheduler: GlobalScheduler | None = None,
         dispatcher: Dispatcher | None = None, admission: DecodeAdmission | None = None,
         late_binding: LateBinding | None = None,
+        isolation: Isolation | None = None,
     ) -> None:
         if colocate_pick not in HOST_PICKERS:
             raise ValueError(f"unknown colocate_pick {colocate_pick!r}; choose one of {', '.join(HOST_PICKERS)}")
@@ -93,6 +97,7 @@ class PlacementCore:
         self.dispatcher = dispatcher or make_dispatcher("power_of_two")
         self.admission = admission or make_admission("reserve_dynamic")
         self.late_binding = late_binding or make_late_binding("busiest")
+        self.isolation = isolation  # TPOT-aware host groups (tpot.py); None: off
 
     @classmethod
     def from_knobs(cls, k: PlacementKnobs) -> PlacementCore:
@@ -110,6 +115,7 @@ class PlacementCore:
             ),
             admission=make_admission(k.decode_admission, k.decode_max_running),
             late_binding=make_late_binding(k.late_binding),
+            isolation=Isolation(k.tpot_isolate_weight, k.tpot_isolate_share) if k.tpot_isolate_weight > 0 else None,
         )
 
     # ---- 1. route ------------------------------------------------------------------------------
@@ -152,7 +158,7 @@ class PlacementCore:
             hosts = [h for h in hosts if has_room(h, req)]
         elif test == "admit":
             hosts = [h for h in hosts if self.admission.admits(h, req)]
-        return pick_host(hosts, self.colocate_pick)
+        return pick_isolated(req, hosts, self.colocate_pick, self.isolation)
 
     # ---- 2-4. prefill queues ---------------------------------------------------------------------
     def pick_prefill(self, req: RequestView, role: Role, views: Sequence[InstanceView]) -> str | None:
@@ -161,7 +167,7 @@ class PlacementCore:
         of co-located engines, or the least prefill work), unless the global scheduler is cache-aware."""
         if role == "prefill" or self.global_scheduler.uses_prefix:
             return self.global_scheduler.pick(views, req)  # a cache-aware scheduler places every pool
-        return pick_host(views, self.colocate_pick)
+        return pick_isolated(req, views, self.colocate_pick, self.isolation)
 
     def may_release(self, role: Role, in_engine: int, in_engine_tokens: int, chunk_tokens: int) -> bool:
         """Whether one more queued prompt may enter an engine that holds `in_engine` released prompts
