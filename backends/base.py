@@ -155,7 +155,23 @@ class Handoff:
 
 
 @dataclass
+class HandoffStats:
+    """What one hand-off did (filled by its strategy and the adapters it drives, kvbridge/)."""
+
+    kv_tokens: int = 0
+    kv_bytes: int = 0
+    transfer_s: float = 0.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.kv_bytes / self.transfer_s if self.transfer_s > 0 else 0.0
+
+
+@dataclass
 class PrefillResult:
+    """A worker's non-streamed /prefill answer (backends/worker/client.py)."""
+
     first: TokenEvent
     kv: KVHandle | None  # None when the prefill already finished the request (e.g. max_tokens=1, EOS)
 
@@ -202,20 +218,8 @@ class Backend(ABC):
         """Static facts read once at registration (capacity, page size, model)."""
         return {}
 
-    @abstractmethod
-    async def prefill(self, request: GenRequest, handoff: Handoff) -> PrefillResult: ...
-
-    async def prefill_stream(self, request: GenRequest, handoff: Handoff) -> AsyncIterator[TokenEvent | KVHandle]:
-        """`prefill` in two steps: the first token as soon as it is sampled, then the KV's handle once
-        the handoff is done (nothing more when the prefill finished the request). This default gives
-        both after the handoff; engines that can answer earlier override it."""
-        result = await self.prefill(request, handoff)
-        yield result.first
-        if result.kv is not None:
-            yield result.kv
-
-    @abstractmethod
-    def decode(self, request: GenRequest, kv: KVHandle) -> AsyncIterator[TokenEvent]: ...
+    # A disaggregated request is not a method here: each backend moves KV its own way, so its
+    # hand-off strategy (kvbridge/, one per backend) drives the adapter's own public calls for it.
 
     @abstractmethod
     def generate(self, request: GenRequest) -> AsyncIterator[TokenEvent]: ...

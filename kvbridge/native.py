@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 
 from backends.base import Backend, GenRequest, Handoff, KVHandle, TokenEvent
+from backends.worker import WorkerBackend
 from kvbridge.base import HandoffStats, HandoffStrategy
 
 
@@ -23,12 +24,8 @@ class NativePushStrategy(HandoffStrategy):
 
     name = "native-push"
 
-    def __init__(self, lease_s: float = 30.0, early_first_token: bool = True) -> None:
-        super().__init__(lease_s)
-        self.early_first_token = early_first_token
-
-    async def run(
-        self, request: GenRequest, prefill: Backend, decode: Backend, stats: HandoffStats
+    async def run(  # type: ignore[override]  # the worker adapter's own hand-off calls
+        self, request: GenRequest, prefill: WorkerBackend, decode: WorkerBackend, stats: HandoffStats
     ) -> AsyncIterator[TokenEvent]:
         handoff = Handoff(decode_url=decode.url, decode_instance_id=decode.instance_id, lease_s=self.lease_s)
         started = time.perf_counter()

@@ -1,38 +1,29 @@
-"""SGLang KV handoff: one body with a fresh bootstrap room, sent to the prefill and the decode
-server at the same time (the prefill waits for the decode's KV pre-allocation before it computes);
-SGLang moves the KV itself (mooncake/nixl/mori) from prefill to decode.
-
-The first token reaches the caller from whichever side shows it first: the prefill's answer
-(`output_ids == [t0]`, sent once the KV transfer succeeded) or the decode stream's first chunk
-(which starts with the same handoff token). Everything after it comes from the decode stream.
-Closing the iterator early aborts the rid on both servers.
+"""SGLang KV handoff: SGLang moves the KV itself (mooncake/nixl/mori) between a prefill and a decode
+server that get the same request body, with a shared bootstrap room, at the same time. The adapter
+runs that pair (`backends.sglang.disaggregate`: both sides sent together, the first token from
+whichever shows it first, both aborted unless the decode finished); the strategy checks the pair
+can exchange KV and hands it the request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import time
 from collections.abc import AsyncIterator
-from typing import Any
-
-import orjson
 
 from backends.base import Backend, BackendError, GenRequest, TokenEvent
-from backends.common import tag
-from backends.http import DataStream
-from backends.sglang import ChunkState, SGLangBackend, check_pd_pair, new_rid, new_room
+from backends.sglang import SGLangBackend, check_pd_pair, disaggregate
 from kvbridge.base import HandoffStats, HandoffStrategy
-
-log = logging.getLogger("tetri.kvbridge.sglang")
 
 
 class BootstrapRoomStrategy(HandoffStrategy):
+    """`early_first_token` has no effect here: the first token goes out when either side shows it,
+    which is after the KV transfer on the prefill side and with it on the decode side."""
+
     name = "sglang-bootstrap-room"
 
-    def __init__(self, lease_s: float = 30.0) -> None:
-        super().__init__(lease_s)
+    def __init__(self, lease_s: float = 30.0, early_first_token: bool = True) -> None:
+        super().__init__(lease_s, early_first_token)
         self._checked: set[tuple[str, str]] = set()
 
     async def check_pair(self, prefill: SGLangBackend, decode: SGLangBackend) -> None:
@@ -50,216 +41,6 @@ class BootstrapRoomStrategy(HandoffStrategy):
         if not isinstance(prefill, SGLangBackend) or not isinstance(decode, SGLangBackend):
             raise BackendError("BootstrapRoomStrategy needs SGLang prefill and decode instances", status=500)
         await self.check_pair(prefill, decode)
-        rid, room = new_rid(), new_room()
-        body = prefill.build_body(request, rid, stream=True, room=room,
-                                  bootstrap_host=prefill.bootstrap_host, bootstrap_port=prefill.bootstrap_port)
-        payload = orjson.dumps(body)  # one encoding, the same bytes to both servers
-        stats.kv_tokens = len(request.prompt_ids)
-        stats.extra.update(rid=rid, bootstrap_room=room, bootstrap_host=body["bootstrap_host"],
-                           bootstrap_port=body["bootstrap_port"])
-        # A slot on each side first: a full pool is BackendBusy before either server sees the room.
-        async with prefill.slot(), decode.slot():
-            prefill.track(request.request_id, rid)
-            decode.track(request.request_id, rid)
-            prefill.ledger.start(request)
-            prefill.ledger.progress(request.request_id, 0, "prefill")
-            decode.ledger.start(request)
-            pair = _Pair(request, prefill, decode, rid, stats)
-            try:
-                async with contextlib.aclosing(pair.relay(payload)) as events:
-                    async for event in events:
-                        yield event
-            finally:
-                prefill.ledger.finish(request.request_id)
-                decode.ledger.finish(request.request_id)
-                prefill.untrack(request.request_id, rid)
-                decode.untrack(request.request_id, rid)
-
-
-class _Pair:
-    """One P/D request on the wire: both sides sent together (or neither), the first token from
-    whichever side shows it first, the rest from the decode stream, both bodies read to their end,
-    and both sides aborted unless the decode finished."""
-
-    def __init__(self, request: GenRequest, prefill: SGLangBackend, decode: SGLangBackend, rid: str,
-                 stats: HandoffStats) -> None:
-        self.request, self.prefill, self.decode, self.rid, self.stats = request, prefill, decode, rid, stats
-        self.p_state, self.d_state = ChunkState(), ChunkState()
-        self.p_error: BaseException | None = None
-
-    async def _send_both(self, payload: bytes) -> tuple[DataStream, DataStream]:
-        """Open both streams. Shielded: a client leaving now cannot leave one side sent and the other
-        not; whatever was opened is closed and both sides aborted before the error goes on."""
-        sending = asyncio.gather(self.prefill.open_generate(payload), self.decode.open_generate(payload),
-                                 return_exceptions=True)
-        try:
-            p_resp, d_resp = await asyncio.shield(sending)
-        except asyncio.CancelledError:
-            with contextlib.suppress(BaseException):
-                await _close_all(await sending)
-            await _abort_both(self.prefill, self.decode, self.rid, prefill_finished=False)
-            raise
-        sides = ((p_resp, self.prefill), (d_resp, self.decode))
-        failed = [(r, who) for r, who in sides if isinstance(r, BaseException)]
-        if failed:
-            await _close_all([p_resp, d_resp])
-            await _abort_both(self.prefill, self.decode, self.rid, prefill_finished=False)
-            error, who = failed[-1] if isinstance(failed[-1][0], BackendError) else failed[0]
-            if isinstance(error, BackendError):
-                raise tag(error, who.instance_id)
-            raise tag(BackendError(f"{who.instance_id}: {error!r}", status=502, retryable=True), who.instance_id)
-        return p_resp, d_resp  # type: ignore[return-value]
-
-    async def _read_prefill(self, resp: DataStream) -> None:
-        """The prefill's whole answer (one chunk, then [DONE]); its error is kept, not raised."""
-        try:
-            async with contextlib.aclosing(self.prefill.chunks(resp)) as chunks:
-                async for chunk in chunks:
-                    self.p_state.feed(chunk)
-                    self.stats.extra["prefill_meta"] = dict(self.p_state.meta)
-                    if self.p_state.finish is not None:
-                        self.prefill.ledger.finish(self.request.request_id)
-        except Exception as exc:  # noqa: BLE001 - judged by the relay
-            self.p_error = exc
-
-    def _prefill_failure(self) -> BackendError | None:
-        """Why the prefill cannot deliver the first token (None: it did, or it ended cleanly)."""
-        p = self.p_state
-        if self.p_error is not None:
-            err = self.p_error if isinstance(self.p_error, BackendError) else \
-                BackendError(str(self.p_error), status=502, retryable=True)
-            return tag(err, self.prefill.instance_id)
-        if p.finish in ("error", "abort"):
-            return tag(p.failure(f"prefill {self.prefill.instance_id}"), self.prefill.instance_id)
-        if p.finish is None:
-            return tag(BackendError(f"prefill {self.prefill.instance_id} ended without its token", status=502,
-                                    retryable=True), self.prefill.instance_id)
-        return None
-
-    async def relay(self, payload: bytes) -> AsyncIterator[TokenEvent]:
-        p_resp, d_resp = await self._send_both(payload)
-        started = time.perf_counter()
-        reader = asyncio.ensure_future(self._read_prefill(p_resp))
-        d_chunks = self.decode.chunk_batches(d_resp)  # a burst of chunks is relayed as one event
-        pending: asyncio.Future[list[dict[str, Any]]] | None = None
-        first_sent = finished = False
-        sent_ids, sent_text = 0, ""
-        d = self.d_state
-        try:
-            while True:
-                if not first_sent and not reader.done():
-                    # Before the first token: whichever side shows it first.
-                    pending = pending or asyncio.ensure_future(anext(d_chunks))
-                    await asyncio.wait({pending, reader}, return_when=asyncio.FIRST_COMPLETED)
-                    if not pending.done():
-                        continue  # the prefill answered first: judged below
-                if not first_sent and reader.done() and (pending is None or not pending.done()):
-                    p = self.p_state
-                    if p.finish == "abort" and p.status is None and self.p_error is None:
-                        finished = True
-                        yield TokenEvent([], "", "abort", "prefill", p.error)
-                        return
-                    failure = self._prefill_failure()
-                    if failure is not None:
-                        raise failure
-                    if p.ids:
-                        first_sent = True
-                        sent_ids, sent_text = 1, p.text
-                        self.stats.extra.update(first_token_from="prefill", ttft_s=time.perf_counter() - started)
-                        yield TokenEvent(p.ids[:1], p.text, None, "prefill")
-                        continue
-                try:
-                    if pending is not None:
-                        fut, pending = pending, None
-                        batch = await fut
-                    else:
-                        batch = await anext(d_chunks)
-                except StopAsyncIteration:
-                    msg = f"decode {self.decode.instance_id}: stream ended without a finish reason"
-                    if not first_sent:
-                        raise tag(BackendError(msg, status=502, retryable=True), self.decode.instance_id) from None
-                    finished = True
-                    yield TokenEvent([], "", "error", "decode", msg, retryable=True)
-                    return
-                except BackendError as exc:
-                    if not first_sent:
-                        raise tag(exc, self.decode.instance_id) from None
-                    finished = True
-                    # a broken decode stream: the request can continue elsewhere (migration)
-                    yield TokenEvent([], "", "error", "decode", str(exc), retryable=True)
-                    return
-                for chunk in batch:
-                    d.feed(chunk)
-                    if d.finish is not None:
-                        break  # nothing after a finish belongs to the request
-                if d.finish == "error" and not first_sent:
-                    raise tag(d.failure(f"decode {self.decode.instance_id}"), self.decode.instance_id)
-                if d.finish is None and not d.ids:
-                    continue
-                events: list[TokenEvent] = []
-                if not first_sent and d.ids:
-                    first_sent = True
-                    self.stats.extra.update(first_token_from="decode", ttft_s=time.perf_counter() - started)
-                    # Per-token text is unknown when the chunk carries more than the handoff token:
-                    # the text of the whole chunk goes with the first token.
-                    events.append(TokenEvent(d.ids[:1], d.text, None, "prefill"))
-                    sent_ids, sent_text = 1, d.text
-                new_ids = d.ids[sent_ids:]
-                if len(d.ids) == 1 and sent_ids == 1:
-                    # the engine's own text of the handoff token is the baseline for deltas
-                    sent_text = d.text or sent_text
-                new_text = d.text[len(sent_text):]
-                if new_ids or new_text or d.finish is not None:
-                    events.append(TokenEvent(list(new_ids), new_text, d.finish,  # type: ignore[arg-type]
-                                             "decode", d.error, retryable=d.retryable_error))
-                    sent_ids += len(new_ids)
-                    sent_text = d.text if len(d.text) >= len(sent_text) else sent_text
-                    self.decode.ledger.progress(self.request.request_id, len(new_ids))
-                for event in events:
-                    if event.finish_reason is not None:
-                        finished = True
-                        self.stats.extra["decode_meta"] = dict(d.meta)
-                    yield event
-                if finished:
-                    async for _ in d_chunks:  # to the end of the body: the connection is reused
-                        pass
-                    return
-        finally:
-            ok = d.finish in ("stop", "length")
-            if not ok:
-                # client gone, or either side failed: free the room on both servers
-                p_done = reader.done() and self.p_state.finish in ("length", "stop")
-                await _abort_both(self.prefill, self.decode, self.rid, p_done)
-            # Aborted or done, both bodies now end by themselves; waiting is bounded all the same.
-            await _settle(reader, pending)
-            await d_chunks.aclose()
-
-
-async def _settle(*futures: asyncio.Future[Any] | None, timeout_s: float = 5.0) -> None:
-    live = [f for f in futures if f is not None and not f.done()]
-    if live:
-        _, late = await asyncio.wait(live, timeout=timeout_s)
-        for f in late:
-            f.cancel()
-        if late:
-            await asyncio.wait(late)
-    for f in futures:
-        if f is not None and f.done() and not f.cancelled():
-            f.exception()  # retrieved: no "never retrieved" warning
-
-
-async def _close_all(responses: list[Any]) -> None:
-    for resp in responses:
-        if isinstance(resp, DataStream):
-            resp.close()
-
-
-async def _abort_both(prefill: SGLangBackend, decode: SGLangBackend, rid: str, prefill_finished: bool) -> None:
-    """Free both sides: the decode's KV and, if the prefill still holds the room, the prefill's."""
-    calls = [decode.abort_rids([rid])]
-    if not prefill_finished:
-        calls.append(prefill.abort_rids([rid]))
-    try:
-        await asyncio.shield(asyncio.gather(*calls, return_exceptions=True))
-    except asyncio.CancelledError:  # cancelled while aborting: the shielded calls still run
-        log.info("abort of %s continues in the background", rid)
+        async with contextlib.aclosing(disaggregate(request, prefill, decode, stats)) as events:
+            async for event in events:
+                yield event

@@ -50,10 +50,6 @@ def _spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
 class DisaggregatedParamsStrategy(HandoffStrategy):
     name = "tensorrt-llm-disaggregated-params"
 
-    def __init__(self, lease_s: float = 30.0, early_first_token: bool = True) -> None:
-        super().__init__(lease_s)
-        self.early_first_token = early_first_token
-
     async def run(
         self, request: GenRequest, prefill: Backend, decode: Backend, stats: HandoffStats
     ) -> AsyncIterator[TokenEvent]:

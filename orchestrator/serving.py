@@ -12,7 +12,8 @@ from dataclasses import replace
 
 from backends.base import BackendBusy, BackendError, GenRequest, TokenEvent
 from backends.prefix import block_hashes
-from kvbridge.base import HandoffStats, strategy_for
+from kvbridge.base import HandoffStats
+from kvbridge.factory import strategy_for
 from orchestrator import metrics
 from orchestrator.cluster import Cluster
 from orchestrator.config import Settings

@@ -8,7 +8,8 @@ import pytest
 
 from backends.base import BackendError, GenRequest, SamplingParams
 from backends.sglang import RestartRequired, SGLangBackend, check_pd_pair, sampling_params
-from kvbridge.base import HandoffStats, strategy_for
+from kvbridge.base import HandoffStats
+from kvbridge.factory import strategy_for
 from kvbridge.sglang import BootstrapRoomStrategy
 from tests.adapter_helpers import Node, Nodes, collect, gen_request, joined, run_handoff, wait_for
 from tests.fakes import toy_model
@@ -279,19 +280,22 @@ async def test_pd_pair_check_refuses_page_size_mismatch(make_node):
     check_pd_pair({"page_size": 1, "kv_cache_dtype": "auto"}, {"page_size": 1, "kv_cache_dtype": "auto"})
 
 
-async def test_prefill_and_decode_halves_run_concurrently(pd):
-    from backends.base import Handoff, KVHandle
+async def test_disaggregate_is_the_adapters_pd_capability(pd):
+    """The adapter's public P/D call (what the strategy hands a request to): one body with the same
+    rid and room to both servers, the first token as a prefill event, the rest as decode events."""
+    from backends.sglang import disaggregate
 
     p, d = pd
-    handoff = Handoff(decode_url=d.backend.url, decode_instance_id=d.backend.instance_id)
-    handoff.extra.update(rid="a" * 32, bootstrap_room=12345)
-    kv = KVHandle("r1", len(PROMPT), -1, extra={"rid": "a" * 32, "bootstrap_room": 12345,
-                                                  "bootstrap_host": "127.0.0.1", "bootstrap_port": p.server.port})
-    result, events = await asyncio.gather(p.backend.prefill(req(5), handoff), collect(d.backend.decode(req(5), kv)))
+    stats = HandoffStats()
+    events = await collect(disaggregate(req(5), p.backend, d.backend, stats))
     exp = toy_model.expected(PROMPT, 5)
-    assert result.first.token_ids == exp.tokens[:1] and result.kv.extra["bootstrap_room"] == 12345
-    ids, text = joined(events)
-    assert [*result.first.token_ids, *ids] == exp.tokens and result.first.text + text == exp.text
+    assert events[0].phase == "prefill" and events[0].token_ids == exp.tokens[:1]
+    assert {e.phase for e in events[1:]} == {"decode"} and events[-1].finish_reason == "length"
+    assert joined(events) == (exp.tokens, exp.text)
+    (p_body,), (d_body,) = p.fake.bodies, d.fake.bodies
+    assert p_body == d_body and p_body["rid"] == stats.extra["rid"]
+    assert p_body["bootstrap_room"] == stats.extra["bootstrap_room"] and stats.kv_tokens == len(PROMPT)
+    assert not p.backend.ledger and not d.backend.ledger  # both sides' books closed
 
 
 # ---- load, info, role -----------------------------------------------------------------------

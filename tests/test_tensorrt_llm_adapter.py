@@ -10,7 +10,8 @@ import pytest
 from backends.base import BackendError, GenRequest, SamplingParams
 from backends.common import RestartRequired
 from backends.tensorrt_llm import PLACEHOLDER_ID, TensorRTLLMBackend, new_disagg_request_id
-from kvbridge.base import HandoffStats, strategy_for
+from kvbridge.base import HandoffStats
+from kvbridge.factory import strategy_for
 from kvbridge.tensorrt_llm import DisaggregatedParamsStrategy
 from tests.adapter_helpers import Node, Nodes, collect, gen_request, joined, run_handoff, wait_for
 from tests.fakes import toy_model

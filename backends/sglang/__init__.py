@@ -1,7 +1,9 @@
-"""The SGLang adapter: the client (`client.py`) and SGLang's wire format (`wire.py`)."""
+"""The SGLang adapter: the client (`client.py`), SGLang's wire format (`wire.py`) and one P/D request
+over a prefill and a decode server (`pair.py`)."""
 
 from backends.common import RestartRequired
 from backends.sglang.client import SGLangBackend
+from backends.sglang.pair import disaggregate
 from backends.sglang.wire import (
     DEFAULT_BOOTSTRAP_PORT,
     MAX_ROOM,
@@ -20,6 +22,7 @@ __all__ = [
     "RestartRequired",
     "SGLangBackend",
     "check_pd_pair",
+    "disaggregate",
     "map_finish",
     "new_rid",
     "new_room",

@@ -6,8 +6,8 @@ Targets sglang >= 0.5.21 (`/v1/loads`, `/pd_role_switch`); 0.5.20 and older work
 
 A disaggregated request is one body (`rid`, `input_ids`, `sampling_params`, `stream` and the
 bootstrap triple `bootstrap_host`/`bootstrap_port`/`bootstrap_room`) POSTed to the prefill and the
-decode server at the same time; `kvbridge.sglang.BootstrapRoomStrategy` does that. `prefill()` and
-`decode()` below are the two halves, usable only when a caller runs them concurrently.
+decode server at the same time: `disaggregate` (pair.py) runs it; `kvbridge.sglang.BootstrapRoomStrategy`
+calls it.
 
 Error rule shared with the TensorRT-LLM adapter: an HTTP error status (or a refused connection)
 raises `BackendError`; once a stream has started, engine-side failures arrive as a last
@@ -27,10 +27,10 @@ from typing import Any
 import httpx
 import orjson
 
-from backends.base import BackendError, GenRequest, Handoff, KVHandle, LoadReport, PrefillResult, Role, TokenEvent
+from backends.base import BackendError, GenRequest, LoadReport, Role, TokenEvent
 from backends.common import InflightLedger, RestartRequired, host_of, parse_prometheus
 from backends.http import DataStream, HTTPBackend, PoolLimits, engine_timeout, error_message, http_error, sse_batches
-from backends.sglang.wire import DEFAULT_BOOTSTRAP_PORT, ChunkState, new_rid, new_room, sampling_params
+from backends.sglang.wire import DEFAULT_BOOTSTRAP_PORT, ChunkState, new_rid, sampling_params
 
 log = logging.getLogger("tetri.backends.sglang")
 
@@ -394,43 +394,6 @@ class SGLangBackend(HTTPBackend):
         """Co-located: one streamed `/generate`."""
         rid = new_rid()
         events = self._tracked_events(request, rid, self.build_body(request, rid), "generate")
-        async with contextlib.aclosing(events):
-            async for event in events:
-                yield event
-
-    async def prefill(self, request: GenRequest, handoff: Handoff) -> PrefillResult:
-        """Prefill half of a PD request. SGLang's prefill waits until the decode server has
-        registered the same bootstrap room, so this only returns if `decode()` runs concurrently
-        with the same `handoff.extra` (rid, bootstrap_room); kvbridge.sglang does both."""
-        rid = handoff.extra.setdefault("rid", new_rid())
-        room = handoff.extra.setdefault("bootstrap_room", new_room())
-        body = self.build_body(request, rid, stream=False, room=room, bootstrap_host=self.bootstrap_host,
-                               bootstrap_port=self.bootstrap_port)
-        self.track(request.request_id, rid)
-        state = ChunkState()
-        try:
-            async with contextlib.aclosing(self.stream_chunks(body)) as chunks:
-                async for chunk in chunks:
-                    state.feed(chunk)
-        finally:
-            self.untrack(request.request_id, rid)
-        if state.finish in ("error", "abort"):
-            raise BackendError(f"{self.instance_id}: prefill failed: {state.error}", status=502)
-        first = TokenEvent(state.ids[:1], state.text, None, "prefill")
-        kv = KVHandle(request.request_id, len(request.prompt_ids), state.ids[0] if state.ids else -1,
-                      extra={"rid": rid, "bootstrap_room": room, "bootstrap_host": self.bootstrap_host,
-                             "bootstrap_port": self.bootstrap_port, "first_text": state.text,
-                             "meta_info": state.meta})
-        return PrefillResult(first=first, kv=kv)
-
-    async def decode(self, request: GenRequest, kv: KVHandle) -> AsyncIterator[TokenEvent]:
-        """Decode half: the tokens after the handoff token (which the prefill already gave)."""
-        rid = kv.extra["rid"]
-        body = self.build_body(request, rid, room=kv.extra["bootstrap_room"],
-                               bootstrap_host=kv.extra.get("bootstrap_host"),
-                               bootstrap_port=kv.extra.get("bootstrap_port"))
-        events = self._tracked_events(request, rid, body, "decode", skip_tokens=1,
-                                      skip_text=kv.extra.get("first_text", ""))
         async with contextlib.aclosing(events):
             async for event in events:
                 yield event

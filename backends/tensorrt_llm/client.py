@@ -41,7 +41,7 @@ from typing import Any
 
 import httpx
 
-from backends.base import BackendError, GenRequest, Handoff, KVHandle, LoadReport, PrefillResult, Role, TokenEvent
+from backends.base import BackendError, GenRequest, KVHandle, LoadReport, Role, TokenEvent
 from backends.common import InflightLedger, RestartRequired
 from backends.http import HTTPBackend, engine_timeout, http_error, iter_sse
 from backends.tensorrt_llm.wire import (
@@ -53,7 +53,6 @@ from backends.tensorrt_llm.wire import (
     first_error,
     is_duplicate,
     map_finish,
-    new_disagg_request_id,
 )
 from backends.tracing import TRACEPARENT
 
@@ -418,13 +417,6 @@ class TensorRTLLMBackend(HTTPBackend):
             raise BackendError(f"{self.instance_id}: context response lacks disaggregated_params "
                                f"(is cache_transceiver_config set?)", status=502)
         return ContextResult(TokenEvent(first_ids, text, None, "prefill"), params, prompt_ids, usage, False)
-
-    async def prefill(self, request: GenRequest, handoff: Handoff) -> PrefillResult:
-        disagg_id = int(handoff.extra.get("disagg_request_id") or new_disagg_request_id())
-        ctx = await self.context_step(request, disagg_id)
-        if ctx.finished:
-            return PrefillResult(first=ctx.first, kv=None)
-        return PrefillResult(first=ctx.first, kv=ctx.kv_handle(request, disagg_id, context_instance=self.instance_id))
 
     # ---- generation step --------------------------------------------------------------------
     def _generation_body(self, request: GenRequest, kv: KVHandle, *,
