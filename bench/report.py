@@ -69,7 +69,8 @@ def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         lines.append(
             f"{st.get('requests', '?')} requests, mean prompt {_fmt(st.get('mean_prompt_tokens'))} tokens, "
             f"mean output {_fmt(st.get('mean_output_tokens'))} tokens, classes {st.get('classes')}; "
-            f"Poisson arrivals at {_fmt(rate, 2) if not isinstance(rate, str) else rate} req/s "
+            f"Poisson arrivals at {_fmt(rate, 2) if not isinstance(rate, str) else rate} "
+            f"{st.get('rate_unit', 'req/s')} "
             f"({wres.get('rate_source', 'given')}).\n"
         )
         systems = wres["systems"]
