@@ -4,7 +4,7 @@ when `plan_auto_interval_s` is set, the same two steps on a timer (`AutoPlanner`
 and a pool provider that can scale, the timer may also add or remove an instance (`scaled_target`,
 `apply_layout`): opt-in, within `plan_scale_min`/`plan_scale_max` per pool, each action an event.
 
-The plan simulates the candidate splits on the deployment's timing profile (backends/sim/planner.py);
+The plan simulates the candidate splits on the deployment's timing profile (orchestrator/sim/planner.py);
 it is as good as that profile. Applying it drains and flips instances, so the automatic planner
 only acts on a split that two plans in a row agree on, and never while a plan or a flip is running.
 """
@@ -29,7 +29,7 @@ def recommend_for_traffic(
     """The split the finished requests of the last `window_s` call for (what GET /admin/plan
     answers); APIError 409 when there is too little traffic or nothing to divide."""
     from backends.engines.simulated.profiles import get_timing
-    from orchestrator.sim import system_config
+    from orchestrator.sim.config import deployed_system
     from orchestrator.sim.planner import recommend_split
     from orchestrator.sim.split import colocated_by_rule, layout_utilisation
 
@@ -54,10 +54,8 @@ def recommend_for_traffic(
     span = rows[-1]["arrival"] - rows[0]["arrival"]
     rate = (len(rows) - 1) / span if span > 0 else float(len(rows))
     s = app_state.settings
-    cfg = system_config(
-        "tetri", plan_objective=objective, plan_ttft_slo_ms=ttft_slo_ms,
-        heavy_prefill_threshold=s.heavy_prefill_threshold, heavy_decode_threshold=s.heavy_decode_threshold,
-    )  # fmt: skip
+    # The system that is deployed: its own policies (Settings.policy_config()), not a preset.
+    cfg = deployed_system(s.policy_config(), plan_objective=objective, plan_ttft_slo_ms=ttft_slo_ms)
     prompts, outputs = [r["prompt_tokens"] for r in rows], [r["completion_tokens"] for r in rows]
     timing = get_timing(profile)
     try:
@@ -82,6 +80,7 @@ def recommend_for_traffic(
         **({"ttft_slo_ms": ttft_slo_ms} if objective == "slo" else {}),
         "candidates": choice.candidates,
         "rejected": choice.rejected,
+        "policy": cfg.policy.to_dict(),  # what was simulated: the deployment's own policies
     }
 
 
