@@ -18,7 +18,8 @@ app = typer.Typer(help="Workloads, live runs, simulator comparisons.", no_args_i
 
 @app.command()
 def workload(
-    name: Annotated[str, typer.Argument(help="LPLD|LPHD|HPLD|HPHD|Mixed|Mixed-natural|synthetic:P:O|trace:PATH")],
+    name: Annotated[str, typer.Argument(help="LPLD|LPHD|HPLD|HPHD|Mixed|Mixed-natural|synthetic:P:O|trace:PATH|"
+                                             "sessions[:...]|shared-prefix[:...]")],
     requests: Annotated[int, typer.Option("--requests", "-n", help="Number of requests.")] = 500,
     rate: Annotated[str, typer.Option(help="Poisson rate req/s, 'inf', or a sweep '1,2,4' / '1:8:1'.")] = "inf",
     seed: Annotated[int, typer.Option(help="RNG seed (same seed, same workload).")] = 0,
@@ -27,10 +28,14 @@ def workload(
     json_out: Annotated[bool, typer.Option("--json", help="Print statistics as JSON.")] = False,
 ) -> None:
     """Build a workload (ShareGPT class, synthetic, or trace) with Poisson arrivals; print its stats."""
+    from bench.sessions import build_session_workload, is_session_workload
     from bench.workloads import build_workload, parse_rates
 
     rates = parse_rates(rate) or [math.inf]
-    base = build_workload(name, requests, rate=None, seed=seed, max_context=max_context)
+    if is_session_workload(name):  # -n sessions; JSONL rows carry session, turn, after, think_s, blocks
+        base = build_session_workload(name, requests, seed=seed, max_context=max_context)
+    else:
+        base = build_workload(name, requests, rate=None, seed=seed, max_context=max_context)
     stats = []
     for r in rates:
         wl = base.with_arrivals(r, seed + 1)
@@ -51,7 +56,7 @@ def workload(
     for col in ("rate", "requests", "mean prompt", "mean output", "LPLD/LPHD/HPLD/HPHD", "duration s", "file"):
         t.add_column(col)
     for st in stats:
-        cls = "/".join(str(st["classes"].get(c, 0)) for c in ("LPLD", "LPHD", "HPLD", "HPHD"))
+        cls = "/".join(str(st.get("classes", {}).get(c, 0)) for c in ("LPLD", "LPHD", "HPLD", "HPHD"))
         t.add_row(
             str(st.get("rate")), str(st["requests"]), f"{st['mean_prompt_tokens']:.1f}",
             f"{st['mean_output_tokens']:.1f}", cls, f"{st['duration_s']:.1f}", st.get("file", "-"),
