@@ -18,7 +18,7 @@ from backends.engines.api import EngineRequest
 from backends.engines.native.kv_cache import KVEventLog, KVPool
 from backends.engines.native.model_source import load_model
 from backends.prefix import BLOCK_TOKENS, block_hashes, reusable_tokens
-from tests.test_engine import disaggregated, hf_greedy, make, run
+from tests.engine.helpers import disaggregated, hf_greedy, make, run
 
 B = BLOCK_TOKENS
 
