@@ -323,7 +323,7 @@ def test_unhealthy_prefill_is_skipped_and_its_queue_replaced(fleet3, orchestrato
 def test_decode_kv_refusal_does_not_exclude_the_only_prefill_instance():
     """A decode worker that refuses the pushed KV (507, pool full) fails the prefill call; the retry
     must not exclude the (blameless) prefill instance, or a one-prefill cluster answers 503."""
-    from backends.base import Backend, BackendError, PrefillResult, SamplingParams, TokenEvent
+    from backends.base import BackendError, SamplingParams, TokenEvent
     from orchestrator.config import Settings
     from orchestrator.placement import Placement
     from orchestrator.serving import Job, Server
@@ -335,13 +335,11 @@ def test_decode_kv_refusal_does_not_exclude_the_only_prefill_instance():
         role = "prefill"
         url = "http://prefill.invalid"
         instance_id = "prefill-0"
-        prefill_stream = Backend.prefill_stream  # the first token after the push, from prefill()
-
-        async def prefill(self, request, handoff):
+        async def prefill_stream(self, request, handoff):  # the worker adapter's streamed /prefill
             calls.append(handoff.decode_instance_id)
             if len(calls) == 1:
                 raise BackendError("decode worker refused KV: KV pool full", status=507, retryable=True)
-            return PrefillResult(first=TokenEvent([7], "x", finish_reason="length"), kv=None)
+            yield TokenEvent([7], "x", finish_reason="length")
 
     class Decode:
         role = "decode"
