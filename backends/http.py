@@ -54,11 +54,31 @@ class PeerGoneTransport(httpx.AsyncHTTPTransport):
 @dataclass(frozen=True)
 class PoolLimits:
     """Connections one orchestrator keeps to one instance (settings `backend_max_connections`,
-    `backend_acquire_timeout_s`)."""
+    `backend_acquire_timeout_s`): `max_connections` in all, of which up to `control_connections`
+    (an eighth at most) are held back for load polls, health and aborts; the rest carry streams.
+    A pool under 16 reserves none: its control calls get one connection of each kind on top."""
 
     max_connections: int = 256
     acquire_timeout_s: float = 10.0
     control_connections: int = 8
+
+    @property
+    def control(self) -> int:
+        return 0 if self.max_connections < 16 else min(self.control_connections, self.max_connections // 8)
+
+    @property
+    def streams(self) -> int:
+        """Requests (and their streams) in flight at once: one connection each."""
+        return max(1, self.max_connections - self.control)
+
+    @property
+    def polls(self) -> int:
+        return max(1, self.control // 2)
+
+    @property
+    def calls(self) -> int:
+        """health, info, aborts and admin calls (httpx)."""
+        return max(1, self.control - self.polls)
 
 
 class HTTPBackend(Backend):
@@ -73,16 +93,14 @@ class HTTPBackend(Backend):
         super().__init__(url, instance_id, role, model)
         self.pool = pool or PoolLimits()
         headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
-        # The slots bound what is in flight; the pool has a little slack so httpx itself never waits.
-        limits = httpx.Limits(max_connections=self.pool.max_connections + 4,
-                              max_keepalive_connections=self.pool.max_connections)
+        # The slots bound what is in flight, and a stream gives its connection back before its slot.
+        limits = httpx.Limits(max_connections=self.pool.streams, max_keepalive_connections=self.pool.streams)
         self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=headers, limits=limits,
                                          transport=PeerGoneTransport())
-        control_limits = httpx.Limits(max_connections=self.pool.control_connections,
-                                      max_keepalive_connections=self.pool.control_connections)
+        control_limits = httpx.Limits(max_connections=self.pool.calls, max_keepalive_connections=self.pool.calls)
         self._control = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(10.0, pool=5.0), headers=headers,
                                           limits=control_limits, transport=PeerGoneTransport())
-        self._slots = asyncio.Semaphore(self.pool.max_connections)
+        self._slots = asyncio.Semaphore(self.pool.streams)
         self._read_timeout_s = timeout.read
         self._headers = headers
         self._data: aiohttp.ClientSession | None = None
@@ -91,7 +109,7 @@ class HTTPBackend(Backend):
     @property
     def busy_slots(self) -> int:
         """Requests holding a connection slot now."""
-        return self.pool.max_connections - self._slots._value
+        return self.pool.streams - self._slots._value
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -99,7 +117,7 @@ class HTTPBackend(Backend):
         try:
             await asyncio.wait_for(self._slots.acquire(), self.pool.acquire_timeout_s)
         except TimeoutError:
-            raise BackendBusy(f"{self.instance_id}: all {self.pool.max_connections} connections busy for "
+            raise BackendBusy(f"{self.instance_id}: all {self.pool.streams} stream connections busy for "
                               f"{self.pool.acquire_timeout_s:.0f}s") from None
         try:
             yield
@@ -108,7 +126,7 @@ class HTTPBackend(Backend):
 
     def _session(self) -> aiohttp.ClientSession:
         if self._data is None or self._data.closed:
-            connector = aiohttp.TCPConnector(limit=self.pool.max_connections + 4, limit_per_host=0,
+            connector = aiohttp.TCPConnector(limit=self.pool.streams, limit_per_host=0,
                                              keepalive_timeout=30, enable_cleanup_closed=True)
             timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=self._read_timeout_s)
             self._data = aiohttp.ClientSession(self.url, connector=connector, timeout=timeout,
@@ -120,7 +138,7 @@ class HTTPBackend(Backend):
         on aiohttp, like the streams). Its own small pool: never queued behind the streams."""
         if self._polls is None or self._polls.closed:
             self._polls = aiohttp.ClientSession(self.url, headers=self._headers, auto_decompress=True,
-                                                connector=aiohttp.TCPConnector(limit=self.pool.control_connections))
+                                                connector=aiohttp.TCPConnector(limit=self.pool.polls))
         try:
             async with self._polls.get(path, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
                 return Polled(resp.status, await resp.read())

@@ -90,8 +90,9 @@ class Settings(BaseSettings):
     # max_tokens when a request gives none (capped by the context left after the prompt).
     default_max_tokens: int = 256
     request_timeout_s: float = 600.0
-    # Connections to one instance for requests and their streams (a full pool is "busy": the request
-    # waits up to backend_acquire_timeout_s, then 503 with Retry-After; never a health verdict).
+    # Connections to one instance, all told: from 16 up, an eighth (8 at most) for load polls,
+    # health and aborts, the rest one per request stream (a full pool is "busy": the request waits
+    # up to backend_acquire_timeout_s, then 503 with Retry-After; never a health verdict).
     backend_max_connections: int = Field(default=256, ge=1)
     backend_acquire_timeout_s: float = Field(default=10.0, gt=0.0)
     # Request bodies past this many bytes get 413 before they are read whole.

@@ -61,3 +61,14 @@ async def test_a_full_pool_is_busy_not_a_failure():
         assert backend.busy_slots == 0  # every slot came back
     finally:
         await backend.close()
+
+
+def test_the_pool_bounds_every_connection_to_an_instance():
+    """backend_max_connections is the whole budget: streams plus the control share (polls, calls)."""
+    for total in (16, 17, 32, 64, 256, 1000):
+        pool = PoolLimits(max_connections=total)
+        assert pool.streams + pool.polls + pool.calls == total and pool.calls >= 1 and pool.polls >= 1
+    assert PoolLimits(max_connections=256).streams == 248
+    for total in (1, 2, 8, 15):  # under 16: control on top
+        tiny = PoolLimits(max_connections=total)
+        assert tiny.streams == total and (tiny.polls, tiny.calls) == (1, 1)
