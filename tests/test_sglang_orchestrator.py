@@ -218,3 +218,17 @@ def test_a_decode_stream_broken_after_n_tokens_migrates_without_repeating_or_dro
     assert d.fake.bodies[1]["input_ids"] == prompt + sent  # the continuation
     rest = toy_model.expected(prompt + sent, max_tokens - broken_after)
     assert text == toy_model.detokenize(sent) + rest.text
+
+
+@pytest.mark.parametrize("model", [PD_MODEL, COLO_MODEL])
+def test_cached_tokens_come_from_sglang_meta_info(sglang_cluster, model):
+    """SGLang's `meta_info.cached_tokens` (its radix cache's hit) reaches usage and the store: P/D
+    takes the prefill server's, co-located the server's own."""
+    url = sglang_cluster[0]
+    prompt = list(range(100, 140))
+    sent = [httpx.post(f"{url}/v1/completions", timeout=30,
+                       json={"model": model, "prompt": p, "max_tokens": 3, "temperature": 0}).json()
+            for p in (prompt, prompt + [7, 8, 9])]
+    assert [s["usage"]["prompt_tokens_details"]["cached_tokens"] for s in sent] == [0, len(prompt)]
+    record = httpx.get(f"{url}/admin/requests/{sent[1]['id']}", headers=AUTH, timeout=10).json()
+    assert record["cached_tokens"] == len(prompt)

@@ -356,7 +356,8 @@ class SGLangBackend(HTTPBackend):
                         self.ledger.progress(request.request_id, len(new_ids), phase)
                         yielded = True
                         yield TokenEvent(list(new_ids), new_text, state.finish, phase, state.error,  # type: ignore[arg-type]
-                                         retryable=state.retryable_error)
+                                         retryable=state.retryable_error,
+                                         cached_tokens=state.cached_tokens if state.finish else None)
                     if state.finish is not None:
                         # Read the body to its end so the connection is reused, then stop.
                         async for _ in chunks:

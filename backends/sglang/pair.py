@@ -204,6 +204,9 @@ class _Pair:
                     if event.finish_reason is not None:
                         finished = True
                         self.stats.extra["decode_meta"] = dict(d.meta)
+                        # The prefill server's radix-cache hit is the prompt's; the decode's otherwise.
+                        p_cached = self.p_state.cached_tokens
+                        event.cached_tokens = p_cached if p_cached is not None else d.cached_tokens
                     yield event
                 if finished:
                     async for _ in d_chunks:  # to the end of the body: the connection is reused

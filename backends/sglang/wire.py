@@ -49,6 +49,12 @@ class ChunkState:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def cached_tokens(self) -> int | None:
+        """`meta_info.cached_tokens`: the prompt tokens SGLang's radix cache held."""
+        value = self.meta.get("cached_tokens")
+        return value if isinstance(value, int) else None
+
+    @property
     def retryable_error(self) -> bool:
         """An in-stream 503 (a retraction): another instance can continue the request."""
         return self.finish == "error" and self.status == 503
