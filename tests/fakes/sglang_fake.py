@@ -21,7 +21,6 @@ The bootstrap "server" of a prefill is served on its own HTTP port under `/_fake
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import json
@@ -34,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from tests.fakes import toy_model
+from tests.fakes.radix import RadixCache
 
 SAMPLING_KEYS = {
     "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "ignore_eos",
@@ -114,8 +114,7 @@ class SGLangFake:
         self._initial = dataclasses.replace(self.config)
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
-        self._prompts: collections.deque[tuple[int, ...]] = collections.deque(maxlen=256)
-        self._hits: dict[str, int] = {}
+        self.radix = RadixCache()
         self.app = self._build()
 
     def reset(self) -> None:
@@ -125,29 +124,17 @@ class SGLangFake:
         for records in (self.bodies, self.abort_calls, self.aborted, self.disconnected, self.role_switches,
                         self.finished):
             records.clear()
-        self._prompts.clear()
-        self._hits.clear()
+        self.radix = RadixCache()
         self.rooms.clear()
         self.graphs_captured = self.config.mode in (None, "decode")
 
     # ---- helpers -------------------------------------------------------------------------
-    def _cached(self, rid: str, prompt: list[int]) -> int:
-        """A radix cache of page size 1 (SGLang's default): the longest prefix of this prompt that an
-        earlier prompt here shared, fixed at the request's first chunk; the last 256 prompts kept."""
-        if rid not in self._hits:
-            best = max((_common(prompt, seen) for seen in self._prompts), default=0)
-            self._hits[rid] = min(best, max(len(prompt) - 1, 0))  # the last token is always computed
-            self._prompts.append(tuple(prompt))
-            if len(self._hits) > 4096:
-                self._hits.pop(next(iter(self._hits)))
-        return self._hits[rid]
-
     def _meta(self, rid: str, prompt: list[int], ids: list[int], finish: Any, started: float,
               final: bool, first: bool) -> dict[str, Any]:
         meta: dict[str, Any] = {
             "id": rid, "finish_reason": finish, "prompt_tokens": len(prompt), "weight_version": "default",
             "num_retractions": 0, "reasoning_tokens": 0, "completion_tokens": len(ids),
-            "cached_tokens": self._cached(rid, prompt),
+            "cached_tokens": self.radix.hit(rid, prompt),
         }
         if final:
             meta["e2e_latency"] = time.time() - started
@@ -605,11 +592,3 @@ def create_app(config: SGLangFakeConfig | None = None) -> FastAPI:
     fake.app.state.fake = fake
     return fake.app
 
-
-def _common(a: list[int], b: tuple[int, ...]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
