@@ -1,5 +1,5 @@
 """Views, hypothesis strategies and a spying Random shared by the scheduling-policy tests
-(tests/test_policies.py, test_prefill_queue.py, test_dispatch.py, test_admission.py, test_flip.py)."""
+(tests/unit/test_policies.py, test_prefill_queue.py, test_dispatch.py, test_admission.py, test_flip.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """SQLAlchemy 2 models of the store: instances, requests, events, leases and replicas.
 
 Times are UNIX seconds (float), as everywhere in tetri. The Alembic migration in
-``migrations/versions`` creates exactly these tables; ``tests/test_store.py`` checks that the
+``migrations/versions`` creates exactly these tables; ``tests/integration/test_store.py`` checks that the
 migrated schema and these models agree.
 """
 

@@ -492,7 +492,7 @@ def _serve_subprocess(port: int, db: Path, instances: list[dict[str, Any]], log:
     env.pop("TETRI_CONFIG", None)
     cmd = [sys.executable, "-c", "from orchestrator.cli import app; app()", "serve", "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                            cwd=Path(__file__).resolve().parents[1])
+                            cwd=Path(__file__).resolve().parents[2])
     deadline = time.monotonic() + 120
     while True:
         try:

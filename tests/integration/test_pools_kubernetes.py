@@ -32,7 +32,7 @@ from tests.fakes.server import ServerThread
 NS = "tetri"
 LABELS = {"app.kubernetes.io/part-of": "tetri"}
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-RBAC = Path(__file__).resolve().parent.parent / "deploy" / "k8s" / "base" / "rbac.yaml"
+RBAC = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "base" / "rbac.yaml"
 
 
 def ips(first: int) -> Iterator[str]:

@@ -1,5 +1,5 @@
 """Leader election through the store, replica heartbeats and recovery of dead replicas, on SQLite and
-PostgreSQL (the ``db_url`` fixture of tests/test_store.py: a temp file, or a throwaway schema)."""
+PostgreSQL (the ``db_url`` fixture of tests/integration/test_store.py: a temp file, or a throwaway schema)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator.leader import Leader, ReplicaIdInUse, shareable_options
 from orchestrator.store import Store
-from tests.test_store import db_url  # noqa: F401 - the fixture, parametrized over both databases
+from tests.integration.test_store import db_url  # noqa: F401 - the fixture, parametrized over both databases
 
 
 @pytest.fixture

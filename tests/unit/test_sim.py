@@ -500,7 +500,7 @@ def test_colocated_prompts_on_a_decode_instance_follow_the_prefill_policy(h100):
 def test_prefill_load_placement_keeps_short_prompts_off_a_long_prefill(h100):
     # Two decode instances, all co-located. A 6,000-token prompt lands on i0, a short one on i1; the
     # next short prompt ties on request count and would queue behind the long prefill on i0 (late
-    # binding off: it would move s2 away; tests/test_late_binding.py).
+    # binding off: it would move s2 away; tests/unit/test_late_binding.py).
     reqs = [BenchRequest("long", 0.0, 6000, 10), BenchRequest("s1", 0.001, 50, 200),
             BenchRequest("s2", 0.002, 50, 200)]  # fmt: skip
     got = {}

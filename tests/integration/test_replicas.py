@@ -20,8 +20,8 @@ from bench.failover import measure
 from orchestrator.app import create_app
 from orchestrator.store import Store
 from tests.conftest import TINY, make_settings, serve_app
-from tests.test_registration_and_recovery import AUTH, FakeEngine, engines, new_engine  # noqa: F401
-from tests.test_store import db_url  # noqa: F401 - the fixture, parametrized over both databases
+from tests.integration.test_registration_and_recovery import AUTH, FakeEngine, engines, new_engine  # noqa: F401
+from tests.integration.test_store import db_url  # noqa: F401 - the fixture, parametrized over both databases
 
 
 def _wait(cond, timeout_s: float) -> float:  # noqa: ANN001

@@ -18,7 +18,7 @@ import yaml
 
 from orchestrator.config import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("native", "sglang", "tensorrt-llm")
 KUBERNETES_VERSION = "1.30"

@@ -162,7 +162,7 @@ def test_sim_idle_decode_host_takes_a_prompt_queued_behind_a_long_prefill(h100):
 
 def test_sim_late_binding_in_a_prefill_pool_finishes_everything_once_and_is_deterministic(h100):
     from orchestrator.sim import simulate
-    from tests.test_sim import _requests
+    from tests.unit.test_sim import _requests
 
     reqs = _requests(400, rate=60.0)
     runs = [simulate("tetri+pd_ratio=2:2,fallback=none", h100, 4, reqs, seed=3) for _ in range(2)]

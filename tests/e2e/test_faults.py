@@ -141,7 +141,7 @@ def _serve(port: int, db: Path, instances: list[InstanceSpec], log: Path) -> sub
     env.pop("TETRI_CONFIG", None)
     cmd = [sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                            cwd=Path(__file__).resolve().parents[1])
+                            cwd=Path(__file__).resolve().parents[2])
     deadline = time.monotonic() + 120
     while True:
         with contextlib.suppress(httpx.HTTPError):

@@ -40,7 +40,7 @@ def test_plan_recommends_a_split_for_the_recorded_traffic(tiny_pd_fleet, orchest
         assert bad.status_code == 400 and bad.json()["error"]["param"] == field
 
     # Light prompts, long outputs at 30 req/s: on 4 H100-class instances the TTFT objective keeps a
-    # prefill pool, the JCT objective co-locates everything (as in tests/test_sim.py).
+    # prefill pool, the JCT objective co-locates everything (as in tests/unit/test_sim.py).
     _record_traffic(state.store, 900, 30.0, (20, 300), (200, 800))
     got = {}
     for objective in ("ttft", "jct"):

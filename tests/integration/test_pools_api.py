@@ -18,7 +18,7 @@ from orchestrator.pools.base import ReadyInstance
 from orchestrator.pools.kubernetes import KubernetesProvider
 from orchestrator.pools.static import REFUSAL, StaticProvider
 from tests.conftest import ADMIN_TOKEN, make_settings
-from tests.test_pools_kubernetes import StubEngine
+from tests.integration.test_pools_kubernetes import StubEngine
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

@@ -2,7 +2,7 @@
 when the planned split runs hot, one fewer when a smaller layout keeps up comfortably, each pool
 within its min and max, flips before starts, every action an event row; nothing while a scale is
 still under way. The plans are scripted; the provider is a recording stand-in for the local one
-(tests/test_pools_local.py runs the real one)."""
+(tests/e2e/test_pools_local.py runs the real one)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import yaml
 
 from orchestrator.config import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 COMPOSE_FILES = sorted(DOCKER.glob("compose.*.yml"))
 SCHEMA = json.loads((DOCKER / "compose-spec.schema.json").read_text())

@@ -14,7 +14,7 @@ import yaml
 from tests.adapter_helpers import chat_body, orchestrator_over, wait_until
 from tests.fakes.harness import fakes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "tetri.json"
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
