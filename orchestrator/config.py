@@ -194,6 +194,9 @@ class Settings(BaseSettings):
     # more than prefix_balance_abs requests and prefix_balance_rel times).
     global_scheduler: str = "prefix_aware"
     prefix_cache_weight: float = Field(default=1.0, ge=0.0)
+    # prefix_aware: prompt tokens of prefill work one running request weighs (the decode working set
+    # a new request joins; without it, sessions pile onto the few instances that hold a shared prefix).
+    prefix_running_weight: float = Field(default=16.0, ge=0.0)
     prefix_cache_threshold: float = Field(default=0.3, ge=0.0, le=1.0)
     prefix_balance_abs: int = Field(default=64, ge=0)
     prefix_balance_rel: float = Field(default=1.5, ge=1.0)

@@ -55,6 +55,7 @@ class PlacementKnobs(Protocol):
     late_binding: str
     global_scheduler: str
     prefix_cache_weight: float
+    prefix_running_weight: float
     prefix_cache_threshold: float
     prefix_balance_abs: int
     prefix_balance_rel: float
@@ -106,7 +107,8 @@ class PlacementCore:
             colocate_on_decode=k.colocate_on_decode, colocate_backlog_tokens=k.colocate_backlog_tokens,
             colocate_pick=k.colocate_pick, prefill_engine_backlog=k.prefill_engine_backlog,
             global_scheduler=make_global_scheduler(
-                k.global_scheduler, cache_weight=k.prefix_cache_weight, cache_threshold=k.prefix_cache_threshold,
+                k.global_scheduler, cache_weight=k.prefix_cache_weight, running_weight=k.prefix_running_weight,
+                cache_threshold=k.prefix_cache_threshold,
                 balance_abs=k.prefix_balance_abs, balance_rel=k.prefix_balance_rel,
             ),
             dispatcher=make_dispatcher(

@@ -64,24 +64,26 @@ def prefill_wait(inst: InstanceView, own_tokens: float) -> float:
 @register("global_scheduler", "prefix_aware")
 class PrefixAwarePrefill:
     """Least uncached prefill work: the instance's prefill load plus this prompt's tokens it does not
-    hold cached (``cached_prompt_tokens``, weighted); tie: fewest running, then id. The paper's load
-    model with prefix caching: a hit is worth little where the queue is long."""
+    hold cached (``cached_prompt_tokens``, weighted), plus ``running_weight`` tokens per request
+    running there (the decode working set the request joins); tie: fewest running, then id. The
+    paper's load model with prefix caching: a hit is worth little where the queue is long."""
 
     name = "prefix_aware"
     uses_prefix = True
 
-    def __init__(self, cache_weight: float = 1.0) -> None:
+    def __init__(self, cache_weight: float = 1.0, running_weight: float = 16.0) -> None:
         self.cache_weight = cache_weight
+        self.running_weight = running_weight
+
+    def cost(self, inst: InstanceView, req: RequestView) -> float:
+        uncached = req.prompt_tokens - self.cache_weight * inst.cached_prompt_tokens
+        return prefill_wait(inst, uncached) + self.running_weight * inst.running
 
     def pick(self, instances: Sequence[InstanceView], req: RequestView) -> str | None:
         candidates = prefill_candidates(instances)
         if not candidates:
             return None
-        w = self.cache_weight
-        best = min(
-            candidates, key=lambda i: (prefill_wait(i, req.prompt_tokens - w * i.cached_prompt_tokens), i.running, i.id)
-        )
-        return best.id
+        return min(candidates, key=lambda i: (self.cost(i, req), i.running, i.id)).id
 
 
 @register("global_scheduler", "sglang_cache_aware")
@@ -117,11 +119,13 @@ class SGLangCacheAware:
 def make_global_scheduler(
     name: str = "least_loaded",
     cache_weight: float = 1.0,
+    running_weight: float = 16.0,
     cache_threshold: float = 0.3,
     balance_abs: int = 64,
     balance_rel: float = 1.5,
 ) -> GlobalScheduler:
-    return build("global_scheduler", name, cache_weight=cache_weight, cache_threshold=cache_threshold,
+    return build("global_scheduler", name, cache_weight=cache_weight, running_weight=running_weight,
+                 cache_threshold=cache_threshold,
                  balance_abs=balance_abs, balance_rel=balance_rel)  # fmt: skip
 
 
