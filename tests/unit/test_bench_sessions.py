@@ -257,6 +257,10 @@ def test_sessions_against_a_live_deployment_hit_the_cache(tmp_path, monkeypatch)
     s = res["summary"]
     assert s["completed"] == 4 and s["errors"] == 0, res["requests"]
     assert s["prompt_token_mismatches"] == 0
-    assert s["oracle_hit_rate"] > 0.3 and s["cache_hit_rate"] >= 0.8 * s["oracle_hit_rate"], s
+    assert s["oracle_hit_rate"] > 0.3 and s["cache_hit_rate"] > 0, s
+    # Later turns find their history (the first turns' shared system prompt is not worth piling both
+    # sessions onto one instance: prefix_running_weight spreads them).
+    later = [r for r in res["requests"] if r["turn"] > 0]
+    assert sum(r["cached_tokens"] for r in later) >= 0.8 * sum(r["oracle_tokens"] for r in later) > 0, later
     assert s["engine_query_tokens"] > 0
     assert os.path.exists(tmp_path / "up.log")

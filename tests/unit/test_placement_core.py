@@ -138,8 +138,11 @@ def test_prefix_index_and_the_cache_aware_schedulers():
     assert idx.match("a", hashes, now=1.0) == 3 and idx.match("b", hashes, now=1.0) == 0
     assert idx.match("a", hashes, now=11.0) == 0  # approximate entries expire
     idx.stored("b", hashes)
-    idx.routed("b", block_hashes(list(range(100, 164)), "m"), now=0.0)  # precise: guesses ignored
-    assert idx.occupancy("b") == 4 and idx.match("b", hashes, now=99.0) == 4
+    other = block_hashes(list(range(100, 164)), "m")
+    idx.routed("b", other, now=0.0)  # precise: a guess bridges only until the events can tell
+    assert idx.match("b", other, now=1.0) == 4 and idx.match("b", other, now=31.0) == 0
+    idx.routed("b", hashes, now=0.0)  # never downgrades what the engine reported
+    assert idx.match("b", hashes, now=99.0) == 4
     idx.removed("b", hashes[1:2])
     assert idx.match("b", hashes, now=0.0) == 1  # only a consecutive prefix counts
     assert block_hashes(list(range(64)), "other")[0] != hashes[0]  # never shared across models
