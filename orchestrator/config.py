@@ -193,7 +193,9 @@ class Settings(BaseSettings):
     # SGLang router's rule: cache match above prefix_cache_threshold unless the load is imbalanced by
     # more than prefix_balance_abs requests and prefix_balance_rel times).
     global_scheduler: str = "prefix_aware"
-    prefix_cache_weight: float = Field(default=1.0, ge=0.0)
+    # A cached token counts this many prompt tokens: it is also work the cluster does not redo (at
+    # high load, recomputing a session's history elsewhere delays everyone; docs/benchmarks.md).
+    prefix_cache_weight: float = Field(default=4.0, ge=0.0)
     # prefix_aware: prompt tokens of prefill work one running request weighs (the decode working set
     # a new request joins; without it, sessions pile onto the few instances that hold a shared prefix).
     prefix_running_weight: float = Field(default=16.0, ge=0.0)

@@ -43,7 +43,7 @@ class PolicyConfig:
     mode: str = "auto"
     # Level 1: the global scheduler and the per-instance prefill queues.
     global_scheduler: str = "prefix_aware"
-    prefix_cache_weight: float = 1.0
+    prefix_cache_weight: float = 4.0
     prefix_running_weight: float = 16.0
     prefix_cache_threshold: float = 0.3
     prefix_balance_abs: int = 64

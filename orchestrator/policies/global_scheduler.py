@@ -71,7 +71,7 @@ class PrefixAwarePrefill:
     name = "prefix_aware"
     uses_prefix = True
 
-    def __init__(self, cache_weight: float = 1.0, running_weight: float = 16.0) -> None:
+    def __init__(self, cache_weight: float = 4.0, running_weight: float = 16.0) -> None:
         self.cache_weight = cache_weight
         self.running_weight = running_weight
 
@@ -118,7 +118,7 @@ class SGLangCacheAware:
 
 def make_global_scheduler(
     name: str = "least_loaded",
-    cache_weight: float = 1.0,
+    cache_weight: float = 4.0,
     running_weight: float = 16.0,
     cache_threshold: float = 0.3,
     balance_abs: int = 64,

@@ -163,10 +163,10 @@ def test_prefix_index_and_the_cache_aware_schedulers():
 
 def test_prefix_aware_weighs_the_decode_working_set_against_a_small_hit():
     """A shared system prompt (32 cached tokens) must not pull every new session onto the instances
-    that hold it: 16 tokens per running request outweigh it from 3 more running; a long cached
-    conversation still wins against many more running requests."""
+    that hold it: 16 tokens per running request outweigh it (counted 4x: 128 tokens) from 8 more
+    running; a long cached conversation still wins against many more running requests."""
     first_turn = req(prompt=300)
-    warm = view("warm", "colocated", running=3, cached_prompt_tokens=32, chunk_tokens=1024)
+    warm = view("warm", "colocated", running=8, cached_prompt_tokens=32, chunk_tokens=1024)
     cold = view("cold", "colocated", running=0, chunk_tokens=1024)
     assert make_global_scheduler("prefix_aware").pick([warm, cold], first_turn) == "cold"
     assert make_global_scheduler("prefix_aware", running_weight=0.0).pick([warm, cold], first_turn) == "warm"
