@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
@@ -112,7 +112,7 @@ class SGLangFake:
         self.finished: list[str] = []
         self.graphs_captured = self.config.mode in (None, "decode")
         self._initial = dataclasses.replace(self.config)
-        self._client: httpx.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self.radix = RadixCache()
         self.app = self._build()
@@ -247,31 +247,37 @@ class SGLangFake:
         base = f"http://{host}:{port}"
         try:
             client = self._bootstrap_client()
-            resp = await client.post(f"{base}/_fake_bootstrap/prealloc",
-                                     json={"room": room_id, "rid": live.rid, "prompt": live.prompt})
-            if resp.status_code != 200:
-                raise _Abort(f"Decode handshake failed for request rank=0 decode_req.req.rid='{live.rid}' "
-                             f"bootstrap_room={room_id}: {resp.text}", 500)
-            resp = await self._until(client.get(f"{base}/_fake_bootstrap/kv/{room_id}",
-                                                params={"timeout": cfg.waiting_timeout_s}), live)
-        except httpx.HTTPError as exc:
+            async with client.post(f"{base}/_fake_bootstrap/prealloc",
+                                   json={"room": room_id, "rid": live.rid, "prompt": live.prompt}) as resp:
+                if resp.status != 200:
+                    raise _Abort(f"Decode handshake failed for request rank=0 decode_req.req.rid='{live.rid}' "
+                                 f"bootstrap_room={room_id}: {await resp.text()}", 500)
+                await resp.read()
+            data = await self._until(self._get_json(client, f"{base}/_fake_bootstrap/kv/{room_id}",
+                                                    {"timeout": str(cfg.waiting_timeout_s)}), live)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise _Abort(f"Decode handshake failed for request rank=0 decode_req.req.rid='{live.rid}' "
                          f"bootstrap_room={room_id}: cannot reach bootstrap server {base}: {exc!r}", 500) from None
-        data = resp.json()
         if "error" in data:
             raise _Abort(f"Decode transfer failed for request rank=0 decode_req.req.rid='{live.rid}' "
                          f"bootstrap_room={room_id} with exception KVTransferError: {data['error']}", 500)
         return int(data["first_token"])
 
-    def _bootstrap_client(self) -> httpx.AsyncClient:
+    def _bootstrap_client(self) -> aiohttp.ClientSession:
         """One pooled client per event loop for the decode's bootstrap calls (a real decode keeps
-        its connections to the prefill's bootstrap server too)."""
+        its connections to the prefill's bootstrap server too). aiohttp: httpx's pool scans every
+        connection per request, which made this fake slower the more requests it held."""
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
-            self._client = httpx.AsyncClient(timeout=self.config.waiting_timeout_s + 5,
-                                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+            self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.waiting_timeout_s + 5),
+                                                 connector=aiohttp.TCPConnector(limit=0))
             self._client_loop = loop
         return self._client
+
+    @staticmethod
+    async def _get_json(client: aiohttp.ClientSession, url: str, params: dict[str, str]) -> dict[str, Any]:
+        async with client.get(url, params=params) as resp:
+            return await resp.json(content_type=None)
 
     # ---- the app -------------------------------------------------------------------------
     def _build(self) -> FastAPI:  # noqa: C901 - one route table
