@@ -63,7 +63,9 @@ def run(
     wl = _workload(requests, rate, max_prompt, max_output, seed)
     log_dir = Path(os.environ.get("TETRI_LOG_DIR", "/tmp/tetri-logs"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**env, "TETRI_ADMIN_TOKEN": _ADMIN_TOKEN}
+    # The workers' prefix cache off: these ShareGPT prompts share the chat template's system prompt,
+    # which the live engine would reuse and the simulator (no block ids on this workload) would not.
+    env = {**env, "TETRI_ADMIN_TOKEN": _ADMIN_TOKEN, "TETRI_PREFIX_CACHING": "0"}
     dep = Deployment([*args, "--backend", backend], env, _free_port(), log_dir / f"fidelity-{setup}.log")
     try:
         dep.wait_ready()
