@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -59,6 +59,40 @@ def parse_sse_line(line: str) -> dict[str, Any] | None | str:
     return obj if isinstance(obj, dict) else None
 
 
+async def stream_chunks(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], rec: RequestRecord, clock: Callable[[], float]
+) -> AsyncIterator[tuple[float, dict[str, Any]]]:
+    """POST a streamed completion and yield (arrival time, JSON chunk) until `[DONE]`; `rec` gets the
+    send and end times, the status, and the error (HTTP status, an error chunk, a broken connection,
+    or no tokens at all)."""
+    rec.sent = clock()
+    try:
+        async with client.stream("POST", url, json=body) as resp:
+            rec.status = resp.status_code
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")
+                rec.error = f"HTTP {resp.status_code}: {text[:300]}"
+                rec.end = clock()
+                return
+            async for line in resp.aiter_lines():
+                obj = parse_sse_line(line)
+                if obj is None:
+                    continue
+                if obj == "DONE":
+                    break
+                assert isinstance(obj, dict)
+                if obj.get("error"):
+                    rec.error = str(obj["error"])[:300]
+                    break
+                yield clock(), obj
+        rec.end = clock()
+    except (TimeoutError, httpx.HTTPError) as exc:
+        rec.error = f"{type(exc).__name__}: {exc}"[:300]
+        rec.end = clock()
+    if rec.error is None and not rec.token_times:
+        rec.error = "no tokens streamed"
+
+
 def chunk_text(obj: dict[str, Any]) -> tuple[str | None, str | None]:
     """(text of the chunk or None, finish_reason or None)."""
     choices = obj.get("choices") or []
@@ -82,45 +116,20 @@ async def send_one(
 ) -> RequestRecord:
     body = _chat_body(req, model) if endpoint == "chat" else req.openai_body(model)
     path = "/chat/completions" if endpoint == "chat" else "/completions"
-    rec.sent = clock()
     usage_tokens: int | None = None
-    try:
-        async with client.stream("POST", base + path, json=body) as resp:
-            rec.status = resp.status_code
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")
-                rec.error = f"HTTP {resp.status_code}: {text[:300]}"
-                rec.end = clock()
-                return rec
-            async for line in resp.aiter_lines():
-                obj = parse_sse_line(line)
-                if obj is None:
-                    continue
-                if obj == "DONE":
-                    break
-                assert isinstance(obj, dict)
-                if obj.get("error"):
-                    rec.error = str(obj["error"])[:300]
-                    break
-                text, finish = chunk_text(obj)
-                now = clock()
-                if text:
-                    rec.add_tokens(now, 1)
-                if finish:
-                    rec.finish_reason = finish
-                usage = obj.get("usage")
-                if usage and usage.get("completion_tokens") is not None:
-                    usage_tokens = int(usage["completion_tokens"])
-                if usage and usage.get("prompt_tokens"):
-                    rec.prompt_tokens = int(usage["prompt_tokens"])  # as the server tokenized it
-        rec.end = clock()
-    except (TimeoutError, httpx.HTTPError) as exc:
-        rec.error = f"{type(exc).__name__}: {exc}"[:300]
-        rec.end = clock()
+    async for now, obj in stream_chunks(client, base + path, body, rec, clock):
+        text, finish = chunk_text(obj)
+        if text:
+            rec.add_tokens(now, 1)
+        if finish:
+            rec.finish_reason = finish
+        usage = obj.get("usage")
+        if usage and usage.get("completion_tokens") is not None:
+            usage_tokens = int(usage["completion_tokens"])
+        if usage and usage.get("prompt_tokens"):
+            rec.prompt_tokens = int(usage["prompt_tokens"])  # as the server tokenized it
     if usage_tokens is not None:
         rec.output_tokens = usage_tokens
-    if rec.error is None and not rec.token_times:
-        rec.error = "no tokens streamed"
     return rec
 
 

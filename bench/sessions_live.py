@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from bench.metrics import RequestRecord, summarize
-from bench.runner import api_base, chunk_text, parse_sse_line, resolve_model
+from bench.runner import api_base, chunk_text, resolve_model, stream_chunks
 from bench.sessions import ChatTokenizer, OracleCache, SessionRequest, SessionWorkload, prefix_summary
 
 
@@ -52,43 +52,20 @@ async def send_turn(
         "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
     }  # fmt: skip
     parts: list[str] = []
-    rec.sent = clock()
-    try:
-        async with client.stream("POST", base + "/chat/completions", json=body) as resp:
-            rec.status = resp.status_code
-            if resp.status_code != 200:
-                rec.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:300]}"
-                rec.end = clock()
-                return ""
-            async for line in resp.aiter_lines():
-                obj = parse_sse_line(line)
-                if obj is None:
-                    continue
-                if obj == "DONE":
-                    break
-                assert isinstance(obj, dict)
-                if obj.get("error"):
-                    rec.error = str(obj["error"])[:300]
-                    break
-                text, finish = chunk_text(obj)
-                if text:
-                    rec.add_tokens(clock(), 1)
-                    parts.append(text)
-                if finish:
-                    rec.finish_reason = finish
-                usage = obj.get("usage")
-                if usage:
-                    rec.output_tokens = int(usage.get("completion_tokens") or rec.output_tokens)
-                    rec.prompt_tokens = int(usage.get("prompt_tokens") or rec.prompt_tokens)
-                    details = usage.get("prompt_tokens_details") or {}
-                    if details.get("cached_tokens") is not None:
-                        rec.cached_tokens = int(details["cached_tokens"])
-        rec.end = clock()
-    except (TimeoutError, httpx.HTTPError) as exc:
-        rec.error = f"{type(exc).__name__}: {exc}"[:300]
-        rec.end = clock()
-    if rec.error is None and not rec.token_times:
-        rec.error = "no tokens streamed"
+    async for now, obj in stream_chunks(client, base + "/chat/completions", body, rec, clock):
+        text, finish = chunk_text(obj)
+        if text:
+            rec.add_tokens(now, 1)
+            parts.append(text)
+        if finish:
+            rec.finish_reason = finish
+        usage = obj.get("usage")
+        if usage:
+            rec.output_tokens = int(usage.get("completion_tokens") or rec.output_tokens)
+            rec.prompt_tokens = int(usage.get("prompt_tokens") or rec.prompt_tokens)
+            details = usage.get("prompt_tokens_details") or {}
+            if details.get("cached_tokens") is not None:
+                rec.cached_tokens = int(details["cached_tokens"])
     return "".join(parts)
 
 
