@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +40,14 @@ def engine_timeout(read_s: float | None = None) -> httpx.Timeout:
     return httpx.Timeout(connect=5.0, read=read_s, write=60.0, pool=30.0) if read_s else ENGINE_TIMEOUT
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """One verifying TLS context per process, for every httpx client: building one reads the CA
+    bundle (~20 ms of CPU), which each new client did on the event loop, so registering an instance
+    (three clients) stalled every stream for ~60 ms and delayed the instance's first traffic."""
+    return httpx.create_ssl_context()
+
+
 class PeerGoneTransport(httpx.AsyncHTTPTransport):
     """httpx's transport, except that a peer dying while httpcore connects is the httpx.ConnectError
     it is: anyio 4.x raises AttributeError there ('NoneType' object has no attribute 'getpeername'),
@@ -49,6 +59,15 @@ class PeerGoneTransport(httpx.AsyncHTTPTransport):
             return await super().handle_async_request(request)
         except AttributeError as exc:
             raise httpx.ConnectError(f"connection lost while connecting: {exc!r}", request=request) from exc
+
+
+_DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's own
+
+
+def transport(limits: httpx.Limits | None = None) -> PeerGoneTransport:
+    """An httpx transport with the shared TLS context; `limits` go here, since an httpx client
+    given a transport ignores its own `limits`."""
+    return PeerGoneTransport(verify=tls_context(), limits=limits or _DEFAULT_LIMITS)
 
 
 @dataclass(frozen=True)
@@ -95,11 +114,11 @@ class HTTPBackend(Backend):
         headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
         # The slots bound what is in flight, and a stream gives its connection back before its slot.
         limits = httpx.Limits(max_connections=self.pool.streams, max_keepalive_connections=self.pool.streams)
-        self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=headers, limits=limits,
-                                         transport=PeerGoneTransport())
+        self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=headers,
+                                         transport=transport(limits))
         control_limits = httpx.Limits(max_connections=self.pool.calls, max_keepalive_connections=self.pool.calls)
         self._control = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(10.0, pool=5.0), headers=headers,
-                                          limits=control_limits, transport=PeerGoneTransport())
+                                          transport=transport(control_limits))
         self._slots = asyncio.Semaphore(self.pool.streams)
         self._read_timeout_s = timeout.read
         self._headers = headers

@@ -7,8 +7,9 @@ Against a running orchestrator (`--url`, with a pool provider that can scale, e.
 one this command starts (`tetri up` with the tiny random Llama, as a child process). Clients send
 short completions in closed loops; then `PUT /admin/pools/{role}` to the peak and back. Read from the
 orchestrator's records (GET /admin/events and /admin/requests):
-- ready_s: from the scale request to the instance's /health answering (its `register` event's
-  start: the provider registers it as soon as /health answers, polling every 0.05 s);
+- ready_s: from the scale request to the instance being ready: the worker's own `ready_since` (in
+  its /health), else the start of its `register` event (the provider polls /health every 0.02 s and
+  registers it at once);
 - first_traffic_s: from the scale request to the first request routed there (its prefill sent: a
   request's prefill and decode instances are chosen then); first_decode_s: to its first decode;
   the target is first_traffic_s <= ready_s + 2 monitor ticks;
@@ -152,7 +153,10 @@ def measure(
         t_up = time.time()
         admin.scale(role, peak)
         up_done = admin.wait_pool(role, peak, timeout_s)
-        added = sorted(set(admin.instances(role)) - before)
+        at_up = admin.instances(role)
+        added = sorted(set(at_up) - before)
+        # Each worker's own word for when it was ready (its /health's ready_since), where it gives it.
+        ready_since = {iid: _ready_since(at_up[iid].get("url")) for iid in added}
         # Until each new instance has taken work (bounded), then the way down.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not _all_took_traffic(admin, load, added, role):
@@ -176,7 +180,8 @@ def measure(
     new = []
     for iid in added:
         ev = registered.get(iid)
-        ready_at = ev["at"] - (ev["duration_s"] or 0.0) if ev else None
+        registering_at = ev["at"] - (ev["duration_s"] or 0.0) if ev else None
+        ready_at = ready_since.get(iid) or registering_at
         ran = [r for r in records.values() if r.get(field_) == iid and r.get("prefill_started_at")]
         # Routed: both instances of a request are chosen when its prefill is sent.
         first = min((r["prefill_started_at"] for r in ran), default=None)
@@ -184,7 +189,9 @@ def measure(
         ready_s = ready_at - t_up if ready_at is not None else None
         traffic_s = first - t_up if first is not None else None
         new.append({
-            "id": iid, "ready_s": ready_s, "registered_s": ev["at"] - t_up if ev else None,
+            "id": iid, "ready_s": ready_s, "ready_from": "worker" if ready_since.get(iid) else "register event",
+            "registering_s": registering_at - t_up if registering_at is not None else None,
+            "registered_s": ev["at"] - t_up if ev else None,
             "first_traffic_s": traffic_s, "first_decode_s": first_decode - t_up if first_decode else None,
             "requests": len(ran),
             "after_ready_s": traffic_s - ready_s if traffic_s is not None and ready_s is not None else None,
@@ -216,6 +223,17 @@ def measure(
                      "not_finished": sum(1 for r in records.values() if r.get("state") != "finished")},
         "per_instance": _per_instance(records.values(), field_),
     }  # fmt: skip
+
+
+def _ready_since(url: str | None) -> float | None:
+    """A built-in worker's /health `ready_since` (epoch seconds), or None."""
+    if not url:
+        return None
+    try:
+        value = httpx.get(f"{url}/health", timeout=5).json().get("ready_since")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _all_took_traffic(admin: Admin, load: Load, ids: list[str], role: str) -> bool:
@@ -278,11 +296,13 @@ def markdown(result: dict[str, Any]) -> str:
     up, down = result["scale_up"], result["scale_down"]
     lines = [f"{result['role']} pool {result['low']} -> {result['peak']} -> {result['low']}, "
              f"{result['clients']} closed-loop clients, max_tokens {result['max_tokens']}", "",
-             "| instance | ready (s) | registered (s) | first traffic (s) | after ready (s) | within ready + 2 ticks |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "| instance | ready (s) | registering (s) | registered (s) | first traffic (s) | after ready (s) "
+             "| within ready + 2 ticks |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for n in up["instances"]:
-        lines.append(f"| {n['id']} | {_f(n['ready_s'])} | {_f(n['registered_s'])} | {_f(n['first_traffic_s'])} | "
-                     f"{_f(n['after_ready_s'])} | {'yes' if n['within_target'] else 'no'} |")  # fmt: skip
+        lines.append(f"| {n['id']} | {_f(n['ready_s'])} | {_f(n.get('registering_s'))} | {_f(n['registered_s'])} | "
+                     f"{_f(n['first_traffic_s'])} | {_f(n['after_ready_s'])} | "
+                     f"{'yes' if n['within_target'] else 'no'} |")  # fmt: skip
     drains = ", ".join(f"{r['id']} {_f(r['drain_s'])} s" for r in down["removed"])
     lines += ["", f"Scale-down: {down['requests']} requests in flight or sent while the pool shrank, "
               f"{down['failed']} failed; {down['drained_requests']} were running on the leaving instances "

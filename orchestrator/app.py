@@ -17,7 +17,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from backends.base import BackendError, Role
-from backends.http import PoolLimits
+from backends.http import PoolLimits, tls_context
 from orchestrator import metrics
 from orchestrator.admin_api import build_admin_router
 from orchestrator.auth import api_key_dependencies
@@ -185,12 +185,20 @@ class AppState:
         try:
             if inst.model:
                 await self.load_prompt_builder(inst.model)
-            why = await self.monitor.check_health(inst, timeout_s)
+            # Both at once: a new instance takes traffic one round trip sooner (issue 19's scale-up).
+            info = asyncio.ensure_future(asyncio.wait_for(inst.backend.info(), timeout_s))
+            why: str | None = "cancelled"
+            try:
+                why = await self.monitor.check_health(inst, timeout_s)
+            finally:
+                if why is not None:  # refused, or the registration was cancelled: its answer is moot
+                    info.cancel()
+                await asyncio.gather(info, return_exceptions=True)
             if why is not None:
                 raise BackendError(f"instance at {spec.url} did not become healthy in {timeout_s:g}s: {why}",
                                    status=502)  # fmt: skip
-            with contextlib.suppress(Exception):
-                inst.info = await asyncio.wait_for(inst.backend.info(), timeout_s)
+            if not info.cancelled() and info.exception() is None:
+                inst.info = info.result()
                 context = inst.info.get("max_context")
                 if isinstance(context, int) and context > 0:
                     self.max_context = context
@@ -444,6 +452,7 @@ def create_app(
         # Both import transformers, whose lazy names do not resolve thread-safely: two threads
         # importing AutoTokenizer at once can fail ("cannot import name"), so import it first.
         await asyncio.to_thread(_import_transformers)
+        await asyncio.to_thread(tls_context)  # every instance's httpx clients share it; built off the loop once
         _, state.predictor = await asyncio.gather(
             state.load_default_builder(),
             asyncio.to_thread(make_predictor, settings.predictor, settings.predictor_granularity),

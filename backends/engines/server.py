@@ -24,7 +24,7 @@ from backends.engines.kv_socket import KVAnnounce, KVRefused, KVSocketServer, lo
 from backends.engines.kv_socket import push_kv as socket_push_kv
 from backends.engines.runner import EngineRunner
 from backends.errors import error_body, error_response, install_error_handlers
-from backends.http import PeerGoneTransport
+from backends.http import transport
 
 log = logging.getLogger("tetri.worker")
 _LEASE_REAP_INTERVAL_S = 0.5
@@ -152,8 +152,9 @@ class WorkerState:
         self.runner = EngineRunner(core)
         self.accepting = True
         self.leases: dict[str, KVLease] = {}
-        self.http = httpx.AsyncClient(timeout=_PUSH_TIMEOUT, transport=PeerGoneTransport())
+        self.http = httpx.AsyncClient(timeout=_PUSH_TIMEOUT, transport=transport())
         self.ready = False
+        self.ready_since: float | None = None  # epoch seconds: when /health first said ok
         self.loop: asyncio.AbstractEventLoop | None = None
         self.kv_ports: dict[str, int | None] = {}
         self.kv_socket: KVSocketServer | None = None
@@ -307,7 +308,7 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
                                              port=kv_port, admit=state.admit_kv).start()
         state.runner.start()
         reaper = asyncio.create_task(state.reap_leases())
-        state.ready = True
+        state.ready, state.ready_since = True, time.time()
         yield
         reaper.cancel()
         if state.kv_socket is not None:
@@ -351,7 +352,7 @@ def create_worker_app(core: EngineCore, backend: str = "native", kv_port: int | 
         status = 200 if state.ready else 503
         return JSONResponse(
             {"status": "ok" if state.ready else "loading", "role": core.role, "model": core.model_name,
-             "backend": backend, "accepting": state.accepting},
+             "backend": backend, "accepting": state.accepting, "ready_since": state.ready_since},
             status_code=status,
         )
 

@@ -25,6 +25,7 @@ from typing import Literal
 import httpx
 
 from backends.base import Role
+from backends.http import tls_context
 from orchestrator.cluster import url_key
 from orchestrator.config import Settings
 from orchestrator.launcher import Fleet, WorkerProcess, process_fleet
@@ -32,7 +33,7 @@ from orchestrator.pools.base import POOL_ROLES, OnLeaving, OnReady, PoolStatus, 
 
 log = logging.getLogger("tetri.pools.local")
 _PROBE_TIMEOUT_S = 2.0
-_POLL_S = 0.05  # /health polls of a starting worker: it takes traffic this much sooner
+_POLL_S = 0.02  # /health polls of a starting worker: it takes traffic at most this much after it is ready
 _WATCH_S = 1.0  # how often the pools are reconciled: flips followed, dead workers replaced
 
 MemberState = Literal["starting", "ready", "leaving"]
@@ -76,7 +77,7 @@ class LocalProvider:
         """Adopt the fleet's running workers (`tetri up`'s); report those the app does not register
         from `settings.instances` itself, once they answer /health."""
         self._on_ready, self._on_leaving = on_ready, on_leaving
-        self._http = httpx.AsyncClient(timeout=_PROBE_TIMEOUT_S)
+        self._http = httpx.AsyncClient(timeout=_PROBE_TIMEOUT_S, verify=tls_context())
         configured = {url_key(spec.url): spec for spec in self.settings.instances}
         for worker in list(self.fleet.workers):
             spec = configured.get(url_key(worker.url))
