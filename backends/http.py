@@ -134,7 +134,10 @@ class HTTPBackend(Backend):
     async def slot(self) -> AsyncIterator[None]:
         """Hold one of this instance's request slots for the duration of a call and its stream."""
         try:
-            await asyncio.wait_for(self._slots.acquire(), self.pool.acquire_timeout_s)
+            if self._slots.locked():  # wait_for costs a task: only when a wait is possible
+                await asyncio.wait_for(self._slots.acquire(), self.pool.acquire_timeout_s)
+            else:
+                await self._slots.acquire()
         except TimeoutError:
             raise BackendBusy(f"{self.instance_id}: all {self.pool.streams} stream connections busy for "
                               f"{self.pool.acquire_timeout_s:.0f}s") from None

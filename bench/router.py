@@ -403,7 +403,8 @@ def markdown(result: dict[str, Any]) -> str:
             ratios.append(
                 f"| {c} | {t['req_per_s'] / s['req_per_s']:.2f} | "
                 f"{t['cpu_s_per_1000'] / max(s['cpu_s_per_1000'], 1e-9):.2f} | "
-                f"{added_t:.2f} ms / {added_s:.2f} ms |")
+                + (f"{added_t:.2f} ms / {added_s:.2f} ms |" if added_t is not None and added_s is not None
+                   else "- (no floor run) |"))
     if ratios:
         lines += ["", "| clients | tetri / sglang-router req/s | CPU per request ratio | TTFT added over floor "
                   "(p50, tetri / sglang-router) |", "|---|---|---|---|", *ratios]
