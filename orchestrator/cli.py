@@ -40,7 +40,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def _logging(level: str = "WARNING") -> None:
-    logging.basicConfig(level=os.environ.get("TETRI_LOG_LEVEL", level),
+    logging.basicConfig(level=os.environ.get("TETRI_LOG_LEVEL", level).upper(),  # "info" works too
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 

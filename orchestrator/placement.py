@@ -217,7 +217,9 @@ class Placement:
         busiest peer (the core picks; a decode thief must pass decode admission)."""
         peers = {p.id: q for p in self._pool_of(thief) if (q := self.queues.get(p.id)) is not None and len(q)}
         while peers and self._may_release(thief):
-            got = self.core.steal(self.view(thief), peers, lambda rid: self.avoid.get(rid, frozenset()))
+            got = self.core.steal(self.view(thief), peers, lambda rid: self.avoid.get(rid, frozenset()),
+                                  lambda req, victim: (self.view(self.cluster.instances[victim], req),
+                                                       self.view(thief, req)))  # fmt: skip
             if got is None:
                 return
             victim, req = got

@@ -31,6 +31,8 @@ from orchestrator.policies.types import InstanceView, RequestView
 
 Mode = Literal["auto", "colocated", "disaggregated"]
 HostTest = Literal["room", "admit"] | None
+# (request, victim id) -> the victim's and the thief's views for that request (late binding)
+PairViews = Callable[[RequestView, str], tuple[InstanceView, InstanceView]]
 
 
 class PlacementKnobs(Protocol):
@@ -186,10 +188,14 @@ class PlacementCore:
 
     def steal(
         self, thief: InstanceView, queues: Mapping[str, PrefillQueue], avoid: Callable[[str], frozenset[str]],
+        views: PairViews | None = None,
     ) -> tuple[str, RequestView] | None:
         """Late binding: the peer queue (of the thief's pool: the driver passes only those) whose next
         prompt the thief takes, and that prompt; None when nothing may move. The driver asks only
-        while `may_release` holds for the thief and its own queue is empty."""
+        while `may_release` holds for the thief and its own queue is empty. With a cache-aware global
+        scheduler the prompt moves only if that scheduler, given the victim and the thief as they
+        are for this prompt (`views`: their cached prefix of it folded in), picks the thief: an
+        idle peer must not take a session's next turn from the instance that holds its history."""
         queued = {pid: q.queued_prompt_tokens for pid, q in queues.items() if pid != thief.id and len(q)}
         victim = self.late_binding.victim(thief.id, queued) if queued else None
         if victim is None:
@@ -199,6 +205,10 @@ class PlacementCore:
             return None
         if thief.role == "decode" and not self.admission.admits(thief, req):
             return None  # it must pass decode admission there, as it did where it was queued
+        if views is not None and self.global_scheduler.uses_prefix and req.prefix_hashes:
+            victim_view, thief_view = views(req, victim)
+            if self.global_scheduler.pick([victim_view, thief_view], req) != thief.id:
+                return None
         return victim, req
 
     # ---- 5. decode -------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from orchestrator.policies.core import PlacementCore
 from orchestrator.policies.flip import FlipPolicy, make_flip_policy
 from orchestrator.policies.prefill_queue import PrefillQueue, make_prefill_queue
 from orchestrator.policies.prefix import PrefixIndex
-from orchestrator.policies.types import InstanceView
+from orchestrator.policies.types import InstanceView, RequestView
 from orchestrator.sim.config import SystemConfig
 from orchestrator.sim.state import SimInstance, SimRequest
 
@@ -249,10 +249,16 @@ class SimPlacement:
         left = sum(r.prefill_len for r in inst.waiting) + sum(r.prefill_len - r.prefilled for r in inst.prefilling)
         return self.core.may_release(inst.role, started, left, self.chunk_tokens)  # type: ignore[arg-type]
 
-    def _steal(self, thief: SimInstance, view: InstanceView, queue_of: QueueOf) -> tuple[SimInstance, str] | None:
+    def _steal(self, thief: SimInstance, view: InstanceView, queue_of: QueueOf,
+               view_of: Callable[[SimInstance], InstanceView]) -> tuple[SimInstance, str] | None:
         """The core's late-binding pick among the thief's pool: the victim and the request id."""
         queues = {j.id: q for j in self.insts if j is not thief and j.role == thief.role and (q := queue_of(j))}
-        got = self.core.steal(view, queues, _NO_AVOID) if queues else None
+
+        def pair(req: RequestView, victim_id: str) -> tuple[InstanceView, InstanceView]:
+            with_cache = self._with_cache(view_of, self.queued[req.id])
+            return with_cache(self._inst(victim_id)), with_cache(thief)
+
+        got = self.core.steal(view, queues, _NO_AVOID, pair) if queues else None
         if got is None:
             return None
         victim_id, req = got
@@ -266,7 +272,7 @@ class SimPlacement:
     def steal_colocated(self, inst: SimInstance, now: float) -> None:
         """A decode instance with room takes the next co-located prompt queued for its busiest peer
         (if decode admission takes it here: the core's rule)."""
-        got = self._steal(inst, self.decode_view(inst), lambda j: j.colocated_queue)
+        got = self._steal(inst, self.decode_view(inst), lambda j: j.colocated_queue, self.decode_view)
         if got is None:
             return
         victim, rid = got
@@ -278,7 +284,7 @@ class SimPlacement:
 
     def steal_prefill(self, inst: SimInstance, now: float) -> None:
         """A prefill instance with an engine to fill takes the next prompt queued for its busiest peer."""
-        got = self._steal(inst, self.prefill_view(inst), lambda j: j.prefill_queue)
+        got = self._steal(inst, self.prefill_view(inst), lambda j: j.prefill_queue, self.prefill_view)
         if got is None:
             return
         victim, rid = got

@@ -109,6 +109,28 @@ def test_steal_takes_the_busiest_peers_next_prompt_unless_avoided_or_refused():
     assert core().steal(full, queues, never) is None  # a decode thief must admit it
 
 
+def test_cache_aware_steal_leaves_a_prompt_with_the_instance_holding_its_prefix():
+    """An idle peer takes a session's next turn only if the cache-aware scheduler would place it
+    there: not when the victim holds most of its prompt and little waits there, yes when the queue
+    ahead of it at the victim outweighs the cache hit."""
+    turn = RequestView(id="turn", arrival=0.0, prompt_tokens=400, max_tokens=16, prefix_hashes=(1, 2, 3))
+    queues = {"holder": make_prefill_queue("fcfs")}
+    queues["holder"].push(turn, 0.0)
+    thief = view("idle", "colocated", chunk_tokens=256)
+    never = lambda rid: frozenset()  # noqa: E731
+    prefix_core = core(global_scheduler=make_global_scheduler("prefix_aware"))
+
+    def pair(holder_load: int):
+        holder = view("holder", "colocated", chunk_tokens=256, cached_prompt_tokens=352, queued_prompt_tokens=holder_load)
+        return lambda r, victim: (holder, view("idle", "colocated", chunk_tokens=256, cached_prompt_tokens=16))
+
+    assert prefix_core.steal(thief, queues, never, pair(400)) is None  # its history is there: it stays
+    victim, got = prefix_core.steal(thief, queues, never, pair(4000))  # a deep queue there: it moves
+    assert (victim, got.id) == ("holder", "turn")
+    # A cache-blind scheduler steals as before, whatever the caches hold.
+    assert core().steal(thief, queues, never, pair(400)) == ("holder", turn)
+
+
 def test_pick_decode_is_the_dispatchers_pick_gated_by_admission():
     c = PlacementCore()
     rng = random.Random(0)
