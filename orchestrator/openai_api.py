@@ -328,7 +328,7 @@ def build_router(app_state: Any) -> APIRouter:
                 raise APIError(400, "prompt must not be empty", param="prompt")
             prompt_ids, prompt_text = builder.text_ids(body.prompt), body.prompt
         else:
-            vocab = len(builder.tokenizer)
+            vocab = builder.vocab_size
             if not body.prompt or any(t < 0 or t >= vocab for t in body.prompt):
                 raise APIError(400, f"prompt token ids must be non-empty and within [0, {vocab})", param="prompt")
             # Token ids: their text is decoded only if something reads it (the length predictor).

@@ -62,6 +62,9 @@ class PromptBuilder:
 
     def __init__(self, source: str) -> None:
         self.tokenizer = load_tokenizer(source)
+        # len() of a transformers tokenizer rebuilds its vocabulary with the added tokens: once here,
+        # not per request (token-id prompts are checked against it).
+        self.vocab_size = len(self.tokenizer)
 
     def chat(self, messages: list[dict[str, Any]]) -> tuple[str, list[int]]:
         """The templated prompt and its token ids (rendered once, then encoded without extra
