@@ -205,9 +205,11 @@ class PlacementCore:
             return None
         if thief.role == "decode" and not self.admission.admits(thief, req):
             return None  # it must pass decode admission there, as it did where it was queued
-        if views is not None and self.global_scheduler.uses_prefix and req.prefix_hashes:
-            victim_view, thief_view = views(req, victim)
-            if self.global_scheduler.pick([victim_view, thief_view], req) != thief.id:
+        if views is not None and thief.role != "decode" and self.global_scheduler.uses_prefix and req.prefix_hashes:
+            # (The global scheduler places prefill and co-located pools; a decode pool's hosts, and a
+            # victim no longer usable, e.g. draining, are not its to keep: None lets the prompt go.)
+            choice = self.global_scheduler.pick(views(req, victim), req)
+            if choice is not None and choice != thief.id:
                 return None
         return victim, req
 

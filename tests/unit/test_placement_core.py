@@ -121,7 +121,8 @@ def test_cache_aware_steal_leaves_a_prompt_with_the_instance_holding_its_prefix(
     prefix_core = core(global_scheduler=make_global_scheduler("prefix_aware"))
 
     def pair(holder_load: int):
-        holder = view("holder", "colocated", chunk_tokens=256, cached_prompt_tokens=352, queued_prompt_tokens=holder_load)
+        holder = view("holder", "colocated", chunk_tokens=256, cached_prompt_tokens=352,
+                      queued_prompt_tokens=holder_load)
         return lambda r, victim: (holder, view("idle", "colocated", chunk_tokens=256, cached_prompt_tokens=16))
 
     assert prefix_core.steal(thief, queues, never, pair(400)) is None  # its history is there: it stays
@@ -129,6 +130,14 @@ def test_cache_aware_steal_leaves_a_prompt_with_the_instance_holding_its_prefix(
     assert (victim, got.id) == ("holder", "turn")
     # A cache-blind scheduler steals as before, whatever the caches hold.
     assert core().steal(thief, queues, never, pair(400)) == ("holder", turn)
+    # A draining holder (not usable) keeps nothing: its prompt goes to the idle peer.
+    draining = view("holder", "colocated", chunk_tokens=256, cached_prompt_tokens=352, accepting=False)
+    idle = view("idle", "colocated", chunk_tokens=256)
+    assert prefix_core.steal(thief, queues, never, lambda r, v: (draining, idle)) == ("holder", turn)
+    # Decode hosts (prompts run co-located on decode instances) are not the global scheduler's to keep.
+    decode_thief = view("idle", "decode")
+    decode_pair = lambda r, v: (view("holder", "decode", cached_prompt_tokens=352), view("idle", "decode"))  # noqa: E731
+    assert prefix_core.steal(decode_thief, queues, never, decode_pair) == ("holder", turn)
 
 
 def test_pick_decode_is_the_dispatchers_pick_gated_by_admission():
