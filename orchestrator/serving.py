@@ -197,9 +197,12 @@ class Server:
             return
         view = self._view(job, None)
         with await self.placement.acquire_prefill(view, "prefill", job.model, failed, backend) as slot:
-            # The predictor has run beside the queue wait; give it a moment if it is still going.
+            # The predictor has run beside the queue wait; give it a moment if it is still going and
+            # the decode choice turns on it (a prediction sampled only for the accuracy figures waits
+            # for no one: it is recorded if it lands before the request ends).
             if job.predicted_bucket is None:
-                job.predicted_bucket = await _result_or_none(prediction, timeout_s=_PREDICTION_WAIT_S)
+                if prediction.done() or self._prediction_matters(job):
+                    job.predicted_bucket = await _result_or_none(prediction, timeout_s=_PREDICTION_WAIT_S)
             view = self._view(job, job.predicted_bucket)
             decode, hold = await self.placement.acquire_decode(
                 view, job.model, self.settings.request_timeout_s, backend=slot.instance.spec.backend, avoid=failed
@@ -407,6 +410,8 @@ async def _raise_retryable_errors(events: AsyncIterator[TokenEvent]) -> AsyncIte
 
 
 async def _result_or_none(task: asyncio.Task[int | None], timeout_s: float) -> int | None:
+    if task.done():  # no wait_for: its task would cost a pass of a busy event loop (~10 ms at 64 streams)
+        return None if task.cancelled() else task.result()
     try:
         return await asyncio.wait_for(asyncio.shield(task), timeout_s)
     except (TimeoutError, asyncio.CancelledError):
