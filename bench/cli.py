@@ -457,7 +457,8 @@ def router(
     tokens: Annotated[int, typer.Option(help="Tokens each request streams.")] = 16,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 64,
     rounds: Annotated[int, typer.Option(help="Interleaved rounds per level (systems take turns).")] = 4,
-    systems: Annotated[str, typer.Option(help="Of tetri, sglang-router, floor.")] = "tetri,sglang-router,floor",
+    systems: Annotated[str, typer.Option(help="Of tetri, sglang-router, floor, tetri-x2 (two tetri replicas "
+                                                "on one store; the client alternates).")] = "tetri,sglang-router,floor",
     target: Annotated[str | None, typer.Option(help="Instead: load an already running tetri at this URL "
                                                     "(e.g. `tetri up`).")] = None,
     out: Annotated[Path, typer.Option(help="Report folder (report.md, results.json, router.png).")] = Path(
@@ -478,7 +479,7 @@ def router(
             title = f"Client load against {target}"
         else:
             names = _split_list(systems)
-            unknown = set(names) - {"tetri", "sglang-router", "floor"}
+            unknown = set(names) - {"tetri", "tetri-x2", "sglang-router", "floor"}
             if unknown:
                 raise typer.BadParameter(f"unknown systems {sorted(unknown)}", param_hint="--systems")
             logs = temp_logs()

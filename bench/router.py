@@ -87,19 +87,22 @@ def start_fake(mode: str, log_dir: Path) -> Proc:
     return proc
 
 
-def start_tetri(prefill: Proc, decode: Proc, log_dir: Path, **settings: Any) -> Proc:
-    """`tetri serve` over the two fakes; `settings`: more keys of its YAML configuration."""
+def start_tetri(prefill: Proc, decode: Proc, log_dir: Path, name: str = "tetri", configured: bool = True,
+                db: str = "tetri.db", **settings: Any) -> Proc:
+    """`tetri serve` over the two fakes; `settings`: more keys of its YAML configuration.
+    `configured=False`: a further replica on the same store, which drives the instances the store
+    lists (several orchestrator replicas, docs/deploying.md)."""
     port = free_port()
-    config = log_dir / "tetri.yaml"
+    config = log_dir / f"{name}.yaml"
     instances = [
         {"url": prefill.url, "backend": "sglang", "role": "prefill", "model": MODEL},
         {"url": decode.url, "backend": "sglang", "role": "decode", "model": MODEL},
-    ]
-    config.write_text(json.dumps({"model": MODEL, "database_url": f"sqlite:///{log_dir / 'tetri.db'}",
+    ] if configured else []
+    config.write_text(json.dumps({"model": MODEL, "database_url": f"sqlite:///{log_dir / db}", "replica_id": name,
                                   "instances": instances, "max_queued_requests": 100_000, **settings}))
-    popen = _spawn("tetri", [sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port),
-                             "--config", str(config)], log_dir)
-    proc = Proc("tetri", popen, f"http://127.0.0.1:{port}", log_dir / "tetri.log")
+    popen = _spawn(name, [sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port),
+                          "--config", str(config)], log_dir)
+    proc = Proc(name, popen, f"http://127.0.0.1:{port}", log_dir / f"{name}.log")
     _wait_http(proc.url, ok=lambda r: r.status_code == 200 and r.json().get("healthy", 0) >= 2)
     return proc
 
@@ -305,12 +308,19 @@ def _stack(log_dir: Path, systems: list[str]) -> Iterator[dict[str, Proc]]:
         if "tetri" in systems:
             out["tetri"] = start_tetri(prefill, decode, log_dir)
             procs.append(out["tetri"])
+        if "tetri-x2" in systems:  # two replicas on one store; the client alternates, as a balancer would
+            for i, name in enumerate(("tetri-x2", "tetri-x2-b")):
+                out[name] = start_tetri(prefill, decode, log_dir, name, configured=i == 0, db="replicas.db")
+                procs.append(out[name])
         if "sglang-router" in systems:
             out["sglang-router"] = start_sglang_router(prefill, decode, log_dir)
             procs.append(out["sglang-router"])
         yield out
     finally:
         stop(procs)
+
+
+_MEMBERS = {"tetri-x2": ("tetri-x2", "tetri-x2-b")}  # a system's processes (CPU and connections are summed)
 
 
 def fake_rooms(url: str) -> set[int]:
@@ -331,6 +341,9 @@ def run_router_bench(clients: list[int], requests: int, tokens: int, prompt_len:
         }
         if "tetri" in procs:
             calls["tetri"] = lambda c, i: _openai(c, procs["tetri"].url, i, tokens, prompt_len)
+        if "tetri-x2" in procs:
+            urls = (procs["tetri-x2"].url, procs["tetri-x2-b"].url)
+            calls["tetri-x2"] = lambda c, i: _openai(c, urls[i % 2], i, tokens, prompt_len)
         if "sglang-router" in procs:
             calls["sglang-router"] = lambda c, i: _generate(c, procs["sglang-router"].url, i, tokens, prompt_len)
         order = [s for s in systems if s in calls]
@@ -342,17 +355,17 @@ def run_router_bench(clients: list[int], requests: int, tokens: int, prompt_len:
             for r in range(rounds):
                 for name in order[r % len(order):] + order[: r % len(order)]:
                     cell = cells.setdefault((name, c), Cell(name, c))
-                    pid = procs[name].pid if name in procs else None
-                    cpu0 = cpu_seconds(pid) if pid else 0.0
+                    pids = [procs[key].pid for key in _MEMBERS.get(name, (name,)) if key in procs]
+                    cpu0 = sum(cpu_seconds(pid) for pid in pids)
                     samples, wall = asyncio.run(_load(calls[name], c, per_round, next_id))
                     next_id += per_round
                     cell.samples += samples
                     cell.wall_s += wall
-                    cell.cpu_s += (cpu_seconds(pid) - cpu0) if pid else 0.0
+                    cell.cpu_s += sum(cpu_seconds(pid) for pid in pids) - cpu0
                     progress(f"{name} @{c} round {r + 1}/{rounds}: {len(samples) / wall:.0f} req/s")
         time.sleep(1.0)  # let closed connections settle before counting what is held
-        conns = {name: connections_to(procs[name].pid, fake_ports) for name in ("tetri", "sglang-router")
-                 if name in procs}
+        conns = {name: sum(connections_to(procs[key].pid, fake_ports) for key in _MEMBERS.get(name, (name,)))
+                 for name in ("tetri", "tetri-x2", "sglang-router") if name in procs}
         p_rooms, d_rooms = fake_rooms(prefill.url), fake_rooms(decode.url)
     rows = [cell.row() for cell in cells.values()]
     for row in rows:
@@ -396,18 +409,18 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     by = {(r["system"], r["clients"]): r for r in rows}
     ratios = []
-    for c in sorted({r["clients"] for r in rows}):
-        t, s = by.get(("tetri", c)), by.get(("sglang-router", c))
+    for c, tname in [(c, t) for c in sorted({r["clients"] for r in rows}) for t in ("tetri", "tetri-x2")]:
+        t, s = by.get((tname, c)), by.get(("sglang-router", c))
         if t and s:
             added_t, added_s = t.get("ttft_added_ms"), s.get("ttft_added_ms")
             ratios.append(
-                f"| {c} | {t['req_per_s'] / s['req_per_s']:.2f} | "
+                f"| {c} | {tname} | {t['req_per_s'] / s['req_per_s']:.2f} | "
                 f"{t['cpu_s_per_1000'] / max(s['cpu_s_per_1000'], 1e-9):.2f} | "
                 + (f"{added_t:.2f} ms / {added_s:.2f} ms |" if added_t is not None and added_s is not None
                    else "- (no floor run) |"))
     if ratios:
-        lines += ["", "| clients | tetri / sglang-router req/s | CPU per request ratio | TTFT added over floor "
-                  "(p50, tetri / sglang-router) |", "|---|---|---|---|", *ratios]
+        lines += ["", "| clients | system | / sglang-router req/s | CPU per request ratio | TTFT added over floor "
+                  "(p50, system / sglang-router) |", "|---|---|---|---|---|", *ratios]
     if "lopsided_rooms" in result:
         lines += ["", f"Lopsided P/D pairs: {result['lopsided_rooms']} (rooms seen: prefill "
                   f"{result['rooms_prefill']}, decode {result['rooms_decode']})."]
