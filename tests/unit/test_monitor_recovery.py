@@ -72,3 +72,24 @@ def test_the_pool_bounds_every_connection_to_an_instance():
     for total in (1, 2, 8, 15):  # under 16: control on top
         tiny = PoolLimits(max_connections=total)
         assert tiny.streams == total and (tiny.polls, tiny.calls) == (1, 1)
+
+
+async def test_the_httpx_clients_get_their_pool_limits_and_share_one_tls_context():
+    """An httpx client given a transport ignores its own `limits`: the transports carry them (the
+    request and control pools stay within backend_max_connections), and every transport reuses the
+    process's TLS context instead of reading the CA bundle again on the event loop."""
+    from backends.http import tls_context
+    from backends.worker import WorkerBackend
+
+    pool = PoolLimits(max_connections=64)
+    backends = [WorkerBackend("http://127.0.0.1:9", f"d{i}", "decode", pool=pool) for i in range(2)]
+    try:
+        for backend in backends:
+            data_pool = backend._client._transport._pool  # type: ignore[attr-defined]
+            control_pool = backend._control._transport._pool  # type: ignore[attr-defined]
+            assert data_pool._max_connections == pool.streams
+            assert control_pool._max_connections == pool.calls
+            assert data_pool._ssl_context is tls_context() and control_pool._ssl_context is tls_context()
+    finally:
+        for backend in backends:
+            await backend.close()

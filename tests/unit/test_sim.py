@@ -369,7 +369,10 @@ def test_worker_answers_bad_input_in_the_contract_error_shape_and_keeps_serving(
     from backends.engines.server import create_worker_app
     from tests.conftest import serve_app
 
+    started = time.time()
     with serve_app(create_worker_app(SimEngine(profile="cpu-smollm2", speed=50.0), backend="sim", kv_port=None)) as url:
+        health = httpx.get(f"{url}/health", timeout=10).json()  # when it became ready (issue 19's bench scale)
+        assert health["status"] == "ok" and started <= health["ready_since"] <= time.time()
         bad = httpx.get(f"{url}/passes", params={"since": "yesterday"}, timeout=10)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "query.since"
         empty = httpx.post(f"{url}/generate", json={"request_id": "e", "prompt_ids": []}, timeout=10)
