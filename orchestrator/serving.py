@@ -197,12 +197,8 @@ class Server:
             return
         view = self._view(job, None)
         with await self.placement.acquire_prefill(view, "prefill", job.model, failed, backend) as slot:
-            # The predictor has run beside the queue wait; give it a moment if it is still going and
-            # the decode choice turns on it (a prediction sampled only for the accuracy figures waits
-            # for no one: it is recorded if it lands before the request ends).
             if job.predicted_bucket is None:
-                if prediction.done() or self._prediction_matters(job):
-                    job.predicted_bucket = await _result_or_none(prediction, timeout_s=_PREDICTION_WAIT_S)
+                job.predicted_bucket = await self._decode_prediction(job, prediction)
             view = self._view(job, job.predicted_bucket)
             decode, hold = await self.placement.acquire_decode(
                 view, job.model, self.settings.request_timeout_s, backend=slot.instance.spec.backend, avoid=failed
@@ -350,6 +346,14 @@ class Server:
             return len(decodes) > 1
         view = decodes[0].view()
         return view.free_kv_tokens - view.reserved_kv_tokens < len(job.prompt_ids) + job.sampling.max_tokens
+
+    async def _decode_prediction(self, job: Job, prediction: asyncio.Future[int | None]) -> int | None:
+        """The prediction for the decode choice: it has run beside the queue wait; give it a moment
+        if it is still going and the choice turns on it. One sampled only for the accuracy figures
+        holds up no one (it is recorded if it lands before the request ends)."""
+        if prediction.done() or self._prediction_matters(job):
+            return await _result_or_none(prediction, timeout_s=_PREDICTION_WAIT_S)
+        return None
 
     async def _predict(self, job: Job) -> int | None:
         meta = {"output_len": job.sampling.max_tokens} if job.sampling.ignore_eos else {}

@@ -120,3 +120,27 @@ async def test_skipped_predictions_are_still_sampled_for_live_accuracy(tmp_path)
     futures = [server._start_prediction(_job(64)) for _ in range(8)]
     results = await asyncio.gather(*futures)
     assert [r is not None for r in results] == [False, False, False, True] * 2
+
+
+async def test_the_decode_choice_waits_for_a_prediction_only_where_it_turns_on_it(tmp_path, monkeypatch):
+    """A prediction sampled only for the accuracy figures holds its request up not at all; one the
+    dispatcher needs (two decode instances) is waited for; one already there is taken at once,
+    without `asyncio.wait_for` (its task would cost a pass of a busy event loop)."""
+    import time
+
+    from orchestrator import serving
+
+    for members, waits in (([("p", "prefill"), ("d", "decode")], False),
+                           ([("p", "prefill"), ("d0", "decode"), ("d1", "decode")], True)):
+        server = _server(tmp_path, members, 100_000)
+        server.predictor = CountingPredictor(delay_s=0.03)
+        job = _job(64)
+        prediction = asyncio.ensure_future(server._predict(job))
+        started = time.perf_counter()
+        bucket = await server._decode_prediction(job, prediction)
+        assert (bucket is not None) is waits and (time.perf_counter() - started >= 0.02) is waits
+        await prediction
+    monkeypatch.setattr(serving.asyncio, "wait_for", None)  # a done prediction must not reach it
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(7)
+    assert await server._decode_prediction(job, done) == 7
