@@ -28,7 +28,7 @@ import httpx
 import orjson
 
 from backends.base import Backend, BackendBusy, BackendError, Role
-from backends.lean_http import LeanPool, LeanResponse
+from backends.lean_http import LeanPool, LeanResponse, Sending
 from backends.tracing import TRACEPARENT
 
 log = logging.getLogger("tetri.backends.http")
@@ -166,17 +166,22 @@ class HTTPBackend(Backend):
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise BackendError(f"{self.instance_id}: GET {path} failed: {exc!r}", status=503, retryable=True) from exc
 
-    async def stream_post(self, path: str, payload: bytes) -> DataStream:
-        """POST a JSON body on the data pool; the response once its headers are in. The caller
-        holds a `slot()`; a refused connection or a timeout raises a retryable BackendError."""
+    async def stream_send(self, path: str, payload: bytes) -> PendingStream:
+        """POST a JSON body on the data pool, without waiting for the answer (it waits only to open
+        a connection when no kept one is free). The caller holds a `slot()`; a refused connection
+        raises a retryable BackendError."""
         try:
             # The request's W3C trace context, when tracing is on (orchestrator/tracing.py).
             traceparent = TRACEPARENT.get()
             headers = _JSON if traceparent is None else f"{_JSON}traceparent: {traceparent}\r\n"
-            resp = await self._session().request("POST", path, payload, headers, self._read_timeout_s)
+            sending = await self._session().send("POST", path, payload, headers, self._read_timeout_s)
         except (OSError, TimeoutError) as exc:
-            raise BackendError(f"{self.instance_id}: POST {path} failed: {exc!r}", status=503, retryable=True) from exc
-        return DataStream(resp, self.instance_id)
+            raise _post_failed(self.instance_id, path, exc) from exc
+        return PendingStream(sending, self.instance_id, path)
+
+    async def stream_post(self, path: str, payload: bytes) -> DataStream:
+        """`stream_send`, then the response once its headers are in."""
+        return await (await self.stream_send(path, payload)).response()
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -209,6 +214,28 @@ class Polled:
 
     def json(self) -> Any:
         return orjson.loads(self.content)
+
+
+def _post_failed(instance_id: str, path: str, exc: BaseException) -> BackendError:
+    return BackendError(f"{instance_id}: POST {path} failed: {exc!r}", status=503, retryable=True)
+
+
+class PendingStream:
+    """A POST written on the data pool whose answer has not begun: `response()` waits for it."""
+
+    __slots__ = ("sending", "instance_id", "path")
+
+    def __init__(self, sending: Sending, instance_id: str, path: str) -> None:
+        self.sending, self.instance_id, self.path = sending, instance_id, path
+
+    async def response(self) -> DataStream:
+        try:
+            return DataStream(await self.sending.response(), self.instance_id)
+        except (OSError, TimeoutError) as exc:
+            raise _post_failed(self.instance_id, self.path, exc) from exc
+
+    def close(self) -> None:
+        self.sending.close()
 
 
 class DataStream:

@@ -190,6 +190,58 @@ class LeanResponse:
             self._conn.pool.discard(self._conn)
 
 
+class Sending:
+    """A request written on a connection, its response not yet begun."""
+
+    __slots__ = ("pool", "data", "timeout_s", "conn", "reused", "tries")
+
+    def __init__(self, pool: LeanPool, data: bytes, timeout_s: float | None) -> None:
+        self.pool, self.data, self.timeout_s = pool, data, timeout_s
+        self.conn: _Conn | None = None
+        self.reused = False
+        self.tries = 0
+
+    async def write(self) -> None:
+        pool = self.pool
+        conn = pool._reusable()
+        self.reused = conn is not None
+        if conn is None:
+            conn = await pool._connect()
+        conn._reset()
+        assert conn.transport is not None
+        conn.transport.write(self.data)
+        self.conn = conn
+        self.tries += 1
+
+    async def response(self) -> LeanResponse:
+        """The response once its headers are in. A kept connection that the server closed before
+        reading the request (its keep-alive ran out as we sent) is replaced and the request sent
+        once more."""
+        while True:
+            conn = self.conn
+            assert conn is not None
+            try:
+                while not conn.headers_done:
+                    if conn.error is not None:
+                        raise conn.error
+                    await conn.wait(self.timeout_s)
+            except StreamClosed:
+                self.pool.discard(conn)
+                if self.reused and not conn.received and self.tries < 2:
+                    await self.write()
+                    continue
+                raise
+            except BaseException:
+                self.pool.discard(conn)
+                raise
+            return LeanResponse(conn, self.timeout_s)
+
+    def close(self) -> None:
+        """Drop the request (its response will not be read)."""
+        if self.conn is not None:
+            self.pool.discard(self.conn)
+
+
 class LeanPool:
     """Keep-alive connections to one server, at most `limit` open at once (the callers' stream
     slots already bound what is in flight; this bound is the pool's own promise)."""
@@ -251,38 +303,24 @@ class LeanPool:
             return conn
         return None
 
-    async def request(self, method: str, path: str, body: bytes = b"", extra_headers: str = "",
-                      read_timeout_s: float | None = None) -> LeanResponse:
-        """Send one request; the response once its headers are in. Raises OSError (refused, reset,
-        closed), TimeoutError, or StreamClosed."""
+    async def send(self, method: str, path: str, body: bytes = b"", extra_headers: str = "",
+                   read_timeout_s: float | None = None) -> Sending:
+        """Write one request; waits only to open a connection when no kept one is free, so two
+        requests to two pools go out in the same loop pass without a task each. Raises OSError
+        (refused), TimeoutError (connecting) or StreamClosed."""
         if self.closed:
             raise StreamClosed("the pool is closed")
         head = (f"{method} {self.base}{path} HTTP/1.1\r\n{self._host_header}{extra_headers}"
                 f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
-        data = head + body
-        for _ in range(2):
-            conn = self._reusable()
-            reused = conn is not None
-            if conn is None:
-                conn = await self._connect()
-            conn._reset()
-            assert conn.transport is not None
-            conn.transport.write(data)
-            try:
-                while not conn.headers_done:
-                    if conn.error is not None:
-                        raise conn.error
-                    await conn.wait(read_timeout_s)
-            except StreamClosed:
-                self.discard(conn)
-                if reused and not conn.received:
-                    continue  # the server closed the kept connection before reading: send afresh
-                raise
-            except BaseException:
-                self.discard(conn)
-                raise
-            return LeanResponse(conn, read_timeout_s)
-        raise StreamClosed("the server closed two connections before answering")
+        sending = Sending(self, head + body, read_timeout_s)
+        await sending.write()
+        return sending
+
+    async def request(self, method: str, path: str, body: bytes = b"", extra_headers: str = "",
+                      read_timeout_s: float | None = None) -> LeanResponse:
+        """`send`, then the response once its headers are in."""
+        sending = await self.send(method, path, body, extra_headers, read_timeout_s)
+        return await sending.response()
 
     # ---- bookkeeping -----------------------------------------------------------------------
     def give_back(self, conn: _Conn) -> None:

@@ -167,6 +167,9 @@ class Settings(BaseSettings):
     # When no placement decision can turn on a request's predicted length (one decode instance with
     # room, or none), predict only every Nth request: enough for the live accuracy figures. 1 = all.
     predictor_sample_every: int = Field(default=8, ge=1)
+    # ... and at most this many such samples a second (0: no cap): under heavy load every 8th request
+    # is more than the accuracy figures need, and each sample costs the predictor's thread ~1 ms.
+    predictor_sample_max_per_s: float = Field(default=20.0, ge=0)
     # In a mixed deployment (co-located and P/D pools), heavy-prefill requests predicted to be
     # heavy-decode run co-located: the paper's weak spot, where disaggregation does not pay.
     colocate_heavy_heavy: bool = True

@@ -48,6 +48,7 @@ class Server:
         self.store = store
         self.predictions = PredictionBatcher(predictor)
         self._served = 0
+        self._next_sample_at = 0.0  # monotonic: the earliest time of the next accuracy-only sample
         self.on_finished = on_finished
         self.active = 0
         self.tracing: Tracing | None = None  # when otel_endpoint is set
@@ -324,13 +325,26 @@ class Server:
 
     def _start_prediction(self, job: Job) -> asyncio.Future[int | None]:
         """Predict the output length beside the queue wait when a decision may turn on it; otherwise
-        only every `predictor_sample_every`-th request, for the live accuracy figures."""
+        only every `predictor_sample_every`-th request (at most `predictor_sample_max_per_s` a
+        second), for the live accuracy figures."""
         self._served += 1
-        if self._prediction_matters(job) or self._served % max(1, self.settings.predictor_sample_every) == 0:
+        if self._prediction_matters(job) or self._sample_for_accuracy():
             return asyncio.ensure_future(self._predict(job))
         skipped: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         skipped.set_result(None)
         return skipped
+
+    def _sample_for_accuracy(self) -> bool:
+        settings = self.settings
+        if self._served % max(1, settings.predictor_sample_every):
+            return False
+        if settings.predictor_sample_max_per_s <= 0:
+            return True
+        now = time.monotonic()
+        if now < self._next_sample_at:
+            return False
+        self._next_sample_at = now + 1.0 / settings.predictor_sample_max_per_s
+        return True
 
     def _prediction_matters(self, job: Job) -> bool:
         """Whether a placement decision can turn on the request's predicted length: the HPHD rule

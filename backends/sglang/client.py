@@ -29,7 +29,16 @@ import orjson
 
 from backends.base import BackendError, GenRequest, LoadReport, Role, TokenEvent
 from backends.common import InflightLedger, RestartRequired, host_of, parse_prometheus
-from backends.http import DataStream, HTTPBackend, PoolLimits, engine_timeout, error_message, http_error, sse_batches
+from backends.http import (
+    DataStream,
+    HTTPBackend,
+    PendingStream,
+    PoolLimits,
+    engine_timeout,
+    error_message,
+    http_error,
+    sse_batches,
+)
 from backends.sglang.wire import DEFAULT_BOOTSTRAP_PORT, ChunkState, new_rid, sampling_params
 
 log = logging.getLogger("tetri.backends.sglang")
@@ -288,7 +297,14 @@ class SGLangBackend(HTTPBackend):
     async def open_generate(self, payload: bytes) -> DataStream:
         """POST an encoded `/generate` body with `stream: true`; the response once its headers are
         in. The caller holds a `slot()` and reads the body with `chunks()`. HTTP errors raise."""
-        resp = await self.stream_post("/generate", payload)
+        return await self.generate_response(await self.send_generate(payload))
+
+    async def send_generate(self, payload: bytes) -> PendingStream:
+        """`open_generate` in two steps: the request written (this), then `generate_response`."""
+        return await self.stream_send("/generate", payload)
+
+    async def generate_response(self, pending: PendingStream) -> DataStream:
+        resp = await pending.response()
         if resp.status >= 400:
             raise await resp.error()
         return resp

@@ -21,7 +21,7 @@ import orjson
 
 from backends.base import BackendError, GenRequest, HandoffStats, TokenEvent
 from backends.common import tag
-from backends.http import DataStream
+from backends.http import DataStream, PendingStream
 from backends.sglang.client import SGLangBackend
 from backends.sglang.wire import ChunkState, new_rid, new_room
 
@@ -73,27 +73,32 @@ class _Pair:
         self.p_error: BaseException | None = None
 
     async def _send_both(self, payload: bytes) -> tuple[DataStream, DataStream]:
-        """Open both streams. Shielded: a client leaving now cannot leave one side sent and the other
-        not; whatever was opened is closed and both sides aborted before the error goes on."""
-        sending = asyncio.gather(self.prefill.open_generate(payload), self.decode.open_generate(payload),
-                                 return_exceptions=True)
+        """Open both streams: both requests are written first (in one loop pass when kept
+        connections are free), then both answers awaited. Whatever goes wrong, a client leaving
+        included, whatever was opened is closed and both sides aborted before the error goes on."""
+        sent: list[PendingStream] = []
+        opened: list[DataStream] = []
         try:
-            p_resp, d_resp = await asyncio.shield(sending)
-        except asyncio.CancelledError:
-            with contextlib.suppress(BaseException):
-                await _close_all(await sending)
+            for side in (self.prefill, self.decode):
+                try:
+                    sent.append(await side.send_generate(payload))
+                except BackendError as exc:
+                    raise tag(exc, side.instance_id) from None
+            for side, pending in zip((self.prefill, self.decode), sent, strict=True):
+                try:
+                    opened.append(await side.generate_response(pending))
+                except BackendError as exc:
+                    raise tag(exc, side.instance_id) from None
+        except BaseException as exc:
+            for pending in sent:
+                pending.close()
+            await _close_all(opened)
             await _abort_both(self.prefill, self.decode, self.rid, prefill_finished=False)
-            raise
-        sides = ((p_resp, self.prefill), (d_resp, self.decode))
-        failed = [(r, who) for r, who in sides if isinstance(r, BaseException)]
-        if failed:
-            await _close_all([p_resp, d_resp])
-            await _abort_both(self.prefill, self.decode, self.rid, prefill_finished=False)
-            error, who = failed[-1] if isinstance(failed[-1][0], BackendError) else failed[0]
-            if isinstance(error, BackendError):
-                raise tag(error, who.instance_id)
-            raise tag(BackendError(f"{who.instance_id}: {error!r}", status=502, retryable=True), who.instance_id)
-        return p_resp, d_resp  # type: ignore[return-value]
+            if isinstance(exc, (BackendError, asyncio.CancelledError)):
+                raise
+            who = self.prefill if len(sent) == 0 or len(opened) == 0 else self.decode
+            raise tag(BackendError(f"{who.instance_id}: {exc!r}", status=502, retryable=True), who.instance_id) from exc
+        return opened[0], opened[1]
 
     async def _read_prefill(self, resp: DataStream) -> None:
         """The prefill's whole answer (one chunk, then [DONE]); its error is kept, not raised."""

@@ -116,10 +116,27 @@ def test_prediction_runs_only_where_a_decision_turns_on_it(tmp_path, members, kv
 
 
 async def test_skipped_predictions_are_still_sampled_for_live_accuracy(tmp_path):
-    server = _server(tmp_path, [("p", "prefill"), ("d", "decode")], 100_000, predictor_sample_every=4)
+    server = _server(tmp_path, [("p", "prefill"), ("d", "decode")], 100_000, predictor_sample_every=4,
+                     predictor_sample_max_per_s=0)
     futures = [server._start_prediction(_job(64)) for _ in range(8)]
     results = await asyncio.gather(*futures)
     assert [r is not None for r in results] == [False, False, False, True] * 2
+
+
+async def test_accuracy_samples_are_capped_per_second(tmp_path, monkeypatch):
+    from orchestrator import serving
+
+    clock = [100.0]
+    monkeypatch.setattr(serving.time, "monotonic", lambda: clock[0])
+    server = _server(tmp_path, [("p", "prefill"), ("d", "decode")], 100_000, predictor_sample_every=2,
+                     predictor_sample_max_per_s=4.0)
+    sampled = []
+    for _ in range(40):  # 40 requests in the same instant: every 2nd is due, one is taken
+        sampled.append(await server._start_prediction(_job(64)) is not None)
+    assert sum(sampled) == 1
+    clock[0] += 0.25  # a quarter of a second later: room for one more
+    later = [await server._start_prediction(_job(64)) is not None for _ in range(4)]
+    assert sum(later) == 1
 
 
 async def test_the_decode_choice_waits_for_a_prediction_only_where_it_turns_on_it(tmp_path, monkeypatch):
