@@ -25,6 +25,7 @@ from orchestrator.body_limit import BodyLimitMiddleware
 from orchestrator.cluster import Cluster, Instance, check_url, url_key
 from orchestrator.config import InstanceSpec, Settings
 from orchestrator.errors import APIError, install_error_handlers
+from orchestrator.hot_path import HotPath, HotRoute
 from orchestrator.leader import DEAD_REPLICA_ERROR, InstanceSync, Leader, shareable_options
 from orchestrator.monitor import ClusterMonitor, check_load
 from orchestrator.openai_api import build_router
@@ -510,7 +511,11 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     if state.tracing is not None:
         app.add_middleware(TraceContextMiddleware)
-    app.include_router(build_router(state), dependencies=api_key_dependencies(settings.api_keys))
+    hot_routes: dict[str, HotRoute] = {}
+    app.include_router(build_router(state, hot_routes), dependencies=api_key_dependencies(settings.api_keys))
+    if state.tracing is None and settings.hot_path:  # traced requests take the middleware that traces them
+        app.add_middleware(HotPath, routes=hot_routes, max_body_bytes=settings.max_request_body_bytes,
+                           api_keys=settings.api_keys)
     app.include_router(build_admin_router(state))
 
     @app.get("/health")

@@ -22,14 +22,14 @@ def api_key_dependencies(api_keys: Sequence[str]) -> list[DependsParam]:
         return []
 
     async def require_api_key(request: Request) -> None:
-        if not _valid(request.headers.get("authorization", ""), keys):
+        if not bearer_matches(request.headers.get("authorization", ""), keys):
             raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            "authentication_error", code="invalid_api_key")
 
     return [Depends(require_api_key)]
 
 
-def _valid(header: str, keys: list[bytes]) -> bool:
+def bearer_matches(header: str, keys: list[bytes]) -> bool:
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer":
         return False

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from backends.base import BackendError, SamplingParams, TokenEvent
 from orchestrator import metrics
 from orchestrator.errors import APIError, error_body, error_responses
+from orchestrator.hot_path import HotRoute
 from orchestrator.placement import Overloaded
 from orchestrator.serving import Job
 from orchestrator.sse import ClientWatch, SSEResponse
@@ -264,8 +265,9 @@ def _text_content(message: ChatMessage) -> str:
     return "".join(parts)
 
 
-def build_router(app_state: Any) -> APIRouter:
-    """`app_state` carries: settings, server, prompt_builder, cluster (see orchestrator.app)."""
+def build_router(app_state: Any, hot_routes: dict[str, HotRoute] | None = None) -> APIRouter:
+    """`app_state` carries: settings, server, prompt_builder, cluster (see orchestrator.app).
+    `hot_routes` is filled with the completion routes' handlers, for `orchestrator.hot_path`."""
     router = APIRouter()
 
     def check_supported(body: SamplingFields) -> None:
@@ -447,6 +449,9 @@ def build_router(app_state: Any) -> APIRouter:
             last += f"data: {json.dumps(payload)}\n\n"
         yield last + "data: [DONE]\n\n"
 
+    if hot_routes is not None:
+        hot_routes["/v1/chat/completions"] = HotRoute(ChatCompletionRequest, chat)
+        hot_routes["/v1/completions"] = HotRoute(CompletionRequest, completions)
     return router
 
 
