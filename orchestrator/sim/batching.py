@@ -125,7 +125,7 @@ class Batcher:
                 while len(inst.colocated_queue) and self.placement.may_release(inst):
                     for v in inst.colocated_queue.pop_ready(now, 0, 1):
                         inst.waiting.append(self.placement.queued.pop(v.id))
-            elif inst.role == "decode" and not inst.draining:
+            elif inst.role in ("decode", "colocated") and not inst.draining:
                 self.placement.steal_colocated(inst, now)
         return bool(inst.waiting)
 

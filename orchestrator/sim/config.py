@@ -59,6 +59,11 @@ class SystemConfig:
     # exactly ("precise": engine events) or as what was routed where ("approx": no events).
     prefix_cache: bool = False
     prefix_index: str = "precise"
+    # Co-located layout: prompts wait in the control plane's queue until their instance may take one
+    # more (the core's release rule) and idle peers may take them (late binding): the live
+    # orchestrator's co-located path. Off: a prompt enters its instance's engine on arrival (a plain
+    # load balancer or the SGLang router in front of engines).
+    hold_prompts: bool = False
     # The scheduling policy: the live control plane's configuration (the default: the deployed defaults).
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     # predictor=learned where the requests carry no prompt text: the oracle's bucket with this

@@ -218,7 +218,7 @@ class ClusterSim:
             return
         assert r.view is not None
         if route == "colocated":
-            r.colocated = True
+            r.colocated = inst.role == "decode"  # a fallback; in a co-located layout every prompt is held here
             r.prefill_at = r.decode_at = inst.index
             if inst.colocated_queue is None:
                 inst.colocated_queue = self.pol.new_queue()

@@ -202,7 +202,7 @@ class SimPlacement:
         if self.cfg.layout == "colocated":
             pick = self.core.pick_prefill(r.view, "colocated", [dv(i) for i in self.insts])
             assert pick is not None
-            return "local", self._inst(pick)
+            return ("colocated" if self.cfg.hold_prompts else "local"), self._inst(pick)
         prefills = [i for i in self.insts if i.role == "prefill" and not i.draining]
         decodes = [i for i in self.insts if i.role == "decode" and not i.draining]
         choice = self.core.route(

@@ -560,3 +560,18 @@ def test_predictors_are_the_live_ones_the_learned_model_reading_prompt_texts(h10
     assert [r["predicted_lo"] for r in oracle.requests] == [200 if r.output_tokens >= 200 else 0 for r in reqs]
     constant = simulate("tetri+pd_ratio=1:3,predictor=constant", h100, 4, reqs)
     assert constant.extra["predicted_by"] == "constant" and {r["predicted_lo"] for r in constant.requests} == {0}
+
+
+def test_held_colocated_prompts_wait_in_the_control_plane_and_idle_peers_take_them(h100):
+    """`hold_prompts`: the live co-located path (the control plane's queue, the core's release rule,
+    late binding) in the simulator; every request still finishes once, each where it was prefilled."""
+    reqs = _requests(400, rate=80.0, seed=5)
+    direct = simulate("colocated-sarathi", h100, 4, reqs, seed=1)
+    held = simulate("colocated-sarathi+hold_prompts=1,late_binding=busiest", h100, 4, reqs, seed=1)
+    kept = simulate("colocated-sarathi+hold_prompts=1", h100, 4, reqs, seed=1)
+    for res in (direct, held, kept):
+        assert summarize(res.requests, 4)["completed"] == len(reqs)
+        assert all(r["p_inst"] == r["d_inst"] and not r["colocated"] for r in res.requests)
+    steals = [res.extra["steals"] for res in (direct, kept, held)]
+    assert steals[0] == steals[1] == 0 and steals[2] > 0, steals
+    assert [r["ttft_s"] for r in held.requests] != [r["ttft_s"] for r in direct.requests]
