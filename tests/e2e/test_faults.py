@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -85,6 +86,12 @@ def respawn(fleet: Fleet, i: int) -> None:
 def specs(fleet: Fleet, *indices: int) -> list[InstanceSpec]:
     return [InstanceSpec(url=fleet.workers[i].url, backend="native", role=fleet.workers[i].role, model=TINY,
                          id=f"{fleet.workers[i].role}-{i}") for i in indices]
+
+
+def _fresh(n: int) -> list[int]:
+    """A prompt of `n` token ids that no earlier request sent."""
+    rng = random.Random()
+    return [100 + rng.randrange(20000) for _ in range(n)]
 
 
 def body(prompt: list[int], max_tokens: int, stream: bool = True) -> dict[str, Any]:
@@ -339,7 +346,9 @@ def test_client_leaves_and_kv_is_freed_within_a_second(healthy: Fleet, orchestra
             state.store.flush(timeout=5)
         prompt = LONG[:600]
     else:
-        prompt = LONG if phase in ("prefilling", "handoff") else SHORT
+        # A prompt no worker has cached: an earlier test's LONG would prefill from the prefix cache in
+        # milliseconds, over before the request could be seen prefilling.
+        prompt = _fresh(len(LONG)) if phase == "prefilling" else LONG if phase == "handoff" else SHORT
     rounds = 5 if phase == "handoff" else 1  # the hand-off race is timing-dependent: try it a few times
     for _ in range(rounds):
         left_at, rid = asyncio.run(_leave(url, state, phase, body(prompt, 200)))
