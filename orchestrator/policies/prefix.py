@@ -89,8 +89,14 @@ class PrefixIndex:
                 blocks.pending.pop(h, None)
 
     def reset(self, instance_id: str, hashes: Iterable[int] = ()) -> None:
-        """The engine's cache as a whole (after a gap in its events, a restart or a role change)."""
-        self._by_instance[instance_id] = _Blocks(precise=True)
+        """The engine's cache as a whole (after a gap in its events, a restart or a role change).
+        Guesses for prompts routed there and not yet reported stay (until they expire): the
+        snapshot can predate their prefill."""
+        old = self._by_instance.get(instance_id)
+        fresh = _Blocks(precise=True)
+        if old is not None:
+            fresh.pending = old.pending
+        self._by_instance[instance_id] = fresh
         self.stored(instance_id, hashes)
 
     def apply(self, instance_id: str, reset: bool, stored: Iterable[int], removed: Iterable[int]) -> None:

@@ -178,6 +178,11 @@ def test_prefix_index_and_the_cache_aware_schedulers():
     assert idx.match("b", hashes, now=0.0) == 1  # only a consecutive prefix counts
     assert block_hashes(list(range(64)), "other")[0] != hashes[0]  # never shared across models
     assert reusable_tokens(64, 4) == 48 and reusable_tokens(65, 4) == 64
+    # A reset (the engine's whole cache) replaces what it reported, not the guesses still in flight.
+    idx.routed("b", other, now=0.0)
+    idx.reset("b", hashes[:2])
+    assert idx.match("b", hashes, now=1.0) == 2 and idx.match("b", other, now=1.0) == 4
+    assert idx.match("b", other, now=31.0) == 0
 
     r = req(prompt=1000)
     loaded = [view("a", "prefill", queued_prompt_tokens=300, cached_prompt_tokens=900), view("b", "prefill")]
