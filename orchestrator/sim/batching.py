@@ -14,19 +14,46 @@ None when there is nothing to run.
 
 from __future__ import annotations
 
+from backends.engines.simulated.timing import TimingModel
 from orchestrator.sim.config import SystemConfig
 from orchestrator.sim.placement import SimPlacement
 from orchestrator.sim.state import SimInstance, SimRequest
 
 Batch = tuple[list[tuple[SimRequest, int]], int, int]
+_MIN_PREFILL = 32  # tokens a budgeted pass still prefills, however long its decodes take
 
 
 class Batcher:
-    def __init__(self, cfg: SystemConfig, chunk: int, placement: SimPlacement) -> None:
+    def __init__(self, cfg: SystemConfig, chunk: int, placement: SimPlacement,
+                 timing: TimingModel | None = None) -> None:
         self.cfg = cfg
         self.chunk = chunk  # prefill tokens per pass (the knee)
         self.placement = placement  # admission of co-located prompts, late-binding steals
+        self.timing = timing
         self.preemptions = 0
+        self._step_budget: dict[tuple[int, int], int] = {}  # (decodes, context // 1024) -> prefill tokens
+
+    def prefill_budget(self, nrun: int, ctx: int) -> int:
+        """Prefill tokens a hybrid pass may carry beside `nrun` decodes: the chunk, or, with
+        `step_budget_ms`, as many as keep the pass within that time (Sarathi-Serve's budget from the
+        TBT SLO), and at least `_MIN_PREFILL` so that prompts still advance."""
+        budget = self.chunk - nrun
+        target = self.cfg.step_budget_ms
+        if target is None or nrun == 0 or self.timing is None:
+            return budget
+        key = (nrun, ctx // 1024)
+        got = self._step_budget.get(key)
+        if got is None:
+            tm, limit_s, ctx_q = self.timing, target / 1000.0, key[1] * 1024 + 512
+            lo, hi = 0, max(0, budget)
+            while lo < hi:  # the most tokens whose pass fits the target (pass time grows with tokens)
+                mid = (lo + hi + 1) // 2
+                if tm.iter_s(mid, float(mid * mid), 1, nrun, ctx_q) <= limit_s:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            got = self._step_budget[key] = lo
+        return min(budget, max(got, _MIN_PREFILL))
 
     def form(self, inst: SimInstance, now: float) -> Batch | None:
         if inst.role == "prefill":
@@ -89,7 +116,7 @@ class Batcher:
         if nrun:
             self.preempt_for(inst, nrun)
             nrun = len(inst.running)
-        budget = self.chunk - nrun
+        budget = self.prefill_budget(nrun, inst.running_kv)
         pf = []
         for r in inst.prefilling:
             if budget <= 0:

@@ -64,6 +64,9 @@ class SystemConfig:
     # orchestrator's co-located path. Off: a prompt enters its instance's engine on arrival (a plain
     # load balancer or the SGLang router in front of engines).
     hold_prompts: bool = False
+    # Hybrid passes (Sarathi batching, decode hosts): cap the prefill tokens beside running decodes so
+    # the pass takes at most this long (Sarathi-Serve derives it from the TBT SLO). None: the chunk.
+    step_budget_ms: float | None = None
     # The scheduling policy: the live control plane's configuration (the default: the deployed defaults).
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     # predictor=learned where the requests carry no prompt text: the oracle's bucket with this

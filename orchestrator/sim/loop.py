@@ -127,7 +127,7 @@ class ClusterSim:
         self.placement = SimPlacement(
             cfg, self.pol, self.insts, {}, self.rng, self.backlog_tokens, self.exact_views, chunk_tokens=self.chunk
         )
-        self.batcher = Batcher(cfg, self.chunk, self.placement)
+        self.batcher = Batcher(cfg, self.chunk, self.placement, self.tm)
 
     def _predict(self, texts: Sequence[str | None]) -> None:
         """Each request's view, with the bucket the configured predictor gives it (predict.py)."""

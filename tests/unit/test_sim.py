@@ -575,3 +575,18 @@ def test_held_colocated_prompts_wait_in_the_control_plane_and_idle_peers_take_th
     steals = [res.extra["steals"] for res in (direct, kept, held)]
     assert steals[0] == steals[1] == 0 and steals[2] > 0, steals
     assert [r["ttft_s"] for r in held.requests] != [r["ttft_s"] for r in direct.requests]
+
+
+def test_a_step_budget_caps_hybrid_passes_and_trades_ttft_for_tpot(h100):
+    """`step_budget_ms`: prefill beside running decodes only as far as the pass stays within the
+    budget (never below the floor that keeps prompts moving)."""
+    reqs = _requests(600, rate=40.0, seed=2)
+    free = summarize(simulate("colocated-sarathi", h100, 4, reqs, seed=1).requests, 4)
+    capped = summarize(simulate("colocated-sarathi+step_budget_ms=14", h100, 4, reqs, seed=1).requests, 4)
+    assert capped["completed"] == free["completed"] == len(reqs)
+    assert capped["p90_tpot_ms"] < free["p90_tpot_ms"] and capped["mean_ttft_ms"] > free["mean_ttft_ms"]
+    sim = ClusterSim(system_config("colocated-sarathi+step_budget_ms=14"), h100, 4, reqs, seed=1)
+    budget = sim.batcher.prefill_budget(20, 20_000)
+    assert 32 <= budget < sim.chunk - 20
+    assert h100.iter_s(budget, float(budget * budget), 1, 20, 20_480) <= 0.014
+    assert sim.batcher.prefill_budget(0, 0) == sim.chunk  # nothing running: the whole chunk
