@@ -14,7 +14,6 @@ What each adapter sends stays in the adapter: this module only owns the transpor
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
@@ -132,21 +131,10 @@ class HTTPBackend(Backend):
         """Requests holding a connection slot now."""
         return self.pool.streams - self._slots._value
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one of this instance's request slots for the duration of a call and its stream."""
-        try:
-            if self._slots.locked():  # wait_for costs a task: only when a wait is possible
-                await asyncio.wait_for(self._slots.acquire(), self.pool.acquire_timeout_s)
-            else:
-                await self._slots.acquire()
-        except TimeoutError:
-            raise BackendBusy(f"{self.instance_id}: all {self.pool.streams} stream connections busy for "
-                              f"{self.pool.acquire_timeout_s:.0f}s") from None
-        try:
-            yield
-        finally:
-            self._slots.release()
+    def slot(self) -> _Slot:
+        """`async with`: one of this instance's request slots for the duration of a call and its stream
+        (a full pool for `acquire_timeout_s` is BackendBusy)."""
+        return _Slot(self)
 
     def _session(self) -> LeanPool:
         if self._data is None or self._data.closed:
@@ -214,6 +202,29 @@ class Polled:
 
     def json(self) -> Any:
         return orjson.loads(self.content)
+
+
+class _Slot:
+    """HTTPBackend.slot(): a class, not a generator-based context manager (one per stream)."""
+
+    __slots__ = ("backend",)
+
+    def __init__(self, backend: HTTPBackend) -> None:
+        self.backend = backend
+
+    async def __aenter__(self) -> None:
+        b = self.backend
+        try:
+            if b._slots.locked():  # wait_for costs a task: only when a wait is possible
+                await asyncio.wait_for(b._slots.acquire(), b.pool.acquire_timeout_s)
+            else:
+                await b._slots.acquire()
+        except TimeoutError:
+            raise BackendBusy(f"{b.instance_id}: all {b.pool.streams} stream connections busy for "
+                              f"{b.pool.acquire_timeout_s:.0f}s") from None
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.backend._slots.release()
 
 
 def _post_failed(instance_id: str, path: str, exc: BaseException) -> BackendError:

@@ -74,8 +74,9 @@ def _unsupported(name: str, **constraints: Any) -> Any:
 
 def _unsupported_given(body: BaseModel) -> str | None:
     """The first unsupported field given with a value that asks for something."""
+    fields, extra = body.__dict__, body.model_extra or {}  # not getattr: a missing field costs a raise
     for name, noops in _NOOPS.items():
-        value = getattr(body, name, None)
+        value = fields[name] if name in fields else extra.get(name)
         # By type too: 0 == False, and logprobs 0 is a request while false is not.
         if value is not None and not any(type(value) is type(v) and value == v for v in noops):
             return name
