@@ -44,7 +44,6 @@ class _Conn(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.lost = False
         self.counted = True  # counted in the pool's `open`
-        self.used = 0  # responses read on it so far
         self.idle_since = 0.0
         self._reset()
 
@@ -327,7 +326,6 @@ class LeanPool:
         if self.closed:
             self.discard(conn)
             return
-        conn.used += 1
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
 

@@ -26,6 +26,10 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.retry_after = retry_after
 
+    def response(self) -> JSONResponse:
+        """This error as the API answers it (the exception handler's and the hot path's)."""
+        return error_response(self.status, self.message, self.type, self.param, self.code, self.retry_after)
+
 
 class ErrorDetail(BaseModel):
     message: str
@@ -132,5 +136,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.retry_after)
+        return exc.response()
 

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.auth import bearer_matches
-from orchestrator.errors import APIError, error_response
+from orchestrator.errors import APIError
 
 Handler = Callable[[Any, Request], Awaitable[Response | dict[str, Any]]]
 
@@ -69,7 +69,7 @@ class HotPath:
         try:
             result = await route.handler(body, Request(scope, receive))
         except APIError as exc:
-            result = error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.retry_after)
+            result = exc.response()
         response = result if isinstance(result, Response) else JSONResponse(result)
         await response(scope, receive, send)
 

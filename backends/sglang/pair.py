@@ -75,29 +75,26 @@ class _Pair:
     async def _send_both(self, payload: bytes) -> tuple[DataStream, DataStream]:
         """Open both streams: both requests are written first (in one loop pass when kept
         connections are free), then both answers awaited. Whatever goes wrong, a client leaving
-        included, whatever was opened is closed and both sides aborted before the error goes on."""
+        included, both connections are dropped and both sides aborted before the error goes on."""
+        sides = (self.prefill, self.decode)
         sent: list[PendingStream] = []
         opened: list[DataStream] = []
+        side = sides[0]
         try:
-            for side in (self.prefill, self.decode):
-                try:
-                    sent.append(await side.send_generate(payload))
-                except BackendError as exc:
-                    raise tag(exc, side.instance_id) from None
-            for side, pending in zip((self.prefill, self.decode), sent, strict=True):
-                try:
-                    opened.append(await side.generate_response(pending))
-                except BackendError as exc:
-                    raise tag(exc, side.instance_id) from None
+            for side in sides:
+                sent.append(await side.send_generate(payload))
+            for side, pending in zip(sides, sent, strict=True):
+                opened.append(await side.generate_response(pending))
         except BaseException as exc:
             for pending in sent:
-                pending.close()
-            await _close_all(opened)
+                pending.close()  # its connection, opened or not
             await _abort_both(self.prefill, self.decode, self.rid, prefill_finished=False)
-            if isinstance(exc, (BackendError, asyncio.CancelledError)):
+            if isinstance(exc, BackendError):
+                raise tag(exc, side.instance_id) from None
+            if isinstance(exc, asyncio.CancelledError):
                 raise
-            who = self.prefill if len(sent) == 0 or len(opened) == 0 else self.decode
-            raise tag(BackendError(f"{who.instance_id}: {exc!r}", status=502, retryable=True), who.instance_id) from exc
+            raise tag(BackendError(f"{side.instance_id}: {exc!r}", status=502, retryable=True),
+                      side.instance_id) from exc
         return opened[0], opened[1]
 
     async def _read_prefill(self, resp: DataStream) -> None:
@@ -239,12 +236,6 @@ async def _settle(*futures: asyncio.Future[Any] | None, timeout_s: float = 5.0) 
     for f in futures:
         if f is not None and f.done() and not f.cancelled():
             f.exception()  # retrieved: no "never retrieved" warning
-
-
-async def _close_all(responses: list[Any]) -> None:
-    for resp in responses:
-        if isinstance(resp, DataStream):
-            resp.close()
 
 
 async def _abort_both(prefill: SGLangBackend, decode: SGLangBackend, rid: str, prefill_finished: bool) -> None:

@@ -24,8 +24,7 @@ _MIN_PREFILL = 32  # tokens a budgeted pass still prefills, however long its dec
 
 
 class Batcher:
-    def __init__(self, cfg: SystemConfig, chunk: int, placement: SimPlacement,
-                 timing: TimingModel | None = None) -> None:
+    def __init__(self, cfg: SystemConfig, chunk: int, placement: SimPlacement, timing: TimingModel) -> None:
         self.cfg = cfg
         self.chunk = chunk  # prefill tokens per pass (the knee)
         self.placement = placement  # admission of co-located prompts, late-binding steals
@@ -39,7 +38,7 @@ class Batcher:
         TBT SLO), and at least `_MIN_PREFILL` so that prompts still advance."""
         budget = self.chunk - nrun
         target = self.cfg.step_budget_ms
-        if target is None or nrun == 0 or self.timing is None:
+        if target is None or nrun == 0:
             return budget
         key = (nrun, ctx // 1024)
         got = self._step_budget.get(key)

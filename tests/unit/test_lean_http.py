@@ -28,6 +28,17 @@ async def _serve(handler: Handler) -> tuple[asyncio.AbstractServer, str]:
     return server, f"http://127.0.0.1:{port}"
 
 
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def _post(pool: LeanPool) -> bytes:
+    """One request read to its end, its connection given back."""
+    resp = await pool.request("POST", "/x", b"{}")
+    body = await resp.read()
+    resp.release()
+    return body
+
+
 def _chunked(*parts: bytes) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
 
@@ -95,16 +106,14 @@ async def test_a_kept_connection_the_server_closed_is_replaced_before_sending() 
         nonlocal requests
         await _read_request(reader)
         requests += 1
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        writer.write(OK)
         await writer.drain()
         writer.close()  # keep-alive promised, then closed (an idle timeout)
 
     server, url = await _serve(handler)
     pool = LeanPool(url, limit=2)
     for _ in range(3):
-        resp = await pool.request("POST", "/x", b"{}")
-        assert await resp.read() == b"ok"
-        resp.release()
+        assert await _post(pool) == b"ok"
         await asyncio.sleep(0.02)
     assert requests == 3 and pool.open == 0
     server.close()
@@ -117,7 +126,7 @@ async def test_a_request_on_a_kept_connection_closed_unanswered_is_sent_once_mor
         nonlocal answered
         await _read_request(reader)
         answered += 1
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        writer.write(OK)
         await writer.drain()
         await reader.read(1)  # the next request on this connection: closed unanswered
         writer.transport.abort()
@@ -125,9 +134,7 @@ async def test_a_request_on_a_kept_connection_closed_unanswered_is_sent_once_mor
     server, url = await _serve(handler)
     pool = LeanPool(url, limit=2)
     for _ in range(2):
-        resp = await pool.request("POST", "/x", b"{}")
-        assert await resp.read() == b"ok"
-        resp.release()
+        assert await _post(pool) == b"ok"
     assert answered == 2 and pool.open == 1
     await pool.close()
     server.close()
@@ -144,7 +151,7 @@ async def test_idle_connections_past_keepalive_are_dropped(monkeypatch: pytest.M
                 await _read_request(reader)
             except asyncio.IncompleteReadError:
                 break
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            writer.write(OK)
             await writer.drain()
 
     server, url = await _serve(handler)
@@ -152,9 +159,7 @@ async def test_idle_connections_past_keepalive_are_dropped(monkeypatch: pytest.M
     pool = LeanPool(url, limit=2)
     for pause in (0.0, 0.1):
         await asyncio.sleep(pause)
-        resp = await pool.request("POST", "/x", b"{}")
-        assert await resp.read() == b"ok"
-        resp.release()
+        assert await _post(pool) == b"ok"
     assert connections == 2 and pool.open == 1
     await pool.close()
     server.close()
