@@ -25,7 +25,7 @@ from orchestrator.body_limit import BodyLimitMiddleware
 from orchestrator.cluster import Cluster, Instance, check_url, url_key
 from orchestrator.config import InstanceSpec, Settings
 from orchestrator.errors import APIError, install_error_handlers
-from orchestrator.hot_path import HotPath, HotRoute
+from orchestrator.hot_path import HotPath, HotPathApp, HotRoute
 from orchestrator.leader import DEAD_REPLICA_ERROR, InstanceSync, Leader, shareable_options
 from orchestrator.monitor import ClusterMonitor, check_load
 from orchestrator.openai_api import build_router
@@ -505,7 +505,7 @@ def create_app(
         if state.tracing is not None:
             state.tracing.shutdown()  # flushes the spans still batched
 
-    app = FastAPI(title="tetri", version="0.1.0", lifespan=lifespan)
+    app = HotPathApp(title="tetri", version="0.1.0", lifespan=lifespan)
     app.state.tetri = state
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
@@ -514,8 +514,7 @@ def create_app(
     hot_routes: dict[str, HotRoute] = {}
     app.include_router(build_router(state, hot_routes), dependencies=api_key_dependencies(settings.api_keys))
     if state.tracing is None and settings.hot_path:  # traced requests take the middleware that traces them
-        app.add_middleware(HotPath, routes=hot_routes, max_body_bytes=settings.max_request_body_bytes,
-                           api_keys=settings.api_keys)
+        app.hot_path = lambda stack: HotPath(stack, hot_routes, settings.max_request_body_bytes, settings.api_keys)
     app.include_router(build_admin_router(state))
 
     @app.get("/health")

@@ -169,7 +169,7 @@ class Settings(BaseSettings):
     predictor_sample_every: int = Field(default=8, ge=1)
     # ... and at most this many such samples a second (0: no cap): under heavy load every 8th request
     # is more than the accuracy figures need, and each sample costs the predictor's thread ~1 ms.
-    predictor_sample_max_per_s: float = Field(default=20.0, ge=0)
+    predictor_sample_max_per_s: float = Field(default=5.0, ge=0)
     # Serve well-formed completion requests without FastAPI's per-request machinery
     # (orchestrator/hot_path.py); anything else, and every request when tracing is on, takes the routes.
     hot_path: bool = True

@@ -133,3 +133,26 @@ def test_every_other_request_gets_exactly_the_routes_answer(servers, case, conte
     hot, cold = _post(hot_url, path, content, headers), _post(cold_url, path, content, headers)
     assert _comparable(hot) == _comparable(cold), case
     assert hot.headers.get("retry-after") == cold.headers.get("retry-after")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_bug_is_the_same_json_500_on_either_path(servers, stream):
+    async def broken(_engine: Scripted, _request: Any) -> Any:
+        raise RuntimeError("a bug")
+        yield  # an async generator that fails at its first step
+
+    body = json.dumps({"model": TINY, "prompt": "Hello", "max_tokens": 4, "stream": stream}).encode()
+    headers = {**KEY, "Content-Type": "application/json"}
+    answers = []
+    for hot in (True, False):
+        url, app = servers[hot]
+        engine = app.state.tetri.cluster.instances["colo-0"].backend
+        engine.script = broken
+        try:
+            answers.append(_post(url, "/v1/completions", body, headers))
+        finally:
+            engine.script = lambda e, r: tokens(3)
+    hot_resp, cold_resp = answers
+    assert hot_resp.status_code == 500, hot_resp.text
+    assert hot_resp.json()["error"]["code"] == "internal_error"
+    assert _comparable(hot_resp) == _comparable(cold_resp)
