@@ -381,22 +381,25 @@ async def sse_events(lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any
             yield data  # type: ignore[misc]
 
 
-async def sse_batches(blocks: AsyncIterator[list[bytes]]) -> AsyncIterator[list[dict[str, Any]]]:
-    """`sse_events`, one list per block of lines (see `DataStream.blocks`)."""
+async def sse_payloads(blocks: AsyncIterator[list[bytes]]) -> AsyncIterator[list[bytes]]:
+    """The `data:` payloads of an event stream, unparsed, one list per block of lines (see
+    `DataStream.blocks`), up to `data: [DONE]`; whatever follows is read and dropped. A reader that
+    needs only some of them parses only those (`parse_sse_payload`)."""
     done = False
     async for block in blocks:
         if done:
             continue
         batch = []
         for line in block:
-            data = _sse_data(line)
-            if data is _DONE:
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
                 done = True
                 break
-            if data is not None:
-                batch.append(data)
+            batch.append(payload)
         if batch:
-            yield batch  # type: ignore[misc]
+            yield batch
 
 
 _DONE = object()
@@ -409,6 +412,11 @@ def _sse_data(line: bytes) -> dict[str, Any] | object | None:
     payload = line[5:].strip()
     if payload == b"[DONE]":
         return _DONE
+    return parse_sse_payload(payload)
+
+
+def parse_sse_payload(payload: bytes) -> dict[str, Any] | None:
+    """The JSON object of one `data:` payload; None (logged) for one that does not parse."""
     try:
         data = orjson.loads(payload)
     except orjson.JSONDecodeError:

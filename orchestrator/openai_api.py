@@ -41,6 +41,11 @@ def _utf8(value: Any) -> Any:
     return value
 
 
+def _utf8_text(value: Any) -> Any:
+    """`_utf8` of a field that is text or token ids (validated already: ids are ints, no text)."""
+    return _utf8(value) if isinstance(value, str) else value
+
+
 # OpenAI fields this server does not implement, with the values (besides null) that ask for nothing:
 # those are accepted, anything else is refused (400, code unsupported_parameter), never ignored.
 _NOOPS: dict[str, tuple[Any, ...]] = {
@@ -142,7 +147,7 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = _unsupported("best_of", ge=1)
     suffix: str | None = _unsupported("suffix")
 
-    _prompt_utf8 = field_validator("prompt")(_utf8)
+    _prompt_utf8 = field_validator("prompt")(_utf8_text)
 
 
 # ---- responses, as the OpenAPI document describes them (the routes build plain dicts) ----------------
@@ -332,7 +337,7 @@ def build_router(app_state: Any, hot_routes: dict[str, HotRoute] | None = None) 
             prompt_ids, prompt_text = builder.text_ids(body.prompt), body.prompt
         else:
             vocab = builder.vocab_size
-            if not body.prompt or any(t < 0 or t >= vocab for t in body.prompt):
+            if not body.prompt or min(body.prompt) < 0 or max(body.prompt) >= vocab:
                 raise APIError(400, f"prompt token ids must be non-empty and within [0, {vocab})", param="prompt")
             # Token ids: their text is decoded only if something reads it (the length predictor).
             prompt_ids, prompt_text = list(body.prompt), ""

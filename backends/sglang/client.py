@@ -37,7 +37,8 @@ from backends.http import (
     engine_timeout,
     error_message,
     http_error,
-    sse_batches,
+    parse_sse_payload,
+    sse_payloads,
 )
 from backends.sglang.wire import DEFAULT_BOOTSTRAP_PORT, ChunkState, new_rid, sampling_params
 
@@ -314,13 +315,16 @@ class SGLangBackend(HTTPBackend):
         goes back to the pool); a broken stream raises a retryable BackendError."""
         async with contextlib.aclosing(self.chunk_batches(resp)) as batches:
             async for batch in batches:
-                for chunk in batch:
-                    yield chunk
+                for payload in batch:
+                    chunk = parse_sse_payload(payload)
+                    if chunk is not None:
+                        yield chunk
 
-    async def chunk_batches(self, resp: DataStream) -> AsyncIterator[list[dict[str, Any]]]:
-        """`chunks`, one list per network read."""
+    async def chunk_batches(self, resp: DataStream) -> AsyncIterator[list[bytes]]:
+        """The `data:` payloads of an opened `/generate` stream, unparsed, one list per network
+        read (`ChunkState.feed_batch` parses what it needs), read to the end of the body."""
         try:
-            async with contextlib.aclosing(sse_batches(resp.blocks())) as batches:
+            async with contextlib.aclosing(sse_payloads(resp.blocks())) as batches:
                 async for batch in batches:
                     yield batch
         finally:

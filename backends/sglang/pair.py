@@ -128,7 +128,7 @@ class _Pair:
         started = time.perf_counter()
         reader = asyncio.ensure_future(self._read_prefill(p_resp))
         d_chunks = self.decode.chunk_batches(d_resp)  # a burst of chunks is relayed as one event
-        pending: asyncio.Future[list[dict[str, Any]]] | None = None
+        pending: asyncio.Future[list[bytes]] | None = None
         first_sent = finished = False
         sent_ids, sent_text = 0, ""
         d = self.d_state
@@ -175,10 +175,7 @@ class _Pair:
                     # a broken decode stream: the request can continue elsewhere (migration)
                     yield TokenEvent([], "", "error", "decode", str(exc), retryable=True)
                     return
-                for chunk in batch:
-                    d.feed(chunk)
-                    if d.finish is not None:
-                        break  # nothing after a finish belongs to the request
+                d.feed_batch(batch)
                 if d.finish == "error" and not first_sent:
                     raise tag(d.failure(f"decode {self.decode.instance_id}"), self.decode.instance_id)
                 if d.finish is None and not d.ids:
