@@ -293,6 +293,35 @@ class DataStream:
         # A body that ended early without its terminator is an error the caller sees by its content.
         self.resp.release()
 
+    async def payload_batches(self) -> AsyncIterator[list[bytes]]:
+        """`blocks` as an event stream: the `data:` payloads, unparsed, one list per network read,
+        up to `data: [DONE]`; the rest of the body is read and dropped (the connection is reused);
+        one left early drops the connection. One generator, not a stack of them: it runs once per
+        network read of every stream."""
+        pending = b""
+        done = False
+        resp = self.resp
+        try:
+            while (piece := await resp.piece()) is not None:
+                if done:
+                    continue
+                if pending:
+                    piece = pending + piece
+                lines = piece.split(b"\n")
+                pending = lines.pop()
+                batch, done = _payloads(lines)
+                if batch:
+                    yield batch
+            if pending and not done:
+                batch, done = _payloads([pending])
+                if batch:
+                    yield batch
+            resp.release()
+        except (OSError, TimeoutError) as exc:
+            raise BackendError(f"{self.instance_id}: stream broke: {exc!r}", status=503, retryable=True) from exc
+        finally:
+            resp.close()  # left before the end (or broken): the connection is dropped; else a no-op
+
     async def lines(self) -> AsyncIterator[bytes]:
         async for block in self.blocks():
             for line in block:
@@ -381,25 +410,17 @@ async def sse_events(lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any
             yield data  # type: ignore[misc]
 
 
-async def sse_payloads(blocks: AsyncIterator[list[bytes]]) -> AsyncIterator[list[bytes]]:
-    """The `data:` payloads of an event stream, unparsed, one list per block of lines (see
-    `DataStream.blocks`), up to `data: [DONE]`; whatever follows is read and dropped. A reader that
-    needs only some of them parses only those (`parse_sse_payload`)."""
-    done = False
-    async for block in blocks:
-        if done:
+def _payloads(lines: list[bytes]) -> tuple[list[bytes], bool]:
+    """The `data:` payloads of these lines up to `[DONE]`, and whether `[DONE]` was among them."""
+    batch = []
+    for line in lines:
+        if not line.startswith(b"data:"):
             continue
-        batch = []
-        for line in block:
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                done = True
-                break
-            batch.append(payload)
-        if batch:
-            yield batch
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return batch, True
+        batch.append(payload)
+    return batch, False
 
 
 _DONE = object()

@@ -156,21 +156,27 @@ class LeanResponse:
         self._timeout_s = timeout_s
         self._closed = False
 
-    async def iter_any(self) -> AsyncIterator[bytes]:
-        """The body's bytes as they arrive (one piece per wake-up), to its end."""
+    async def piece(self) -> bytes | None:
+        """The body's bytes received since the last call (waiting for some), None at its end."""
         conn = self._conn
         while True:
             if conn.body:
-                yield conn.take()
-                continue
+                return conn.take()
             if conn.done:
-                return
+                return None
             if conn.error is not None:
                 raise conn.error
             await conn.wait(self._timeout_s)
 
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive (one piece per wake-up), to its end."""
+        while (piece := await self.piece()) is not None:
+            yield piece
+
     async def read(self) -> bytes:
-        parts = [chunk async for chunk in self.iter_any()]
+        parts = []
+        while (piece := await self.piece()) is not None:
+            parts.append(piece)
         return b"".join(parts)
 
     def release(self) -> None:

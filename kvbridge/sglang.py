@@ -35,12 +35,24 @@ class BootstrapRoomStrategy(HandoffStrategy):
         check_pd_pair(p_info, d_info)
         self._checked.add(key)
 
-    async def run(
+    def run(
         self, request: GenRequest, prefill: Backend, decode: Backend, stats: HandoffStats
     ) -> AsyncIterator[TokenEvent]:
         if not isinstance(prefill, SGLangBackend) or not isinstance(decode, SGLangBackend):
-            raise BackendError("BootstrapRoomStrategy needs SGLang prefill and decode instances", status=500)
+            return _refused(BackendError("BootstrapRoomStrategy needs SGLang prefill and decode instances", status=500))
+        if (prefill.instance_id, decode.instance_id) in self._checked:
+            return disaggregate(request, prefill, decode, stats)  # no layer of our own on every token
+        return self._checked_first(request, prefill, decode, stats)
+
+    async def _checked_first(
+        self, request: GenRequest, prefill: SGLangBackend, decode: SGLangBackend, stats: HandoffStats
+    ) -> AsyncIterator[TokenEvent]:
         await self.check_pair(prefill, decode)
         async with contextlib.aclosing(disaggregate(request, prefill, decode, stats)) as events:
             async for event in events:
                 yield event
+
+
+async def _refused(exc: BackendError) -> AsyncIterator[TokenEvent]:
+    raise exc
+    yield  # an async generator that raises at its first step, as the strategy's run did

@@ -223,9 +223,11 @@ class Server:
             job.trace.mark("prefill")
         view = self._view(job, job.predicted_bucket)
         try:
-            stream = _raise_retryable_errors(inst.backend.generate(self._gen_request(job, view)))
-            async with contextlib.aclosing(stream) as events:
+            async with contextlib.aclosing(inst.backend.generate(self._gen_request(job, view))) as events:
                 async for event in events:
+                    failure = None
+                    if event.retryable and event.finish_reason == "error":
+                        event, failure = _retryable_failure(event)  # raises if it carries no tokens
                     if not slot.released:
                         slot.release()
                         if hold is not None:
@@ -233,6 +235,8 @@ class Server:
                         self._first_token(job)
                         job.transition(RequestState.DECODING, decode_started_at=time.time())
                     yield event
+                    if failure is not None:
+                        raise failure
         except BackendBusy:
             raise
         except BackendError:
@@ -254,8 +258,11 @@ class Server:
         strategy = strategy_for(prefill.spec.backend, self.settings.kv_lease_s, self.settings.migrate_on_failure)
         try:
             handoff = strategy.run(self._gen_request(job, view), prefill.backend, decode.backend, stats)
-            async with contextlib.aclosing(_raise_retryable_errors(handoff)) as events:
+            async with contextlib.aclosing(handoff) as events:
                 async for event in events:
+                    failure = None
+                    if event.retryable and event.finish_reason == "error":
+                        event, failure = _retryable_failure(event)  # raises if it carries no tokens
                     if event.phase == "prefill" and not slot.released:
                         slot.release()
                         self._first_token(job)
@@ -269,6 +276,8 @@ class Server:
                         if stats.kv_bytes:
                             metrics.KV_BYTES.inc(stats.kv_bytes)
                     yield event
+                    if failure is not None:
+                        raise failure
         except BackendBusy:
             raise
         except BackendError as exc:
@@ -414,17 +423,15 @@ def _stop_straddles_break(job: Job, text: str) -> bool:
     return hit
 
 
-async def _raise_retryable_errors(events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
+def _retryable_failure(event: TokenEvent) -> tuple[TokenEvent, BackendError]:
     """Engines report some failures after their first token as a last "error" event marked
-    `retryable` (a broken stream, an SGLang 503 retraction). Raise those as BackendError, after
-    passing on any tokens the event carries, so the attempt fails over and the request migrates."""
-    async with contextlib.aclosing(events) as inner:
-        async for event in inner:
-            if event.finish_reason == "error" and event.retryable:
-                if event.token_ids or event.text:
-                    yield TokenEvent(event.token_ids, event.text, None, event.phase)
-                raise BackendError(event.error or "engine failed mid-stream", status=503, retryable=True)
-            yield event
+    `retryable` (a broken stream, an SGLang 503 retraction): the tokens it carries, to pass on, and
+    the BackendError to raise after them (at once when it carries none), so the attempt fails over
+    and the request migrates."""
+    error = BackendError(event.error or "engine failed mid-stream", status=503, retryable=True)
+    if not event.token_ids and not event.text:
+        raise error
+    return TokenEvent(event.token_ids, event.text, None, event.phase), error
 
 
 async def _result_or_none(task: asyncio.Task[int | None], timeout_s: float) -> int | None:

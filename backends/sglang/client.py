@@ -38,7 +38,6 @@ from backends.http import (
     error_message,
     http_error,
     parse_sse_payload,
-    sse_payloads,
 )
 from backends.sglang.wire import DEFAULT_BOOTSTRAP_PORT, ChunkState, new_rid, sampling_params
 
@@ -324,7 +323,7 @@ class SGLangBackend(HTTPBackend):
         """The `data:` payloads of an opened `/generate` stream, unparsed, one list per network
         read (`ChunkState.feed_batch` parses what it needs), read to the end of the body."""
         try:
-            async with contextlib.aclosing(sse_payloads(resp.blocks())) as batches:
+            async with contextlib.aclosing(resp.payload_batches()) as batches:
                 async for batch in batches:
                     yield batch
         finally:

@@ -100,14 +100,16 @@ class _Pair:
     async def _read_prefill(self, resp: DataStream) -> None:
         """The prefill's whole answer (one chunk, then [DONE]); its error is kept, not raised."""
         try:
-            async with contextlib.aclosing(self.prefill.chunks(resp)) as chunks:
-                async for chunk in chunks:
-                    self.p_state.feed(chunk)
+            async with contextlib.aclosing(resp.payload_batches()) as batches:
+                async for batch in batches:
+                    self.p_state.feed_batch(batch)
                     self.stats.extra["prefill_meta"] = dict(self.p_state.meta)
                     if self.p_state.finish is not None:
                         self.prefill.ledger.finish(self.request.request_id)
         except Exception as exc:  # noqa: BLE001 - judged by the relay
             self.p_error = exc
+        finally:
+            resp.close()
 
     def _prefill_failure(self) -> BackendError | None:
         """Why the prefill cannot deliver the first token (None: it did, or it ended cleanly)."""
@@ -127,7 +129,7 @@ class _Pair:
         p_resp, d_resp = await self._send_both(payload)
         started = time.perf_counter()
         reader = asyncio.ensure_future(self._read_prefill(p_resp))
-        d_chunks = self.decode.chunk_batches(d_resp)  # a burst of chunks is relayed as one event
+        d_chunks = d_resp.payload_batches()  # a burst of chunks is relayed as one event
         pending: asyncio.Future[list[bytes]] | None = None
         first_sent = finished = False
         sent_ids, sent_text = 0, ""
