@@ -22,27 +22,24 @@ class BootstrapRoomStrategy(HandoffStrategy):
 
     name = "sglang-bootstrap-room"
 
-    def __init__(self, lease_s: float = 30.0, early_first_token: bool = True) -> None:
-        super().__init__(lease_s, early_first_token)
-        self._checked: set[tuple[str, str]] = set()
-
     async def check_pair(self, prefill: SGLangBackend, decode: SGLangBackend) -> None:
-        """Refuse (409) a pair whose page size or KV dtype differ; checked once per pair."""
-        key = (prefill.instance_id, decode.instance_id)
-        if key in self._checked:
-            return
+        """Refuse (409) a pair whose page size, KV dtype or transfer backend differ."""
         p_info, d_info = await asyncio.gather(prefill.info(), decode.info())
         check_pd_pair(p_info, d_info)
-        self._checked.add(key)
 
     def run(
         self, request: GenRequest, prefill: Backend, decode: Backend, stats: HandoffStats
     ) -> AsyncIterator[TokenEvent]:
         if not isinstance(prefill, SGLangBackend) or not isinstance(decode, SGLangBackend):
             return _refused(BackendError("BootstrapRoomStrategy needs SGLang prefill and decode instances", status=500))
-        if (prefill.instance_id, decode.instance_id) in self._checked:
-            return disaggregate(request, prefill, decode, stats)  # no layer of our own on every token
-        return self._checked_first(request, prefill, decode, stats)
+        p_info, d_info = prefill.known_info, decode.known_info
+        if p_info is None or d_info is None:
+            return self._checked_first(request, prefill, decode, stats)
+        try:  # both servers' info known (the usual case): checked here, no layer of ours on every token
+            check_pd_pair(p_info, d_info)
+        except BackendError as exc:
+            return _refused(exc)
+        return disaggregate(request, prefill, decode, stats)
 
     async def _checked_first(
         self, request: GenRequest, prefill: SGLangBackend, decode: SGLangBackend, stats: HandoffStats

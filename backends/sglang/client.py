@@ -128,6 +128,11 @@ class SGLangBackend(HTTPBackend):
                 return path, resp.text
         raise last or BackendError(f"{self.instance_id}: none of {paths} answered", status=502)
 
+    @property
+    def known_info(self) -> dict[str, Any] | None:
+        """`info()` as last fetched (None before the first call or after a role change)."""
+        return self._info
+
     async def info(self, refresh: bool = False) -> dict[str, Any]:
         """`/server_info` (or the deprecated `/get_server_info`), normalised: model, page_size,
         kv_cache_dtype, total_kv_tokens, chunk_size, disaggregation_mode, bootstrap_port,

@@ -275,6 +275,11 @@ async def test_pd_pair_check_refuses_page_size_mismatch(make_node):
         await run_pd(p, d, req(3))
     assert err.value.status == 409 and "page_size" in str(err.value)
     assert not p.fake.bodies and not d.fake.bodies
+    # Both servers' info is now known: the strategy checks it before handing back the pair's stream.
+    assert p.backend.known_info is not None and d.backend.known_info is not None
+    with pytest.raises(BackendError) as err:
+        await run_pd(p, d, req(3))
+    assert err.value.status == 409 and not p.fake.bodies and not d.fake.bodies
     with pytest.raises(BackendError):
         check_pd_pair({"page_size": 1, "kv_cache_dtype": "fp8_e5m2"}, {"page_size": 1, "kv_cache_dtype": "auto"})
     check_pd_pair({"page_size": 1, "kv_cache_dtype": "auto"}, {"page_size": 1, "kv_cache_dtype": "auto"})
