@@ -156,3 +156,21 @@ def test_a_bug_is_the_same_json_500_on_either_path(servers, stream):
     assert hot_resp.status_code == 500, hot_resp.text
     assert hot_resp.json()["error"]["code"] == "internal_error"
     assert _comparable(hot_resp) == _comparable(cold_resp)
+
+
+BODIES = [b'{"a": NaN}', b'{"a": 123456789012345678901234567890}', b'{"a": -9223372036854775808}',
+          b'{"a": 18446744073709551615}', b'{"a": "\\ud800"}', b'{"a":1,"a":2}', b'{"a": 1e400}',
+          b'{"a": 1.5, "b": [1, 2, {"c": null}], "d": "\xc3\xa9"}', b'[1, 2]', b'{"a": 0.1234567890123456789}',
+          b'\xef\xbb\xbf{"a": 1}', b'{"a": "\\u00e9\\n"}', b'{"a": "\xff"}', b'{"prompt": [1, 2, 3], "max_tokens": 1e3}']
+
+
+@pytest.mark.parametrize("raw", BODIES)
+def test_the_hot_path_reads_a_body_as_json_loads_does(raw):
+    from orchestrator.hot_path import _loads
+
+    def outcome(load: Any) -> Any:
+        try:
+            return repr(load(raw))
+        except ValueError as exc:
+            return type(exc).__name__
+    assert outcome(_loads) == outcome(json.loads)
