@@ -232,8 +232,7 @@ class Server:
                         slot.release()
                         if hold is not None:
                             hold.release()
-                        self._first_token(job)
-                        job.transition(RequestState.DECODING, decode_started_at=time.time())
+                        job.transition(RequestState.DECODING, decode_started_at=time.time(), **self._first_token(job))
                     yield event
                     if failure is not None:
                         raise failure
@@ -265,8 +264,7 @@ class Server:
                         event, failure = _retryable_failure(event)  # raises if it carries no tokens
                     if event.phase == "prefill" and not slot.released:
                         slot.release()
-                        self._first_token(job)
-                        job.transition(RequestState.TRANSFERRING)
+                        job.transition(RequestState.TRANSFERRING, **self._first_token(job))
                     elif event.phase == "decode" and not hold.released:
                         hold.release()
                         job.transition(RequestState.DECODING, decode_started_at=time.time(),
@@ -382,12 +380,14 @@ class Server:
         meta = {"output_len": job.sampling.max_tokens} if job.sampling.ignore_eos else {}
         return await self.predictions.predict(job.text, len(job.prompt_ids), meta)
 
-    def _first_token(self, job: Job) -> None:
-        if job.first_token_at is not None:  # a migrated request's next attempt
-            return
+    def _first_token(self, job: Job) -> dict[str, float]:
+        """Note the first token (once: a migrated request's next attempt has had it); the fields
+        to record, with the transition that comes with it."""
+        if job.first_token_at is not None:
+            return {}
         job.first_token_at = time.time()
         metrics.TTFT.observe(job.first_token_at - job.arrival)
-        job.record(first_token_at=job.first_token_at)
+        return {"first_token_at": job.first_token_at}
 
     @staticmethod
     def _count(job: Job, event: TokenEvent) -> None:
