@@ -32,10 +32,11 @@ class ClientWatch:
     Cancelling server.run()'s iteration closes it, which aborts the request on every instance that
     holds it."""
 
-    __slots__ = ("gone", "_owner", "_cancels", "_task")
+    __slots__ = ("gone", "_owner", "_cancels", "_task", "_stopped")
 
     def __init__(self, receive: Receive) -> None:
         self.gone = False
+        self._stopped = False
         self._owner: asyncio.Task[object] | None = None
         self._cancels = 0
         self._task = asyncio.get_running_loop().create_task(self._wait(receive))
@@ -43,8 +44,10 @@ class ClientWatch:
     async def _wait(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
+        if self._stopped:
+            return  # the answer is complete: ASGI servers say so with http.disconnect too
         self.gone = True
-        while True:
+        while not self._stopped:
             self._cancel_owner()
             await asyncio.sleep(_RECANCEL_S)
 
@@ -83,7 +86,12 @@ class ClientWatch:
             self.release()
 
     def stop(self) -> None:
-        self._task.cancel()
+        """End the watch. Unless its client left, it is not cancelled: it ends by itself once the
+        server reports the answer complete, and a cancellation per request would leave a cycle
+        (the task, its CancelledError, the traceback's frames) to the garbage collector."""
+        self._stopped = True
+        if self.gone:
+            self._task.cancel()
 
 
 class SSEResponse(Response):

@@ -161,7 +161,8 @@ def test_a_bug_is_the_same_json_500_on_either_path(servers, stream):
 BODIES = [b'{"a": NaN}', b'{"a": 123456789012345678901234567890}', b'{"a": -9223372036854775808}',
           b'{"a": 18446744073709551615}', b'{"a": "\\ud800"}', b'{"a":1,"a":2}', b'{"a": 1e400}',
           b'{"a": 1.5, "b": [1, 2, {"c": null}], "d": "\xc3\xa9"}', b'[1, 2]', b'{"a": 0.1234567890123456789}',
-          b'\xef\xbb\xbf{"a": 1}', b'{"a": "\\u00e9\\n"}', b'{"a": "\xff"}', b'{"prompt": [1, 2, 3], "max_tokens": 1e3}']
+          b'\xef\xbb\xbf{"a": 1}', b'{"a": "\\u00e9\\n"}', b'{"a": "\xff"}',
+          b'{"prompt": [1, 2, 3], "max_tokens": 1e3}']
 
 
 @pytest.mark.parametrize("raw", BODIES)
@@ -174,3 +175,39 @@ def test_the_hot_path_reads_a_body_as_json_loads_does(raw):
         except ValueError as exc:
             return type(exc).__name__
     assert outcome(_loads) == outcome(json.loads)
+
+
+def test_requests_leave_no_garbage_cycles(servers):
+    """A request's objects are freed by reference counting: a cycle per request (a cancelled task,
+    its exception and traceback) made the collector run every few requests under load."""
+    import gc
+    import http.client
+    from urllib.parse import urlsplit
+
+    url, _ = servers[True]
+    parts = urlsplit(url)
+    headers = {**KEY, "Content-Type": "application/json"}
+    bodies = [json.dumps({"model": TINY, "prompt": "Hello", "max_tokens": 3, "stream": stream}).encode()
+              for stream in (False, True)]
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)  # one keep-alive connection
+
+    def post(body: bytes) -> None:
+        conn.request("POST", "/v1/completions", body=body, headers=headers)
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read()
+
+    try:
+        for body in bodies:
+            post(body)
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(20):
+                for body in bodies:
+                    post(body)
+            found = gc.collect()
+        finally:
+            gc.enable()
+    finally:
+        conn.close()
+    assert found < 40, f"{found} objects in cycles after 40 requests"
