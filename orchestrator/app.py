@@ -233,6 +233,7 @@ class AppState:
             await self._wait_idle(inst)
         if self.cluster.get(inst.id) is not inst:  # a concurrent DELETE got there first
             return {"id": inst.id, "state": "removed", "drain_s": time.perf_counter() - started}
+        self.instance_sync.removed_at[inst.id] = time.time()
         self.cluster.remove(inst.id)
         self.placement.replace_queued(inst)
         with contextlib.suppress(Exception):

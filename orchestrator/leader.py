@@ -187,6 +187,9 @@ class InstanceSync:
         self.interval_s = interval_s
         self.retry_s = retry_s  # an instance this replica could not register is tried again after this
         self.registered_at: dict[str, float] = {}  # wall clock: compared with rows' updated_at
+        # Deregistered here: a row older than that (its "removed" save not yet written behind) is
+        # no peer's registration and must not bring the instance back.
+        self.removed_at: dict[str, float] = {}
         self._failed: dict[str, float] = {}
         self._busy: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -222,6 +225,8 @@ class InstanceSync:
             inst = self.cluster.get(iid)
             if inst is None:
                 if state != "healthy" or not row["url"] or self.cluster.by_url(row["url"]) is not None:
+                    continue
+                if (row.get("updated_at") or 0.0) <= self.removed_at.get(iid, 0.0):
                     continue
                 if now - self._failed.get(iid, 0.0) < self.retry_s:
                     continue
