@@ -273,49 +273,32 @@ class DataStream:
         return BackendError(f"{self.instance_id}: HTTP {self.status}: {await self.message()}", status=self.status,
                             retryable=self.status in (429, 502, 503, 504))
 
-    async def blocks(self) -> AsyncIterator[list[bytes]]:
+    async def blocks(self, sse: bool = False) -> AsyncIterator[list[bytes]]:
         """The body's complete lines, one list per network read (a burst of tokens is one block,
-        and everything downstream then runs once per block, not once per token); read to the end,
-        then the connection goes back to the pool."""
-        pending = b""
-        try:
-            async for chunk in self.resp.iter_any():
-                if pending:
-                    chunk = pending + chunk
-                parts = chunk.split(b"\n")
-                pending = parts.pop()
-                if parts:
-                    yield parts
-        except (OSError, TimeoutError) as exc:
-            raise BackendError(f"{self.instance_id}: stream broke: {exc!r}", status=503, retryable=True) from exc
-        if pending:
-            yield [pending]
-        # A body that ended early without its terminator is an error the caller sees by its content.
-        self.resp.release()
-
-    async def payload_batches(self) -> AsyncIterator[list[bytes]]:
-        """`blocks` as an event stream: the `data:` payloads, unparsed, one list per network read,
-        up to `data: [DONE]`; the rest of the body is read and dropped (the connection is reused);
-        one left early drops the connection. One generator, not a stack of them: it runs once per
-        network read of every stream."""
+        and everything downstream then runs once per block, not once per token); `sse`: the
+        `data:` payloads of those lines instead, unparsed, up to `data: [DONE]`. Read to the end
+        (the connection goes back to the pool); one left early drops the connection. One generator,
+        not a stack of them: it runs once per network read of every stream."""
         pending = b""
         done = False
         resp = self.resp
         try:
             while (piece := await resp.piece()) is not None:
                 if done:
-                    continue
+                    continue  # past [DONE]: read to the end of the body and drop it
                 if pending:
                     piece = pending + piece
                 lines = piece.split(b"\n")
                 pending = lines.pop()
-                batch, done = _payloads(lines)
-                if batch:
-                    yield batch
+                if sse:
+                    lines, done = sse_payloads(lines)
+                if lines:
+                    yield lines
             if pending and not done:
-                batch, done = _payloads([pending])
-                if batch:
-                    yield batch
+                lines, done = sse_payloads([pending]) if sse else ([pending], False)
+                if lines:
+                    yield lines
+            # A body that ended early without its terminator is an error the caller sees by its content.
             resp.release()
         except (OSError, TimeoutError) as exc:
             raise BackendError(f"{self.instance_id}: stream broke: {exc!r}", status=503, retryable=True) from exc
@@ -410,17 +393,21 @@ async def sse_events(lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any
             yield data  # type: ignore[misc]
 
 
-def _payloads(lines: list[bytes]) -> tuple[list[bytes], bool]:
+def sse_payloads(lines: list[bytes]) -> tuple[list[bytes], bool]:
     """The `data:` payloads of these lines up to `[DONE]`, and whether `[DONE]` was among them."""
     batch = []
     for line in lines:
-        if not line.startswith(b"data:"):
-            continue
-        payload = line[5:].strip()
+        payload = _payload(line)
         if payload == b"[DONE]":
             return batch, True
-        batch.append(payload)
+        if payload is not None:
+            batch.append(payload)
     return batch, False
+
+
+def _payload(line: bytes) -> bytes | None:
+    """The payload of a `data:` line; None for any other line (comments, blank lines)."""
+    return line[5:].strip() if line.startswith(b"data:") else None
 
 
 _DONE = object()
@@ -428,12 +415,10 @@ _DONE = object()
 
 def _sse_data(line: bytes) -> dict[str, Any] | object | None:
     """The JSON object of one `data:` line, `_DONE` for `[DONE]`, None for anything else."""
-    if not line.startswith(b"data:"):
+    payload = _payload(line)
+    if payload is None:
         return None
-    payload = line[5:].strip()
-    if payload == b"[DONE]":
-        return _DONE
-    return parse_sse_payload(payload)
+    return _DONE if payload == b"[DONE]" else parse_sse_payload(payload)
 
 
 def parse_sse_payload(payload: bytes) -> dict[str, Any] | None:

@@ -317,22 +317,12 @@ class SGLangBackend(HTTPBackend):
     async def chunks(self, resp: DataStream) -> AsyncIterator[dict[str, Any]]:
         """The chunks of an opened `/generate` stream, read to the end of the body (the connection
         goes back to the pool); a broken stream raises a retryable BackendError."""
-        async with contextlib.aclosing(self.chunk_batches(resp)) as batches:
+        async with contextlib.aclosing(resp.blocks(sse=True)) as batches:
             async for batch in batches:
                 for payload in batch:
                     chunk = parse_sse_payload(payload)
                     if chunk is not None:
                         yield chunk
-
-    async def chunk_batches(self, resp: DataStream) -> AsyncIterator[list[bytes]]:
-        """The `data:` payloads of an opened `/generate` stream, unparsed, one list per network
-        read (`ChunkState.feed_batch` parses what it needs), read to the end of the body."""
-        try:
-            async with contextlib.aclosing(resp.payload_batches()) as batches:
-                async for batch in batches:
-                    yield batch
-        finally:
-            resp.close()
 
     async def stream_chunks(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Raw chunks of one `/generate` call (SSE when body["stream"], else the one JSON body)."""

@@ -100,7 +100,7 @@ class _Pair:
     async def _read_prefill(self, resp: DataStream) -> None:
         """The prefill's whole answer (one chunk, then [DONE]); its error is kept, not raised."""
         try:
-            async with contextlib.aclosing(resp.payload_batches()) as batches:
+            async with contextlib.aclosing(resp.blocks(sse=True)) as batches:
                 async for batch in batches:
                     self.p_state.feed_batch(batch)
                     self.stats.extra["prefill_meta"] = dict(self.p_state.meta)
@@ -109,7 +109,7 @@ class _Pair:
         except Exception as exc:  # noqa: BLE001 - judged by the relay
             self.p_error = exc
         finally:
-            resp.close()
+            resp.close()  # a no-op once read to its end; a reader cancelled before it began drops it
 
     def _prefill_failure(self) -> BackendError | None:
         """Why the prefill cannot deliver the first token (None: it did, or it ended cleanly)."""
@@ -129,7 +129,7 @@ class _Pair:
         p_resp, d_resp = await self._send_both(payload)
         started = time.perf_counter()
         reader = asyncio.ensure_future(self._read_prefill(p_resp))
-        d_chunks = d_resp.payload_batches()  # a burst of chunks is relayed as one event
+        d_chunks = d_resp.blocks(sse=True)  # a burst of chunks is relayed as one event
         pending: asyncio.Future[list[bytes]] | None = None
         first_sent = finished = False
         sent_ids, sent_text = 0, ""
@@ -222,6 +222,7 @@ class _Pair:
             # Aborted or done, both bodies now end by themselves; waiting is bounded all the same.
             await _settle(reader, pending)
             await d_chunks.aclose()
+            d_resp.close()  # as above, for a stream left before its first read
 
 
 async def _settle(*futures: asyncio.Future[Any] | None, timeout_s: float = 5.0) -> None:
